@@ -1,0 +1,52 @@
+"""Per-vCPU CPUID from KVM's supported set (pure over kvm_cpuid_entry2 values).
+
+Each vCPU sees its own APIC ID (leaf 1 EBX[31:24], leaves 0xB/0x1F EDX) and
+the partition's logical processor count; the hypervisor bit is set. Host
+accommodations (``mask``) clear named feature bits, e.g. CX16 where this host's
+emulator lacks cmpxchg16b (docs/host-accommodations.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from osvmm.kvm.structs import kvm_cpuid_entry2
+
+# (leaf, register, bit) of features osvmm may mask.
+FEATURES = {
+    "cx16": (1, "ecx", 13),
+    "xsave": (1, "ecx", 26),
+    "osxsave": (1, "ecx", 27),
+    "x2apic": (1, "ecx", 21),
+    "hypervisor": (1, "ecx", 31),
+}
+
+
+def vcpu_cpuid(
+    supported: list[kvm_cpuid_entry2],
+    apic_id: int,
+    nr_vcpus: int,
+    mask: tuple[str, ...] = (),
+) -> list[kvm_cpuid_entry2]:
+    out = []
+    for e in supported:
+        e = kvm_cpuid_entry2.from_buffer_copy(e)
+        if e.function == 1:
+            e.ebx = (e.ebx & 0x0000FFFF) | ((nr_vcpus & 0xFF) << 16) | ((apic_id & 0xFF) << 24)
+            e.edx |= 1 << 28  # HTT: the logical count in EBX[23:16] is valid
+            e.ecx |= 1 << 31  # running under a hypervisor
+        elif e.function in (0xB, 0x1F):
+            e.edx = apic_id
+        for name in mask:
+            leaf, reg, bit = FEATURES[name]
+            if e.function == leaf and e.index == 0:
+                setattr(e, reg, getattr(e, reg) & ~(1 << bit))
+        out.append(e)
+    return out
+
+
+def entry_dict(e: kvm_cpuid_entry2) -> dict[str, int]:
+    return {name: getattr(e, name) for name, _ in kvm_cpuid_entry2._fields_ if name != "padding"}
+
+
+assert ctypes.sizeof(kvm_cpuid_entry2) == 40

@@ -1,0 +1,46 @@
+"""The port-I/O bus: which device answers which port.
+
+Devices expose ``read(offset) -> int`` and ``write(offset, value)`` on byte
+registers. Every port of a device is an entry of one dict, so an exit costs
+one lookup. Accesses wider than a byte are split into byte accesses at
+consecutive ports (as the 8250 and isa-debug-exit are byte devices); ports
+nobody claims read as all ones and ignore writes, as on a PC, and are counted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+
+class PortBus:
+    def __init__(self):
+        self._ports: dict[int, tuple[object, int]] = {}
+        self.unclaimed = Counter()  # port -> accesses to no device
+
+    def register(self, base: int, length: int, device) -> None:
+        for port in range(base, base + length):
+            if port in self._ports:
+                raise ValueError(f"port {port:#x} is already claimed")
+            self._ports[port] = (device, port - base)
+
+    def claimed(self, port: int) -> bool:
+        return port in self._ports
+
+    def write(self, port: int, data: bytes) -> None:
+        for i, byte in enumerate(data):
+            entry = self._ports.get(port + i)
+            if entry is None:
+                self.unclaimed[port + i] += 1
+            else:
+                entry[0].write(entry[1], byte)
+
+    def read(self, port: int, size: int) -> bytes:
+        out = bytearray()
+        for i in range(size):
+            entry = self._ports.get(port + i)
+            if entry is None:
+                self.unclaimed[port + i] += 1
+                out.append(0xFF)
+            else:
+                out.append(entry[0].read(entry[1]) & 0xFF)
+        return bytes(out)

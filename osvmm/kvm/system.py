@@ -1,0 +1,229 @@
+"""Kvm, Vm and Vcpu: one object per KVM file descriptor, one ioctl path.
+
+Every ioctl goes through ``_ioctl`` (libc's ioctl through ctypes, so that
+buffers over 1024 bytes and arguments over 2^31 work) and fails with
+``KvmError(errno, request name)``. The one exception is ``Vcpu.run``, the hot
+path, which calls ``fcntl.ioctl`` directly (fewer layers per exit) and maps
+its OSError the same way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+
+from osvmm.errors import KvmError, KvmUnavailable
+from osvmm.kvm import ioctls as io
+from osvmm.kvm import structs as s
+from osvmm.kvm.exits import decode_exit
+
+KVM_API_VERSION = 12
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_libc.ioctl.restype = ctypes.c_int
+
+
+def _ioctl(fd: int, request: int, arg=None) -> int:
+    """Issue one ioctl; ``arg`` is None, an int, or a ctypes object passed by reference."""
+    if arg is None:
+        ptr = None
+    elif isinstance(arg, int):
+        ptr = arg
+    else:
+        ptr = ctypes.addressof(arg)
+    ret = _libc.ioctl(fd, request, ptr)
+    if ret < 0:
+        raise KvmError(ctypes.get_errno(), io.NAMES.get(request, hex(request)))
+    return ret
+
+
+class Kvm:
+    """/dev/kvm: capabilities, supported CPUID, VM creation."""
+
+    def __init__(self, path: str = "/dev/kvm"):
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise KvmUnavailable(
+                f"{path} does not exist: this host has no KVM (load kvm_intel or kvm_amd, "
+                "or enable nested virtualization)"
+            ) from None
+        except PermissionError:
+            raise KvmUnavailable(
+                f"{path}: permission denied (run as root or join the group that owns it)"
+            ) from None
+        except OSError as e:
+            raise KvmUnavailable(f"{path}: {e.strerror}") from None
+        version = _ioctl(self.fd, io.KVM_GET_API_VERSION)
+        if version != KVM_API_VERSION:
+            os.close(self.fd)
+            raise KvmUnavailable(f"{path}: KVM API version {version}, osvmm needs 12")
+
+    def check_extension(self, cap: int) -> int:
+        return _ioctl(self.fd, io.KVM_CHECK_EXTENSION, cap)
+
+    def vcpu_mmap_size(self) -> int:
+        return _ioctl(self.fd, io.KVM_GET_VCPU_MMAP_SIZE)
+
+    def supported_cpuid(self) -> list[s.kvm_cpuid_entry2]:
+        cpuid = s.kvm_cpuid2(s.KVM_MAX_CPUID_ENTRIES)()
+        cpuid.nent = s.KVM_MAX_CPUID_ENTRIES
+        _ioctl(self.fd, io.KVM_GET_SUPPORTED_CPUID, cpuid)
+        return [s.kvm_cpuid_entry2.from_buffer_copy(e) for e in cpuid.entries[: cpuid.nent]]
+
+    def create_vm(self) -> Vm:
+        return Vm(self, _ioctl(self.fd, io.KVM_CREATE_VM, 0))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Vm:
+    """A VM file descriptor: memory slots, the in-kernel irqchip and PIT, vCPUs."""
+
+    def __init__(self, kvm: Kvm, fd: int):
+        self.kvm = kvm
+        self.fd = fd
+
+    def check_extension(self, cap: int) -> int:
+        return _ioctl(self.fd, io.KVM_CHECK_EXTENSION, cap)
+
+    def set_user_memory_region(
+        self, slot: int, gpa: int, size: int, host_addr: int, flags: int = 0
+    ) -> None:
+        region = s.kvm_userspace_memory_region(slot, flags, gpa, size, host_addr)
+        _ioctl(self.fd, io.KVM_SET_USER_MEMORY_REGION, region)
+
+    def set_tss_addr(self, addr: int) -> None:
+        _ioctl(self.fd, io.KVM_SET_TSS_ADDR, addr)
+
+    def set_identity_map_addr(self, addr: int) -> None:
+        _ioctl(self.fd, io.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(addr))
+
+    def create_irqchip(self) -> None:
+        _ioctl(self.fd, io.KVM_CREATE_IRQCHIP)
+
+    def create_pit2(self, flags: int = 0) -> None:
+        _ioctl(self.fd, io.KVM_CREATE_PIT2, s.kvm_pit_config(flags=flags))
+
+    def irq_line(self, irq: int, level: int) -> None:
+        _ioctl(self.fd, io.KVM_IRQ_LINE, s.kvm_irq_level(irq, level))
+
+    def signal_msi(self, address: int, data: int) -> int:
+        msi = s.kvm_msi(address & 0xFFFFFFFF, address >> 32, data)
+        return _ioctl(self.fd, io.KVM_SIGNAL_MSI, msi)
+
+    def set_boot_cpu_id(self, vcpu_id: int) -> None:
+        _ioctl(self.fd, io.KVM_SET_BOOT_CPU_ID, vcpu_id)
+
+    def enable_cap(self, cap: int, *args: int) -> None:
+        ec = s.kvm_enable_cap(cap=cap)
+        for i, a in enumerate(args):
+            ec.args[i] = a
+        _ioctl(self.fd, io.KVM_ENABLE_CAP, ec)
+
+    def get_dirty_log(self, slot: int, size: int) -> bytes:
+        """The dirty bitmap of a slot of ``size`` bytes: one bit per 4 KiB page."""
+        nbytes = ((size // 4096 + 63) // 64) * 8
+        bitmap = ctypes.create_string_buffer(nbytes)
+        _ioctl(self.fd, io.KVM_GET_DIRTY_LOG, s.kvm_dirty_log(slot, 0, ctypes.addressof(bitmap)))
+        return bitmap.raw
+
+    def stats_fd(self) -> int:
+        return _ioctl(self.fd, io.KVM_GET_STATS_FD)
+
+    def create_vcpu(self, vcpu_id: int) -> Vcpu:
+        return Vcpu(self, vcpu_id, _ioctl(self.fd, io.KVM_CREATE_VCPU, vcpu_id))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Vcpu:
+    """A vCPU file descriptor with its mapped ``struct kvm_run``."""
+
+    def __init__(self, vm: Vm, vcpu_id: int, fd: int):
+        self.vm = vm
+        self.id = vcpu_id
+        self.fd = fd
+        self.run_mmap = mmap.mmap(
+            fd, vm.kvm.vcpu_mmap_size(), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+        )
+        self.kvm_run = s.kvm_run.from_buffer(self.run_mmap)
+
+    # -- the hot path --------------------------------------------------------
+    def run(self):
+        """Enter the guest until the next exit; returns the decoded exit (exits.py)."""
+        try:
+            fcntl.ioctl(self.fd, io.KVM_RUN, 0)
+        except OSError as e:
+            if e.errno == errno.EINTR:
+                return decode_exit(self.run_mmap, s.KVM_EXIT_INTR)
+            raise KvmError(e.errno, "KVM_RUN") from None
+        return decode_exit(self.run_mmap)
+
+    def complete_io_in(self, exit_, data: bytes) -> None:
+        """Give an ``in`` instruction its data before the next ``run``."""
+        self.run_mmap[exit_.data_offset : exit_.data_offset + len(data)] = data
+
+    def complete_mmio_read(self, data: bytes) -> None:
+        off = s.kvm_run.exit.offset + s.kvm_run_mmio.data.offset
+        self.run_mmap[off : off + len(data)] = data
+
+    def set_immediate_exit(self, value: bool) -> None:
+        self.kvm_run.immediate_exit = 1 if value else 0
+
+    # -- state -----------------------------------------------------------------
+    def get_regs(self) -> s.kvm_regs:
+        regs = s.kvm_regs()
+        _ioctl(self.fd, io.KVM_GET_REGS, regs)
+        return regs
+
+    def set_regs(self, regs: s.kvm_regs) -> None:
+        _ioctl(self.fd, io.KVM_SET_REGS, regs)
+
+    def get_sregs(self) -> s.kvm_sregs:
+        sregs = s.kvm_sregs()
+        _ioctl(self.fd, io.KVM_GET_SREGS, sregs)
+        return sregs
+
+    def set_sregs(self, sregs: s.kvm_sregs) -> None:
+        _ioctl(self.fd, io.KVM_SET_SREGS, sregs)
+
+    def set_cpuid(self, entries: list[s.kvm_cpuid_entry2]) -> None:
+        cpuid = s.kvm_cpuid2(len(entries))()
+        cpuid.nent = len(entries)
+        for i, e in enumerate(entries):
+            cpuid.entries[i] = e
+        _ioctl(self.fd, io.KVM_SET_CPUID2, cpuid)
+
+    def get_mp_state(self) -> int:
+        st = s.kvm_mp_state()
+        _ioctl(self.fd, io.KVM_GET_MP_STATE, st)
+        return st.mp_state
+
+    def set_mp_state(self, state: int) -> None:
+        _ioctl(self.fd, io.KVM_SET_MP_STATE, s.kvm_mp_state(state))
+
+    def get_lapic(self) -> bytes:
+        st = s.kvm_lapic_state()
+        _ioctl(self.fd, io.KVM_GET_LAPIC, st)
+        return bytes(st.regs)
+
+    def stats_fd(self) -> int:
+        return _ioctl(self.fd, io.KVM_GET_STATS_FD)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            del self.kvm_run
+            self.run_mmap.close()
+            os.close(self.fd)
+            self.fd = -1
