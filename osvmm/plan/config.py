@@ -1,0 +1,500 @@
+"""The partition plan: a TOML file parsed into frozen dataclasses.
+
+``load_plan(path)`` / ``parse_plan(text, base_dir)`` check everything that can
+be checked without the host: key names (unknown keys are errors at every
+level), types, names, sizes, what each partition boots, and the references
+between partitions and channels. What needs the host (CPUs that exist, memory
+that fits a node) is checked by ``placement.place``. docs/config.md documents
+every key.
+
+Every error is a ConfigError with a one-line message that names the key, such
+as ``partition 'web': memory: '12X' is not a size (use K, M or G: '512M')``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from osvmm.arch.x86.layout import CHANNEL_WINDOW_SIZE, MIN_MEMORY
+from osvmm.errors import ConfigError
+
+PAGE_SIZE = 4096
+NAME_RE = re.compile(r"[a-z0-9_-]{1,32}")
+# The prefix of an image that names a guest bundled with osvmm ("guests:hello"):
+# kept as written here and resolved by the VMM (osvmm/guests).
+BUNDLED_PREFIX = "guests:"
+# Guest APIC IDs are 8-bit (xAPIC, MP table); 0xff is the broadcast ID.
+MAX_VCPUS = 255
+CHANNEL_MAX_SIZE = 64 << 20
+CHANNEL_MODES = ("rw", "ro")
+RESTART_POLICIES = ("stop", "restart")
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
+
+VMM_KEYS = ("control_socket", "log_dir")
+PARTITION_KEYS = (
+    "name",
+    "cpus",
+    "vcpus",
+    "memory",
+    "node",
+    "image",
+    "kernel",
+    "initrd",
+    "cmdline",
+    "restart",
+    "restart_limit",
+    "restart_backoff_ms",
+    "hugepages",
+    "prefault",
+    "privileged",
+    "doorbells",
+)
+CHANNEL_KEYS = ("name", "size", "members")
+TOP_KEYS = ("vmm", "partition", "channel")
+
+
+# --- shared value parsers ------------------------------------------------------------------
+
+
+def parse_size(value: str | int, what: str = "size", multiple: int = PAGE_SIZE) -> int:
+    """Bytes from ``"64M"``, ``"1G"``, ``"65536K"``, ``"1.5G"`` or a plain integer.
+
+    Suffixes are binary (K = 1024) and case-insensitive; ``"64MiB"`` and
+    ``"64MB"`` mean the same. A decimal is accepted when it comes to a whole
+    number of bytes. The result must be positive and a multiple of
+    ``multiple`` (the 4 KiB page by default). ``what`` prefixes the message.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(f"{what}: expected a size such as '64M', got {_show(value)}")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _SIZE_RE.fullmatch(value.strip())
+        if not m:
+            raise ConfigError(f"{what}: {value!r} is not a size (use K, M or G: '512M')")
+        exact = Fraction(m.group(1)) * _UNITS[m.group(2).upper()]
+        if exact.denominator != 1:
+            raise ConfigError(f"{what}: {value!r} is not a whole number of bytes")
+        n = int(exact)
+    if n <= 0:
+        raise ConfigError(f"{what}: {_show(value)} must be more than 0 bytes")
+    if n % multiple:
+        raise ConfigError(
+            f"{what}: {_show(value)} is not a multiple of {format_size(multiple)} ({n} bytes)"
+        )
+    return n
+
+
+def format_size(n: int) -> str:
+    """The shortest exact K/M/G spelling of ``n`` bytes: 512M, 1536M, 8G, 4100K, 100."""
+    for suffix in ("T", "G", "M", "K"):
+        unit = _UNITS[suffix]
+        if n and n % unit == 0:
+            return f"{n // unit}{suffix}"
+    return str(n)
+
+
+def parse_cpu_list(text: str, what: str = "cpus") -> list[int]:
+    """CPU numbers from a Linux CPU list such as ``"0-3,8"`` (sysfs cpulist format).
+
+    Returns them sorted. An empty string is an empty list; a number listed
+    twice, a reversed range or anything else is a ConfigError.
+    """
+    text = text.strip()
+    if not text:
+        return []
+    cpus: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if not m:
+            raise ConfigError(f"{what}: {part!r} in {text!r} is not a CPU or range like '2-5'")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise ConfigError(f"{what}: range {part!r} in {text!r} runs backwards")
+        for cpu in range(lo, hi + 1):
+            if cpu in cpus:
+                raise ConfigError(f"{what}: CPU {cpu} is listed twice in {text!r}")
+            cpus.add(cpu)
+    return sorted(cpus)
+
+
+def format_cpu_list(cpus: list[int] | tuple[int, ...] | set[int]) -> str:
+    """The compact Linux spelling of a set of CPUs: [0,1,2,3,8] -> '0-3,8'."""
+    out: list[str] = []
+    ordered = sorted(cpus)
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        out.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+# --- the plan ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VmmSpec:
+    """The ``[vmm]`` table: settings of the VMM process itself."""
+
+    control_socket: str
+    log_dir: str | None = None  # None: consoles are not logged to files
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """One ``[[partition]]`` as written (CPU numbers not yet checked against the host).
+
+    Exactly one of the three CPU forms holds: ``cpus`` (dedicated host CPUs,
+    sorted), ``cpu_count`` (dedicated CPUs for the planner to choose), or
+    ``floating`` (no dedicated CPU). Paths are absolute; ``image`` may also be
+    ``"guests:NAME"``, a bundled guest resolved by the VMM.
+    """
+
+    name: str
+    memory: int
+    cpus: tuple[int, ...] | None = None
+    cpu_count: int | None = None
+    floating: bool = False
+    vcpus: int = 1
+    node: int | None = None
+    image: str | None = None
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+    restart: str = "stop"
+    restart_limit: int = 5
+    restart_backoff_ms: int = 500
+    hugepages: bool = True
+    prefault: bool = False
+    privileged: bool = False
+    doorbells: tuple[str, ...] = ()
+
+    @property
+    def cpu_mode(self) -> str:
+        """``"pinned"`` (a CPU list), ``"count"`` (placed by the planner) or ``"floating"``."""
+        if self.floating:
+            return "floating"
+        return "count" if self.cpus is None else "pinned"
+
+    @property
+    def boot(self) -> str:
+        """``"image"`` (bare-metal PVH/ELF64) or ``"kernel"`` (Linux)."""
+        return "image" if self.image is not None else "kernel"
+
+    @property
+    def bundled_guest(self) -> str | None:
+        """NAME when ``image = "guests:NAME"``, else None."""
+        if self.image is not None and self.image.startswith(BUNDLED_PREFIX):
+            return self.image[len(BUNDLED_PREFIX) :]
+        return None
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    """One ``[[channel]]``: shared memory mapped into its members' guests."""
+
+    name: str
+    size: int
+    members: tuple[tuple[str, str], ...]  # (partition, "rw" | "ro"), in plan order
+
+    def mode(self, partition: str) -> str | None:
+        """``"rw"``, ``"ro"`` or None when ``partition`` is not a member."""
+        for name, mode in self.members:
+            if name == partition:
+                return mode
+        return None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A whole plan file."""
+
+    vmm: VmmSpec
+    partitions: tuple[PartitionSpec, ...]
+    channels: tuple[ChannelSpec, ...] = ()
+    base_dir: str = "."
+    source: str = "<plan>"
+
+    def partition(self, name: str) -> PartitionSpec:
+        for p in self.partitions:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def channels_of(self, partition: str) -> list[ChannelSpec]:
+        """The channels ``partition`` is a member of, in plan order."""
+        return [c for c in self.channels if c.mode(partition) is not None]
+
+
+def load_plan(path: str | os.PathLike[str]) -> Plan:
+    """Read and check a plan file; relative paths in it resolve against its directory."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"plan file {str(p)!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"plan file {str(p)!r}: not UTF-8 text") from None
+    return parse_plan(text, p.resolve().parent, source=str(p))
+
+
+def parse_plan(text: str, base_dir: str | os.PathLike[str], source: str = "<plan>") -> Plan:
+    """Parse and check plan text; ``base_dir`` anchors relative paths."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    base = Path(base_dir).resolve()
+    _check_keys(doc, TOP_KEYS, "plan")
+
+    vmm_doc = doc.get("vmm", {})
+    if not isinstance(vmm_doc, dict):
+        raise ConfigError("vmm: must be a table ([vmm])")
+    vmm = _parse_vmm(vmm_doc, base)
+
+    part_docs = _table_array(doc, "partition")
+    if not part_docs:
+        raise ConfigError("partition: the plan has no [[partition]]")
+    partitions: list[PartitionSpec] = []
+    seen: set[str] = set()
+    for i, pd in enumerate(part_docs):
+        spec = _parse_partition(pd, i, base)
+        if spec.name in seen:
+            raise ConfigError(f"partition {spec.name!r}: name: duplicate partition name")
+        seen.add(spec.name)
+        partitions.append(spec)
+
+    channels: list[ChannelSpec] = []
+    seen_ch: set[str] = set()
+    for i, cd in enumerate(_table_array(doc, "channel")):
+        ch = _parse_channel(cd, i, seen)
+        if ch.name in seen_ch:
+            raise ConfigError(f"channel {ch.name!r}: name: duplicate channel name")
+        seen_ch.add(ch.name)
+        channels.append(ch)
+
+    for spec in partitions:
+        where = f"partition {spec.name!r}: doorbells"
+        for target in spec.doorbells:
+            if target not in seen:
+                raise ConfigError(f"{where}: no partition is named {target!r}")
+            if target == spec.name:
+                raise ConfigError(f"{where}: a partition does not ring its own doorbell")
+        total = sum(c.size for c in channels if c.mode(spec.name) is not None)
+        if total > CHANNEL_WINDOW_SIZE:
+            raise ConfigError(
+                f"partition {spec.name!r}: channels: {format_size(total)} of channels do not "
+                f"fit the {format_size(CHANNEL_WINDOW_SIZE)} channel window"
+            )
+    return Plan(vmm, tuple(partitions), tuple(channels), str(base), source)
+
+
+def default_control_socket() -> str:
+    """$XDG_RUNTIME_DIR/osvmm.sock, or /tmp/osvmm-<uid>.sock without it."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "osvmm.sock")
+    return f"/tmp/osvmm-{os.getuid()}.sock"
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def _check_keys(table: dict[str, Any], known: tuple[str, ...], where: str) -> None:
+    for key in table:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "known: " + ", ".join(known)
+            raise ConfigError(f"{where}: unknown key {key!r} ({hint})")
+
+
+def _table_array(doc: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    value = doc.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(f"{key}: must be an array of tables ([[{key}]])")
+    return value
+
+
+def _get(table: dict[str, Any], key: str, kind: type, where: str, default: Any = None) -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok:
+        names = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
+        raise ConfigError(f"{where}: {key}: expected {names[kind]}, got {_show(value)}")
+    return value
+
+
+def _path(value: str, base: Path) -> str:
+    return str(base / os.path.expanduser(value))
+
+
+def _name(table: dict[str, Any], kind: str, index: int) -> str:
+    where = f"{kind} #{index + 1}"
+    name = _get(table, "name", str, where)
+    if name is None:
+        raise ConfigError(f"{where}: name: missing")
+    if not NAME_RE.fullmatch(name):
+        raise ConfigError(f"{where}: name: {name!r} is not 1-32 characters of a-z 0-9 _ -")
+    return name
+
+
+def _parse_vmm(table: dict[str, Any], base: Path) -> VmmSpec:
+    _check_keys(table, VMM_KEYS, "vmm")
+    sock = _get(table, "control_socket", str, "vmm")
+    log_dir = _get(table, "log_dir", str, "vmm")
+    for key, value in (("control_socket", sock), ("log_dir", log_dir)):
+        if value is not None and not value:
+            raise ConfigError(f"vmm: {key}: must not be empty")
+    return VmmSpec(
+        control_socket=_path(sock, base) if sock else default_control_socket(),
+        log_dir=_path(log_dir, base) if log_dir else None,
+    )
+
+
+def _parse_partition(table: dict[str, Any], index: int, base: Path) -> PartitionSpec:
+    name = _name(table, "partition", index)
+    where = f"partition {name!r}"
+    _check_keys(table, PARTITION_KEYS, where)
+    fields: dict[str, Any] = {"name": name}
+
+    if "cpus" not in table:
+        raise ConfigError(f"{where}: cpus: missing (a CPU list '2-3', a count 2, or 'floating')")
+    cpus = table["cpus"]
+    vcpus = _get(table, "vcpus", int, where)
+    if cpus == "floating":
+        fields["floating"] = True
+        fields["vcpus"] = 1 if vcpus is None else vcpus
+        if not 1 <= fields["vcpus"] <= MAX_VCPUS:
+            raise ConfigError(f"{where}: vcpus: {vcpus} is not between 1 and {MAX_VCPUS}")
+    else:
+        if vcpus is not None:
+            raise ConfigError(
+                f'{where}: vcpus: only with cpus = "floating" (a partition with dedicated '
+                "CPUs has one vCPU per CPU)"
+            )
+        if isinstance(cpus, int) and not isinstance(cpus, bool):
+            if not 1 <= cpus <= MAX_VCPUS:
+                raise ConfigError(f"{where}: cpus: a count of {cpus} is not 1-{MAX_VCPUS}")
+            fields["cpu_count"] = cpus
+            fields["vcpus"] = cpus
+        else:
+            if isinstance(cpus, str):
+                cpu_list = parse_cpu_list(cpus, f"{where}: cpus")
+            elif isinstance(cpus, list):
+                if not all(isinstance(c, int) and not isinstance(c, bool) for c in cpus):
+                    raise ConfigError(f"{where}: cpus: a list must hold CPU numbers: {cpus!r}")
+                if any(c < 0 for c in cpus) or len(set(cpus)) != len(cpus):
+                    raise ConfigError(f"{where}: cpus: {cpus!r} has a negative or repeated CPU")
+                cpu_list = sorted(cpus)
+            else:
+                raise ConfigError(
+                    f"{where}: cpus: expected a CPU list '2-3,6', a count or 'floating', "
+                    f"got {_show(cpus)}"
+                )
+            if not cpu_list:
+                raise ConfigError(f"{where}: cpus: the CPU list is empty")
+            if len(cpu_list) > MAX_VCPUS:
+                raise ConfigError(f"{where}: cpus: {len(cpu_list)} CPUs, at most {MAX_VCPUS}")
+            fields["cpus"] = tuple(cpu_list)
+            fields["vcpus"] = len(cpu_list)
+
+    if "memory" not in table:
+        raise ConfigError(f'{where}: memory: missing (such as memory = "256M")')
+    memory = parse_size(table["memory"], f"{where}: memory")
+    if memory < MIN_MEMORY:
+        raise ConfigError(f"{where}: memory: {format_size(memory)} is below the 2M minimum")
+    fields["memory"] = memory
+
+    node = _get(table, "node", int, where)
+    if node is not None and node < 0:
+        raise ConfigError(f"{where}: node: {node} is negative")
+    fields["node"] = node
+
+    image = _get(table, "image", str, where)
+    kernel = _get(table, "kernel", str, where)
+    if image is None and kernel is None:
+        raise ConfigError(f"{where}: image: nothing to boot (set image or kernel)")
+    if image is not None and kernel is not None:
+        raise ConfigError(f"{where}: image: set image or kernel, not both")
+    for key, value in (("image", image), ("kernel", kernel)):
+        if value is not None and not value:
+            raise ConfigError(f"{where}: {key}: must not be empty")
+    if image is not None:
+        if image.startswith(BUNDLED_PREFIX):
+            if not NAME_RE.fullmatch(image[len(BUNDLED_PREFIX) :]):
+                raise ConfigError(f"{where}: image: {image!r} names no bundled guest")
+            fields["image"] = image
+        else:
+            fields["image"] = _path(image, base)
+    if kernel is not None:
+        fields["kernel"] = _path(kernel, base)
+    initrd = _get(table, "initrd", str, where)
+    if initrd is not None:
+        if kernel is None:
+            raise ConfigError(f"{where}: initrd: only with kernel")
+        fields["initrd"] = _path(initrd, base)
+    fields["cmdline"] = _get(table, "cmdline", str, where)
+
+    restart = _get(table, "restart", str, where, "stop")
+    if restart not in RESTART_POLICIES:
+        raise ConfigError(f"{where}: restart: {restart!r} is not 'stop' or 'restart'")
+    fields["restart"] = restart
+    for key, default in (("restart_limit", 5), ("restart_backoff_ms", 500)):
+        value = _get(table, key, int, where, default)
+        if value < 0:
+            raise ConfigError(f"{where}: {key}: {value} is negative")
+        fields[key] = value
+    for key, default in (("hugepages", True), ("prefault", False), ("privileged", False)):
+        fields[key] = _get(table, key, bool, where, default)
+
+    doorbells = _get(table, "doorbells", list, where, [])
+    if not all(isinstance(d, str) for d in doorbells):
+        raise ConfigError(f"{where}: doorbells: a list of partition names: {doorbells!r}")
+    if len(set(doorbells)) != len(doorbells):
+        raise ConfigError(f"{where}: doorbells: a partition is listed twice: {doorbells!r}")
+    fields["doorbells"] = tuple(doorbells)
+    return PartitionSpec(**fields)
+
+
+def _parse_channel(table: dict[str, Any], index: int, partitions: set[str]) -> ChannelSpec:
+    name = _name(table, "channel", index)
+    where = f"channel {name!r}"
+    _check_keys(table, CHANNEL_KEYS, where)
+    if "size" not in table:
+        raise ConfigError(f'{where}: size: missing (such as size = "64K")')
+    size = parse_size(table["size"], f"{where}: size")
+    if size > CHANNEL_MAX_SIZE:
+        raise ConfigError(f"{where}: size: {format_size(size)} is over the 64M maximum")
+    members = table.get("members")
+    if not isinstance(members, dict) or not members:
+        raise ConfigError(f'{where}: members: expected a table such as {{ web = "rw" }}')
+    pairs: list[tuple[str, str]] = []
+    for member, mode in members.items():
+        if member not in partitions:
+            raise ConfigError(f"{where}: members: no partition is named {member!r}")
+        if mode not in CHANNEL_MODES:
+            raise ConfigError(f"{where}: members: {member} = {_show(mode)} is not 'rw' or 'ro'")
+        pairs.append((member, mode))
+    return ChannelSpec(name, size, tuple(pairs))
