@@ -1,0 +1,362 @@
+"""A minimal initramfs: Debian's static busybox and an /init that runs one command.
+
+``build_initramfs`` writes a cpio "newc" archive (gzip-compressed when the
+output name ends in ".gz") holding /bin/busybox with links for its applets, a
+few device nodes, and /init (``INIT_SCRIPT``). The init mounts /proc, /sys and
+/dev, prints ``osvmm-initramfs: ready``, runs the command the kernel command
+line names, prints ``osvmm-initramfs: exit N`` and powers off. The command
+convention is documented in ``INIT_SCRIPT`` and docs/initramfs.md.
+
+The archive is reproducible: the same busybox and extra files give the same
+bytes (fixed mtime, uid/gid 0, members in sorted order, gzip header mtime 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import stat
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+from osvmm.boot import cpio
+from osvmm.errors import ConfigError, ImageError
+
+DEFAULT_BUSYBOX = Path("/bin/busybox")
+BUSYBOX_PACKAGE = "busybox-static"
+
+# Applets linked in /bin: those /init uses and a small working set for commands.
+APPLETS = (
+    "[",
+    "ash",
+    "cat",
+    "chmod",
+    "cp",
+    "cttyhack",
+    "cut",
+    "date",
+    "dd",
+    "df",
+    "dmesg",
+    "echo",
+    "env",
+    "false",
+    "free",
+    "grep",
+    "head",
+    "hexdump",
+    "hostname",
+    "kill",
+    "ln",
+    "ls",
+    "mkdir",
+    "mknod",
+    "mount",
+    "mv",
+    "poweroff",
+    "printf",
+    "ps",
+    "pwd",
+    "readlink",
+    "reboot",
+    "rm",
+    "rmdir",
+    "sed",
+    "seq",
+    "setsid",
+    "sh",
+    "sleep",
+    "stat",
+    "sync",
+    "tail",
+    "taskset",
+    "tee",
+    "test",
+    "time",
+    "top",
+    "touch",
+    "tr",
+    "true",
+    "umount",
+    "uname",
+    "uptime",
+    "vi",
+    "wc",
+    "xargs",
+)
+
+# (name, perm) of the directories; /sbin, /usr/bin and /usr/sbin link to /bin.
+DIRECTORIES = (
+    ("bin", 0o755),
+    ("dev", 0o755),
+    ("etc", 0o755),
+    ("proc", 0o555),
+    ("root", 0o700),
+    ("sys", 0o555),
+    ("tmp", 0o1777),
+    ("usr", 0o755),
+)
+SYMLINKS = (("sbin", "bin"), ("usr/bin", "../bin"), ("usr/sbin", "../bin"))
+
+# (name, major, minor, perm): the kernel opens /dev/console for init's stdin,
+# stdout and stderr before /init runs, so that node must be in the archive;
+# devtmpfs replaces all of them once /init mounts it.
+DEVICE_NODES = (
+    ("dev/console", 5, 1, 0o600),
+    ("dev/null", 1, 3, 0o666),
+    ("dev/tty", 5, 0, 0o666),
+    ("dev/ttyS0", 4, 64, 0o660),
+    ("dev/zero", 1, 5, 0o666),
+)
+
+READY_LINE = "osvmm-initramfs: ready"
+EXIT_PREFIX = "osvmm-initramfs: exit "
+
+INIT_SCRIPT = """\
+#!/bin/sh
+# /init of the osvmm initramfs (written by osvmm/boot/initramfs.py).
+#
+# The command comes from the kernel command line, first match wins:
+#   1. the words after "--": Linux passes them to /init as its arguments,
+#      e.g.  console=ttyS0 -- sh -c "uname -a; cat /proc/cpuinfo"
+#   2. osvmm.run="shell command" read from /proc/cmdline and run by sh -c,
+#      e.g.  console=ttyS0 osvmm.run="uname -a; cat /proc/cpuinfo"
+#      (the value ends at the next double quote; unquoted, at the next space)
+#   3. none: an interactive shell on the console.
+# Then "osvmm-initramfs: exit N" with the command's status, and poweroff -f.
+
+export PATH=/bin:/sbin HOME=/root
+
+mount -t proc proc /proc || echo "osvmm-initramfs: cannot mount /proc"
+mount -t sysfs sysfs /sys || echo "osvmm-initramfs: cannot mount /sys"
+mount -t devtmpfs devtmpfs /dev || echo "osvmm-initramfs: cannot mount /dev"
+
+# Print the osvmm.run= value of the command line $1; fail if there is none.
+osvmm_run_value() {
+\tosvmm_rest=" $1 "
+\tcase $osvmm_rest in
+\t*' osvmm.run="'*)
+\t\tosvmm_rest=${osvmm_rest#*' osvmm.run="'}
+\t\tprintf '%s\\n' "${osvmm_rest%%\\"*}"
+\t\t;;
+\t*' osvmm.run='*)
+\t\tosvmm_rest=${osvmm_rest#*' osvmm.run='}
+\t\tprintf '%s\\n' "${osvmm_rest%% *}"
+\t\t;;
+\t*)
+\t\treturn 1
+\t\t;;
+\tesac
+}
+
+osvmm_cmdline=
+read -r osvmm_cmdline < /proc/cmdline
+osvmm_run=$(osvmm_run_value "$osvmm_cmdline")
+
+echo "osvmm-initramfs: ready"
+if [ "$#" -gt 0 ]; then
+\t"$@"
+\tosvmm_status=$?
+elif [ -n "$osvmm_run" ]; then
+\tsh -c "$osvmm_run"
+\tosvmm_status=$?
+else
+\tsetsid cttyhack sh
+\tosvmm_status=$?
+fi
+echo "osvmm-initramfs: exit $osvmm_status"
+sync
+poweroff -f
+echo "osvmm-initramfs: poweroff failed"
+exit "$osvmm_status"
+"""
+
+
+# ELF constants (System V ABI, the ELF-64 object file format).
+_ELFMAG = b"\x7fELF"
+_ELFCLASS64 = 2
+_ELFDATA2LSB = 1
+_EM_X86_64 = 62
+_PT_INTERP = 3
+_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")  # Elf64_Ehdr
+_PHDR_TYPE = struct.Struct("<I")  # p_type, the first field of Elf64_Phdr
+assert _EHDR.size == 64
+
+
+def check_static_elf(data: bytes, path: Path) -> None:
+    """Raise ImageError unless ``data`` is an x86-64 ELF executable without PT_INTERP."""
+    if len(data) < _EHDR.size or data[:4] != _ELFMAG:
+        raise ImageError(f"busybox {path} is not an ELF executable")
+    ident, _type, machine, *_rest = _EHDR.unpack_from(data)
+    e_phoff, e_phentsize, e_phnum = _rest[2], _rest[6], _rest[7]
+    if ident[4] != _ELFCLASS64 or ident[5] != _ELFDATA2LSB or machine != _EM_X86_64:
+        raise ImageError(f"busybox {path} is not an x86-64 ELF executable")
+    if e_phnum == 0 or e_phentsize < _PHDR_TYPE.size:
+        raise ImageError(f"busybox {path} has no program headers")
+    if e_phoff + e_phnum * e_phentsize > len(data):
+        raise ImageError(f"busybox {path} is truncated: program headers past its end")
+    for i in range(e_phnum):
+        (p_type,) = _PHDR_TYPE.unpack_from(data, e_phoff + i * e_phentsize)
+        if p_type == _PT_INTERP:
+            raise ImageError(
+                f"busybox {path} is dynamically linked (has PT_INTERP); "
+                f"the initramfs needs the static one from Debian package {BUSYBOX_PACKAGE}"
+            )
+
+
+def read_busybox(busybox_path: str | os.PathLike | None = None) -> bytes:
+    """The bytes of a static x86-64 busybox (default /bin/busybox), checked."""
+    path = Path(busybox_path) if busybox_path is not None else DEFAULT_BUSYBOX
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        hint = (
+            f"; install Debian package {BUSYBOX_PACKAGE} (apt-get install -y {BUSYBOX_PACKAGE})"
+            if busybox_path is None
+            else f" (the static busybox of Debian package {BUSYBOX_PACKAGE} is {DEFAULT_BUSYBOX})"
+        )
+        raise ImageError(f"busybox not found: {path}{hint}") from None
+    except OSError as e:
+        raise ImageError(f"cannot read busybox {path}: {e.strerror}") from None
+    check_static_elf(data, path)
+    return data
+
+
+def parse_add_spec(spec: str) -> tuple[Path, str]:
+    """``SRC:DEST`` (DEST absolute in the initramfs) -> (SRC, DEST); ConfigError if bad."""
+    src, sep, dest = spec.rpartition(":")
+    if not sep or not src or not dest:
+        raise ConfigError(f"bad --add {spec!r}: expected SRC:DEST, e.g. ./hello:/bin/hello")
+    _archive_name(dest, spec)
+    return Path(src), dest
+
+
+def _archive_name(dest: str, what: str) -> str:
+    """An absolute initramfs path as a cpio member name ("/bin/x" -> "bin/x")."""
+    if not dest.startswith("/"):
+        raise ConfigError(f"bad --add {what!r}: DEST must be an absolute path in the initramfs")
+    name = dest.strip("/")
+    try:
+        cpio.check_name(name)
+    except ValueError:
+        raise ConfigError(
+            f"bad --add {what!r}: DEST {dest!r} must name a file below /, without . or .."
+        ) from None
+    return name
+
+
+def _base_entries(busybox: bytes) -> dict[str, cpio.Entry]:
+    entries = [cpio.directory(name, perm) for name, perm in DIRECTORIES]
+    entries += [cpio.symlink(name, target) for name, target in SYMLINKS]
+    entries += [cpio.char_device(n, major, minor, perm) for n, major, minor, perm in DEVICE_NODES]
+    entries.append(cpio.regular_file("bin/busybox", busybox, 0o755))
+    entries += [cpio.symlink(f"bin/{applet}", "busybox") for applet in APPLETS]
+    entries.append(cpio.regular_file("init", INIT_SCRIPT.encode(), 0o755))
+    return {e.name: e for e in entries}
+
+
+def _host_entries(src: Path, name: str, spec: str) -> list[cpio.Entry]:
+    """Members for the host file or tree ``src`` placed at ``name``, in sorted order."""
+    try:
+        st = src.lstat()
+    except OSError as e:
+        raise ConfigError(f"bad --add {spec!r}: {src}: {e.strerror}") from None
+    perm = 0o755 if st.st_mode & 0o111 else 0o644
+    if stat.S_ISREG(st.st_mode):
+        try:
+            return [cpio.regular_file(name, src.read_bytes(), perm)]
+        except OSError as e:
+            raise ConfigError(f"bad --add {spec!r}: {src}: {e.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        return [cpio.symlink(name, os.readlink(src))]
+    if stat.S_ISDIR(st.st_mode):
+        out = [cpio.directory(name, stat.S_IMODE(st.st_mode))]
+        for child in sorted(os.listdir(src)):
+            out += _host_entries(src / child, f"{name}/{child}", spec)
+        return out
+    raise ConfigError(f"bad --add {spec!r}: {src} is not a file, symlink or directory")
+
+
+def initramfs_entries(
+    busybox: bytes, extra_files: Iterable[tuple[str | os.PathLike, str]] = ()
+) -> list[cpio.Entry]:
+    """The members, parents before children; an extra file replaces a base file."""
+    entries = _base_entries(busybox)
+    for src, dest in extra_files:
+        spec = f"{src}:{dest}"
+        name = _archive_name(dest, spec)
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            existing = entries.get(parent)
+            if existing is None:
+                entries[parent] = cpio.directory(parent)
+            elif not existing.is_dir:
+                raise ConfigError(f"bad --add {spec!r}: /{parent} is not a directory")
+        for e in _host_entries(Path(src), name, spec):
+            old = entries.get(e.name)
+            if old is not None and old.is_dir != e.is_dir:
+                what = "directory" if old.is_dir else "non-directory"
+                raise ConfigError(f"bad --add {spec!r}: /{e.name} would replace a {what}")
+            entries[e.name] = e
+    return [entries[k] for k in sorted(entries, key=lambda n: n.split("/"))]
+
+
+def build_initramfs(
+    out_path: str | os.PathLike,
+    busybox_path: str | os.PathLike | None = None,
+    extra_files: Iterable[tuple[str | os.PathLike, str]] = (),
+) -> Path:
+    """Write the initramfs to ``out_path`` (gzip when it ends in ".gz"); return its path.
+
+    ``extra_files`` are (host source, absolute initramfs path) pairs; a source
+    directory is added with its contents; a source that names an existing
+    file (such as /init) replaces it.
+    """
+    out = Path(out_path)
+    archive = cpio.write_newc(initramfs_entries(read_busybox(busybox_path), extra_files))
+    if out.name.endswith(".gz"):
+        archive = gzip.compress(archive, compresslevel=9, mtime=0)
+    try:
+        out.write_bytes(archive)
+    except OSError as e:
+        raise ConfigError(f"cannot write initramfs {out}: {e.strerror}") from None
+    return out
+
+
+def add_initramfs_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``osvmm initramfs OUT [--busybox PATH] [--add SRC:DEST ...]``."""
+    p = subparsers.add_parser(
+        "initramfs",
+        help="build a busybox initramfs that runs one command (docs/initramfs.md)",
+        description=(
+            "Build a cpio newc initramfs from Debian's static busybox. Its /init runs the "
+            'words after "--" on the kernel command line (or osvmm.run="..."), '
+            "prints its exit status and powers off."
+        ),
+    )
+    p.add_argument("out", metavar="OUT", help='output file; gzip-compressed if it ends in ".gz"')
+    p.add_argument(
+        "--busybox",
+        metavar="PATH",
+        default=None,
+        help=f"static busybox to use (default {DEFAULT_BUSYBOX}, package {BUSYBOX_PACKAGE})",
+    )
+    p.add_argument(
+        "--add",
+        metavar="SRC:DEST",
+        action="append",
+        default=[],
+        help="add host file or directory SRC at absolute path DEST (repeatable)",
+    )
+    p.set_defaults(func=cmd_initramfs)
+    return p
+
+
+def cmd_initramfs(args: argparse.Namespace) -> int:
+    extra = [parse_add_spec(spec) for spec in args.add]
+    out = build_initramfs(args.out, args.busybox, extra)
+    print(f"{out} ({out.stat().st_size} bytes)")
+    return 0
