@@ -1,0 +1,205 @@
+"""Build the bundled bare-metal guests (and the kvm_floor benchmark) with gcc.
+
+The guests are small ELF images built from ``src/`` with the machine's gcc
+and binutils. A build is cached under ``$OSVMM_CACHE/guests/<hash>/`` (or
+``~/.cache/osvmm/guests/<hash>/``) where the hash covers every source file,
+the flags and the compiler's path, so a changed source builds anew. A build
+happens in a private temporary directory that is renamed into place in one
+step, so concurrent test processes never see half a build.
+
+    python3 -m osvmm.guests.build [NAME...]     # build, print the image paths
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from osvmm.errors import BuildError, ConfigError, OsvmmError
+
+SRC_DIR = Path(__file__).resolve().parent / "src"
+FLOOR_SOURCE = Path(__file__).resolve().parents[2] / "bench" / "kvm_floor.c"
+
+CFLAGS = (
+    "-std=gnu11",
+    "-O2",
+    "-m64",
+    "-ffreestanding",
+    "-nostdlib",
+    "-fno-builtin",
+    "-fno-pic",
+    "-fno-pie",
+    "-mno-red-zone",
+    "-mgeneral-regs-only",
+    "-fno-stack-protector",
+    "-fno-asynchronous-unwind-tables",
+    "-fcf-protection=none",
+    "-Wall",
+    "-Wextra",
+    "-Wa,--noexecstack",
+)
+LDFLAGS = (
+    "-nostdlib",
+    "-static",
+    "-no-pie",
+    "-Wl,--build-id=none",
+    "-Wl,-z,max-page-size=4096",
+    "-Wl,-z,noexecstack",
+)
+FLOOR_CFLAGS = ("-std=gnu11", "-O2", "-Wall", "-Wextra")
+
+RUNTIME_SOURCES = ("entry.S", "rt.c")
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """How one guest image is linked: its own sources and its entry."""
+
+    sources: tuple[str, ...]
+    entry: str  # ELF e_entry symbol
+    pvh: bool  # carries the XEN_ELFNOTE_PHYS32_ENTRY note
+
+
+GUESTS: dict[str, GuestSpec] = {
+    "hello": GuestSpec(("hello.c",), "pvh_entry", True),
+    "smp": GuestSpec(("smp.c", "ap_tramp.S"), "pvh_entry", True),
+    "compute": GuestSpec(("compute.c",), "pvh_entry", True),
+    "ioloop": GuestSpec(("ioloop.c",), "pvh_entry", True),
+    "triplefault": GuestSpec(("triplefault.c",), "pvh_entry", True),
+    "hello64": GuestSpec(("hello64.c",), "entry64", False),
+}
+GUEST_NAMES: tuple[str, ...] = tuple(GUESTS)
+
+
+def cache_root() -> Path:
+    """$OSVMM_CACHE, else ~/.cache/osvmm."""
+    env = os.environ.get("OSVMM_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "osvmm"
+
+
+def find_compiler() -> str:
+    """The C compiler: $CC if set, else gcc on PATH."""
+    cc = os.environ.get("CC") or "gcc"
+    path = shutil.which(cc)
+    if path is None:
+        raise BuildError("no C compiler found: install gcc (Debian package build-essential)")
+    return path
+
+
+def guest_path(name: str) -> Path:
+    """The image of guest ``name``, building every guest first if needed."""
+    if name not in GUESTS:
+        raise ConfigError(f"unknown guest {name!r}: choose from {', '.join(GUEST_NAMES)}")
+    return build_guests() / f"{name}.elf"
+
+
+def build_guests() -> Path:
+    """Build all guests (or find them in the cache); return their directory."""
+    cc = find_compiler()
+    sources = sorted(p for p in SRC_DIR.iterdir() if p.is_file())
+    digest = _digest(cc, CFLAGS, LDFLAGS, repr(sorted(GUESTS.items())), *sources)
+    return _cached_build(cache_root() / "guests" / digest, lambda tmp: _build_guests(cc, tmp))
+
+
+def build_floor() -> Path:
+    """Build bench/kvm_floor.c with gcc -O2 (or find it cached); return the program."""
+    if not FLOOR_SOURCE.is_file():
+        raise BuildError(f"kvm_floor source not found at {FLOOR_SOURCE}")
+    cc = find_compiler()
+    digest = _digest(cc, FLOOR_CFLAGS, FLOOR_SOURCE)
+    out = _cached_build(
+        cache_root() / "floor" / digest,
+        lambda tmp: _run(
+            [cc, *FLOOR_CFLAGS, str(FLOOR_SOURCE), "-o", str(tmp / "kvm_floor")],
+            tmp,
+            "kvm_floor",
+        ),
+    )
+    return out / "kvm_floor"
+
+
+def _digest(cc: str, *parts: object) -> str:
+    h = hashlib.sha256()
+    h.update(cc.encode())
+    for part in parts:
+        h.update(b"\0")
+        if isinstance(part, Path):
+            h.update(part.name.encode() + b"\0" + part.read_bytes())
+        else:
+            h.update(repr(part).encode())
+    return h.hexdigest()[:16]
+
+
+def _cached_build(final: Path, build) -> Path:
+    """Return ``final`` if present, else build into a temp dir and rename it there."""
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():  # not a lost race: a real failure
+                raise
+    except OSError as e:
+        raise BuildError(f"cannot write the build cache {final.parent}: {e.strerror}") from e
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _build_guests(cc: str, out: Path) -> None:
+    # One compiler run for every source; objects land in `out` by basename.
+    srcs = sorted(str(p) for p in SRC_DIR.iterdir() if p.suffix in (".c", ".S"))
+    _run([cc, *CFLAGS, "-c", *srcs], out, "guest runtime")
+    runtime = [str(out / (Path(s).stem + ".o")) for s in RUNTIME_SOURCES]
+    for name, spec in GUESTS.items():
+        objs = list(runtime)
+        if spec.pvh:
+            objs.append(str(out / "pvh_note.o"))
+        objs += [str(out / (Path(s).stem + ".o")) for s in spec.sources]
+        cmd = [cc, *LDFLAGS, f"-Wl,-T,{SRC_DIR / 'guest.ld'}", f"-Wl,-e,{spec.entry}"]
+        _run([*cmd, *objs, "-o", str(out / f"{name}.elf")], out, f"guest {name}")
+
+
+def _run(cmd: list[str], cwd: Path, what: str) -> None:
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
+    except FileNotFoundError as e:
+        raise BuildError(f"cannot run {cmd[0]}: {e.strerror}") from e
+    except subprocess.TimeoutExpired as e:
+        raise BuildError(f"building {what} took over 120 s") from e
+    if proc.returncode != 0:
+        raise BuildError(f"building {what} failed: {_first_error(proc.stderr)}")
+
+
+def _first_error(stderr: str) -> str:
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    for ln in lines:
+        if "error" in ln.lower():
+            return ln
+    return lines[0] if lines else "no message from the compiler"
+
+
+def main(argv: list[str] | None = None) -> int:
+    names = sys.argv[1:] if argv is None else argv
+    try:
+        for name in names or GUEST_NAMES:
+            print(build_floor() if name == "kvm_floor" else guest_path(name))
+    except OsvmmError as e:
+        print(f"osvmm: {e}", file=sys.stderr)
+        return e.exit_status
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
