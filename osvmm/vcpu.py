@@ -1,0 +1,144 @@
+"""The vCPU thread: one host thread per vCPU running the exit loop.
+
+States (the terminal one is marked *):
+
+    CREATED --start()--> RUNNING --guest stops / VMM stops it--> FINISHED*
+
+Every exit is handled on the vCPU's own thread; the port-I/O path is kept
+short because on a real host it is the VMM's whole per-exit cost. Stopping a
+vCPU from another thread sets ``immediate_exit`` in its kvm_run and sends the
+thread SIGUSR1, so a KVM_RUN in progress returns at once (EINTR).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections import Counter
+
+from osvmm.errors import GuestFault, KvmError
+from osvmm.kvm.exits import (
+    FailEntry,
+    Hlt,
+    InternalError,
+    Interrupted,
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    Shutdown,
+    SystemEvent,
+    Unhandled,
+)
+from osvmm.kvm.structs import KVM_SYSTEM_EVENT_RESET
+
+KICK_SIGNAL = signal.SIGUSR1
+_kick_installed = False
+
+
+def install_kick_handler() -> None:
+    """Install a do-nothing SIGUSR1 handler so the signal interrupts KVM_RUN (main thread)."""
+    global _kick_installed
+    if not _kick_installed and threading.current_thread() is threading.main_thread():
+        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+        _kick_installed = True
+
+
+class VcpuThread:
+    CREATED, RUNNING, FINISHED = "created", "running", "finished"
+
+    def __init__(self, vcpu, index: int, pio, mmio, machine):
+        """``pio``: the PortBus; ``mmio``: an object with read(addr, len)/write(addr, data);
+        ``machine``: what is told about the end of the run (``finish``/``fault``/``reset``)."""
+        self.vcpu = vcpu
+        self.index = index
+        self.pio = pio
+        self.mmio = mmio
+        self.machine = machine
+        self.state = self.CREATED
+        self.handled = Counter()  # exits the VMM handled, by kind
+        self.stop_requested = False
+        self._thread = threading.Thread(target=self._main, name=f"vcpu{index}", daemon=True)
+        self.on_start = None  # optional callable run first on the thread (pinning)
+
+    def start(self) -> None:
+        self.state = self.RUNNING
+        self._thread.start()
+
+    def kick(self) -> None:
+        """Make the vCPU leave KVM_RUN and stop (from any thread)."""
+        self.stop_requested = True
+        self.vcpu.set_immediate_exit(True)
+        ident = self._thread.ident
+        if ident is not None and self._thread.is_alive():
+            try:
+                signal.pthread_kill(ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _main(self) -> None:
+        try:
+            if self.on_start is not None:
+                self.on_start()
+            self._loop()
+        except GuestFault as fault:
+            self.machine.fault(fault)
+        except KvmError as err:
+            self.machine.fault(err)
+        except Exception as err:  # noqa: BLE001 - a VMM bug must still stop the machine
+            self.machine.fault(KvmError(0, f"vcpu {self.index} internal error", repr(err)))
+        finally:
+            self.state = self.FINISHED
+
+    def _loop(self) -> None:
+        run = self.vcpu.run
+        pio_write = self.pio.write
+        pio_read = self.pio.read
+        handled = self.handled
+        while not self.stop_requested:
+            ex = run()
+            kind = type(ex)
+            handled[kind] += 1
+            if kind is IoOut:
+                pio_write(ex.port, ex.data)
+            elif kind is IoIn:
+                self.vcpu.complete_io_in(ex, pio_read(ex.port, ex.size * ex.count))
+            elif kind is Interrupted:
+                continue
+            elif kind is MmioWrite:
+                self.mmio.write(ex.addr, ex.data)
+            elif kind is MmioRead:
+                self.vcpu.complete_mmio_read(self.mmio.read(ex.addr, ex.length))
+            elif kind is Shutdown:
+                raise self._fault("triple fault (shutdown)")
+            elif kind is InternalError:
+                raise self._fault(ex.describe())
+            elif kind is FailEntry:
+                raise self._fault(
+                    f"VM entry failed (hardware reason {ex.hardware_entry_failure_reason:#x})"
+                )
+            elif kind is SystemEvent:
+                if ex.type == KVM_SYSTEM_EVENT_RESET:
+                    self.machine.reset(self.index)
+                else:
+                    self.machine.finish(0, f"system event {ex.type} on vcpu {self.index}")
+                return
+            elif kind is Hlt:
+                # Only without an in-kernel LAPIC; osvmm always has one.
+                raise self._fault("hlt exit without an in-kernel irqchip")
+            elif kind is Unhandled:
+                raise self._fault(f"unhandled exit reason {ex.name}")
+
+    def _fault(self, reason: str) -> GuestFault:
+        try:
+            rip = self.vcpu.get_regs().rip
+        except KvmError:
+            rip = 0
+        return GuestFault(self.index, rip, reason)
