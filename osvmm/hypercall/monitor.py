@@ -1,0 +1,471 @@
+"""The hypercall monitor as a pure state machine: no KVM, no I/O.
+
+``step(state, caller_id, call_nr, args)`` is the whole partition <-> VMM
+interface. It returns a new ``MonitorState``, the result for the caller's RAX,
+and a tuple of effects (plain dataclasses) that the live VMM applies: map or
+unmap a channel, raise an interrupt, write to the console or to guest memory,
+stop or boot a partition. The same function runs under the model checker
+(``osvmm.hypercall.checker``), so what the checker proves is what the VMM runs.
+
+State, built once from a ``MonitorConfig`` by ``MonitorState.from_config``:
+
+    topology     static: partitions (id, name, RAM ranges, vCPUs, privileged,
+                 doorbell grants) and channels (id, name, size, slot, members)
+    lifecycle    per partition: "running" or "stopped"
+    attachments  which partition has which channel mapped, writable or not
+
+Partition and channel ids are their positions in the plan. Channel slots are
+packed in id order from CHANNEL_WINDOW_START (docs/hypercalls.md).
+
+``step`` never raises: every argument is an arbitrary unsigned 64-bit value,
+and anything it does not accept is a negative errno.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from osvmm.arch.x86 import layout
+from osvmm.errors import ConfigError
+from osvmm.hypercall import abi
+from osvmm.hypercall.abi import (
+    EBUSY,
+    EFAULT,
+    EINVAL,
+    ENOENT,
+    ENOSPC,
+    ENOSYS,
+    EPERM,
+    ESRCH,
+    ControlOp,
+)
+
+PAGE_SIZE = 4096
+U64_MAX = abi.U64_MAX
+
+RUNNING = "running"
+STOPPED = "stopped"
+
+_CONTROL_OPS = frozenset(int(op) for op in ControlOp)
+
+# (partition id, guest-physical address, length) -> the bytes there.
+MemoryReader = Callable[[int, int, int], bytes]
+
+
+# ---------------------------------------------------------------------------
+# Configuration: what the lead builds from the plan file.
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    name: str
+    memory: int  # bytes of RAM
+    vcpus: int = 1
+    privileged: bool = False
+    doorbells: Sequence[str] = ()  # names of partitions this one may ring
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    name: str
+    size: int  # bytes, a multiple of 4 KiB
+    members: Mapping[str, str] = field(default_factory=dict)  # partition name -> "rw" | "ro"
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    partitions: Sequence[PartitionConfig]
+    channels: Sequence[ChannelConfig] = ()
+
+
+# ---------------------------------------------------------------------------
+# State.
+
+
+@dataclass(frozen=True, eq=False)
+class Partition:
+    id: int
+    name: str
+    ram: tuple[tuple[int, int], ...]  # (gpa, size) ranges
+    vcpus: int
+    privileged: bool
+    doorbells: frozenset[int]  # ids it may ring besides itself
+
+    @property
+    def memory(self) -> int:
+        return sum(size for _, size in self.ram)
+
+    def ram_contains(self, gpa: int, length: int) -> bool:
+        """Whether [gpa, gpa + length) lies inside one RAM range."""
+        for start, size in self.ram:
+            if start <= gpa and gpa + length <= start + size:
+                return True
+        return False
+
+    def may_ring(self, target: int) -> bool:
+        return target == self.id or target in self.doorbells
+
+
+@dataclass(frozen=True, eq=False)
+class Channel:
+    id: int
+    name: str
+    size: int
+    gpa: int  # its slot in the channel window, the same in every member
+    members: Mapping[int, bool]  # partition id -> writable ("rw")
+
+
+@dataclass(frozen=True, eq=False)
+class Topology:
+    """The static part of the state (compared by identity)."""
+
+    partitions: tuple[Partition, ...]
+    channels: tuple[Channel, ...]
+
+
+@dataclass(frozen=True, order=True)
+class Attachment:
+    partition: int
+    channel: int
+    writable: bool
+
+
+@dataclass(frozen=True)
+class MonitorState:
+    topology: Topology = field(repr=False)
+    lifecycle: tuple[str, ...]
+    attachments: frozenset[Attachment] = frozenset()
+
+    @classmethod
+    def from_config(cls, config: MonitorConfig) -> MonitorState:
+        topology = build_topology(config)
+        return cls(topology, (RUNNING,) * len(topology.partitions))
+
+    def attachment(self, partition: int, channel: int) -> Attachment | None:
+        for a in self.attachments:
+            if a.partition == partition and a.channel == channel:
+                return a
+        return None
+
+    def attached(self, partition: int) -> tuple[Attachment, ...]:
+        """The partition's attachments, in channel order."""
+        return tuple(sorted(a for a in self.attachments if a.partition == partition))
+
+
+def channel_slots(sizes: Sequence[int]) -> list[int]:
+    """Guest-physical slot of each channel: packed in id order from the window's start."""
+    slots, gpa = [], layout.CHANNEL_WINDOW_START
+    for size in sizes:
+        slots.append(gpa)
+        gpa += size
+    return slots
+
+
+def build_topology(config: MonitorConfig) -> Topology:
+    """Validate a config and number its partitions and channels (plan order)."""
+    parts = list(config.partitions)
+    if not parts:
+        raise ConfigError("the plan has no partitions")
+    if len(parts) > abi.MAX_PARTITIONS:
+        raise ConfigError(f"{len(parts)} partitions: at most {abi.MAX_PARTITIONS}")
+    ids: dict[str, int] = {}
+    for i, p in enumerate(parts):
+        if not p.name or p.name in ids:
+            raise ConfigError(f"partition name {p.name!r} is empty or used twice")
+        ids[p.name] = i
+    if sum(1 for p in parts if p.privileged) > 1:
+        raise ConfigError("more than one partition is privileged")
+    partitions = []
+    for i, p in enumerate(parts):
+        if p.memory < layout.MIN_MEMORY or p.memory % PAGE_SIZE:
+            raise ConfigError(
+                f"partition {p.name}: memory {p.memory:#x} is not a multiple of 4 KiB "
+                f"of at least {layout.MIN_MEMORY:#x}"
+            )
+        if not 1 <= p.vcpus <= 255:
+            raise ConfigError(f"partition {p.name}: {p.vcpus} vCPUs (1..255)")
+        rings = set()
+        for name in p.doorbells:
+            if name not in ids:
+                raise ConfigError(f"partition {p.name}: doorbell to unknown partition {name!r}")
+            rings.add(ids[name])
+        ram = tuple(layout.ram_regions(p.memory))
+        partitions.append(Partition(i, p.name, ram, p.vcpus, p.privileged, frozenset(rings)))
+
+    chans = list(config.channels)
+    if len(chans) > abi.MAX_CHANNELS:
+        raise ConfigError(f"{len(chans)} channels: at most {abi.MAX_CHANNELS}")
+    names: set[str] = set()
+    for c in chans:
+        if not c.name or c.name in names:
+            raise ConfigError(f"channel name {c.name!r} is empty or used twice")
+        names.add(c.name)
+        if c.size <= 0 or c.size % PAGE_SIZE:
+            raise ConfigError(f"channel {c.name}: size {c.size:#x} is not a multiple of 4 KiB")
+        if not c.members:
+            raise ConfigError(f"channel {c.name}: no members")
+        for member, perm in c.members.items():
+            if member not in ids:
+                raise ConfigError(f"channel {c.name}: unknown member {member!r}")
+            if perm not in ("rw", "ro"):
+                raise ConfigError(f"channel {c.name}: member {member}: {perm!r} is not rw or ro")
+    if sum(c.size for c in chans) > layout.CHANNEL_WINDOW_SIZE:
+        raise ConfigError(
+            f"channels need {sum(c.size for c in chans):#x} bytes; "
+            f"the channel window has {layout.CHANNEL_WINDOW_SIZE:#x}"
+        )
+    slots = channel_slots([c.size for c in chans])
+    channels = tuple(
+        Channel(
+            i, c.name, c.size, slots[i], {ids[m]: perm == "rw" for m, perm in c.members.items()}
+        )
+        for i, c in enumerate(chans)
+    )
+    return Topology(tuple(partitions), channels)
+
+
+# ---------------------------------------------------------------------------
+# Effects: what the live VMM does after a call.
+
+
+@dataclass(frozen=True)
+class MapChannel:
+    partition: int
+    channel: int
+    gpa: int
+    size: int
+    writable: bool
+
+
+@dataclass(frozen=True)
+class UnmapChannel:
+    partition: int
+    channel: int
+    gpa: int
+    size: int
+
+
+@dataclass(frozen=True)
+class RaiseInterrupt:
+    partition: int
+    vcpu: int
+    vector: int
+
+
+@dataclass(frozen=True)
+class ConsoleWrite:
+    partition: int
+    gpa: int
+    length: int
+    data: bytes | None = None  # the bytes, when step was given a memory reader
+
+
+@dataclass(frozen=True)
+class WriteGuest:
+    partition: int
+    gpa: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class PartitionLifecycle:
+    partition: int
+    op: ControlOp
+
+
+Effect = MapChannel | UnmapChannel | RaiseInterrupt | ConsoleWrite | WriteGuest | PartitionLifecycle
+
+
+@dataclass(frozen=True)
+class StepResult:
+    state: MonitorState
+    result: int  # >= 0 success, -errno failure
+    effects: tuple[Effect, ...] = ()
+
+    @property
+    def rax(self) -> int:
+        """The value the VMM writes to the caller's RAX."""
+        return abi.encode_result(self.result)
+
+
+def _fail(state: MonitorState, err: int) -> StepResult:
+    return StepResult(state, -err)
+
+
+# ---------------------------------------------------------------------------
+# The dispatcher.
+
+
+def step(
+    state: MonitorState,
+    caller_id: int,
+    call_nr: int,
+    args: Sequence[int],
+    memory_reader: MemoryReader | None = None,
+) -> StepResult:
+    """Run one hypercall of ``caller_id``; ``args`` are a0..a3 (missing ones are 0)."""
+    partitions = state.topology.partitions
+    if type(caller_id) is not int or not 0 <= caller_id < len(partitions):
+        return _fail(state, ESRCH)
+    if state.lifecycle[caller_id] != RUNNING:
+        return _fail(state, ESRCH)
+    handler = _HANDLERS.get(call_nr) if type(call_nr) is int else None
+    if handler is None:
+        return _fail(state, ENOSYS)
+    if not isinstance(args, tuple | list) or len(args) > abi.NUM_ARGS:
+        return _fail(state, EINVAL)
+    for a in args:
+        if type(a) is not int or not 0 <= a <= U64_MAX:
+            return _fail(state, EINVAL)
+    full = tuple(args) + (0,) * (abi.NUM_ARGS - len(args))
+    return handler(state, caller_id, full, memory_reader)
+
+
+# ---------------------------------------------------------------------------
+# The six handlers: (state, caller, (a0, a1, a2, a3), memory_reader) -> StepResult.
+# Each checks its errors in the order docs/hypercalls.md lists them.
+
+
+def partition_info_bytes(state: MonitorState, partition: int) -> bytes:
+    """The PARTITION_INFO structure of ``partition``."""
+    part = state.topology.partitions[partition]
+    mine = [c for c in state.topology.channels if partition in c.members]
+    flags = abi.INFO_PRIVILEGED if part.privileged else 0
+    mask = 0
+    for target in part.doorbells | {partition}:
+        mask |= 1 << target
+    out = bytearray(
+        abi.PARTITION_INFO_HEADER.pack(
+            abi.ABI_VERSION,
+            abi.info_size(len(mine)),
+            partition,
+            part.vcpus,
+            part.memory,
+            flags,
+            len(mine),
+            mask,
+        )
+    )
+    for c in mine:
+        cflags = abi.INFO_CHANNEL_WRITABLE if c.members[partition] else 0
+        if state.attachment(partition, c.id) is not None:
+            cflags |= abi.INFO_CHANNEL_ATTACHED
+        out += abi.PARTITION_INFO_CHANNEL.pack(c.id, cflags, c.gpa, c.size)
+    return bytes(out)
+
+
+def partition_info(state, caller, args, memory_reader) -> StepResult:
+    buf_gpa, buf_len = args[0], args[1]
+    if buf_gpa % abi.PARTITION_INFO_ALIGN:
+        return _fail(state, EINVAL)
+    if not state.topology.partitions[caller].ram_contains(buf_gpa, buf_len):
+        return _fail(state, EFAULT)
+    data = partition_info_bytes(state, caller)
+    if len(data) > buf_len:
+        return _fail(state, ENOSPC)
+    return StepResult(state, len(data), (WriteGuest(caller, buf_gpa, data),))
+
+
+def console_write(state, caller, args, memory_reader) -> StepResult:
+    gpa, length = args[0], args[1]
+    if length > abi.CONSOLE_WRITE_MAX:
+        return _fail(state, EINVAL)
+    if not state.topology.partitions[caller].ram_contains(gpa, length):
+        return _fail(state, EFAULT)
+    if length == 0:
+        return StepResult(state, 0)
+    data = None
+    if memory_reader is not None:
+        try:
+            data = bytes(memory_reader(caller, gpa, length))
+        except Exception:  # the reader is the VMM's; whatever it raises, the guest sees EFAULT
+            return _fail(state, EFAULT)
+        if len(data) != length:
+            return _fail(state, EFAULT)
+    return StepResult(state, length, (ConsoleWrite(caller, gpa, length, data),))
+
+
+def doorbell(state, caller, args, memory_reader) -> StepResult:
+    target, vcpu, vector = args[0], args[1], args[2]
+    partitions = state.topology.partitions
+    if target >= len(partitions):
+        return _fail(state, ENOENT)
+    if not partitions[caller].may_ring(target):
+        return _fail(state, EPERM)
+    if not abi.VECTOR_MIN <= vector <= abi.VECTOR_MAX:
+        return _fail(state, EINVAL)
+    if vcpu >= partitions[target].vcpus:
+        return _fail(state, EINVAL)
+    if state.lifecycle[target] != RUNNING:
+        return _fail(state, EBUSY)
+    return StepResult(state, 0, (RaiseInterrupt(target, vcpu, vector),))
+
+
+def channel_attach(state, caller, args, memory_reader) -> StepResult:
+    channel_id, flags = args[0], args[1]
+    channels = state.topology.channels
+    if channel_id >= len(channels):
+        return _fail(state, ENOENT)
+    chan = channels[channel_id]
+    if caller not in chan.members:
+        return _fail(state, EPERM)
+    if flags & ~abi.ATTACH_FLAGS:
+        return _fail(state, EINVAL)
+    if state.attachment(caller, channel_id) is not None:
+        return _fail(state, EBUSY)
+    writable = chan.members[caller] and not flags & abi.ATTACH_READONLY
+    new = replace(state, attachments=state.attachments | {Attachment(caller, chan.id, writable)})
+    return StepResult(new, chan.gpa, (MapChannel(caller, chan.id, chan.gpa, chan.size, writable),))
+
+
+def channel_detach(state, caller, args, memory_reader) -> StepResult:
+    channel_id = args[0]
+    channels = state.topology.channels
+    if channel_id >= len(channels):
+        return _fail(state, ENOENT)
+    held = state.attachment(caller, channel_id)
+    if held is None:
+        return _fail(state, EINVAL)
+    chan = channels[channel_id]
+    new = replace(state, attachments=state.attachments - {held})
+    return StepResult(new, 0, (UnmapChannel(caller, chan.id, chan.gpa, chan.size),))
+
+
+def partition_control(state, caller, args, memory_reader) -> StepResult:
+    target, op = args[0], args[1]
+    partitions = state.topology.partitions
+    if target >= len(partitions):
+        return _fail(state, ENOENT)
+    if op not in _CONTROL_OPS:
+        return _fail(state, EINVAL)
+    op = ControlOp(op)
+    if target == caller:
+        if op not in abi.SELF_OPS:
+            return _fail(state, EINVAL)
+    else:
+        if op not in abi.OTHER_OPS:
+            return _fail(state, EINVAL)
+        if not partitions[caller].privileged:
+            return _fail(state, EPERM)
+        if op == ControlOp.STOP and state.lifecycle[target] != RUNNING:
+            return _fail(state, EBUSY)
+        if op == ControlOp.START and state.lifecycle[target] != STOPPED:
+            return _fail(state, EBUSY)
+    # Every op ends the target's current kernel: it keeps no channel mapped.
+    released = state.attached(target)
+    channels = state.topology.channels
+    effects: list[Effect] = [
+        UnmapChannel(target, a.channel, channels[a.channel].gpa, channels[a.channel].size)
+        for a in released
+    ]
+    effects.append(PartitionLifecycle(target, op))
+    lifecycle = list(state.lifecycle)
+    lifecycle[target] = RUNNING if op in abi.BOOT_OPS else STOPPED
+    new = MonitorState(state.topology, tuple(lifecycle), state.attachments - frozenset(released))
+    return StepResult(new, 0, tuple(effects))
+
+
+_HANDLERS: dict[int, Callable[..., StepResult]] = {
+    call.nr: globals()[call.handler] for call in abi.HYPERCALLS
+}
