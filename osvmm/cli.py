@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("OSVMM_DEBUG"):
             raise
         print(
-            f"osvmm: internal error: {type(err).__name__}: {err} (set OSVMM_DEBUG=1 for a traceback)",
+            f"osvmm: internal error: {type(err).__name__}: {err} "
+            "(set OSVMM_DEBUG=1 for a traceback)",
             file=sys.stderr,
         )
         return EXIT_INTERNAL
