@@ -1,0 +1,266 @@
+"""BootPlan: the guest-visible platform of one partition, as the boot tables describe it.
+
+A plan says how much memory the partition has (placed by ``layout.ram_regions``),
+which local APIC IDs its vCPUs carry (those of the host cores it was given, so
+not necessarily 0..n-1), how CPUs and memory group into NUMA nodes, and which
+guest-physical ranges outside RAM the guest must leave alone (the shared-memory
+channel window). Every table builder in ``osvmm.boot`` is a pure function of
+a plan; ``BootPlan.validate`` rejects a plan the tables could not describe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from osvmm.arch.x86 import layout
+from osvmm.errors import ConfigError
+
+PAGE_SIZE = 4096
+# The highest APIC ID an xAPIC (8-bit ID, 0xff = broadcast) can be given.
+MAX_XAPIC_ID = 254
+# Memory split between NUMA nodes by BootPlan.simple is aligned to this.
+NODE_ALIGN = 2 * layout.MiB
+# ACPI SLIT distances (ACPI 6.4 section 5.2.17).
+LOCAL_DISTANCE = 10
+REMOTE_DISTANCE = 20
+# KVM's identity-map page and its three TSS pages, right above it (layout.py).
+KVM_PRIVATE_SIZE = layout.KVM_TSS_ADDR + 3 * PAGE_SIZE - layout.KVM_IDENTITY_MAP_ADDR
+
+Range = tuple[int, int]  # (guest-physical start, size)
+
+
+@dataclass(frozen=True)
+class NumaNode:
+    """One NUMA node: its proximity domain, its vCPUs' APIC IDs, its RAM ranges."""
+
+    node_id: int
+    apic_ids: tuple[int, ...]
+    mem_ranges: tuple[Range, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "apic_ids", tuple(self.apic_ids))
+        object.__setattr__(self, "mem_ranges", tuple(tuple(r) for r in self.mem_ranges))
+
+
+@dataclass(frozen=True)
+class BootPlan:
+    """One partition's guest-visible platform.
+
+    ``apic_ids``: the local APIC ID of each vCPU in vCPU order; vCPU 0 is the
+    bootstrap processor. ``numa_nodes``: empty means one node (0) with every
+    vCPU and all RAM. ``reserved``: (start, size) ranges outside RAM that the
+    e820 map marks reserved. ``distances``: the SLIT matrix, or None for 10 on
+    the diagonal and 20 elsewhere.
+    """
+
+    mem_size: int
+    apic_ids: tuple[int, ...]
+    numa_nodes: tuple[NumaNode, ...] = ()
+    reserved: tuple[Range, ...] = ()
+    distances: tuple[tuple[int, ...], ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "apic_ids", tuple(self.apic_ids))
+        object.__setattr__(self, "reserved", tuple(tuple(r) for r in self.reserved))
+        nodes = tuple(self.numa_nodes)
+        if not nodes:
+            nodes = (NumaNode(0, self.apic_ids, tuple(self.ram_ranges)),)
+        object.__setattr__(self, "numa_nodes", nodes)
+        if self.distances is not None:
+            object.__setattr__(self, "distances", tuple(tuple(row) for row in self.distances))
+
+    # -- construction --------------------------------------------------------
+
+    @classmethod
+    def simple(
+        cls,
+        mem_size: int,
+        cpus: int | Sequence[int],
+        numa_nodes: int = 1,
+        channels: bool = False,
+    ) -> BootPlan:
+        """A plan with memory and vCPUs split evenly across ``numa_nodes`` nodes.
+
+        ``cpus`` is a vCPU count (APIC IDs 0..n-1) or the list of APIC IDs.
+        Node i gets the i-th slice of RAM (2 MiB aligned; the last node takes
+        the remainder) and the i-th slice of vCPUs (the first ``n % nodes``
+        nodes one more). ``channels`` reserves the shared-memory channel window.
+        The result is validated.
+        """
+        apic_ids = tuple(range(cpus)) if isinstance(cpus, int) else tuple(cpus)
+        if numa_nodes < 1:
+            raise ConfigError(f"a partition needs at least one NUMA node, not {numa_nodes}")
+        per_node = (mem_size // numa_nodes) // NODE_ALIGN * NODE_ALIGN
+        if per_node == 0:
+            raise ConfigError(
+                f"{mem_size:#x} bytes of memory cannot be split into {numa_nodes} NUMA nodes"
+            )
+        regions = layout.ram_regions(mem_size)
+        base, extra = divmod(len(apic_ids), numa_nodes)
+        nodes = []
+        cpu_at = 0
+        for i in range(numa_nodes):
+            start = i * per_node
+            size = per_node if i < numa_nodes - 1 else mem_size - start
+            ncpu = base + (1 if i < extra else 0)
+            nodes.append(
+                NumaNode(i, apic_ids[cpu_at : cpu_at + ncpu], _slice_ram(regions, start, size))
+            )
+            cpu_at += ncpu
+        reserved = ((layout.CHANNEL_WINDOW_START, layout.CHANNEL_WINDOW_SIZE),) if channels else ()
+        plan = cls(mem_size, apic_ids, tuple(nodes), reserved)
+        plan.validate()
+        return plan
+
+    # -- derived values ------------------------------------------------------
+
+    @property
+    def ram_ranges(self) -> list[Range]:
+        """Guest-physical RAM ranges (layout.ram_regions)."""
+        return layout.ram_regions(self.mem_size)
+
+    @property
+    def ioapic_id(self) -> int:
+        """The I/O APIC's ID: one after the highest local APIC ID (as SeaBIOS)."""
+        return max(self.apic_ids) + 1
+
+    @property
+    def bsp_apic_id(self) -> int:
+        return self.apic_ids[0]
+
+    def distance(self, i: int, j: int) -> int:
+        """SLIT distance between node i and node j."""
+        if self.distances is not None:
+            return self.distances[i][j]
+        return LOCAL_DISTANCE if i == j else REMOTE_DISTANCE
+
+    def node_of_apic(self, apic_id: int) -> int:
+        for node in self.numa_nodes:
+            if apic_id in node.apic_ids:
+                return node.node_id
+        raise ConfigError(f"APIC ID {apic_id} is in no NUMA node")
+
+    # -- validation ----------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise ConfigError if the tables could not describe this plan."""
+        self._validate_memory()
+        self._validate_cpus()
+        self._validate_nodes()
+        self._validate_reserved()
+        self._validate_distances()
+
+    def _validate_memory(self) -> None:
+        if self.mem_size < layout.MIN_MEMORY:
+            raise ConfigError(
+                f"partition memory {self.mem_size:#x} is below the minimum "
+                f"{layout.MIN_MEMORY:#x} bytes"
+            )
+        if self.mem_size % PAGE_SIZE:
+            raise ConfigError(f"partition memory {self.mem_size:#x} is not a multiple of 4 KiB")
+
+    def _validate_cpus(self) -> None:
+        if not self.apic_ids:
+            raise ConfigError("a partition needs at least one vCPU")
+        seen: set[int] = set()
+        for a in self.apic_ids:
+            if not isinstance(a, int) or a < 0 or a > MAX_XAPIC_ID:
+                raise ConfigError(
+                    f"APIC ID {a!r} is outside 0..{MAX_XAPIC_ID} (xAPIC; 255 is broadcast)"
+                )
+            if a in seen:
+                raise ConfigError(f"APIC ID {a} is given to two vCPUs")
+            seen.add(a)
+
+    def _validate_nodes(self) -> None:
+        ids = sorted(n.node_id for n in self.numa_nodes)
+        if ids != list(range(len(self.numa_nodes))):
+            raise ConfigError(f"NUMA node ids must be 0..{len(self.numa_nodes) - 1}, not {ids}")
+        cpu_owner: dict[int, int] = {}
+        for node in self.numa_nodes:
+            for a in node.apic_ids:
+                if a in cpu_owner:
+                    raise ConfigError(
+                        f"APIC ID {a} is in NUMA nodes {cpu_owner[a]} and {node.node_id}"
+                    )
+                cpu_owner[a] = node.node_id
+            if not node.mem_ranges:
+                raise ConfigError(f"NUMA node {node.node_id} has no memory")
+        unknown = sorted(set(cpu_owner) - set(self.apic_ids))
+        if unknown:
+            raise ConfigError(f"NUMA nodes name APIC IDs {unknown} that are not vCPUs")
+        missing = sorted(set(self.apic_ids) - set(cpu_owner))
+        if missing:
+            raise ConfigError(f"vCPUs with APIC IDs {missing} are in no NUMA node")
+        # The nodes' memory ranges must tile the RAM ranges exactly.
+        pieces = sorted(
+            (start, size, node.node_id)
+            for node in self.numa_nodes
+            for start, size in node.mem_ranges
+        )
+        for start, size, nid in pieces:
+            if size <= 0 or start % PAGE_SIZE or size % PAGE_SIZE:
+                raise ConfigError(
+                    f"NUMA node {nid} range {start:#x}+{size:#x} is empty or not page aligned"
+                )
+        if _merge([(s, z) for s, z, _ in pieces], strict=True) != _merge(self.ram_ranges):
+            raise ConfigError(
+                "NUMA node memory ranges do not cover the partition's RAM exactly once"
+            )
+
+    def _validate_reserved(self) -> None:
+        spans = [(s, z, "RAM") for s, z in self.ram_ranges] + [
+            (layout.KVM_IDENTITY_MAP_ADDR, KVM_PRIVATE_SIZE, "KVM's identity map and TSS"),
+            (layout.IOAPIC_ADDR, PAGE_SIZE, "the I/O APIC page"),
+            (layout.LAPIC_ADDR, PAGE_SIZE, "the local APIC page"),
+        ]
+        for start, size in self.reserved:
+            if size <= 0 or start < 0 or start + size > 1 << 52:
+                raise ConfigError(f"reserved range {start:#x}+{size:#x} is empty or out of range")
+            for s, z, what in spans:
+                if start < s + z and s < start + size:
+                    raise ConfigError(
+                        f"reserved range {start:#x}+{size:#x} overlaps {what} {s:#x}+{z:#x}"
+                    )
+            spans.append((start, size, "reserved range"))
+
+    def _validate_distances(self) -> None:
+        if self.distances is None:
+            return
+        n = len(self.numa_nodes)
+        if len(self.distances) != n or any(len(row) != n for row in self.distances):
+            raise ConfigError(f"the NUMA distance matrix must be {n}x{n}")
+        for i, row in enumerate(self.distances):
+            for j, d in enumerate(row):
+                if i == j and d != LOCAL_DISTANCE:
+                    raise ConfigError(f"NUMA distance {i}->{i} must be {LOCAL_DISTANCE}, not {d}")
+                if i != j and not LOCAL_DISTANCE < d <= 255:
+                    raise ConfigError(f"NUMA distance {i}->{j} must be in 11..255, not {d}")
+
+
+def _slice_ram(regions: list[Range], offset: int, size: int) -> tuple[Range, ...]:
+    """Guest-physical ranges holding RAM bytes [offset, offset+size) counted across regions."""
+    out = []
+    for start, rsize in regions:
+        lo = max(offset, 0)
+        hi = min(offset + size, rsize)
+        if lo < hi:
+            out.append((start + lo, hi - lo))
+        offset -= rsize
+    return tuple(out)
+
+
+def _merge(ranges: list[Range], strict: bool = False) -> list[Range] | None:
+    """Sorted ranges with adjacent ones joined; None if ``strict`` and two overlap."""
+    out: list[list[int]] = []
+    for start, size in sorted(ranges):
+        if out and start < out[-1][0] + out[-1][1]:
+            if strict:
+                return None
+            out[-1][1] = max(out[-1][1], start + size - out[-1][0])
+        elif out and start == out[-1][0] + out[-1][1]:
+            out[-1][1] += size
+        else:
+            out.append([start, size])
+    return [(s, z) for s, z in out]

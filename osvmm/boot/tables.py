@@ -1,0 +1,35 @@
+"""One call for the VMM: every firmware table of a partition, with its guest-physical address.
+
+    tables = build_boot_tables(plan)
+    for gpa, data in tables.regions:
+        memory.write(gpa, data)
+    zero_page = build_zero_page(plan, ..., rsdp_addr=tables.rsdp_addr)
+
+The zero page is not in the list: it needs the loader's results (setup header,
+command line, initrd), so the VMM builds it with ``bootparams.build_zero_page``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from osvmm.arch.x86 import layout
+from osvmm.boot.acpi import build_acpi
+from osvmm.boot.mptable import build_mptable
+from osvmm.boot.plan import BootPlan
+
+
+class BootTables(NamedTuple):
+    """(guest-physical address, bytes) pairs to write, and where the RSDP is."""
+
+    regions: list[tuple[int, bytes]]
+    rsdp_addr: int
+
+
+def build_boot_tables(plan: BootPlan) -> BootTables:
+    """The MP table at layout.MPTABLE_ADDR and the ACPI blob at layout.ACPI_TABLES_ADDR."""
+    plan.validate()
+    mptable = build_mptable(plan, layout.MPTABLE_ADDR)
+    acpi = build_acpi(plan, layout.ACPI_TABLES_ADDR)
+    assert layout.MPTABLE_ADDR + len(mptable) <= acpi.addr
+    return BootTables([(layout.MPTABLE_ADDR, mptable), (acpi.addr, acpi.data)], acpi.rsdp_addr)
