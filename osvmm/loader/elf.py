@@ -313,21 +313,34 @@ def is_linux(elf: ElfFile) -> bool:
     return "__ksymtab" in elf.section_names
 
 
-def _physical_entry(elf: ElfFile) -> int:
+def _physical_entry(elf: ElfFile, linux: bool) -> int:
     """e_entry as a physical address.
 
     The ELF spec makes e_entry virtual: translate it through the PT_LOAD that
-    holds it (e_entry - p_vaddr + p_paddr). An x86-64 vmlinux already links its
-    e_entry physical (phys_startup_64), outside every p_vaddr range: accept an
-    entry that lies inside a segment's physical range as it is.
+    holds it (e_entry - p_vaddr + p_paddr). An x86-64 vmlinux links its e_entry
+    physical (ENTRY(phys_startup_64)) while its segments are virtual, one of
+    them (.data..percpu) at p_vaddr 0: for Linux a physical match comes first,
+    so the entry is never taken for an offset into the per-CPU segment.
     """
     e = elf.ehdr.e_entry
-    for ph in elf.loads:
-        if ph.p_vaddr <= e < ph.p_vaddr + ph.p_memsz:
-            return e - ph.p_vaddr + ph.p_paddr
-    for ph in elf.loads:
-        if ph.p_paddr <= e < ph.p_paddr + ph.p_memsz:
-            return e
+
+    def virtual():
+        for ph in elf.loads:
+            if ph.p_vaddr <= e < ph.p_vaddr + ph.p_memsz:
+                return e - ph.p_vaddr + ph.p_paddr
+        return None
+
+    def physical():
+        for ph in elf.loads:
+            if ph.p_paddr <= e < ph.p_paddr + ph.p_memsz:
+                return e
+        return None
+
+    order = (physical, virtual) if linux else (virtual, physical)
+    for find in order:
+        entry = find()
+        if entry is not None:
+            return entry
     raise ImageError(f"{elf.name}: entry point {e:#x} is not inside any PT_LOAD segment")
 
 
@@ -398,7 +411,7 @@ def load_elf(data: bytes, mem, name: str = "image") -> LoadedImage:
         if not start <= entry < end:
             raise ImageError(f"{name}: PVH entry {entry:#x} is outside the image")
     else:
-        entry = _physical_entry(elf)
+        entry = _physical_entry(elf, linux)
 
     for ph in elf.loads:
         mem.write(ph.p_paddr, data[ph.p_offset : ph.p_offset + ph.p_filesz])
