@@ -2,7 +2,7 @@
 
 Per NUMA node: its cores, one cell per core with the core's SMT threads joined
 by '/' and the owning partition after ':' ('.' for a CPU no partition owns,
-where floating partitions run; 'a/b' when the threads have different owners),
+where floating partitions run; 'a,b' when the threads have different owners),
 then the node's memory by partition and what is left. Then one line per
 partition, the channels, and the warnings.
 """
@@ -34,7 +34,7 @@ def render_assignment(assignment: Assignment, topology: HostTopology) -> str:
     """The host's nodes with who owns what, then the partitions, channels and warnings."""
     lines = [
         f"host: {topology.describe()}",
-        f"cores: SMT threads joined by '/', owner after ':', '{FREE}' = free (floating pool)",
+        f"cores: SMT threads joined by '/', owners after ':', '{FREE}' = free (floating pool)",
     ]
     owner = {c: p.name for p in assignment.partitions for c in p.cpus}
     cells_by_node: dict[int, list[str]] = {}
@@ -42,7 +42,7 @@ def render_assignment(assignment: Assignment, topology: HostTopology) -> str:
         cells = []
         for core in topology.cores(n):
             owners = [owner.get(c, FREE) for c in core]
-            who = owners[0] if len(set(owners)) == 1 else "/".join(owners)
+            who = owners[0] if len(set(owners)) == 1 else ",".join(owners)
             cells.append(f"{'/'.join(map(str, core))}:{who}")
         cells_by_node[n] = cells
     cell_width = max((len(c) for cells in cells_by_node.values() for c in cells), default=1)
