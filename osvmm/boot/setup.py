@@ -37,7 +37,7 @@ def write_tables(partition) -> int:
     from osvmm.boot.tables import build_boot_tables
 
     tables = build_boot_tables(partition.plan)
-    for addr, blob in tables.blobs:
+    for addr, blob in tables.regions:
         partition.memory.write(addr, blob)
     return tables.rsdp_addr
 

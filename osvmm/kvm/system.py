@@ -165,7 +165,9 @@ class Vcpu:
         try:
             fcntl.ioctl(self.fd, io.KVM_RUN, 0)
         except OSError as e:
-            if e.errno == errno.EINTR:
+            if e.errno in (errno.EINTR, errno.EAGAIN):
+                # EINTR: a signal or immediate_exit. EAGAIN: an AP waiting for
+                # INIT/SIPI received an event; KVM wants KVM_RUN again.
                 return decode_exit(self.run_mmap, s.KVM_EXIT_INTR)
             raise KvmError(e.errno, "KVM_RUN") from None
         return decode_exit(self.run_mmap)
