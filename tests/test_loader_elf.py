@@ -282,3 +282,35 @@ def test_read_image_errors(tmp_path):
         read_image(tmp_path / "empty")
     (tmp_path / "ok").write_bytes(b"data")
     assert read_image(tmp_path / "ok") == b"data"
+
+
+def test_vmlinux_physical_entry_not_mistaken_for_percpu_offset(mem):
+    # Like Linux's .data..percpu: p_vaddr 0, so a physical e_entry also lies in
+    # its virtual range; for Linux the physical reading wins.
+    img = elf(
+        entry=0x100000,
+        segments=[
+            {"paddr": 0x100000, "vaddr": 0xFFFFFFFF80100000, "data": b"\xcc" * 64},
+            {"paddr": 0x200000, "vaddr": 0, "data": b"p" * 16, "memsz": 0x100100},
+        ],
+        notes=note(b"Linux", 0x100, b"salt"),
+    )
+    r = load_elf(img, mem)
+    assert (r.kind, r.entry) == ("linux64", 0x100000)
+
+
+def test_section_notes_used_without_pt_note(mem):
+    # An ELF whose only note is in a SHT_NOTE section (no PT_NOTE) is still PVH.
+    base = bytearray(elf(entry=0x100000))
+    n = pvh_note(0x100004)
+    strtab = b"\0.note\0.shstrtab\0"
+    note_off = len(base)
+    str_off = note_off + len(n)
+    sh_off = str_off + len(strtab)
+    shdrs = bytes(64)
+    shdrs += struct.pack("<IIQQQQIIQQ", 1, 7, 0, 0, note_off, len(n), 0, 0, 4, 0)
+    shdrs += struct.pack("<IIQQQQIIQQ", 7, 3, 0, 0, str_off, len(strtab), 0, 0, 1, 0)
+    struct.pack_into("<Q", base, 40, sh_off)  # e_shoff
+    struct.pack_into("<HHH", base, 58, 64, 3, 2)  # e_shentsize, e_shnum, e_shstrndx
+    r = load_elf(bytes(base) + n + strtab + shdrs, mem)
+    assert (r.kind, r.entry) == ("pvh", 0x100004)
