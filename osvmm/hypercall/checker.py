@@ -169,7 +169,10 @@ class Call:
             pairs = list(zip(names, self.args, strict=False))
             if len(self.args) == abi.NUM_ARGS:
                 pairs = pairs[: len(call.args)]  # the unused registers are ignored
-            text = f"{call.name}({', '.join(f'{n}={_num(a)}' for n, a in pairs)})"
+            shown = [f"{n}={_num(a)}" for n, a in pairs]
+            if call.nr == abi.PARTITION_CONTROL and self.args[1] in _OPS:
+                shown[1] = f"op={ControlOp(self.args[1]).name}"
+            text = f"{call.name}({', '.join(shown)})"
         result = "raised" if self.result is None else abi.result_name(self.result)
         return f"{caller}: {text} = {result}"
 
@@ -199,11 +202,33 @@ class CheckResult:
         return self.violation is None
 
 
+def describe_topology(topo: Topology) -> list[str]:
+    """One line per partition and channel of the configuration."""
+    lines = []
+    for p in topo.partitions:
+        rings = ", ".join(topo.partitions[t].name for t in sorted(p.doorbells)) or "none"
+        priv = "privileged, " if p.privileged else ""
+        ram = " + ".join(f"{s:#x}..{s + n:#x}" for s, n in p.ram)
+        lines.append(f"partition {p.id} {p.name}: {priv}{p.vcpus} vCPU, RAM {ram}, rings {rings}")
+    for c in topo.channels:
+        members = ", ".join(
+            f"{topo.partitions[m].name} {'rw' if w else 'ro'}" for m, w in sorted(c.members.items())
+        )
+        lines.append(f"channel {c.id} {c.name}: {c.gpa:#x}+{c.size:#x}, {members}")
+    return lines
+
+
+def _depth_note(res: CheckResult) -> str:
+    if res.violation is not None:
+        return "stopped at the first violation"
+    return "state space closed: every sequence length covered" if res.closed else "bound reached"
+
+
 def format_result(res: CheckResult) -> str:
-    lines = [
+    lines = describe_topology(res.topology) + [
         f"states explored: {res.states}",
         f"transitions: {res.transitions}",
-        f"depth: {res.depth}" + (" (state space closed)" if res.closed else " (bound reached)"),
+        f"depth: {res.depth} ({_depth_note(res)})",
         f"time: {res.seconds:.1f} s",
     ]
     if res.violation is None:
@@ -383,7 +408,7 @@ def _check_effects(topo, src, caller, call, args, r, dst, effects) -> str | None
             unmapped.add(e.partition)
         elif isinstance(e, RaiseInterrupt):
             if not 0 <= e.partition < len(parts) or not me.may_ring(e.partition):
-                return f"{me.name} rang partition {e.partition} without a doorbell grant"
+                return f"{me.name} rang partition {e.partition} without a doorbell grant to it"
             if not abi.VECTOR_MIN <= e.vector <= abi.VECTOR_MAX:
                 return f"{name} raised vector {e.vector}, outside 32..255"
             if not 0 <= e.vcpu < parts[e.partition].vcpus:
@@ -393,8 +418,10 @@ def _check_effects(topo, src, caller, call, args, r, dst, effects) -> str | None
             if r != 0:
                 return f"{name} succeeded with {r}, not 0"
         elif isinstance(e, ConsoleWrite):
-            if e.partition != caller or not 0 < e.length <= abi.CONSOLE_WRITE_MAX:
-                return f"{name} wrote {e.length} bytes of partition {e.partition}"
+            if e.partition != caller:
+                return f"{me.name}'s {name} reads memory of partition {e.partition}"
+            if not 0 < e.length <= abi.CONSOLE_WRITE_MAX:
+                return f"{name} of {e.length} bytes: outside 1..{abi.CONSOLE_WRITE_MAX}"
             if not me.ram_contains(e.gpa, e.length):
                 return (
                     f"{name} reads {e.gpa:#x}+{e.length:#x}, outside {me.name}'s RAM: "
@@ -408,6 +435,8 @@ def _check_effects(topo, src, caller, call, args, r, dst, effects) -> str | None
                     f"{name} writes {e.gpa:#x}+{len(e.data):#x} of partition {e.partition}, "
                     f"outside {me.name}'s RAM: it reaches memory not granted to it"
                 )
+            if e.gpa % abi.PARTITION_INFO_ALIGN:
+                return f"{name} wrote to {e.gpa:#x}, not aligned to {abi.PARTITION_INFO_ALIGN}"
             if len(e.data) > args[1] or r != len(e.data):
                 return f"{name} wrote {len(e.data)} bytes for a {args[1]}-byte buffer"
         elif isinstance(e, PartitionLifecycle):
@@ -445,7 +474,7 @@ def _check_effects(topo, src, caller, call, args, r, dst, effects) -> str | None
         p, c = missing[0][0]
         return (
             f"after {name}, the state says {parts[p].name} holds channel {chans[c].name} "
-            "but no mapping of it was made"
+            "but the effects leave it unmapped"
         )
     if tuple(lifecycle) != dst.lifecycle:
         return f"after {name}, lifecycle {dst.lifecycle} differs from the effects' {lifecycle}"
