@@ -161,3 +161,12 @@ def test_plan_subcommand_errors(tmp_path):
     )
     with pytest.raises(ConfigError, match="host topology: no CPUs under"):
         cmd_plan(args, io.StringIO())
+
+
+def test_docs_show_the_real_output():
+    """docs/config.md shows what render_assignment prints for both examples."""
+    doc = (HERE.parent / "docs" / "config.md").read_text()
+    for plan_name, tree in (("opteron-8node", "opteron-8node"), ("two-partitions", "small-2cpu")):
+        topo = read_topology(str(FIXTURES / tree))
+        text = render_assignment(place(load_plan(EXAMPLES / f"{plan_name}.toml"), topo), topo)
+        assert text in doc, plan_name
