@@ -314,3 +314,12 @@ def test_section_notes_used_without_pt_note(mem):
     struct.pack_into("<HHH", base, 58, 64, 3, 2)  # e_shentsize, e_shnum, e_shstrndx
     r = load_elf(bytes(base) + n + strtab + shdrs, mem)
     assert (r.kind, r.entry) == ("pvh", 0x100004)
+
+
+def test_load_vmlinux_requires_linux(mem):
+    from osvmm.loader.vmlinux import load_vmlinux
+
+    with pytest.raises(ImageError, match="not a Linux kernel"):
+        load_vmlinux(elf(notes=pvh_note(0x100000)), mem, "guest.elf")
+    img = load_vmlinux(elf(notes=note(b"Linux", 0x101, b"\0\0\0\0")), mem)
+    assert img.kind == "linux64" and img.setup_header.version == 0x020F
