@@ -183,9 +183,11 @@ def _run(cmd: list[str], cwd: Path, what: str) -> None:
 
 
 def _first_error(stderr: str) -> str:
+    """The first "error:" line of a compiler's output, source paths shortened."""
+    stderr = stderr.replace(f"{SRC_DIR}/", "")
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     for ln in lines:
-        if "error" in ln.lower():
+        if "error:" in ln or "Error:" in ln:
             return ln
     return lines[0] if lines else "no message from the compiler"
 

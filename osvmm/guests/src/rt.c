@@ -285,7 +285,8 @@ static void setup_cpu_tables(void)
 
 NORETURN void rt_exception(struct exc_frame *f)
 {
-	rt_printf("exception %lu at 0x%lx (error 0x%lx cs 0x%lx rflags 0x%lx)\n", f->vector, f->rip, f->error, f->cs, f->rflags);
+	rt_printf("exception %lu at 0x%lx (error 0x%lx cs 0x%lx rflags 0x%lx)\n", f->vector,
+		  f->rip, f->error, f->cs, f->rflags);
 	rt_exit((u8)(EXIT_EXCEPTION + f->vector));
 }
 
