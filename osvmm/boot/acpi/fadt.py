@@ -5,7 +5,8 @@ and a reset register at the I/O ports of ``osvmm.boot.acpi.pm`` so that the
 guest's ACPI power-off and reset reach the VMM as port writes. It has no SMI
 command port (always in ACPI mode), no PM timer and no GPE blocks (ACPI 5.0A
 made the PM timer optional; Linux then uses the TSC and the PIT). It points to
-the DSDT and the FACS with both the 32-bit and the 64-bit fields.
+the DSDT with both DSDT and X_DSDT, and to the FACS with FIRMWARE_CTRL only
+(the spec wants X_FIRMWARE_CTRL zero when FIRMWARE_CTRL is set; QEMU does so).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def build_fadt(dsdt_addr: int, facs_addr: int) -> bytes:
         pm.RESET_VALUE,
         0,  # ARM_BOOT_ARCH
         FADT_MINOR_REVISION,
-        facs_addr,  # X_FIRMWARE_CTRL
+        0,  # X_FIRMWARE_CTRL: must be 0 when FIRMWARE_CTRL is set (ACPI 6.4 table 5.9)
         dsdt_addr,  # X_DSDT
     )
     body += gas(ADDRESS_SPACE_SYSTEM_IO, pm.PM1_EVT_LEN * 8, pm.PM1A_EVT_PORT, ACCESS_WORD)
