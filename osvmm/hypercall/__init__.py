@@ -1,0 +1,8 @@
+"""The hypercall interface (docs/hypercalls.md).
+
+abi       the one table of the six calls and their constants
+monitor   the monitor as a pure state machine: ``step(state, caller, nr, args)``
+checker   an explicit-state model checker over ``monitor.step``
+mutants   deliberate bugs in the monitor that the checker must find
+command   ``osvmm verify``
+"""

@@ -316,9 +316,9 @@ def step(
     if not isinstance(args, tuple | list) or len(args) > abi.NUM_ARGS:
         return _fail(state, EINVAL)
     for a in args:
-        if type(a) is not int or not 0 <= a <= U64_MAX:
+        if not isinstance(a, int) or not 0 <= a <= U64_MAX:
             return _fail(state, EINVAL)
-    full = tuple(args) + (0,) * (abi.NUM_ARGS - len(args))
+    full = tuple(int(a) for a in args) + (0,) * (abi.NUM_ARGS - len(args))
     return handler(state, caller_id, full, memory_reader)
 
 
