@@ -78,15 +78,16 @@ class InternalError(NamedTuple):
         return text
 
     def instruction_bytes(self) -> bytes | None:
-        """For an emulation failure with KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
-        data[0] = flags, data[1] low byte = insn_size, data[2..3] = 16 bytes of insn."""
-        if self.suberror != s.KVM_INTERNAL_ERROR_EMULATION or len(self.data) < 4:
+        """For an emulation failure with KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+        (<linux/kvm.h> struct emulation_failure): data[0] = flags, then data[1..2] hold
+        ``u8 insn_size; u8 insn_bytes[15]``."""
+        if self.suberror != s.KVM_INTERNAL_ERROR_EMULATION or len(self.data) < 3:
             return None
         if not self.data[0] & 1:
             return None
-        size = min(self.data[1] & 0xFF, 15)
-        raw = struct.pack("<QQ", self.data[2], self.data[3])
-        return raw[:size]
+        raw = struct.pack("<QQ", self.data[1], self.data[2])
+        size = min(raw[0], 15)
+        return raw[1 : 1 + size]
 
 
 class SystemEvent(NamedTuple):
