@@ -22,7 +22,7 @@ from dataclasses import dataclass
 HYPERCALL_PORT = 0x0510
 ABI_VERSION = 1
 
-NUMBER_REGISTER = "rax"  # the `out` writes EAX; only its low 32 bits are the number
+NUMBER_REGISTER = "eax"  # the low 32 bits of RAX: what `out dx, eax` writes
 ARG_REGISTERS = ("rdi", "rsi", "rbx", "rcx")
 RESULT_REGISTER = "rax"
 NUM_ARGS = len(ARG_REGISTERS)
