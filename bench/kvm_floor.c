@@ -9,7 +9,9 @@
  * in 32-bit protected mode, paging off, %ebx = hvm_start_info at 0x6000;
  * without one, by the osvmm 64-bit entry convention (long mode, identity map
  * of 4 GiB with 2 MiB pages, CS=0x10, DS=ES=SS=0x18, RSP=0x8ff0, RBX=0x6000).
- * 64 MiB of RAM; the command line is at 0x20000.
+ * 64 MiB of RAM; the command line is at 0x20000. KVM_FLOOR_CPUS=N in the
+ * environment makes N vCPUs (default 1): vCPU 0 starts at the entry, the
+ * others wait in the in-kernel LAPIC for INIT/SIPI, each on its own thread.
  *
  * Port I/O: out 0x3f8 writes the byte to stdout; in 0x3fd (LSR) reads 0x60;
  * out 0xf4 exits with status (V << 1) | 1 like QEMU's isa-debug-exit; other
@@ -21,6 +23,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/kvm.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -152,13 +155,17 @@ static void write_start_info(const char *cmdline)
 	};
 }
 
-static void set_cpuid(int kvm, int vcpu)
+static void set_cpuid(int kvm, int vcpu, int id)
 {
 	int n = 128;
 	for (;;) {
 		struct kvm_cpuid2 *c = calloc(1, sizeof(*c) + n * sizeof(struct kvm_cpuid_entry2));
 		c->nent = n;
 		if (ioctl(kvm, KVM_GET_SUPPORTED_CPUID, c) == 0) {
+			for (uint32_t i = 0; i < c->nent; i++)
+				if (c->entries[i].function == 1) /* initial APIC ID */
+					c->entries[i].ebx =
+					    (c->entries[i].ebx & 0x00ffffff) | ((uint32_t)id << 24);
 			xioctl(vcpu, KVM_SET_CPUID2, c, "KVM_SET_CPUID2");
 			free(c);
 			return;
@@ -231,45 +238,15 @@ static void setup_regs(int vcpu, uint64_t pvh, uint64_t e_entry)
 	xioctl(vcpu, KVM_SET_REGS, &r, "KVM_SET_REGS");
 }
 
-int main(int argc, char **argv)
+static int run_size;
+
+/* The exit loop of one vCPU; any vCPU's exit decision ends the process. */
+static void *run_vcpu(void *arg)
 {
-	if (argc < 2 || argc > 3) {
-		fprintf(stderr, "usage: kvm_floor IMAGE [CMDLINE]\n");
-		return EXIT_USAGE;
-	}
-	int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
-	if (kvm < 0)
-		die(EXIT_USAGE, "cannot open /dev/kvm: %s", strerror(errno));
-	int vm = ioctl(kvm, KVM_CREATE_VM, 0);
-	if (vm < 0)
-		die(6, "%s failed", "KVM_CREATE_VM");
-	mem = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-		   -1, 0);
-	if (mem == MAP_FAILED)
-		die(6, "%s failed", "mmap of guest memory");
-	struct kvm_userspace_memory_region region = {
-		.slot = 0, .guest_phys_addr = 0, .memory_size = MEM_SIZE, .userspace_addr = (uintptr_t)mem};
-	xioctl(vm, KVM_SET_USER_MEMORY_REGION, &region, "KVM_SET_USER_MEMORY_REGION");
-	if (ioctl(vm, KVM_SET_TSS_ADDR, (unsigned long)TSS_ADDR) < 0)
-		die(6, "%s failed", "KVM_SET_TSS_ADDR");
-	xioctl(vm, KVM_CREATE_IRQCHIP, NULL, "KVM_CREATE_IRQCHIP");
-	struct kvm_pit_config pit = {.flags = 0};
-	xioctl(vm, KVM_CREATE_PIT2, &pit, "KVM_CREATE_PIT2");
-
-	uint64_t e_entry;
-	uint64_t pvh = load_elf(argv[1], &e_entry);
-	write_start_info(argc > 2 ? argv[2] : "");
-
-	int vcpu = ioctl(vm, KVM_CREATE_VCPU, 0);
-	if (vcpu < 0)
-		die(6, "%s failed", "KVM_CREATE_VCPU");
-	set_cpuid(kvm, vcpu);
-	setup_regs(vcpu, pvh, e_entry);
-	int run_size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
+	int vcpu = (int)(intptr_t)arg;
 	struct kvm_run *run = mmap(NULL, run_size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu, 0);
 	if (run == MAP_FAILED)
 		die(6, "%s failed", "mmap of kvm_run");
-
 	for (;;) {
 		if (ioctl(vcpu, KVM_RUN, 0) < 0) {
 			if (errno == EINTR || errno == EAGAIN)
@@ -309,4 +286,55 @@ int main(int argc, char **argv)
 		}
 		}
 	}
+}
+
+int main(int argc, char **argv)
+{
+	if (argc < 2 || argc > 3) {
+		fprintf(stderr, "usage: kvm_floor IMAGE [CMDLINE]\n");
+		return EXIT_USAGE;
+	}
+	int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+	if (kvm < 0)
+		die(EXIT_USAGE, "cannot open /dev/kvm: %s", strerror(errno));
+	int vm = ioctl(kvm, KVM_CREATE_VM, 0);
+	if (vm < 0)
+		die(6, "%s failed", "KVM_CREATE_VM");
+	mem = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+		   -1, 0);
+	if (mem == MAP_FAILED)
+		die(6, "%s failed", "mmap of guest memory");
+	struct kvm_userspace_memory_region region = {
+		.slot = 0, .guest_phys_addr = 0, .memory_size = MEM_SIZE, .userspace_addr = (uintptr_t)mem};
+	xioctl(vm, KVM_SET_USER_MEMORY_REGION, &region, "KVM_SET_USER_MEMORY_REGION");
+	if (ioctl(vm, KVM_SET_TSS_ADDR, (unsigned long)TSS_ADDR) < 0)
+		die(6, "%s failed", "KVM_SET_TSS_ADDR");
+	xioctl(vm, KVM_CREATE_IRQCHIP, NULL, "KVM_CREATE_IRQCHIP");
+	struct kvm_pit_config pit = {.flags = 0};
+	xioctl(vm, KVM_CREATE_PIT2, &pit, "KVM_CREATE_PIT2");
+
+	uint64_t e_entry;
+	uint64_t pvh = load_elf(argv[1], &e_entry);
+	write_start_info(argc > 2 ? argv[2] : "");
+
+	const char *ncpus_env = getenv("KVM_FLOOR_CPUS");
+	int ncpus = ncpus_env ? atoi(ncpus_env) : 1;
+	if (ncpus < 1 || ncpus > 64)
+		die(EXIT_USAGE, "KVM_FLOOR_CPUS must be 1..64, not %s", ncpus_env);
+	run_size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
+	int vcpus[64];
+	for (int i = 0; i < ncpus; i++) {
+		vcpus[i] = ioctl(vm, KVM_CREATE_VCPU, (unsigned long)i);
+		if (vcpus[i] < 0)
+			die(6, "%s failed", "KVM_CREATE_VCPU");
+		set_cpuid(kvm, vcpus[i], i);
+	}
+	setup_regs(vcpus[0], pvh, e_entry);
+	for (int i = 1; i < ncpus; i++) {
+		pthread_t t;
+		if (pthread_create(&t, NULL, run_vcpu, (void *)(intptr_t)vcpus[i]))
+			die(6, "%s failed", "pthread_create");
+	}
+	run_vcpu((void *)(intptr_t)vcpus[0]);
+	return 0;
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import subprocess
@@ -133,7 +134,7 @@ def test_unknown_guest_is_a_config_error():
 def test_concurrent_builds_agree(tmp_path):
     env_cache = tmp_path / "cache"
     code = "from osvmm.guests.build import guest_path; print(guest_path('hello'))"
-    env = {"OSVMM_CACHE": str(env_cache), "PATH": "/usr/bin:/bin"}
+    env = {**os.environ, "OSVMM_CACHE": str(env_cache)}
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -11,8 +12,11 @@ from osvmm.guests.build import build_floor, guest_path
 pytestmark = pytest.mark.kvm
 
 
-def floor(*args: str) -> tuple[int, str, str]:
-    proc = subprocess.run([str(build_floor()), *args], capture_output=True, text=True, timeout=60)
+def floor(*args: str, cpus: int = 1) -> tuple[int, str, str]:
+    """Run kvm_floor with ``cpus`` vCPUs; return (status, stdout, stderr)."""
+    env = {**os.environ, "KVM_FLOOR_CPUS": str(cpus)}
+    cmd = [str(build_floor()), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -33,6 +37,11 @@ def test_ioloop_with_a_command_line():
 
 def test_smp_on_one_vcpu():
     assert floor(str(guest_path("smp")), "wait_ms=100")[:2] == (1, "cpu 0 online\n1 cpus online\n")
+
+
+def test_smp_on_three_vcpus():
+    out = "cpu 0 online\ncpu 1 online\ncpu 2 online\n3 cpus online\n"
+    assert floor(str(guest_path("smp")), "wait_ms=150", cpus=3)[:2] == (1, out)
 
 
 def test_triplefault_is_a_guest_fault():

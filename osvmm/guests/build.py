@@ -52,7 +52,7 @@ LDFLAGS = (
     "-Wl,-z,max-page-size=4096",
     "-Wl,-z,noexecstack",
 )
-FLOOR_CFLAGS = ("-std=gnu11", "-O2", "-Wall", "-Wextra")
+FLOOR_CFLAGS = ("-std=gnu11", "-O2", "-Wall", "-Wextra", "-pthread")
 
 RUNTIME_SOURCES = ("entry.S", "rt.c")
 
