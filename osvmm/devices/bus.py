@@ -18,9 +18,11 @@ class PortBus:
         self.unclaimed = Counter()  # port -> accesses to no device
 
     def register(self, base: int, length: int, device) -> None:
+        # Check every port first: a rejected registration must claim nothing.
         for port in range(base, base + length):
             if port in self._ports:
                 raise ValueError(f"port {port:#x} is already claimed")
+        for port in range(base, base + length):
             self._ports[port] = (device, port - base)
 
     def claimed(self, port: int) -> bool:
