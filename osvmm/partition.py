@@ -28,6 +28,7 @@ from osvmm.boot.plan import BootPlan
 from osvmm.devices.bus import PortBus
 from osvmm.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit, exit_status
 from osvmm.devices.mmio import MmioBus
+from osvmm.devices.power import register_power_devices
 from osvmm.devices.serial import COM1_IRQ, COM1_PORT, Serial
 from osvmm.errors import ConfigError, OsvmmError
 from osvmm.kvm import Kvm
@@ -56,6 +57,7 @@ class RunResult:
     status: int  # the osvmm process exit status this run stands for
     reason: str
     fault: OsvmmError | None = None
+    reset: bool = False  # the guest asked for a reset (a supervisor restarts it)
 
 
 class Partition:
@@ -73,6 +75,7 @@ class Partition:
         self._lock = threading.Lock()
         self.result: RunResult | None = None
         self.boot_log: list[str] = []  # what the VMM adapted for this host (printed by the CLI)
+        self.cpuid_mask: list[str] = list(config.cpuid_mask)
 
     # -- the recipe ------------------------------------------------------------
     def build(self) -> Partition:
@@ -109,6 +112,11 @@ class Partition:
         self.pio = PortBus()
         self.pio.register(COM1_PORT, 8, self.serial)
         self.pio.register(DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit))
+        register_power_devices(
+            self.pio,
+            on_poweroff=lambda: self.finish(0, "the guest powered off"),
+            on_reset=lambda: self.reset(-1),
+        )
         self.mmio = MmioBus()
         # 6. image and boot interface
         from osvmm.boot.setup import load_and_prepare
@@ -119,7 +127,9 @@ class Partition:
         vm.set_boot_cpu_id(apic_ids[0])
         for index, apic_id in enumerate(apic_ids):
             vcpu = vm.create_vcpu(apic_id)
-            vcpu.set_cpuid(x86_cpuid.vcpu_cpuid(supported, apic_id, len(apic_ids), cfg.cpuid_mask))
+            vcpu.set_cpuid(
+                x86_cpuid.vcpu_cpuid(supported, apic_id, len(apic_ids), tuple(self.cpuid_mask))
+            )
             if index == 0:
                 sregs, regs = vcpu.get_sregs(), vcpu.get_regs()
                 regs.__init__()  # all general registers zero but what the entry sets
@@ -148,11 +158,13 @@ class Partition:
         self.finish(status, reason)
 
     # -- what vCPU threads and devices report -------------------------------------
-    def finish(self, status: int, reason: str, fault: OsvmmError | None = None) -> None:
+    def finish(
+        self, status: int, reason: str, fault: OsvmmError | None = None, reset: bool = False
+    ) -> None:
         with self._lock:
             if self.result is not None:
                 return
-            self.result = RunResult(status, reason, fault)
+            self.result = RunResult(status, reason, fault, reset)
         for t in self.threads:
             t.kick()
         self._done.set()
@@ -161,7 +173,9 @@ class Partition:
         self.finish(err.exit_status, str(err), err)
 
     def reset(self, vcpu_index: int) -> None:
-        self.finish(0, f"the guest reset the machine (vcpu {vcpu_index})")
+        """The guest asked for a reset: ``osvmm run`` ends (as QEMU -no-reboot); a
+        supervisor (``osvmm up``) restarts the partition."""
+        self.finish(0, "the guest reset the machine", reset=True)
 
     def _debug_exit(self, value: int) -> None:
         self.finish(exit_status(value), f"debug exit with value {value}")

@@ -1,0 +1,78 @@
+"""Power-off and reset: the ACPI PM1 blocks, the 0xcf9 reset register, the i8042 reset line.
+
+What the partition's FADT and DSDT announce (osvmm/boot/acpi/pm.py) is what
+this model traps; nothing else about power management is emulated:
+  - PM1a event block (status, enable): reads 0, writes ignored;
+  - PM1a control: reads SCI_EN (always in ACPI mode); a write with SLP_EN
+    and SLP_TYP = S5 powers the partition off;
+  - 0xcf9 (reset control, the FADT's RESET_REG): a write with RST_CPU resets;
+  - 0x64 (i8042 command port): 0xfe pulses the reset line, Linux's fallback.
+    Reads return 0xff, as a PC with no keyboard controller.
+Registers are byte-wide on the port bus; PM1 control assembles its 16 bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from osvmm.boot.acpi import pm
+
+I8042_COMMAND_PORT = 0x64
+I8042_CMD_PULSE_RESET = 0xFE
+
+
+class Pm1Event:
+    def read(self, offset: int) -> int:
+        return 0
+
+    def write(self, offset: int, value: int) -> None:
+        pass
+
+
+class Pm1Control:
+    def __init__(self, on_poweroff: Callable[[], None]):
+        self._on_poweroff = on_poweroff
+        self.value = pm.SCI_EN
+
+    def read(self, offset: int) -> int:
+        return ((self.value | pm.SCI_EN) >> (8 * offset)) & 0xFF
+
+    def write(self, offset: int, value: int) -> None:
+        shift = 8 * offset
+        self.value = (self.value & ~(0xFF << shift)) | (value << shift)
+        if pm.is_poweroff(pm.PM1A_CNT_PORT, self.value):
+            self.value &= ~pm.SLP_EN
+            self._on_poweroff()
+
+
+class ResetControl:
+    def __init__(self, on_reset: Callable[[], None]):
+        self._on_reset = on_reset
+        self.value = 0
+
+    def read(self, offset: int) -> int:
+        return self.value
+
+    def write(self, offset: int, value: int) -> None:
+        self.value = value & ~pm.RST_CPU
+        if pm.is_reset(pm.RESET_PORT, value):
+            self._on_reset()
+
+
+class I8042Reset:
+    def __init__(self, on_reset: Callable[[], None]):
+        self._on_reset = on_reset
+
+    def read(self, offset: int) -> int:
+        return 0xFF
+
+    def write(self, offset: int, value: int) -> None:
+        if value == I8042_CMD_PULSE_RESET:
+            self._on_reset()
+
+
+def register_power_devices(bus, on_poweroff, on_reset) -> None:
+    bus.register(pm.PM1A_EVT_PORT, pm.PM1_EVT_LEN, Pm1Event())
+    bus.register(pm.PM1A_CNT_PORT, pm.PM1_CNT_LEN, Pm1Control(on_poweroff))
+    bus.register(pm.RESET_PORT, 1, ResetControl(on_reset))
+    bus.register(I8042_COMMAND_PORT, 1, I8042Reset(on_reset))

@@ -1,0 +1,106 @@
+"""Probe this host's KVM for instructions its emulator cannot run at CPL0.
+
+On hosts with hardware virtualization every guest instruction runs natively
+and nothing here is needed. On hosts where KVM emulates kernel-mode guest
+code (nested "PVM" KVM, see docs/host-accommodations.md) some instructions a
+stock Linux kernel uses early are missing from the emulator. Each probe runs
+a few bytes of 64-bit code at CPL0 in a throwaway VM:
+
+  - cx16:  ``lock cmpxchg16b`` (SLUB): if it fails, CPUID.01H:ECX.CX16 is
+           cleared in Linux partitions' CPUID;
+  - xsave: ``xrstor`` (FPU init): if it fails, ``noxsave`` is added to Linux
+           partitions' command lines.
+
+A probe "needs" its accommodation only when the code hit an emulation
+failure; results are cached for the process.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+from dataclasses import dataclass
+
+from osvmm.arch.x86 import cpuid as x86_cpuid
+from osvmm.arch.x86 import layout
+from osvmm.arch.x86.regs import apply_entry_state, long64_entry
+from osvmm.kvm.exits import InternalError, IoOut
+from osvmm.memory import GuestMemory
+
+CODE_ADDR = layout.HIGH_MEMORY_START
+DATA_ADDR = CODE_ADDR + 0x100  # 64-byte aligned operand
+CR4_OSXSAVE = 1 << 18
+_EXIT = bytes([0xB0, 0x00, 0xE6, 0xF4])  # mov al, 0; out 0xf4, al
+
+
+def _rip_rel(insn_prefix: bytes, insn_len: int, at: int) -> bytes:
+    return insn_prefix + struct.pack("<i", DATA_ADDR - (CODE_ADDR + at + insn_len))
+
+
+def _cx16_code() -> bytes:
+    # lock cmpxchg16b [rip + disp32]: f0 48 0f c7 0d disp32
+    return _rip_rel(bytes([0xF0, 0x48, 0x0F, 0xC7, 0x0D]), 9, 0) + _EXIT
+
+
+def _xrstor_code() -> bytes:
+    # xor eax, eax; xor edx, edx; xrstor [rip + disp32]: 0f ae 2d disp32 (RFBM 0: restores nothing)
+    head = bytes([0x31, 0xC0, 0x31, 0xD2])
+    return head + _rip_rel(bytes([0x0F, 0xAE, 0x2D]), 7, len(head)) + _EXIT
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    name: str
+    needed: bool
+    detail: str
+
+
+def _run_probe(kvm, name: str, code: bytes, cr4_extra: int = 0) -> ProbeResult:
+    from osvmm.boot.setup import write_long_mode_tables
+
+    mem = GuestMemory([(0, 4 * layout.MiB)])
+    vm = kvm.create_vm()
+    vcpu = None
+    try:
+        vm.set_tss_addr(layout.KVM_TSS_ADDR)
+        vm.create_irqchip()
+        region = mem.regions[0]
+        vm.set_user_memory_region(0, region.gpa, region.size, region.host_addr)
+        write_long_mode_tables(mem)
+        mem.write(CODE_ADDR, code)
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid(x86_cpuid.vcpu_cpuid(kvm.supported_cpuid(), 0, 1))
+        sregs, regs = vcpu.get_sregs(), vcpu.get_regs()
+        regs.__init__()
+        apply_entry_state(long64_entry(CODE_ADDR), sregs, regs)
+        sregs.cr4 |= cr4_extra
+        vcpu.set_sregs(sregs)
+        vcpu.set_regs(regs)
+        for _ in range(8):
+            ex = vcpu.run()
+            if isinstance(ex, IoOut) and ex.port == 0xF4:
+                return ProbeResult(name, False, "runs")
+            if isinstance(ex, InternalError):
+                return ProbeResult(name, True, ex.describe())
+            if not isinstance(ex, IoOut):
+                return ProbeResult(name, False, f"inconclusive ({type(ex).__name__})")
+        return ProbeResult(name, False, "inconclusive (no exit)")
+    finally:
+        if vcpu is not None:
+            vcpu.close()
+        vm.close()
+        mem.close()
+
+
+@functools.cache
+def probe_host() -> dict[str, ProbeResult]:
+    from osvmm.kvm import Kvm
+
+    kvm = Kvm()
+    try:
+        return {
+            "cx16": _run_probe(kvm, "cx16", _cx16_code()),
+            "xsave": _run_probe(kvm, "xsave", _xrstor_code(), CR4_OSXSAVE),
+        }
+    finally:
+        kvm.close()
