@@ -36,7 +36,7 @@ class Region:
         return ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
 
     def contains(self, gpa: int, size: int = 1) -> bool:
-        return self.gpa <= gpa and gpa + size <= self.end
+        return size >= 0 and self.gpa <= gpa and gpa + size <= self.end
 
 
 class GuestMemory:
@@ -76,9 +76,7 @@ class GuestMemory:
         for r in self.regions:
             if r.contains(gpa, size):
                 return r
-        raise GuestMemoryError(
-            f"guest range {gpa:#x}+{size:#x} is not inside guest memory"
-        )
+        raise GuestMemoryError(f"guest range {gpa:#x}+{size:#x} is not inside guest memory")
 
     def contains(self, gpa: int, size: int = 1) -> bool:
         return any(r.contains(gpa, size) for r in self.regions)
