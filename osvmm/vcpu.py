@@ -107,9 +107,16 @@ class VcpuThread:
             kind = type(ex)
             handled[kind] += 1
             if kind is IoOut:
-                pio_write(ex.port, ex.data)
+                if len(ex.data) == ex.size:
+                    pio_write(ex.port, ex.data)
+                else:  # rep outs: count accesses, all to the same port
+                    for i in range(0, len(ex.data), ex.size):
+                        pio_write(ex.port, ex.data[i : i + ex.size])
             elif kind is IoIn:
-                self.vcpu.complete_io_in(ex, pio_read(ex.port, ex.size * ex.count))
+                data = pio_read(ex.port, ex.size)
+                if ex.count > 1:  # rep ins
+                    data += b"".join(pio_read(ex.port, ex.size) for _ in range(ex.count - 1))
+                self.vcpu.complete_io_in(ex, data)
             elif kind is Interrupted:
                 continue
             elif kind is MmioWrite:

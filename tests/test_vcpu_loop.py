@@ -1,0 +1,130 @@
+"""The exit loop with a scripted vCPU (no /dev/kvm): dispatch, string I/O, faults, stop."""
+
+from __future__ import annotations
+
+import pytest
+
+from osvmm.devices.bus import PortBus
+from osvmm.devices.mmio import MmioBus
+from osvmm.errors import GuestFault
+from osvmm.kvm import exits
+from osvmm.vcpu import VcpuThread
+
+
+class Recorder:
+    def __init__(self):
+        self.writes = []
+
+    def write(self, offset, value):
+        self.writes.append((offset, value))
+
+    def read(self, offset):
+        return 0x40 + offset
+
+
+class ScriptedVcpu:
+    """Returns the scripted exits from run(), then stops the loop."""
+
+    def __init__(self, script, thread_box):
+        self.script = list(script)
+        self.box = thread_box
+        self.io_in = []
+
+    def run(self):
+        if not self.script:
+            self.box[0].stop_requested = True
+            return exits.Interrupted()
+        return self.script.pop(0)
+
+    def complete_io_in(self, ex, data):
+        self.io_in.append(data)
+
+    def complete_mmio_read(self, data):
+        self.io_in.append(data)
+
+    def get_regs(self):
+        class R:
+            rip = 0x1234
+
+        return R()
+
+    def set_immediate_exit(self, value):
+        pass
+
+
+class Machine:
+    def __init__(self):
+        self.faults = []
+        self.finished = []
+        self.resets = []
+
+    def fault(self, err):
+        self.faults.append(err)
+
+    def finish(self, status, reason):
+        self.finished.append((status, reason))
+
+    def reset(self, index):
+        self.resets.append(index)
+
+
+def run_script(script):
+    bus = PortBus()
+    dev = Recorder()
+    bus.register(0x3F8, 8, dev)
+    machine = Machine()
+    box = [None]
+    vcpu = ScriptedVcpu(script, box)
+    t = VcpuThread(vcpu, 0, bus, MmioBus(), machine)
+    box[0] = t
+    t._main()  # run on this thread
+    return dev, vcpu, machine, t
+
+
+def test_rep_outs_writes_every_byte_to_the_same_port():
+    dev, _, machine, _ = run_script([exits.IoOut(0x3F8, 1, b"abc")])
+    assert dev.writes == [(0, ord("a")), (0, ord("b")), (0, ord("c"))]
+    assert not machine.faults
+
+
+def test_rep_ins_reads_the_same_port_count_times():
+    _, vcpu, _, _ = run_script([exits.IoIn(0x3FD, 1, 3, 0)])
+    assert vcpu.io_in == [bytes([0x45, 0x45, 0x45])]
+
+
+def test_word_out_spans_consecutive_ports():
+    dev, _, _, _ = run_script([exits.IoOut(0x3F8, 2, b"\x01\x02")])
+    assert dev.writes == [(0, 1), (1, 2)]
+
+
+@pytest.mark.parametrize(
+    ("ex", "text"),
+    [
+        (exits.Shutdown(), "triple fault"),
+        (exits.FailEntry(0x21, 0), "VM entry failed (hardware reason 0x21)"),
+        (
+            exits.InternalError(1, (1, 0xCC01, 0, 0)),
+            "emulation failure, instruction bytes cc",
+        ),
+        (exits.Unhandled(3), "unhandled exit reason hypercall"),
+    ],
+)
+def test_faults_are_reported_with_vcpu_and_rip(ex, text):
+    _, _, machine, t = run_script([ex])
+    assert len(machine.faults) == 1
+    fault = machine.faults[0]
+    assert isinstance(fault, GuestFault)
+    assert fault.vcpu == 0 and fault.rip == 0x1234
+    assert text in str(fault)
+    assert t.state == VcpuThread.FINISHED
+
+
+def test_handled_exits_are_counted_by_kind():
+    _, _, _, t = run_script([exits.IoOut(0x80, 1, b"\0")] * 3 + [exits.IoIn(0x80, 1, 1, 0)])
+    assert t.handled[exits.IoOut] == 3
+    assert t.handled[exits.IoIn] == 1
+
+
+def test_system_event_reset_asks_the_machine_to_reset():
+    _, _, machine, _ = run_script([exits.SystemEvent(2, ())])
+    assert machine.resets == [0]
