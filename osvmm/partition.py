@@ -187,9 +187,7 @@ class Partition:
 
         out = []
         for t, reader in zip(self.threads, self.stats_readers, strict=True):
-            handled = {
-                k.__name__: n for k, n in sorted(t.handled.items(), key=lambda i: i[0].__name__)
-            }
+            handled = t.handled_counts()
             out.append({"vcpu": t.index, "kvm": exit_counts(reader.read()), "vmm": handled})
         return out
 

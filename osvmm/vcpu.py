@@ -30,7 +30,7 @@ from osvmm.kvm.exits import (
     SystemEvent,
     Unhandled,
 )
-from osvmm.kvm.structs import KVM_SYSTEM_EVENT_RESET
+from osvmm.kvm.structs import KVM_EXIT_INTR, KVM_EXIT_IO, KVM_SYSTEM_EVENT_RESET
 
 KICK_SIGNAL = signal.SIGUSR1
 _kick_installed = False
@@ -56,7 +56,8 @@ class VcpuThread:
         self.mmio = mmio
         self.machine = machine
         self.state = self.CREATED
-        self.handled = Counter()  # exits the VMM handled, by kind
+        self.handled = Counter()  # exits the VMM handled on the slow path, by kind
+        self.io_counts = [0, 0]  # fast-path port I/O exits: [in, out]
         self.stop_requested = False
         self._thread = threading.Thread(target=self._main, name=f"vcpu{index}", daemon=True)
         self.on_start = None  # optional callable run first on the thread (pinning)
@@ -98,50 +99,78 @@ class VcpuThread:
             self.state = self.FINISHED
 
     def _loop(self) -> None:
-        run = self.vcpu.run
-        pio_write = self.pio.write
-        pio_read = self.pio.read
-        handled = self.handled
+        # The fast path handles single-byte port I/O, most of what a bare-metal or
+        # booting guest exits for, from one unpack of kvm_run and one dict lookup;
+        # every other exit is decoded by exits.decode_exit and handled below.
+        vcpu = self.vcpu
+        run_header = vcpu.run_header
+        mm = vcpu.run_mmap
+        ports = self.pio.byte_handlers()
+        unclaimed = self.pio.unclaimed
+        io_counts = self.io_counts
         while not self.stop_requested:
-            ex = run()
-            kind = type(ex)
-            handled[kind] += 1
-            if kind is IoOut:
-                if len(ex.data) == ex.size:
-                    pio_write(ex.port, ex.data)
-                else:  # rep outs: count accesses, all to the same port
-                    for i in range(0, len(ex.data), ex.size):
-                        pio_write(ex.port, ex.data[i : i + ex.size])
-            elif kind is IoIn:
-                data = pio_read(ex.port, ex.size)
-                if ex.count > 1:  # rep ins
-                    data += b"".join(pio_read(ex.port, ex.size) for _ in range(ex.count - 1))
-                self.vcpu.complete_io_in(ex, data)
-            elif kind is Interrupted:
-                continue
-            elif kind is MmioWrite:
-                self.mmio.write(ex.addr, ex.data)
-            elif kind is MmioRead:
-                self.vcpu.complete_mmio_read(self.mmio.read(ex.addr, ex.length))
-            elif kind is Shutdown:
-                raise self._fault("triple fault (shutdown)")
-            elif kind is InternalError:
-                raise self._fault(ex.describe())
-            elif kind is FailEntry:
-                raise self._fault(
-                    f"VM entry failed (hardware reason {ex.hardware_entry_failure_reason:#x})"
-                )
-            elif kind is SystemEvent:
-                if ex.type == KVM_SYSTEM_EVENT_RESET:
-                    self.machine.reset(self.index)
+            reason, direction, size, port, count, off = run_header()
+            if reason == KVM_EXIT_IO and size == 1 and count == 1:
+                io_counts[direction] += 1
+                entry = ports.get(port)
+                if direction:  # out
+                    if entry is None:
+                        unclaimed[port] += 1
+                    else:
+                        entry[0](entry[2], mm[off])
+                elif entry is None:
+                    unclaimed[port] += 1
+                    mm[off] = 0xFF
                 else:
-                    self.machine.finish(0, f"system event {ex.type} on vcpu {self.index}")
-                return
-            elif kind is Hlt:
-                # Only without an in-kernel LAPIC; osvmm always has one.
-                raise self._fault("hlt exit without an in-kernel irqchip")
-            elif kind is Unhandled:
-                raise self._fault(f"unhandled exit reason {ex.name}")
+                    mm[off] = entry[1](entry[2])
+                continue
+            if reason == KVM_EXIT_INTR:
+                self.handled[Interrupted] += 1
+                continue
+            self._slow_exit(vcpu.decode(reason))
+
+    def _slow_exit(self, ex) -> None:
+        kind = type(ex)
+        self.handled[kind] += 1
+        if kind is IoOut:
+            if len(ex.data) == ex.size:
+                self.pio.write(ex.port, ex.data)
+            else:  # rep outs: count accesses, all to the same port
+                for i in range(0, len(ex.data), ex.size):
+                    self.pio.write(ex.port, ex.data[i : i + ex.size])
+        elif kind is IoIn:
+            data = b"".join(self.pio.read(ex.port, ex.size) for _ in range(ex.count))
+            self.vcpu.complete_io_in(ex, data)
+        elif kind is MmioWrite:
+            self.mmio.write(ex.addr, ex.data)
+        elif kind is MmioRead:
+            self.vcpu.complete_mmio_read(self.mmio.read(ex.addr, ex.length))
+        elif kind is Shutdown:
+            raise self._fault("triple fault (shutdown)")
+        elif kind is InternalError:
+            raise self._fault(ex.describe())
+        elif kind is FailEntry:
+            raise self._fault(
+                f"VM entry failed (hardware reason {ex.hardware_entry_failure_reason:#x})"
+            )
+        elif kind is SystemEvent:
+            self.stop_requested = True
+            if ex.type == KVM_SYSTEM_EVENT_RESET:
+                self.machine.reset(self.index)
+            else:
+                self.machine.finish(0, f"system event {ex.type} on vcpu {self.index}")
+        elif kind is Hlt:
+            # Only without an in-kernel LAPIC; osvmm always has one.
+            raise self._fault("hlt exit without an in-kernel irqchip")
+        elif kind is Unhandled:
+            raise self._fault(f"unhandled exit reason {ex.name}")
+
+    def handled_counts(self) -> dict[str, int]:
+        """Exits that reached the VMM, by kind (fast-path port I/O included)."""
+        counts = {k.__name__: n for k, n in self.handled.items()}
+        counts["IoIn"] = counts.get("IoIn", 0) + self.io_counts[0]
+        counts["IoOut"] = counts.get("IoOut", 0) + self.io_counts[1]
+        return {k: n for k, n in sorted(counts.items()) if n}
 
     def _fault(self, reason: str) -> GuestFault:
         try:

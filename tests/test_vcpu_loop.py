@@ -7,8 +7,16 @@ import pytest
 from osvmm.devices.bus import PortBus
 from osvmm.devices.mmio import MmioBus
 from osvmm.errors import GuestFault
-from osvmm.kvm import exits
+from osvmm.kvm import exits, structs
 from osvmm.vcpu import VcpuThread
+
+REASONS = {
+    exits.Shutdown: structs.KVM_EXIT_SHUTDOWN,
+    exits.FailEntry: structs.KVM_EXIT_FAIL_ENTRY,
+    exits.InternalError: structs.KVM_EXIT_INTERNAL_ERROR,
+    exits.SystemEvent: structs.KVM_EXIT_SYSTEM_EVENT,
+    exits.Unhandled: 3,
+}
 
 
 class Recorder:
@@ -23,21 +31,40 @@ class Recorder:
 
 
 class ScriptedVcpu:
-    """Returns the scripted exits from run(), then stops the loop."""
+    """Plays the scripted exits through run_header()/decode() as KVM_RUN would, then
+    stops the loop. Single-byte port I/O exits put their data in the fake kvm_run
+    mapping at DATA_OFF, as KVM does, so the fast path sees them too."""
+
+    DATA_OFF = 0x1000
 
     def __init__(self, script, thread_box):
         self.script = list(script)
         self.box = thread_box
         self.io_in = []
+        self.run_mmap = bytearray(0x2000)
+        self._current = None
 
-    def run(self):
+    def run_header(self):
         if not self.script:
             self.box[0].stop_requested = True
-            return exits.Interrupted()
-        return self.script.pop(0)
+            return (structs.KVM_EXIT_INTR, 0, 0, 0, 0, 0)
+        ex = self._current = self.script.pop(0)
+        if isinstance(ex, exits.IoOut):
+            n = len(ex.data)
+            self.run_mmap[self.DATA_OFF : self.DATA_OFF + n] = ex.data
+            return (structs.KVM_EXIT_IO, 1, ex.size, ex.port, n // ex.size, self.DATA_OFF)
+        if isinstance(ex, exits.IoIn):
+            return (structs.KVM_EXIT_IO, 0, ex.size, ex.port, ex.count, self.DATA_OFF)
+        return (REASONS[type(ex)], 0, 0, 0, 0, 0)
+
+    def decode(self, reason):
+        ex = self._current
+        if isinstance(ex, exits.IoIn):
+            return exits.IoIn(ex.port, ex.size, ex.count, self.DATA_OFF)
+        return ex
 
     def complete_io_in(self, ex, data):
-        self.io_in.append(data)
+        self.io_in.append(bytes(data))
 
     def complete_mmio_read(self, data):
         self.io_in.append(data)
@@ -92,6 +119,19 @@ def test_rep_ins_reads_the_same_port_count_times():
     assert vcpu.io_in == [bytes([0x45, 0x45, 0x45])]
 
 
+def test_single_byte_in_takes_the_fast_path():
+    _, vcpu, _, t = run_script([exits.IoIn(0x3FD, 1, 1, 0), exits.IoIn(0x81, 1, 1, 0)])
+    assert vcpu.run_mmap[vcpu.DATA_OFF] == 0xFF  # the unclaimed port read last
+    assert t.io_counts == [2, 0]
+    assert t.pio.unclaimed[0x81] == 1
+
+
+def test_single_byte_out_reaches_the_device():
+    dev, _, _, t = run_script([exits.IoOut(0x3F9, 1, b"\x07")])
+    assert dev.writes == [(1, 7)]
+    assert t.handled_counts() == {"Interrupted": 1, "IoOut": 1}  # the stop is an exit too
+
+
 def test_word_out_spans_consecutive_ports():
     dev, _, _, _ = run_script([exits.IoOut(0x3F8, 2, b"\x01\x02")])
     assert dev.writes == [(0, 1), (1, 2)]
@@ -120,9 +160,10 @@ def test_faults_are_reported_with_vcpu_and_rip(ex, text):
 
 
 def test_handled_exits_are_counted_by_kind():
-    _, _, _, t = run_script([exits.IoOut(0x80, 1, b"\0")] * 3 + [exits.IoIn(0x80, 1, 1, 0)])
-    assert t.handled[exits.IoOut] == 3
-    assert t.handled[exits.IoIn] == 1
+    script = [exits.IoOut(0x80, 1, b"\0")] * 3 + [exits.IoIn(0x80, 1, 1, 0)]
+    script += [exits.IoOut(0x80, 1, b"ab")]  # rep outsb: the slow path
+    _, _, _, t = run_script(script)
+    assert t.handled_counts() == {"Interrupted": 1, "IoIn": 1, "IoOut": 4}
 
 
 def test_system_event_reset_asks_the_machine_to_reset():

@@ -15,6 +15,7 @@ from collections import Counter
 class PortBus:
     def __init__(self):
         self._ports: dict[int, tuple[object, int]] = {}
+        self._fast: dict[int, tuple] = {}
         self.unclaimed = Counter()  # port -> accesses to no device
 
     def register(self, base: int, length: int, device) -> None:
@@ -24,6 +25,12 @@ class PortBus:
                 raise ValueError(f"port {port:#x} is already claimed")
         for port in range(base, base + length):
             self._ports[port] = (device, port - base)
+            self._fast[port] = (device.write, device.read, port - base)
+
+    def byte_handlers(self) -> dict[int, tuple]:
+        """port -> (write(offset, value), read(offset), offset): the exit loop's fast path
+        for single-byte accesses; the dict is shared, so later registrations show."""
+        return self._fast
 
     def claimed(self, port: int) -> bool:
         return port in self._ports

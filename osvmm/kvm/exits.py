@@ -16,6 +16,10 @@ from osvmm.kvm import structs as s
 
 _EXIT_OFF = s.kvm_run.exit.offset
 _REASON = struct.Struct("<I")  # exit_reason at offset 8
+# The fast path's view: exit_reason and the io fields of the union in one unpack
+# (reason, direction, size, port, count, data_offset); see Vcpu.run_header.
+RUN_HEADER = struct.Struct("<8xI20xBBHIQ")
+assert RUN_HEADER.size == _EXIT_OFF + 16
 _IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
 _MMIO = struct.Struct("<Q8sIB")  # phys_addr, data, len, is_write
 _FAIL = struct.Struct("<QI")

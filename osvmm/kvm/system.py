@@ -18,9 +18,10 @@ import os
 from osvmm.errors import KvmError, KvmUnavailable
 from osvmm.kvm import ioctls as io
 from osvmm.kvm import structs as s
-from osvmm.kvm.exits import decode_exit
+from osvmm.kvm.exits import RUN_HEADER, decode_exit
 
 KVM_API_VERSION = 12
+_INTERRUPTED = (s.KVM_EXIT_INTR, 0, 0, 0, 0, 0)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
@@ -173,6 +174,22 @@ class Vcpu:
                 return decode_exit(self.run_mmap, s.KVM_EXIT_INTR)
             raise KvmError(e.errno, "KVM_RUN") from None
         return decode_exit(self.run_mmap)
+
+    def run_header(self) -> tuple[int, int, int, int, int, int]:
+        """The fast path: enter the guest, return (reason, direction, size, port,
+        count, data_offset) from one unpack. The io fields mean something only for
+        KVM_EXIT_IO; any other reason is decoded with ``decode(reason)``. EINTR and
+        EAGAIN come back as KVM_EXIT_INTR."""
+        try:
+            fcntl.ioctl(self.fd, io.KVM_RUN, 0)
+        except OSError as e:
+            if e.errno in (errno.EINTR, errno.EAGAIN):
+                return _INTERRUPTED
+            raise KvmError(e.errno, "KVM_RUN") from None
+        return RUN_HEADER.unpack_from(self.run_mmap, 0)
+
+    def decode(self, reason: int):
+        return decode_exit(self.run_mmap, reason)
 
     def complete_io_in(self, exit_, data: bytes) -> None:
         """Give an ``in`` instruction its data before the next ``run``."""
