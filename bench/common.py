@@ -1,0 +1,107 @@
+"""What every benchmark shares: timing whole commands, summarizing repeats, figures.
+
+A figure is a measured value with its baseline from the same run and the
+ratio between them; each value is the median of repeated runs with min and max.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Sample:
+    median: float
+    min: float
+    max: float
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> Sample:
+        return cls(statistics.median(values), min(values), max(values), len(values))
+
+
+@dataclass
+class Figure:
+    name: str
+    unit: str
+    value: Sample
+    baseline_name: str | None = None
+    baseline: Sample | None = None
+    goal: str = ""
+    met: bool | None = None
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        if self.baseline is None or not self.baseline.median:
+            return None
+        return self.value.median / self.baseline.median
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["ratio"] = self.ratio
+        return d
+
+
+def osvmm_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "osvmm.cli", *args]
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+@dataclass
+class Timed:
+    wall: float  # seconds
+    maxrss_kib: int  # peak resident set of the child
+    returncode: int
+    stdout: bytes
+
+
+def time_command(cmd: list[str], expect_status: int | None = None, timeout: float = 300) -> Timed:
+    """Wall time and peak RSS (wait4 rusage) of one whole process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env()
+    )
+    out, err = proc.communicate(timeout=timeout)
+    wall = time.perf_counter() - start
+    # communicate() already reaped the child; its rusage is in RUSAGE_CHILDREN's peak.
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if expect_status is not None and proc.returncode != expect_status:
+        raise RuntimeError(
+            f"{' '.join(cmd)} exited {proc.returncode}, expected {expect_status}: "
+            f"{err.decode(errors='replace').strip()[-300:]}"
+        )
+    return Timed(wall, rss, proc.returncode, out)
+
+
+def peak_rss_kib(cmd: list[str], expect_status: int | None = None, timeout: float = 300) -> Timed:
+    """Like time_command, but the peak RSS of exactly this child (wait4)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env()
+    )
+    out = proc.stdout.read()
+    proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    proc.returncode = code
+    if expect_status is not None and code != expect_status:
+        raise RuntimeError(f"{' '.join(cmd)} exited {code}, expected {expect_status}")
+    return Timed(wall, usage.ru_maxrss, code, out)
