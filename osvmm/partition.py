@@ -50,6 +50,7 @@ class PartitionConfig:
     numa_nodes: int = 1
     console: Callable[[bytes], None] = field(default=lambda data: None, repr=False)
     cpuid_mask: tuple[str, ...] = ()
+    partition_id: int = 0  # its index in the plan (the hypercall ABI's partition id)
 
 
 @dataclass
@@ -107,6 +108,8 @@ class Partition:
         # 4. memslots
         for slot, region in enumerate(self.memory.regions):
             vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
+        self._next_slot = len(self.memory.regions)
+        self.extra_slots: dict[int, tuple[int, int]] = {}  # gpa -> (slot, size)
         # 5. devices
         self.serial = Serial(cfg.console, irq=lambda level: vm.irq_line(COM1_IRQ, level))
         self.pio = PortBus()
@@ -140,6 +143,28 @@ class Partition:
             self.stats_readers.append(StatsReader(vcpu.stats_fd()))
             self.threads.append(VcpuThread(vcpu, index, self.pio, self.mmio, self))
         return self
+
+    # -- hooks for the partitioning layer ------------------------------------------
+    def add_port_hook(self, port: int, fn) -> None:
+        """Route exits on ``port`` to ``fn(vcpu_thread, exit)`` on every vCPU (it may
+        read and write that vCPU's registers: the hypercall port)."""
+        for t in self.threads:
+            t.port_hooks[port] = fn
+
+    def map_extra(self, gpa: int, size: int, host_addr: int, readonly: bool = False) -> int:
+        """Map host memory (a shared channel) at ``gpa``; returns the memslot used."""
+        from osvmm.kvm.structs import KVM_MEM_READONLY
+
+        slot = self._next_slot
+        self._next_slot += 1
+        flags = KVM_MEM_READONLY if readonly else 0
+        self.vm.set_user_memory_region(slot, gpa, size, host_addr, flags)
+        self.extra_slots[gpa] = (slot, size)
+        return slot
+
+    def unmap_extra(self, gpa: int) -> None:
+        slot, _ = self.extra_slots.pop(gpa)
+        self.vm.set_user_memory_region(slot, gpa, 0, 0)  # size 0 deletes the slot
 
     # -- running -----------------------------------------------------------------
     def start(self) -> None:

@@ -58,6 +58,9 @@ class VcpuThread:
         self.state = self.CREATED
         self.handled = Counter()  # exits the VMM handled on the slow path, by kind
         self.io_counts = [0, 0]  # fast-path port I/O exits: [in, out]
+        # port -> fn(vcpu_thread, exit): exits that need the vCPU itself (its
+        # registers), e.g. the hypercall port; consulted before the port bus.
+        self.port_hooks: dict = {}
         self.stop_requested = False
         self._thread = threading.Thread(target=self._main, name=f"vcpu{index}", daemon=True)
         self.on_start = None  # optional callable run first on the thread (pinning)
@@ -132,7 +135,10 @@ class VcpuThread:
     def _slow_exit(self, ex) -> None:
         kind = type(ex)
         self.handled[kind] += 1
-        if kind is IoOut:
+        hook = self.port_hooks.get(ex.port) if kind is IoOut or kind is IoIn else None
+        if hook is not None:
+            hook(self, ex)
+        elif kind is IoOut:
             if len(ex.data) == ex.size:
                 self.pio.write(ex.port, ex.data)
             else:  # rep outs: count accesses, all to the same port
