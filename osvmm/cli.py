@@ -7,6 +7,7 @@ docs/exit-status.md; no traceback reaches the user.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -167,11 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_caps_parser(sub)
     add_guests_parser(sub)
     for module, func in EXTRA_COMMANDS:
-        try:
-            mod = __import__(module, fromlist=[func])
-        except ImportError:
-            continue
-        getattr(mod, func)(sub)
+        getattr(importlib.import_module(module), func)(sub)
     return parser
 
 
