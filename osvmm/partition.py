@@ -51,6 +51,9 @@ class PartitionConfig:
     console: Callable[[bytes], None] = field(default=lambda data: None, repr=False)
     cpuid_mask: tuple[str, ...] = ()
     partition_id: int = 0  # its index in the plan (the hypercall ABI's partition id)
+    # Mark the channel window (layout.CHANNEL_WINDOW_*) reserved in the e820 map, so a
+    # kernel never puts anything where CHANNEL_ATTACH maps a channel.
+    reserve_channel_window: bool = False
 
 
 @dataclass
@@ -96,7 +99,9 @@ class Partition:
             raise ConfigError(f"--cpus {cfg.vcpus}: this host's KVM allows at most {max_vcpus}")
 
         # 1. plan
-        self.plan = BootPlan.simple(cfg.memory, apic_ids, cfg.numa_nodes)
+        self.plan = BootPlan.simple(
+            cfg.memory, apic_ids, cfg.numa_nodes, channels=cfg.reserve_channel_window
+        )
         # 2. memory
         self.memory = GuestMemory(layout.ram_regions(cfg.memory))
         # 3. vm
