@@ -73,6 +73,7 @@ GUESTS: dict[str, GuestSpec] = {
     "ioloop": GuestSpec(("ioloop.c",), "pvh_entry", True),
     "triplefault": GuestSpec(("triplefault.c",), "pvh_entry", True),
     "hello64": GuestSpec(("hello64.c",), "entry64", False),
+    "counter": GuestSpec(("counter.c",), "pvh_entry", True),
 }
 GUEST_NAMES: tuple[str, ...] = tuple(GUESTS)
 
