@@ -21,6 +21,7 @@ from pathlib import Path
 BENCHMARKS = {
     "exit_roundtrip": ("bench.exit_roundtrip", {"n": 10000, "repeats": 3}),
     "linux_prepare": ("bench.linux_prepare", {"repeats": 3}),
+    "cold_start": ("bench.cold_start", {"repeats": 3}),
 }
 
 
