@@ -22,6 +22,7 @@ BENCHMARKS = {
     "exit_roundtrip": ("bench.exit_roundtrip", {"n": 10000, "repeats": 3}),
     "linux_prepare": ("bench.linux_prepare", {"repeats": 3}),
     "cold_start": ("bench.cold_start", {"repeats": 3}),
+    "warm_start": ("bench.warm_start", {"repeats": 5}),
 }
 
 
