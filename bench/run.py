@@ -23,6 +23,7 @@ BENCHMARKS = {
     "linux_prepare": ("bench.linux_prepare", {"repeats": 3}),
     "cold_start": ("bench.cold_start", {"repeats": 3}),
     "warm_start": ("bench.warm_start", {"repeats": 5}),
+    "partitions_memory": ("bench.partitions_memory", {"repeats": 1}),
 }
 
 
