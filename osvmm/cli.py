@@ -177,6 +177,7 @@ EXTRA_COMMANDS = [
     ("osvmm.plan.command", "add_plan_parser"),
     ("osvmm.hypercall.command", "add_verify_parser"),
     ("osvmm.boot.initramfs", "add_initramfs_parser"),
+    ("osvmm.up_commands", "add_up_parsers"),
 ]
 
 

@@ -3,15 +3,18 @@
 ``Partition.build`` is the boot recipe, in order, on one screen:
 
     1. plan       the guest-visible platform (memory, APIC IDs, NUMA nodes)
-    2. memory     guest RAM mapped on the host
-    3. vm         the KVM VM with its in-kernel LAPICs, I/O APIC, PIC and PIT
+    2. memory     guest RAM mapped on the host, bound to its NUMA node, huge
+                  pages advised, optionally prefaulted and locked (enforce.py)
+    3. vm         the KVM VM with its in-kernel LAPICs, I/O APIC, PIC and PIT;
+                  HLT/PAUSE exits disabled on dedicated cores
     4. memslots   guest RAM registered with KVM
     5. devices    COM1 (8250) and isa-debug-exit on the port bus
     6. image      the kernel or image loaded, the boot interface written
     7. vcpus      created with their CPUID; the BSP gets the entry registers,
                   the APs wait for INIT/SIPI in the in-kernel LAPIC
 
-``start`` runs one thread per vCPU; ``wait`` returns a RunResult when the
+``start`` runs one thread per vCPU, each first pinning itself to its host
+CPU (dedicated) or to the pool (floating); ``wait`` returns a RunResult when the
 guest ends (debug exit, power-off, fault) or ``stop`` is called.
 """
 
@@ -21,6 +24,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from osvmm import enforce
 from osvmm.arch.x86 import cpuid as x86_cpuid
 from osvmm.arch.x86 import layout
 from osvmm.arch.x86.regs import apply_entry_state
@@ -54,6 +58,13 @@ class PartitionConfig:
     # Mark the channel window (layout.CHANNEL_WINDOW_*) reserved in the e820 map, so a
     # kernel never puts anything where CHANNEL_ATTACH maps a channel.
     reserve_channel_window: bool = False
+    # Enforcement (osvmm/enforce.py). The defaults leave the host alone, as `osvmm run` does.
+    host_cpus: tuple[int, ...] = ()  # dedicated host CPUs: vCPU i pinned to host_cpus[i]
+    float_cpus: tuple[int, ...] = ()  # floating: every vCPU allowed on these (the pool)
+    node: int | None = None  # bind guest memory to this host NUMA node (mbind)
+    hugepages: bool = False  # madvise(MADV_HUGEPAGE) where THP allows
+    prefault: bool = False  # populate all guest memory at build and mlock it
+    disable_exits: bool = False  # KVM_CAP_X86_DISABLE_EXITS HLT|PAUSE (dedicated cores)
 
 
 @dataclass
@@ -80,6 +91,7 @@ class Partition:
         self.result: RunResult | None = None
         self.boot_log: list[str] = []  # what the VMM adapted for this host (printed by the CLI)
         self.cpuid_mask: list[str] = list(config.cpuid_mask)
+        self.enforcement: list[str] = []  # what enforce.py applied, one note each
 
     # -- the recipe ------------------------------------------------------------
     def build(self) -> Partition:
@@ -92,6 +104,10 @@ class Partition:
                 f"{layout.MIN_MEMORY >> 20} MiB"
             )
         apic_ids = cfg.apic_ids or tuple(range(cfg.vcpus))
+        if cfg.host_cpus and len(cfg.host_cpus) != cfg.vcpus:
+            raise ConfigError(
+                f"partition {cfg.name!r}: {len(cfg.host_cpus)} host CPUs for {cfg.vcpus} vCPUs"
+            )
         if self.kvm is None:
             self.kvm = Kvm()
         max_vcpus = self.kvm.check_extension(66) or self.kvm.check_extension(9)  # MAX/NR_VCPUS
@@ -104,8 +120,11 @@ class Partition:
         )
         # 2. memory
         self.memory = GuestMemory(layout.ram_regions(cfg.memory))
+        self._enforce_memory()
         # 3. vm
         vm = self.vm = self.kvm.create_vm()
+        if cfg.disable_exits:
+            self.enforcement.append(enforce.disable_exits(vm))
         vm.set_tss_addr(layout.KVM_TSS_ADDR)
         vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
         vm.create_irqchip()
@@ -146,8 +165,47 @@ class Partition:
                 vcpu.set_regs(regs)
             self.vcpus.append(vcpu)
             self.stats_readers.append(StatsReader(vcpu.stats_fd()))
-            self.threads.append(VcpuThread(vcpu, index, self.pio, self.mmio, self))
+            thread = VcpuThread(vcpu, index, self.pio, self.mmio, self)
+            thread.on_start = self._vcpu_on_start(thread)
+            self.threads.append(thread)
         return self
+
+    # -- enforcement (osvmm/enforce.py) ---------------------------------------------
+    def _enforce_memory(self) -> None:
+        cfg = self.config
+        for region in self.memory.regions:
+            notes = []
+            if cfg.node is not None:
+                notes.append(enforce.bind_memory(region.host_addr, region.size, cfg.node))
+            if cfg.hugepages:
+                notes.append(enforce.advise_huge(region.mem))
+            if cfg.prefault:
+                notes.append(enforce.prefault(region.mem))
+                notes.append(enforce.lock(region.host_addr, region.size))
+            if notes:
+                where = f"{region.gpa:#x}+{region.size >> 10}K"
+                self.enforcement.append(f"{where}: " + ", ".join(notes))
+
+    def _vcpu_on_start(self, thread: VcpuThread):
+        """Run first on each vCPU thread: name it (/proc comm), pin it, note its tid."""
+        cfg = self.config
+        cpus = {cfg.host_cpus[thread.index]} if cfg.host_cpus else set(cfg.float_cpus)
+
+        def on_start() -> None:
+            thread.tid = threading.get_native_id()
+            enforce.name_thread(enforce.thread_name(cfg.name, thread.index))
+            if cpus:
+                try:
+                    enforce.pin_thread(cpus)
+                except OsvmmError as err:  # the partition stops with the reason
+                    thread.stop_requested = True
+                    self.fault(err)
+
+        return on_start
+
+    def vcpu_tids(self) -> list[int | None]:
+        """The host thread id of each vCPU (None before it started)."""
+        return [getattr(t, "tid", None) for t in self.threads]
 
     # -- hooks for the partitioning layer ------------------------------------------
     def add_port_hook(self, port: int, fn) -> None:

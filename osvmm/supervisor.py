@@ -1,0 +1,546 @@
+"""The supervisor: every partition of a plan in one VMM process.
+
+``Supervisor(assignment)`` holds one ``PartitionEntry`` per partition of the
+plan, in ``Supervisor.partitions`` (name -> entry: its plan ``spec``, its
+``index`` in the plan, its ``placement``, and ``partition``, the running
+``Partition`` or None). Each entry has a thread for the life of the
+supervisor that boots the partition, waits for it to end and applies the
+restart policy. The states of an entry (terminal ones need a user's start):
+
+    stopped* --start--> booting --built--> running --guest ends--> (policy)
+                                    |                  --stop-----> stopped*
+                         build fails: (policy)
+    (policy): restart = "restart" and fewer than restart_limit restarts:
+                  backoff (restart_backoff_ms, doubled each time) --> booting
+              otherwise: stopped* (ended by itself) or failed* (it faulted)
+
+A restart is a fresh Partition of the same spec: a new VM, new vCPUs, new
+guest memory; nothing of the old run survives. A guest's own reset request
+reboots it at once whatever the policy (as hardware would), without counting
+against the limit. ``start``/``restart`` by a user reset the restart count.
+Every end is logged with its reason, to the event log (stderr in the
+foreground and ``osvmm.log`` in the log directory) and into the entry.
+
+Each partition's console goes to ``<log_dir>/<name>.console.log``, to a
+short history replayed to a ``console`` client that attaches, to attached
+clients, and (``echo``) line by line to the supervisor's stdout.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from osvmm.errors import ConfigError, OsvmmError
+from osvmm.partition import Partition, PartitionConfig
+from osvmm.plan.config import PartitionSpec
+from osvmm.plan.placement import Assignment, PartitionAssignment
+
+STOPPED, BOOTING, RUNNING, BACKOFF, FAILED = "stopped", "booting", "running", "backoff", "failed"
+HISTORY_BYTES = 16 << 10  # console output kept for a client that attaches later
+CLIENT_BUFFER = 1 << 20  # a slow console client loses its oldest bytes beyond this
+
+
+def default_log_dir(plan_source: str) -> str:
+    """$XDG_STATE_HOME/osvmm/<plan name> (default ~/.local/state/osvmm/<plan name>)."""
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
+    stem = os.path.splitext(os.path.basename(plan_source))[0] or "plan"
+    return os.path.join(state, "osvmm", stem)
+
+
+# -- consoles ------------------------------------------------------------------------------------
+
+
+class ConsoleClient:
+    """An attached console: a bounded buffer drained by the client's own thread."""
+
+    def __init__(self):
+        self._buf = bytearray()
+        self._cond = threading.Condition()
+        self.closed = False
+        self.dropped = 0
+
+    def push(self, data: bytes) -> None:
+        with self._cond:
+            self._buf += data
+            if len(self._buf) > CLIENT_BUFFER:
+                extra = len(self._buf) - CLIENT_BUFFER
+                del self._buf[:extra]
+                self.dropped += extra
+            self._cond.notify()
+
+    def take(self, timeout: float = 0.5) -> bytes:
+        """The bytes waiting (b"" after ``timeout`` or once closed)."""
+        with self._cond:
+            if not self._buf and not self.closed:
+                self._cond.wait(timeout)
+            data = bytes(self._buf)
+            self._buf.clear()
+            return data
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify()
+
+
+class ConsoleHub:
+    """One partition's console output: log file, history, clients, echo; the vCPU
+    thread calls ``write`` once per guest byte and is never blocked by a client."""
+
+    def __init__(self, name: str, log_path: str | None, echo: Callable[[str, bytes], None] | None):
+        self.name = name
+        self.log_path = log_path
+        self._log_fd = None
+        if log_path is not None:
+            self._log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._echo = echo
+        self._history: deque[bytes] = deque()
+        self._history_len = 0
+        self._clients: list[ConsoleClient] = []
+        self._lock = threading.Lock()
+        self.bytes_out = 0
+
+    def write(self, data: bytes) -> None:
+        if self._log_fd is not None:
+            try:
+                os.write(self._log_fd, data)
+            except OSError:
+                pass
+        if self._echo is not None:
+            self._echo(self.name, data)
+        with self._lock:
+            self.bytes_out += len(data)
+            self._history.append(data)
+            self._history_len += len(data)
+            while self._history_len > HISTORY_BYTES:
+                self._history_len -= len(self._history.popleft())
+            for c in self._clients:
+                c.push(data)
+
+    def note(self, text: str) -> None:
+        """A line from the VMM into the console stream (not echoed): ``[osvmm: ...]``."""
+        line = f"[osvmm: {text}]\n".encode()
+        echo, self._echo = self._echo, None
+        try:
+            self.write(line)
+        finally:
+            self._echo = echo
+
+    def attach(self) -> ConsoleClient:
+        client = ConsoleClient()
+        with self._lock:
+            client.push(b"".join(self._history))
+            self._clients.append(client)
+        return client
+
+    def detach(self, client: ConsoleClient) -> None:
+        with self._lock:
+            if client in self._clients:
+                self._clients.remove(client)
+        client.close()
+
+    def close(self) -> None:
+        with self._lock:
+            for c in self._clients:
+                c.close()
+            self._clients.clear()
+        if self._log_fd is not None:
+            os.close(self._log_fd)
+            self._log_fd = None
+
+
+class LineEcho:
+    """Console bytes to a stream, a line at a time, each prefixed by its partition."""
+
+    def __init__(self, out=None):
+        self.out = out or sys.stdout
+        self._partial: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, name: str, data: bytes) -> None:
+        with self._lock:
+            buf = self._partial.get(name, b"") + data
+            *lines, rest = buf.split(b"\n")
+            self._partial[name] = rest
+            for line in lines:
+                text = line.decode("utf-8", "replace").rstrip("\r")
+                try:
+                    self.out.write(f"{name} | {text}\n")
+                    self.out.flush()
+                except (OSError, ValueError):
+                    pass
+
+
+# -- partitions ----------------------------------------------------------------------------------
+
+
+@dataclass
+class PartitionEntry:
+    """One partition of the plan and what the supervisor knows of it."""
+
+    spec: PartitionSpec
+    index: int  # its index in the plan (the hypercall ABI's partition id)
+    placement: PartitionAssignment
+    console: ConsoleHub
+    partition: Partition | None = None  # the running one (None when stopped)
+    state: str = STOPPED
+    reason: str = ""  # why the last run ended (or the build failed)
+    restarts: int = 0  # automatic restarts since a user last started it
+    boots: int = 0  # runs started since the supervisor started
+    started_at: float | None = None
+    last_stats: list[dict] = field(default_factory=list)  # exit_stats() at the last end
+    last_unclaimed: dict = field(default_factory=dict)
+    # wishes of users, read by the entry's thread under Supervisor._cond
+    want_running: bool = False
+    user_stop: bool = False
+    user_restart: bool = False
+    thread: threading.Thread | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class Supervisor:
+    """Runs the partitions of ``assignment`` in this process."""
+
+    def __init__(
+        self,
+        assignment: Assignment,
+        log_dir: str | None = None,
+        echo: Callable[[str, bytes], None] | None = None,
+        event_log: Callable[[str], None] | None = None,
+        kvm=None,
+    ):
+        from osvmm.kvm import Kvm
+        from osvmm.vcpu import install_kick_handler
+
+        install_kick_handler()  # from the main thread: vCPU threads are kicked by a signal
+        self.assignment = assignment
+        self.plan = assignment.plan
+        self.log_dir = log_dir
+        self._event_sink = event_log
+        self._log_fd = None
+        if log_dir is not None:
+            try:
+                os.makedirs(log_dir, exist_ok=True)
+                self._log_fd = os.open(
+                    os.path.join(log_dir, "osvmm.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                )
+            except OSError as e:
+                raise ConfigError(f"log_dir: cannot write {log_dir}: {e.strerror}") from None
+        self.kvm = kvm or Kvm()
+        self._own_kvm = kvm is None
+        self._cond = threading.Condition()
+        self._closing = False
+        # Called with (entry, partition) after each build, before its vCPUs start:
+        # where the hypercall runtime maps channels and adds its port hooks.
+        self.on_build: list[Callable[[PartitionEntry, Partition], None]] = []
+        self.partitions: dict[str, PartitionEntry] = {}
+        for index, placement in enumerate(assignment.partitions):
+            name = placement.name
+            log_path = os.path.join(log_dir, f"{name}.console.log") if log_dir else None
+            self.partitions[name] = PartitionEntry(
+                spec=placement.spec,
+                index=index,
+                placement=placement,
+                console=ConsoleHub(name, log_path, echo),
+            )
+
+    # -- the event log ---------------------------------------------------------------
+    def log(self, text: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        if self._log_fd is not None:
+            try:
+                os.write(self._log_fd, f"{stamp} {text}\n".encode())
+            except OSError:
+                pass
+        if self._event_sink is not None:
+            self._event_sink(text)
+
+    # -- lifecycle (control socket and lifecycle hypercall) ------------------------------
+    def entry(self, name: str) -> PartitionEntry:
+        try:
+            return self.partitions[name]
+        except KeyError:
+            known = ", ".join(self.partitions)
+            raise ConfigError(f"no partition named {name!r} (partitions: {known})") from None
+
+    def start_all(self) -> None:
+        for name in self.partitions:
+            self.start(name, wait=False)
+
+    def start(self, name: str, wait: bool = True, timeout: float = 30) -> str:
+        """Boot a stopped partition; returns its state (running, or why not)."""
+        entry = self.entry(name)
+        with self._cond:
+            if entry.want_running:
+                raise ConfigError(f"partition {name!r} is already {entry.state}")
+            entry.want_running = True
+            entry.restarts = 0
+            self._ensure_thread(entry)
+            self._cond.notify_all()
+            if wait:
+                self._cond.wait_for(lambda: entry.state in (RUNNING, STOPPED, FAILED), timeout)
+            return entry.state
+
+    def stop(self, name: str, wait: bool = True, timeout: float = 30) -> str:
+        """Stop a partition (a running one, or one waiting to be restarted)."""
+        entry = self.entry(name)
+        with self._cond:
+            if not entry.want_running:
+                raise ConfigError(f"partition {name!r} is not running ({entry.state})")
+            entry.want_running = False
+            entry.user_stop = True
+            part = entry.partition
+            self._cond.notify_all()
+        if part is not None:
+            part.stop(0, "stopped by the VMM")
+        with self._cond:
+            if wait:
+                self._cond.wait_for(lambda: entry.state in (STOPPED, FAILED), timeout)
+            return entry.state
+
+    def restart(self, name: str, wait: bool = True, timeout: float = 30) -> str:
+        """Stop (if running) and boot a fresh partition of the same spec."""
+        entry = self.entry(name)
+        with self._cond:
+            if not entry.want_running:
+                part = None
+            else:
+                entry.user_restart = True
+                entry.restarts = 0
+                part = entry.partition
+                self._cond.notify_all()
+        if part is None and not entry.user_restart:
+            return self.start(name, wait, timeout)
+        if part is not None:
+            part.stop(0, "restarted by the VMM")
+        with self._cond:
+            if wait:
+                self._cond.wait_for(
+                    lambda: not entry.user_restart and entry.state in (RUNNING, STOPPED, FAILED),
+                    timeout,
+                )
+            return entry.state
+
+    def close(self, timeout: float = 10) -> None:
+        """Stop every partition and end the entries' threads."""
+        with self._cond:
+            self._closing = True
+            for e in self.partitions.values():
+                e.want_running = False
+            parts = [e.partition for e in self.partitions.values() if e.partition]
+            self._cond.notify_all()
+        for part in parts:
+            part.stop(0, "the VMM is shutting down")
+        for e in self.partitions.values():
+            if e.thread is not None:
+                e.thread.join(timeout)
+            e.console.close()
+        if self._own_kvm:
+            self.kvm.close()
+        if self._log_fd is not None:
+            os.close(self._log_fd)
+            self._log_fd = None
+
+    # -- what the control socket shows ---------------------------------------------------------
+    def describe(self, entry: PartitionEntry) -> dict:
+        from osvmm.plan.config import format_cpu_list
+
+        p, spec = entry.placement, entry.spec
+        part = entry.partition
+        return {
+            "name": entry.name,
+            "index": entry.index,
+            "state": entry.state,
+            "cpus": format_cpu_list(p.cpus) if p.cpus else "floating",
+            "pool": format_cpu_list(self.assignment.pool),
+            "vcpus": p.vcpus,
+            "node": p.node,
+            "memory": spec.memory,
+            "boot": spec.image or spec.kernel,
+            "restart": spec.restart,
+            "restarts": entry.restarts,
+            "boots": entry.boots,
+            "reason": entry.reason,
+            "uptime_s": round(time.monotonic() - entry.started_at, 3)
+            if entry.started_at is not None and entry.state == RUNNING
+            else None,
+            "tids": part.vcpu_tids() if part is not None else [],
+            "enforcement": list(part.enforcement) if part is not None else [],
+            "memory_host_addrs": [r.host_addr for r in part.memory.regions]
+            if part is not None and part.memory is not None
+            else [],
+            "console_log": entry.console.log_path,
+        }
+
+    def stats(self, entry: PartitionEntry) -> dict:
+        """Exit statistics: live while running, else those of the last run."""
+        with self._cond:
+            part = entry.partition if entry.state == RUNNING else None
+            if part is not None:
+                try:
+                    return {
+                        "name": entry.name,
+                        "live": True,
+                        "vcpus": part.exit_stats(),
+                        "unclaimed_ports": dict(part.pio.unclaimed),
+                    }
+                except (OSError, ValueError, OsvmmError):
+                    pass
+            return {
+                "name": entry.name,
+                "live": False,
+                "vcpus": entry.last_stats,
+                "unclaimed_ports": entry.last_unclaimed,
+            }
+
+    # -- the entry's thread -----------------------------------------------------------------------
+    def _ensure_thread(self, entry: PartitionEntry) -> None:
+        if entry.thread is None:
+            entry.thread = threading.Thread(
+                target=self._run_entry, args=(entry,), name=f"sup-{entry.name}", daemon=True
+            )
+            entry.thread.start()
+
+    def _set_state(self, entry: PartitionEntry, state: str) -> None:
+        with self._cond:
+            entry.state = state
+            self._cond.notify_all()
+
+    def _run_entry(self, entry: PartitionEntry) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: entry.want_running or self._closing)
+                if self._closing:
+                    return
+                entry.user_stop = entry.user_restart = False
+            result_reason, faulted, reset = self._boot_and_run(entry)
+            entry.reason = result_reason
+            with self._cond:
+                if self._closing:
+                    entry.state = STOPPED
+                    self._cond.notify_all()
+                    return
+                if entry.user_restart:
+                    self.log(f"{entry.name}: restarting (by request)")
+                    continue
+                if entry.user_stop or not entry.want_running:
+                    entry.state = STOPPED
+                    self._cond.notify_all()
+                    continue
+            if reset:
+                self.log(f"{entry.name}: the guest reset the machine: rebooting it")
+                continue
+            self._apply_policy(entry, faulted)
+
+    def _apply_policy(self, entry: PartitionEntry, faulted: bool) -> None:
+        spec = entry.spec
+        with self._cond:
+            if spec.restart != "restart" or entry.restarts >= spec.restart_limit:
+                why = (
+                    "policy stop"
+                    if spec.restart != "restart"
+                    else f"restart limit {spec.restart_limit} reached"
+                )
+                entry.want_running = False
+                entry.state = FAILED if faulted else STOPPED
+                self._cond.notify_all()
+                self.log(f"{entry.name}: {entry.state} ({why})")
+                entry.console.note(f"{entry.state}: {why}")
+                return
+            delay = spec.restart_backoff_ms * (2**entry.restarts) / 1000
+            entry.restarts += 1
+            entry.state = BACKOFF
+            self._cond.notify_all()
+            count = f"{entry.restarts}/{spec.restart_limit}"
+            self.log(f"{entry.name}: restart {count} in {delay * 1000:.0f} ms")
+            deadline = time.monotonic() + delay
+            while entry.want_running and not self._closing and not entry.user_restart:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            if not entry.want_running or self._closing:
+                entry.state = STOPPED
+                self._cond.notify_all()
+
+    def _boot_and_run(self, entry: PartitionEntry) -> tuple[str, bool, bool]:
+        """Build, start and wait for one run; returns (reason, faulted, reset)."""
+        self._set_state(entry, BOOTING)
+        part = None
+        try:
+            part = Partition(self._config(entry), kvm=self.kvm)
+            part.build()
+            for hook in self.on_build:
+                hook(entry, part)
+        except OsvmmError as err:
+            if part is not None:
+                part.close()
+            reason = f"cannot boot: {err}"
+            self.log(f"{entry.name}: {reason}")
+            entry.console.note(reason)
+            return reason, True, False
+        with self._cond:
+            entry.partition = part
+            entry.boots += 1
+            entry.started_at = time.monotonic()
+            run_now = entry.want_running and not self._closing and not entry.user_restart
+            if run_now:
+                part.start()
+                entry.state = RUNNING
+            self._cond.notify_all()
+        if run_now:
+            self.log(f"{entry.name}: running (boot {entry.boots})")
+            for note in part.boot_log + part.enforcement:
+                self.log(f"{entry.name}: {note}")
+            result = part.wait()
+        else:
+            part.stop(0, "stopped before it started")
+            result = part.result
+        try:
+            entry.last_stats = part.exit_stats()
+            entry.last_unclaimed = dict(part.pio.unclaimed)
+        except (OSError, ValueError, OsvmmError):
+            pass
+        with self._cond:
+            entry.partition = None
+            entry.started_at = None
+        part.close()
+        reason = result.reason if result else "stopped"
+        faulted = result is not None and result.fault is not None
+        self.log(f"{entry.name}: ended: {reason}")
+        entry.console.note(f"ended: {reason}")
+        return reason, faulted, bool(result and result.reset)
+
+    def _config(self, entry: PartitionEntry) -> PartitionConfig:
+        from osvmm.cli import resolve_image
+
+        spec, p = entry.spec, entry.placement
+        return PartitionConfig(
+            name=spec.name,
+            image=resolve_image(spec.image) if spec.image else None,
+            kernel=spec.kernel,
+            initrd=spec.initrd,
+            cmdline=spec.cmdline or "",
+            memory=spec.memory,
+            vcpus=p.vcpus,
+            apic_ids=p.apic_ids,
+            console=entry.console.write,
+            partition_id=entry.index,
+            host_cpus=p.cpus,
+            float_cpus=() if p.cpus else self.assignment.pool,
+            node=p.node,
+            hugepages=spec.hugepages,
+            prefault=spec.prefault,
+            disable_exits=bool(p.cpus),
+        )
