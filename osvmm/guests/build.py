@@ -74,6 +74,12 @@ GUESTS: dict[str, GuestSpec] = {
     "triplefault": GuestSpec(("triplefault.c",), "pvh_entry", True),
     "hello64": GuestSpec(("hello64.c",), "entry64", False),
     "counter": GuestSpec(("counter.c",), "pvh_entry", True),
+    # Hypercall guests (docs/hypercalls.md); hcirq.c: doorbell interrupts.
+    "hcinfo": GuestSpec(("hcinfo.c",), "pvh_entry", True),
+    "ping": GuestSpec(("ping.c", "hcirq.c"), "pvh_entry", True),
+    "pong": GuestSpec(("pong.c", "hcirq.c"), "pvh_entry", True),
+    "intruder": GuestSpec(("intruder.c",), "pvh_entry", True),
+    "hcfuzz": GuestSpec(("hcfuzz.c",), "pvh_entry", True),
 }
 GUEST_NAMES: tuple[str, ...] = tuple(GUESTS)
 
