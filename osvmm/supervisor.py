@@ -286,6 +286,7 @@ class Supervisor:
                 raise ConfigError(f"partition {name!r} is already {entry.state}")
             entry.want_running = True
             entry.restarts = 0
+            entry.state = BOOTING
             self._ensure_thread(entry)
             self._cond.notify_all()
             if wait:

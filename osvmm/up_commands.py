@@ -131,7 +131,7 @@ def _detach(serve) -> int:
     with os.fdopen(rfd, "rb") as r:
         line = r.readline().decode().strip()
     if line.startswith("ready"):
-        print(f"osvmm: {line[len('ready') :].strip()} (pid {pid})", file=sys.stderr)
+        print(f"osvmm: {line[len('ready:') :].strip()} (pid {pid})", file=sys.stderr)
         return 0
     os.waitpid(pid, 0)
     raise ControlError(line[len("error: ") :] if line.startswith("error: ") else "the VMM died")
