@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -168,13 +169,18 @@ def figures(m: dict) -> list[Figure]:
     wall = {k: Sample.of(v[0]) for k, v in m.items()}
     rss = {k: Sample.of(v[1]) for k, v in m.items()}
     has_qemu = "qemu" in m
-    osvmm = wall["osvmm"].median
-    py, imp, parser = wall["python"].median, wall["import"].median, wall["parser"].median
+    # Each part is the median of per-round differences (the runs of one round are
+    # back to back), which drift on a shared machine disturbs less than medians would.
+    w = {k: v[0] for k, v in m.items()}
+
+    def part(a: str, b: str) -> float:
+        return statistics.median(x - y for x, y in zip(w[a], w[b], strict=True))
+
     share = (
-        f"of the median {osvmm:.0f} ms: interpreter {py:.0f} ms, importing osvmm.cli "
-        f"{imp - py:.0f} ms, building the parser (every subcommand module) "
-        f"{parser - imp:.0f} ms, the run itself (VM, load, guest, teardown) "
-        f"{osvmm - parser:.0f} ms"
+        f"of the median {wall['osvmm'].median:.0f} ms: interpreter {wall['python'].median:.0f} ms,"
+        f" importing osvmm.cli {part('import', 'python'):.0f} ms, building the parser (every "
+        f"subcommand module) {part('parser', 'import'):.0f} ms, the run itself (VM, load, "
+        f"guest, teardown) {part('osvmm', 'parser'):.0f} ms (medians of per-round differences)"
     )
     cold = Figure(
         "cold start: `osvmm run` hello guest, wall",
@@ -201,9 +207,8 @@ def figures(m: dict) -> list[Figure]:
         ("import", 'interpreter + `python3 -c "import osvmm.cli"`'),
         ("parser", "interpreter + `osvmm --version` (parser built)"),
     ):
-        f = Figure(label, "ms", wall[key], "QEMU microvm" if has_qemu else None)
-        f.baseline = wall["qemu"] if has_qemu else None
-        figs.append(f)
+        base = wall["qemu"] if has_qemu else None
+        figs.append(Figure(label, "ms", wall[key], "QEMU whole run" if has_qemu else None, base))
     return figs
 
 
