@@ -2,6 +2,8 @@
  * hcinfo: at CPL3, PARTITION_INFO into a buffer, printed on COM1 field by
  * field, then one line through CONSOLE_WRITE and the results of a few calls
  * that must fail (a misaligned buffer, a short one, an unknown call).
+ * attach=ID (optional): then attach channel ID (flags=F, default 0), read its
+ * first word, write value=V there, read it back, detach; prints the four.
  */
 #include "hypercall.h"
 
@@ -26,6 +28,19 @@ static void user_main(void)
 	long far = hc_call(HC_CONSOLE_WRITE, 0xd0000000UL, 8, 0, 0);
 	rt_printf("hcinfo: console=%ld misaligned=%ld short=%ld unknown=%ld outside=%ld\n", w, mis,
 		  shrt, unk, far);
+	u64 chan = rt_arg_u64("attach", ~0UL);
+	if (chan != ~0UL) {
+		long gpa = hc_attach(chan, rt_arg_u64("flags", 0));
+		u64 before = 0, after = 0;
+		if (gpa > 0) {
+			volatile u64 *p = (volatile u64 *)gpa;
+			before = *p;
+			*p = rt_arg_u64("value", 0x5157);
+			after = *p;
+		}
+		rt_printf("hcinfo: attach=0x%lx before=0x%lx after=0x%lx detach=%ld\n", gpa, before,
+			  after, hc_detach(chan));
+	}
 	rt_exit(EXIT_OK);
 }
 
