@@ -92,13 +92,21 @@ def test_cold_start_without_qemu_has_no_verdict():
 def test_partitions_memory_per_extra_partition():
     osv = {1: [(16.0, 20.0)], 2: [(16.2, 20.3)], 4: [(16.6, 20.9)], 8: [(17.4, 22.0)]}
     qem = {1: [(35.0, 40.0)], 2: [(52.0, 80.0)], 4: [(86.0, 160.0)], 8: [(154.0, 320.0)]}
-    figs = partitions_memory.figures(osv, qem)
-    assert len(figs) == 5
+    nothp = {1: [(14.0, 18.0)], 8: [(15.4, 19.5)]}
+    figs = partitions_memory.figures(osv, qem, nothp)
+    assert len(figs) == 6
+    assert figs[-1].value.median == pytest.approx(0.2) and figs[-1].met is True
     assert figs[3].value.median == 17.4 and figs[3].baseline.median == 154.0
-    extra = figs[-1]
+    extra = figs[-2]
     assert extra.value.median == pytest.approx(0.2)
     assert extra.baseline.median == pytest.approx(17.0)
     assert extra.met is True
+
+
+def test_partitions_plan_has_n_partitions_and_thp_switch():
+    text = partitions_memory.plan_text(3, "/x.elf", "/tmp/s.sock", "/tmp/l", thp=False)
+    assert text.count("[[partition]]") == 3 and text.count("hugepages = false") == 3
+    assert "hugepages" not in partitions_memory.plan_text(2, "/x.elf", "/s", "/l")
 
 
 def test_smaps_rollup_reads_this_process():
