@@ -24,6 +24,8 @@ BENCHMARKS = {
     "cold_start": ("bench.cold_start", {"repeats": 3}),
     "warm_start": ("bench.warm_start", {"repeats": 5}),
     "partitions_memory": ("bench.partitions_memory", {"repeats": 1}),
+    "dedicated_exits": ("bench.dedicated_exits", {"repeats": 2, "window": 0.5}),
+    "density": ("bench.density", {"repeats": 1}),
 }
 
 

@@ -171,23 +171,22 @@ def lock(addr: int, size: int) -> str:
 
 
 def mapping_flags(pid: int, addr: int) -> dict[str, object]:
-    """What /proc says about the mapping of ``pid`` that starts at ``addr``:
-    ``policy`` (numa_maps, e.g. ``bind:0``), ``vmflags`` (smaps VmFlags: ``hg``
-    = MADV_HUGEPAGE, ``lo`` = locked), ``rss_kb``, ``anon_huge_kb``, ``locked_kb``."""
-    key = f"{addr:x}"
+    """What /proc says about the mapping of ``pid`` that holds ``addr`` (adjacent
+    mappings alike in every flag are one VMA to the kernel): ``start``, ``end``,
+    ``policy`` (numa_maps, e.g. ``bind:0``), ``vmflags`` (smaps VmFlags: ``hg`` =
+    MADV_HUGEPAGE, ``lo`` = locked), ``rss_kb``, ``anon_huge_kb``, ``locked_kb``."""
     out: dict[str, object] = {}
-    with open(f"/proc/{pid}/numa_maps") as f:
-        for line in f:
-            words = line.split()
-            if words and words[0] == key:
-                out["policy"] = words[1]
-                break
     with open(f"/proc/{pid}/smaps") as f:
         inside = False
         for line in f:
             head = line.split(None, 1)[0]
             if "-" in head and not head.endswith(":"):
-                inside = head.split("-")[0] == key
+                if inside:
+                    break
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+                if inside:
+                    out.update(start=lo, end=hi)
                 continue
             if not inside:
                 continue
@@ -202,6 +201,13 @@ def mapping_flags(pid: int, addr: int) -> dict[str, object]:
                 out["locked_kb"] = int(value.split()[0])
     if not out:
         raise EnforceError(f"process {pid} has no mapping at {addr:#x}")
+    key = f"{out['start']:x}"
+    with open(f"/proc/{pid}/numa_maps") as f:
+        for line in f:
+            words = line.split()
+            if words and words[0] == key:
+                out["policy"] = words[1]
+                break
     return out
 
 
