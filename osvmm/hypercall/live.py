@@ -52,6 +52,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from osvmm.arch.x86 import layout
+from osvmm.errors import OsvmmError
 from osvmm.hypercall import abi, checker, monitor
 from osvmm.hypercall.abi import HYPERCALL_PORT, ControlOp
 from osvmm.hypercall.monitor import (
@@ -183,6 +184,10 @@ class LiveMonitor:
         with the new object when a supervisor rebuilds a partition."""
         if partition.extra_slots:
             raise ValueError(f"partition {partition_id} already has extra memslots")
+        if partition_id in self.partitions and self.partitions[partition_id] is not partition:
+            # A fresh kernel in a rebuilt partition: whatever the old one held is gone.
+            self._set_lifecycle(partition_id, STOPPED)
+            self._set_lifecycle(partition_id, RUNNING)
         self.partitions[partition_id] = partition
         use_sync = self.sync_regs and partition.vm.check_extension(KVM_CAP_SYNC_REGS)
         use_sync = bool(use_sync) and bool(use_sync & KVM_SYNC_X86_REGS)
@@ -282,7 +287,7 @@ class LiveMonitor:
             kind = type(e)
             if kind is RaiseInterrupt:
                 target = self.partitions.get(e.partition)
-                if target is not None and target.vm is not None:
+                if _live(target) and target.result is None:
                     apic_id = target.vcpus[e.vcpu].id
                     target.vm.signal_msi(MSI_ADDRESS_BASE | apic_id << 12, e.vector)
             elif kind is ConsoleWrite:
@@ -300,7 +305,7 @@ class LiveMonitor:
     def _map(self, pid: int, channel: int, writable: bool) -> None:
         part = self.partitions.get(pid)
         chan = self.topology.channels[channel]
-        if part is not None and part.vm is not None:
+        if _live(part):
             mem = self.channels[channel]
             part.map_extra(chan.gpa, chan.size, mem.host_addr, readonly=not writable)
         self.mapped[(pid, channel)] = writable
@@ -308,7 +313,7 @@ class LiveMonitor:
     def _unmap(self, pid: int, channel: int) -> None:
         part = self.partitions.get(pid)
         gpa = self.topology.channels[channel].gpa
-        if part is not None and part.vm is not None and gpa in part.extra_slots:
+        if _live(part) and gpa in part.extra_slots:
             part.unmap_extra(gpa)
         self.mapped.pop((pid, channel), None)
 
@@ -369,7 +374,7 @@ class LiveMonitor:
             return f"mapped channels {sorted(self.mapped.items())} != attachments {want}"
         chans = self.topology.channels
         for pid, part in self.partitions.items():
-            if part.vm is None:
+            if not _live(part):
                 continue
             slots = {gpa: size for gpa, (_, size) in part.extra_slots.items()}
             expect = {chans[c].gpa: chans[c].size for (p, c) in want if p == pid}
@@ -380,6 +385,41 @@ class LiveMonitor:
     def close(self) -> None:
         for mem in self.channels:
             mem.close()
+
+
+def _live(part) -> bool:
+    """A partition whose VM exists and is not closed."""
+    return part is not None and part.vm is not None and part.vm.fd >= 0
+
+
+def serve_supervisor(supervisor, check: bool = False) -> LiveMonitor:
+    """Run the hypercall interface for every partition of an ``osvmm up`` supervisor.
+
+    Each partition the supervisor builds (first boot, restart, reboot) is bound
+    before its vCPUs start, with no channel attached; PARTITION_CONTROL goes to
+    the supervisor's stop/start/restart (SHUTDOWN is a stop, REBOOT a restart)."""
+    live = LiveMonitor(monitor_config(supervisor.plan), lifecycle=None, check=check, console=None)
+    names = {p.id: p.name for p in live.topology.partitions}
+    actions = {
+        ControlOp.SHUTDOWN: supervisor.stop,
+        ControlOp.STOP: supervisor.stop,
+        ControlOp.START: supervisor.start,
+        ControlOp.REBOOT: supervisor.restart,
+        ControlOp.RESTART: supervisor.restart,
+    }
+
+    def lifecycle(pid: int, op: ControlOp) -> None:
+        try:
+            actions[op](names[pid], wait=False)
+        except OsvmmError as err:  # e.g. a race with the control socket: logged, not fatal
+            supervisor.log(f"{names[pid]}: hypercall {op.name}: {err}")
+
+    def on_build(entry, partition) -> None:
+        live.bind(entry.index, partition)
+
+    live.lifecycle = lifecycle
+    supervisor.on_build.append(on_build)
+    return live
 
 
 def _complete_other(vcpu_thread, ex) -> None:
