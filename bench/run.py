@@ -26,6 +26,7 @@ BENCHMARKS = {
     "partitions_memory": ("bench.partitions_memory", {"repeats": 1}),
     "dedicated_exits": ("bench.dedicated_exits", {"repeats": 2, "window": 0.5}),
     "density": ("bench.density", {"repeats": 1}),
+    "hypercall": ("bench.hypercall", {"n": 5000, "rounds": 200, "stream_mib": 64, "repeats": 1}),
 }
 
 

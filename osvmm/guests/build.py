@@ -80,6 +80,7 @@ GUESTS: dict[str, GuestSpec] = {
     "pong": GuestSpec(("pong.c", "hcirq.c"), "pvh_entry", True),
     "intruder": GuestSpec(("intruder.c",), "pvh_entry", True),
     "hcfuzz": GuestSpec(("hcfuzz.c",), "pvh_entry", True),
+    "hcloop": GuestSpec(("hcloop.c",), "pvh_entry", True),
 }
 GUEST_NAMES: tuple[str, ...] = tuple(GUESTS)
 
