@@ -355,6 +355,12 @@ class Supervisor:
 
     # -- what the control socket shows ---------------------------------------------------------
     def describe(self, entry: PartitionEntry) -> dict:
+        """What ``ps`` shows of one partition (under the lock: a partition is closed
+        only after it left ``entry.partition``, so one seen here is whole)."""
+        with self._cond:
+            return self._describe(entry)
+
+    def _describe(self, entry: PartitionEntry) -> dict:
         from osvmm.plan.config import format_cpu_list
 
         p, spec = entry.placement, entry.spec
