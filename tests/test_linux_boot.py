@@ -32,21 +32,31 @@ APPEND = "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 osvmm.test=marker"
 
 
 @pytest.fixture(scope="module")
-def boot():
+def initrd(tmp_path_factory):
+    from osvmm.boot.initramfs import build_initramfs
+
+    return build_initramfs(tmp_path_factory.mktemp("initrd") / "initrd.cpio")
+
+
+@pytest.fixture(scope="module")
+def boot(initrd):
     if not VMLINUX.exists():
         pytest.skip(f"no Debian kernel at {VMLINUX}: run ./setup.sh (scripts/fetch-debian-kernel)")
+    # QEMU's spellings -kernel, -initrd and -append, beside osvmm's own options.
     r = run_osvmm(
         "run",
-        "--kernel",
+        "-kernel",
         str(VMLINUX),
+        "-initrd",
+        str(initrd),
+        "-append",
+        APPEND,
         "--cpus",
         "2",
         "--memory",
         "256M",
         "--numa",
         "2",
-        "--append",
-        APPEND,
         timeout=600,
     )
     return r, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
@@ -127,3 +137,25 @@ def test_run_ends_as_this_host_allows(boot):
         assert "Traceback" not in err
     else:
         assert r.returncode == 0, err
+
+
+def test_kernel_found_the_initrd_where_the_protocol_puts_it(boot, initrd):
+    from osvmm.loader.elf import load_elf
+    from osvmm.loader.initrd import place_initrd
+    from osvmm.memory import GuestMemory
+
+    _, log, _ = boot
+    m = re.search(r"RAMDISK: \[mem 0x([0-9a-f]+)-0x([0-9a-f]+)\]", log)
+    assert m, "the kernel did not report the initrd"
+    start, end = int(m.group(1), 16), int(m.group(2), 16)
+    size = initrd.stat().st_size
+    assert end - start + 1 == (size + 4095) // 4096 * 4096
+    # Exactly where the boot protocol's rules put it for this kernel: as high as
+    # low RAM and initrd_addr_max allow, above the kernel's footprint.
+    mem = GuestMemory([(0, 256 * MiB)])
+    image = load_elf(VMLINUX.read_bytes(), mem, "vmlinux")
+    mem.close()
+    expected = place_initrd(
+        256 * MiB, size, image.setup_header.initrd_addr_max, image.footprint_end
+    )
+    assert start == expected
