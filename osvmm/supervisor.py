@@ -244,6 +244,8 @@ class Supervisor:
         # Called with (entry, partition) after each build, before its vCPUs start:
         # where the hypercall runtime maps channels and adds its port hooks.
         self.on_build: list[Callable[[PartitionEntry, Partition], None]] = []
+        # Run when a partition's run has ended, before its Partition is closed.
+        self.on_end: list[Callable[[PartitionEntry, Partition], None]] = []
         self.partitions: dict[str, PartitionEntry] = {}
         for index, placement in enumerate(assignment.partitions):
             name = placement.name
@@ -519,6 +521,8 @@ class Supervisor:
             entry.last_unclaimed = dict(part.pio.unclaimed)
         except (OSError, ValueError, OsvmmError):
             pass
+        for hook in self.on_end:
+            hook(entry, part)
         with self._cond:
             entry.partition = None
             entry.started_at = None
@@ -544,6 +548,7 @@ class Supervisor:
             apic_ids=p.apic_ids,
             console=entry.console.write,
             partition_id=entry.index,
+            reserve_channel_window=bool(self.plan.channels_of(spec.name)),
             host_cpus=p.cpus,
             float_cpus=() if p.cpus else self.assignment.pool,
             node=p.node,

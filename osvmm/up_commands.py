@@ -152,6 +152,9 @@ def _serve(assignment, path: str, log_dir: str, quiet: bool, ready) -> int:
         echo=None if quiet else LineEcho(sys.stdout),
         event_log=lambda text: print(f"osvmm: {text}", file=sys.stderr, flush=True),
     )
+    from osvmm.hypercall.live import serve_supervisor
+
+    hypercalls = serve_supervisor(sup)  # the six hypercalls, channels and doorbells
     server = ControlServer(path, sup, on_down=down.set)
     try:
         server.open()
@@ -170,6 +173,7 @@ def _serve(assignment, path: str, log_dir: str, quiet: bool, ready) -> int:
     finally:
         sup.close()
         server.close()
+        hypercalls.close()
     return 0
 
 

@@ -25,15 +25,13 @@ SMALL_GOLDEN = (
     "\n"
     "node 0: CPUs 0-1, memory 4.8G\n"
     "  cpus    0:. 1:.\n"
-    "  memory  hello 16M, echo 16M, free 4.8G\n"
+    "  memory  ping 16M, pong 16M, free 4.8G\n"
     "\n"
-    "partition  cpus      vcpus  node  memory  boot                restart              grants\n"
-    "hello      floating  1      0     16M     image guests:hello  stop                 "
-    "doorbells echo; channels ring0 rw\n"
-    "echo       floating  1      0     16M     image guests:echo   restart (3x, 200ms)  "
-    "doorbells hello; channels ring0 ro\n"
+    "partition  cpus      vcpus  node  memory  boot               restart              grants\n"
+    "ping       floating  1      0     16M     image guests:ping  stop                 doorbells pong; channels link rw\n"
+    "pong       floating  1      0     16M     image guests:pong  restart (3x, 200ms)  doorbells ping; channels link rw\n"
     "\n"
-    "channel ring0: 64K, hello rw, echo ro\n"
+    "channel link: 64K, ping rw, pong rw\n"
 )
 
 

@@ -417,8 +417,14 @@ def serve_supervisor(supervisor, check: bool = False) -> LiveMonitor:
     def on_build(entry, partition) -> None:
         live.bind(entry.index, partition)
 
+    def on_end(entry, partition) -> None:
+        # Stopped outside the ABI (power-off, fault, the control socket): it loses
+        # its channels, and doorbells to it answer -EBUSY until it boots again.
+        live.partition_stopped(entry.index)
+
     live.lifecycle = lifecycle
     supervisor.on_build.append(on_build)
+    supervisor.on_end.append(on_end)
     return live
 
 
