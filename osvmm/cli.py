@@ -160,30 +160,42 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``argv`` naming a subcommand, only that subcommand's module is
+    imported (start-up time is part of every command's cost)."""
     parser = _Parser(prog="osvmm", description="A lightweight partitioning VMM on KVM.")
     parser.add_argument("--version", action="version", version=f"osvmm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_run_parser(sub)
     add_caps_parser(sub)
     add_guests_parser(sub)
-    for module, func in EXTRA_COMMANDS:
+    chosen = next((a for a in argv or () if not a.startswith("-")), None)
+    wanted = [e for e in EXTRA_COMMANDS if chosen in e[2]] or EXTRA_COMMANDS
+    if chosen in ("run", "caps", "guests"):
+        wanted = []
+    for module, func, _names in wanted:
         getattr(importlib.import_module(module), func)(sub)
     return parser
 
 
-# Subcommands defined next to what they drive (module, function adding the parser).
+# Subcommands defined next to what they drive: (module, function adding the
+# parsers, the subcommand names it adds).
 EXTRA_COMMANDS = [
-    ("osvmm.plan.command", "add_plan_parser"),
-    ("osvmm.hypercall.command", "add_verify_parser"),
-    ("osvmm.boot.initramfs", "add_initramfs_parser"),
-    ("osvmm.up_commands", "add_up_parsers"),
+    ("osvmm.plan.command", "add_plan_parser", ("plan",)),
+    ("osvmm.hypercall.command", "add_verify_parser", ("verify",)),
+    ("osvmm.boot.initramfs", "add_initramfs_parser", ("initramfs",)),
+    (
+        "osvmm.up_commands",
+        "add_up_parsers",
+        ("up", "ps", "start", "stop", "restart", "console", "stat", "down"),
+    ),
 ]
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else argv
+        args = build_parser(argv).parse_args(argv)
         return args.func(args)
     except OsvmmError as err:
         print(f"osvmm: error: {err}", file=sys.stderr)
