@@ -28,8 +28,10 @@ SMALL_GOLDEN = (
     "  memory  ping 16M, pong 16M, free 4.8G\n"
     "\n"
     "partition  cpus      vcpus  node  memory  boot               restart              grants\n"
-    "ping       floating  1      0     16M     image guests:ping  stop                 doorbells pong; channels link rw\n"
-    "pong       floating  1      0     16M     image guests:pong  restart (3x, 200ms)  doorbells ping; channels link rw\n"
+    "ping       floating  1      0     16M     image guests:ping  stop                 "
+    "doorbells pong; channels link rw\n"
+    "pong       floating  1      0     16M     image guests:pong  restart (3x, 200ms)  "
+    "doorbells ping; channels link rw\n"
     "\n"
     "channel link: 64K, ping rw, pong rw\n"
 )
