@@ -53,6 +53,8 @@ class StdinForwarder:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(1.0)  # select() wakes within 0.2 s
         if self._saved is not None:
             termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
             self._saved = None
@@ -60,10 +62,13 @@ class StdinForwarder:
     def _run(self) -> None:
         escape = False
         while not self._stop.is_set():
-            ready, _, _ = select.select([self.fd], [], [], 0.2)
-            if not ready:
-                continue
-            data = os.read(self.fd, 64)
+            try:
+                ready, _, _ = select.select([self.fd], [], [], 0.2)
+                if not ready:
+                    continue
+                data = os.read(self.fd, 64)
+            except OSError:  # stdin closed under us: no more input
+                return
             if not data:
                 return
             if escape or ESCAPE in data:

@@ -1,0 +1,117 @@
+"""Console input forwarding and the power-off / reset ports (no /dev/kvm)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from osvmm.boot.acpi import pm
+from osvmm.console import StdinForwarder
+from osvmm.devices.bus import PortBus
+from osvmm.devices.power import register_power_devices
+from osvmm.devices.serial import FIFO_CAPACITY, UART_IER, UART_IER_RDI, UART_RX, Serial
+
+
+def _wait(cond, timeout=5.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_stdin_bytes_reach_the_uart_and_raise_its_interrupt():
+    levels = []
+    serial = Serial(lambda data: None, irq=levels.append)
+    serial.write(UART_IER, UART_IER_RDI)
+    r, w = os.pipe()
+    fwd = StdinForwarder(serial, on_quit=lambda: None, fd=r)
+    fwd.start()
+    try:
+        os.write(w, b"ls\r")
+        assert _wait(lambda: serial.fifo_len == 3)
+        assert levels == [1]
+        assert bytes(serial.read(UART_RX) for _ in range(3)) == b"ls\r"
+        assert levels == [1, 0]
+    finally:
+        fwd.stop()
+        os.close(w)
+        os.close(r)
+
+
+def test_input_beyond_the_fifo_waits_and_is_delivered_in_order():
+    serial = Serial(lambda data: None)
+    r, w = os.pipe()
+    fwd = StdinForwarder(serial, on_quit=lambda: None, fd=r)
+    fwd.start()
+    try:
+        data = bytes(range(32, 32 + FIFO_CAPACITY)) * 2
+        os.write(w, data)
+        got = bytearray()
+        end = time.monotonic() + 5
+        while len(got) < len(data) and time.monotonic() < end:
+            assert serial.fifo_len <= FIFO_CAPACITY
+            if serial.fifo_len:
+                got.append(serial.read(UART_RX))
+            else:
+                time.sleep(0.005)
+        assert bytes(got) == data
+    finally:
+        fwd.stop()
+        os.close(w)
+        os.close(r)
+
+
+def test_ctrl_a_x_quits():
+    quits = []
+    serial = Serial(lambda data: None)
+    r, w = os.pipe()
+    fwd = StdinForwarder(serial, on_quit=lambda: quits.append(1), fd=r)
+    fwd.start()
+    try:
+        os.write(w, b"\x01x")
+        assert _wait(lambda: quits == [1])
+        assert serial.fifo_len == 0
+    finally:
+        fwd.stop()
+        os.close(w)
+        os.close(r)
+
+
+def _power_bus():
+    events = []
+    bus = PortBus()
+    register_power_devices(
+        bus, on_poweroff=lambda: events.append("off"), on_reset=lambda: events.append("reset")
+    )
+    return bus, events
+
+
+def test_acpi_s5_sequence_powers_off_once():
+    bus, events = _power_bus()
+    slp_typ = pm.S5_SLP_TYP << pm.SLP_TYP_SHIFT
+    bus.write(pm.PM1A_EVT_PORT, (0xFFFF).to_bytes(2, "little"))  # clear status
+    bus.write(pm.PM1A_CNT_PORT, (slp_typ | pm.SCI_EN).to_bytes(2, "little"))
+    assert events == []  # SLP_TYP without SLP_EN: not yet
+    bus.write(pm.PM1A_CNT_PORT, (slp_typ | pm.SLP_EN | pm.SCI_EN).to_bytes(2, "little"))
+    assert events == ["off"]
+
+
+def test_pm1_control_reads_acpi_mode_and_other_sleep_states_do_nothing():
+    bus, events = _power_bus()
+    assert int.from_bytes(bus.read(pm.PM1A_CNT_PORT, 2), "little") & pm.SCI_EN
+    s3 = 3 << pm.SLP_TYP_SHIFT
+    bus.write(pm.PM1A_CNT_PORT, (s3 | pm.SLP_EN).to_bytes(2, "little"))
+    assert events == []
+
+
+def test_reset_register_and_keyboard_controller_reset():
+    bus, events = _power_bus()
+    bus.write(pm.RESET_PORT, bytes([0x02]))  # SYS_RST alone: Linux's first write
+    assert events == []
+    bus.write(pm.RESET_PORT, bytes([pm.RESET_VALUE]))
+    assert events == ["reset"]
+    bus.write(0x64, bytes([0xFE]))
+    assert events == ["reset", "reset"]
+    assert bus.read(0x64, 1) == b"\xff"  # no keyboard controller
