@@ -15,6 +15,7 @@ import ctypes
 from osvmm.boot.e820 import e820_map
 from osvmm.boot.plan import BootPlan
 from osvmm.errors import ConfigError, ImageError
+from osvmm.loader.setup_header import SETUP_HEADER_OFFSET, SetupHeader
 
 u8 = ctypes.c_uint8
 u16 = ctypes.c_uint16
@@ -135,53 +136,10 @@ class efi_info(_Packed):
 assert ctypes.sizeof(efi_info) == 32
 
 
-class setup_header(_Packed):
-    """struct setup_header: at 0x1f1 in the zero page and in a bzImage."""
+# struct setup_header: at 0x1f1 in the zero page and in a bzImage. One mirror serves the
+# loader (which parses it from a bzImage) and the zero page (which carries it).
+setup_header = SetupHeader
 
-    _fields_ = [
-        ("setup_sects", u8),
-        ("root_flags", u16),
-        ("syssize", u32),
-        ("ram_size", u16),
-        ("vid_mode", u16),
-        ("root_dev", u16),
-        ("boot_flag", u16),
-        ("jump", u16),
-        ("header", u32),
-        ("version", u16),
-        ("realmode_swtch", u32),
-        ("start_sys_seg", u16),
-        ("kernel_version", u16),
-        ("type_of_loader", u8),
-        ("loadflags", u8),
-        ("setup_move_size", u16),
-        ("code32_start", u32),
-        ("ramdisk_image", u32),
-        ("ramdisk_size", u32),
-        ("bootsect_kludge", u32),
-        ("heap_end_ptr", u16),
-        ("ext_loader_ver", u8),
-        ("ext_loader_type", u8),
-        ("cmd_line_ptr", u32),
-        ("initrd_addr_max", u32),
-        ("kernel_alignment", u32),
-        ("relocatable_kernel", u8),
-        ("min_alignment", u8),
-        ("xloadflags", u16),
-        ("cmdline_size", u32),
-        ("hardware_subarch", u32),
-        ("hardware_subarch_data", u64),
-        ("payload_offset", u32),
-        ("payload_length", u32),
-        ("setup_data", u64),
-        ("pref_address", u64),
-        ("init_size", u32),
-        ("handover_offset", u32),
-        ("kernel_info_offset", u32),
-    ]
-
-
-SETUP_HEADER_OFFSET = 0x1F1
 assert ctypes.sizeof(setup_header) == 0x26C - SETUP_HEADER_OFFSET
 # Offsets as the boot protocol's table gives them (absolute, in the zero page).
 assert setup_header.boot_flag.offset + SETUP_HEADER_OFFSET == 0x1FE
