@@ -35,23 +35,9 @@ import tempfile
 from pathlib import Path
 
 from bench.common import REPO, Figure, Sample
+from osvmm.guests.build import QEMU_MICROVM
 
-QEMU = [
-    "qemu-system-x86_64",
-    "-accel",
-    "kvm",
-    "-M",
-    "microvm",
-    "-m",
-    "64",
-    "-nodefaults",
-    "-nographic",
-    "-serial",
-    "stdio",
-    "-no-reboot",
-    "-device",
-    "isa-debug-exit,iobase=0xf4",
-]
+QEMU = list(QEMU_MICROVM)
 
 HELLO_STATUS = 1  # debug exit value 0 -> process status (0 << 1) | 1
 

@@ -12,23 +12,9 @@ from __future__ import annotations
 import shutil
 
 from bench.common import Figure, Sample, osvmm_cmd, peak_rss_kib
+from osvmm.guests.build import QEMU_MICROVM
 
-QEMU = [
-    "qemu-system-x86_64",
-    "-accel",
-    "kvm",
-    "-M",
-    "microvm",
-    "-m",
-    "64",
-    "-nodefaults",
-    "-nographic",
-    "-serial",
-    "stdio",
-    "-no-reboot",
-    "-device",
-    "isa-debug-exit,iobase=0xf4",
-]
+QEMU = list(QEMU_MICROVM)
 
 
 def _per_exit(cmd_for, n: int, repeats: int) -> Sample:

@@ -7,24 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from osvmm.guests.build import QEMU_MICROVM
+
 REPO = Path(__file__).resolve().parent.parent
 
-QEMU_CMD = [
-    "qemu-system-x86_64",
-    "-accel",
-    "kvm",
-    "-M",
-    "microvm",
-    "-m",
-    "64",
-    "-nodefaults",
-    "-nographic",
-    "-serial",
-    "stdio",
-    "-no-reboot",
-    "-device",
-    "isa-debug-exit,iobase=0xf4",
-]
+QEMU_CMD = list(QEMU_MICROVM)
 
 
 def run_osvmm(*args: str, timeout: float = 120, input: bytes | None = None):

@@ -84,6 +84,26 @@ GUESTS: dict[str, GuestSpec] = {
 }
 GUEST_NAMES: tuple[str, ...] = tuple(GUESTS)
 
+# The reference the bundled guests are written and tested against: QEMU's
+# microvm booting a PVH image (add "-kernel IMAGE", "-append", "-smp"). The
+# differential tests and the benchmarks run it; osvmm must match it.
+QEMU_MICROVM: tuple[str, ...] = (
+    "qemu-system-x86_64",
+    "-accel",
+    "kvm",
+    "-M",
+    "microvm",
+    "-m",
+    "64",
+    "-nodefaults",
+    "-nographic",
+    "-serial",
+    "stdio",
+    "-no-reboot",
+    "-device",
+    "isa-debug-exit,iobase=0xf4",
+)
+
 
 def cache_root() -> Path:
     """$OSVMM_CACHE, else ~/.cache/osvmm."""
