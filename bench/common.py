@@ -7,7 +7,6 @@ ratio between them; each value is the median of repeated runs with min and max.
 from __future__ import annotations
 
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -67,41 +66,21 @@ def env() -> dict:
 @dataclass
 class Timed:
     wall: float  # seconds
-    maxrss_kib: int  # peak resident set of the child
     returncode: int
     stdout: bytes
 
 
-def time_command(cmd: list[str], expect_status: int | None = None, timeout: float = 300) -> Timed:
-    """Wall time and peak RSS (wait4 rusage) of one whole process."""
+def run_timed(cmd: list[str], expect_status: int | None = None, timeout: float = 300) -> Timed:
+    """Wall time of one whole process (peak RSS needs a fork+exec reporter: see
+    bench/cold_start.py, since ru_maxrss carries the parent's peak across exec)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env()
+    proc = subprocess.run(
+        cmd, capture_output=True, stdin=subprocess.DEVNULL, env=env(), timeout=timeout
     )
-    out, err = proc.communicate(timeout=timeout)
     wall = time.perf_counter() - start
-    # communicate() already reaped the child; its rusage is in RUSAGE_CHILDREN's peak.
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if expect_status is not None and proc.returncode != expect_status:
         raise RuntimeError(
             f"{' '.join(cmd)} exited {proc.returncode}, expected {expect_status}: "
-            f"{err.decode(errors='replace').strip()[-300:]}"
+            f"{proc.stderr.decode(errors='replace').strip()[-300:]}"
         )
-    return Timed(wall, rss, proc.returncode, out)
-
-
-def peak_rss_kib(cmd: list[str], expect_status: int | None = None, timeout: float = 300) -> Timed:
-    """Like time_command, but the peak RSS of exactly this child (wait4)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env()
-    )
-    out = proc.stdout.read()
-    proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    proc.returncode = code
-    if expect_status is not None and code != expect_status:
-        raise RuntimeError(f"{' '.join(cmd)} exited {code}, expected {expect_status}")
-    return Timed(wall, usage.ru_maxrss, code, out)
+    return Timed(wall, proc.returncode, proc.stdout)

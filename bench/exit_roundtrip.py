@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shutil
 
-from bench.common import Figure, Sample, osvmm_cmd, peak_rss_kib
+from bench.common import Figure, Sample, osvmm_cmd, run_timed
 from osvmm.guests.build import QEMU_MICROVM
 
 QEMU = list(QEMU_MICROVM)
@@ -20,8 +20,8 @@ QEMU = list(QEMU_MICROVM)
 def _per_exit(cmd_for, n: int, repeats: int) -> Sample:
     values = []
     for _ in range(repeats):
-        t_n = peak_rss_kib(cmd_for(n), expect_status=1).wall
-        t_0 = peak_rss_kib(cmd_for(0), expect_status=1).wall
+        t_n = run_timed(cmd_for(n), expect_status=1).wall
+        t_0 = run_timed(cmd_for(0), expect_status=1).wall
         values.append((t_n - t_0) / n * 1e6)
     return Sample.of(values)
 

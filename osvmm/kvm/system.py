@@ -165,15 +165,7 @@ class Vcpu:
     # -- the hot path --------------------------------------------------------
     def run(self):
         """Enter the guest until the next exit; returns the decoded exit (exits.py)."""
-        try:
-            fcntl.ioctl(self.fd, io.KVM_RUN, 0)
-        except OSError as e:
-            if e.errno in (errno.EINTR, errno.EAGAIN):
-                # EINTR: a signal or immediate_exit. EAGAIN: an AP waiting for
-                # INIT/SIPI received an event; KVM wants KVM_RUN again.
-                return decode_exit(self.run_mmap, s.KVM_EXIT_INTR)
-            raise KvmError(e.errno, "KVM_RUN") from None
-        return decode_exit(self.run_mmap)
+        return decode_exit(self.run_mmap, self.run_header()[0])
 
     def run_header(self) -> tuple[int, int, int, int, int, int]:
         """The fast path: enter the guest, return (reason, direction, size, port,
