@@ -57,7 +57,7 @@ def run(repeats: int = 5, window: float = 1.0) -> list[Figure]:
     from osvmm.plan.config import parse_plan
     from osvmm.plan.placement import place
     from osvmm.plan.topology import read_topology
-    from osvmm.supervisor import RUNNING, Supervisor
+    from osvmm.up.supervisor import RUNNING, Supervisor
 
     cpus = '"1"' if (os.cpu_count() or 1) >= 2 else '"floating"'
     with tempfile.TemporaryDirectory() as tmp:

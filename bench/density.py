@@ -46,7 +46,7 @@ def _status_kib(pid: int, key: str) -> int:
 
 def measure(n: int) -> dict:
     """One ``osvmm up`` with ``n`` partitions: peak RSS, guest RSS, own memory (KiB)."""
-    from osvmm.enforce import mapping_flags
+    from osvmm.vmm.enforce import mapping_flags
 
     tmp = Path(tempfile.mkdtemp(prefix="osvmm-density-", dir="/tmp"))
     sock = tmp / "s"

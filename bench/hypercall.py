@@ -27,45 +27,21 @@ MiB = 1 << 20
 def _run(parts, channels=(), timeout: float = 120) -> dict[str, str]:
     """Run (name, guest, cmdline, doorbells) partitions to their end; their consoles."""
     from osvmm.guests.build import guest_path
-    from osvmm.hypercall import live
-    from osvmm.hypercall import monitor as m
-    from osvmm.kvm import Kvm
-    from osvmm.partition import Partition, PartitionConfig
+    from osvmm.up.group import Member, PartitionGroup
 
-    kvm = Kvm()
-    mem = 64 * MiB
-    config = m.MonitorConfig(
-        [m.PartitionConfig(n, mem, doorbells=d) for n, _, _, d in parts], list(channels)
-    )
-    hc = live.LiveMonitor(config)
-    out: dict[str, list[bytes]] = {}
-    built = []
+    out: dict[str, list[bytes]] = {name: [] for name, _, _, _ in parts}
+    members = [
+        Member(n, str(guest_path(g)), c, 64 * MiB, doorbells=tuple(d), console=out[n].append)
+        for n, g, c, d in parts
+    ]
+    group = PartitionGroup(members, channels)
     try:
-        for pid, (name, guest, cmdline, _) in enumerate(parts):
-            out[name] = []
-            cfg = PartitionConfig(
-                name=name,
-                image=str(guest_path(guest)),
-                cmdline=cmdline,
-                memory=mem,
-                console=out[name].append,
-                partition_id=pid,
-                reserve_channel_window=True,
-            )
-            p = Partition(cfg, kvm).build()
-            hc.bind(pid, p)
-            built.append(p)
-        for p in built:
-            p.start()
-        for p in built:
-            if p.wait(timeout) is None:
-                raise RuntimeError(f"{p.config.name} did not finish in {timeout} s")
+        group.start()
+        for name in group.parts:
+            if group.wait(name, timeout) is None:
+                raise RuntimeError(f"{name} did not finish in {timeout} s")
     finally:
-        for p in built:
-            p.stop()
-            p.close()
-        hc.close()
-        kvm.close()
+        group.close()
     return {name: b"".join(chunks).decode(errors="replace") for name, chunks in out.items()}
 
 

@@ -20,11 +20,11 @@ CACHE = Path(os.environ.get("OSVMM_CACHE", Path.home() / ".cache" / "osvmm"))
 
 
 def _prepare_once(kernel: str, initrd: str) -> float:
-    from osvmm.partition import Partition, PartitionConfig
+    from osvmm.machine import Machine
+    from osvmm.vmm.partition import Partition, PartitionConfig
 
-    cfg = PartitionConfig(
-        kernel=kernel, initrd=initrd, cmdline="console=ttyS0", memory=256 << 20, vcpus=2
-    )
+    machine = Machine.build(256 << 20, 2)
+    cfg = PartitionConfig(machine, kernel=kernel, initrd=initrd, cmdline="console=ttyS0")
     t0 = time.perf_counter()
     part = Partition(cfg).build()
     dt = time.perf_counter() - t0
@@ -34,7 +34,7 @@ def _prepare_once(kernel: str, initrd: str) -> float:
 
 def run(repeats: int = 7) -> list[Figure]:
     from osvmm.boot.initramfs import build_initramfs
-    from osvmm.host_probe import probe_host
+    from osvmm.vmm.host_quirks import probe_host
 
     figs = []
     t0 = time.perf_counter()

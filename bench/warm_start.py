@@ -49,11 +49,13 @@ class FirstByte:
 
 def warm_once(image: str, kvm) -> tuple[float, float]:
     """One in-process start; (build ms, start-to-first-byte ms)."""
-    from osvmm.partition import Partition, PartitionConfig
+    from osvmm.machine import Machine
+    from osvmm.vmm.partition import Partition, PartitionConfig
 
+    machine = Machine.build(64 << 20, 1)
     sink = FirstByte()
     t0 = time.perf_counter()
-    part = Partition(PartitionConfig(image=image, console=sink), kvm).build()
+    part = Partition(PartitionConfig(machine, image=image, console=sink), kvm).build()
     t1 = time.perf_counter()
     part.start()
     try:
@@ -84,7 +86,7 @@ def qemu_first_byte(image: str) -> float:
 
 
 def _wait_state(sock: str, name: str, state: str, timeout: float = 20) -> None:
-    from osvmm.control import request
+    from osvmm.up.protocol import request
 
     deadline = time.monotonic() + timeout
     while True:
@@ -100,7 +102,7 @@ def supervisor_runs(image: str, repeats: int) -> list[float]:
     """ms from a ``start`` request on a running ``osvmm up``'s control socket to the
     hello guest's first byte on an attached console connection."""
     from bench.cold_start import child_env
-    from osvmm.control import connect, read_line, request, send
+    from osvmm.up.protocol import connect, read_line, request, send
 
     with tempfile.TemporaryDirectory(prefix="osvmm-bench-", dir="/tmp") as tmp:
         sock = f"{tmp}/ctl.sock"

@@ -14,21 +14,6 @@ import sys
 from osvmm import __version__
 from osvmm.errors import EXIT_INTERNAL, ConfigError, OsvmmError
 
-BUNDLED_PREFIX = "guests:"
-
-
-def resolve_image(spec: str) -> str:
-    """A path, or ``guests:NAME`` for a bundled guest (built on first use)."""
-    if spec.startswith(BUNDLED_PREFIX):
-        from osvmm.guests.build import GUEST_NAMES, guest_path
-
-        name = spec[len(BUNDLED_PREFIX) :]
-        if name not in GUEST_NAMES:
-            raise ConfigError(f"no bundled guest {name!r}; there are: {', '.join(GUEST_NAMES)}")
-        return str(guest_path(name))
-    return spec
-
-
 # -- osvmm run -------------------------------------------------------------------
 
 
@@ -56,34 +41,42 @@ def add_run_parser(sub) -> None:
     p.set_defaults(func=cmd_run)
 
 
-def _parse_cpus(text: str) -> int:
+def _parse_count(text: str, option: str) -> int:
     try:
         n = int(text)
     except ValueError:
-        raise ConfigError(f"--cpus: {text!r} is not a whole number") from None
+        raise ConfigError(f"{option}: {text!r} is not a whole number") from None
     if n < 1:
-        raise ConfigError(f"--cpus: {n} must be at least 1")
+        raise ConfigError(f"{option}: {n} must be at least 1")
     return n
 
 
 def cmd_run(args) -> int:
-    from osvmm.console import StdinForwarder, fd_writer
-    from osvmm.partition import Partition, PartitionConfig
+    from osvmm.guests import resolve_image
+    from osvmm.machine import MAX_VCPUS, Machine
     from osvmm.plan.config import parse_size
+    from osvmm.vmm.console import StdinForwarder, fd_writer
+    from osvmm.vmm.partition import Partition, PartitionConfig
 
     if args.image and args.kernel:
         raise ConfigError("give either IMAGE or --kernel, not both")
     if not args.image and not args.kernel:
         raise ConfigError("nothing to boot: give an IMAGE (or guests:NAME) or --kernel")
-    memory = parse_size(args.memory, "--memory")
+    cpus = _parse_count(args.cpus, "--cpus")
+    if cpus > MAX_VCPUS:
+        raise ConfigError(f"--cpus {cpus}: a partition has at most {MAX_VCPUS} vCPUs")
+    try:
+        machine = Machine.build(parse_size(args.memory, "--memory"), cpus, args.numa)
+    except ConfigError as err:
+        raise ConfigError(
+            f"--memory {args.memory} --cpus {cpus} --numa {args.numa}: {err}"
+        ) from None
     config = PartitionConfig(
+        machine=machine,
         image=resolve_image(args.image) if args.image else None,
         kernel=args.kernel,
         initrd=args.initrd,
         cmdline=args.append,
-        memory=memory,
-        vcpus=_parse_cpus(args.cpus),
-        numa_nodes=args.numa,
         console=fd_writer(sys.stdout.fileno()),
     )
     part = Partition(config)
@@ -105,6 +98,8 @@ def cmd_run(args) -> int:
             forwarder.stop()
         if result.fault is not None:
             print(f"osvmm: {result.fault}", file=sys.stderr)
+            if getattr(result.fault, "traceback_text", "") and os.environ.get("OSVMM_DEBUG"):
+                print(result.fault.traceback_text, file=sys.stderr, end="")
         if args.stats:
             print_stats(part, sys.stderr)
         return result.status
@@ -115,7 +110,7 @@ def cmd_run(args) -> int:
 
 
 def print_stats(part, out) -> None:
-    from osvmm.stats_report import format_exit_stats
+    from osvmm.vmm.exit_stats import format_exit_stats
 
     out.write(format_exit_stats(part.exit_stats(), part.pio.unclaimed, part.mmio.unclaimed))
 
@@ -129,7 +124,7 @@ def add_caps_parser(sub) -> None:
 
 
 def cmd_caps(args) -> int:
-    from osvmm.caps import format_caps
+    from osvmm.kvm.caps import format_caps
 
     print(format_caps(), end="")
     return 0
@@ -145,6 +140,7 @@ def add_guests_parser(sub) -> None:
 
 
 def cmd_guests(args) -> int:
+    from osvmm.guests import BUNDLED_PREFIX, resolve_image
     from osvmm.guests.build import GUEST_NAMES
 
     for name in args.names or GUEST_NAMES:
@@ -185,7 +181,7 @@ EXTRA_COMMANDS = [
     ("osvmm.hypercall.command", "add_verify_parser", ("verify",)),
     ("osvmm.boot.initramfs", "add_initramfs_parser", ("initramfs",)),
     (
-        "osvmm.up_commands",
+        "osvmm.up.commands",
         "add_up_parsers",
         ("up", "ps", "start", "stop", "restart", "console", "stat", "down"),
     ),

@@ -65,6 +65,32 @@ class KvmError(OsvmmError):
         super().__init__(msg)
 
 
+class EnforceError(OsvmmError):
+    """The host refused what the plan asks for (pinning, memory policy, locking)."""
+
+
+class ControlError(OsvmmError):
+    """The control socket of ``osvmm up`` cannot be reached or answered an error."""
+
+
+class VmmBug(OsvmmError):
+    """An unexpected exception inside the VMM (a bug, not the user's or the guest's
+    doing): reported in one line, the traceback kept in the partition's log."""
+
+    exit_status = EXIT_INTERNAL
+
+    def __init__(self, message: str, traceback_text: str = ""):
+        self.traceback_text = traceback_text
+        super().__init__(message)
+
+    @classmethod
+    def from_exception(cls, where: str, err: BaseException) -> VmmBug:
+        import traceback
+
+        text = "".join(traceback.format_exception(err))
+        return cls(f"internal error in the VMM ({where}): {type(err).__name__}: {err}", text)
+
+
 class GuestFault(OsvmmError):
     """The guest stopped in a way it cannot recover from (triple fault, ...)."""
 

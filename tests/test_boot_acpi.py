@@ -15,8 +15,8 @@ import pytest
 
 from osvmm.arch.x86 import layout
 from osvmm.boot.acpi import build_acpi, pm
-from osvmm.boot.plan import BootPlan
 from osvmm.boot.tables import build_boot_tables
+from osvmm.machine import Machine
 
 MiB = layout.MiB
 GiB = layout.GiB
@@ -26,9 +26,9 @@ needs_iasl = pytest.mark.skipif(
 )
 
 PLANS = {
-    "one-node": BootPlan(256 * MiB, [0]),
-    "two-nodes": BootPlan.simple(256 * MiB, [0, 1], numa_nodes=2),
-    "odd-apic-ids": BootPlan.simple(5 * GiB, [4, 5, 9, 12], numa_nodes=3, channels=True),
+    "one-node": Machine(256 * MiB, [0]),
+    "two-nodes": Machine.build(256 * MiB, [0, 1], numa_nodes=2),
+    "odd-apic-ids": Machine.build(5 * GiB, [4, 5, 9, 12], numa_nodes=3, channels=True),
 }
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from osvmm.arch.x86 import layout
 from osvmm.boot.mptable import build_mptable
-from osvmm.boot.plan import BootPlan
+from osvmm.machine import Machine
 
 MiB = layout.MiB
 
@@ -69,7 +69,7 @@ def parse_mptable(mem: bytes, base: int) -> dict:
 
 
 def test_two_cpus_parse_back():
-    table = build_mptable(BootPlan(256 * MiB, [0, 1]), layout.MPTABLE_ADDR)
+    table = build_mptable(Machine(256 * MiB, [0, 1]), layout.MPTABLE_ADDR)
     mp = parse_mptable(table, layout.MPTABLE_ADDR)
     assert mp["fp_addr"] == layout.MPTABLE_ADDR
     assert mp["table_end"] <= layout.MPTABLE_ADDR + 1024  # inside the EBDA's first KiB
@@ -88,7 +88,7 @@ def test_two_cpus_parse_back():
 
 
 def test_partition_apic_ids_and_bsp():
-    mp = parse_mptable(build_mptable(BootPlan(64 * MiB, [6, 4, 5])), layout.MPTABLE_ADDR)
+    mp = parse_mptable(build_mptable(Machine(64 * MiB, [6, 4, 5])), layout.MPTABLE_ADDR)
     assert mp["cpus"] == [(6, True, True), (4, True, False), (5, True, False)]
     assert mp["ioapics"][0][0] == 7  # one after the highest local APIC ID
     assert {dst for *_, dst, _pin in mp["ints"]} == {7}
@@ -96,7 +96,7 @@ def test_partition_apic_ids_and_bsp():
 
 @pytest.mark.parametrize("ncpus, fits", [(40, True), (41, False), (255, False)])
 def test_size_and_placement(ncpus, fits):
-    table = build_mptable(BootPlan(64 * MiB, list(range(ncpus))[:255]))
+    table = build_mptable(Machine(64 * MiB, list(range(ncpus))[:255]))
     mp = parse_mptable(table, layout.MPTABLE_ADDR)
     assert len(mp["cpus"]) == ncpus
     assert (mp["table_end"] <= layout.MPTABLE_ADDR + 1024) == fits
@@ -105,5 +105,5 @@ def test_size_and_placement(ncpus, fits):
 
 
 def test_other_address():
-    table = build_mptable(BootPlan(64 * MiB, [0]), 0xF0000)
+    table = build_mptable(Machine(64 * MiB, [0]), 0xF0000)
     assert parse_mptable(table, 0xF0000)["fp_addr"] == 0xF0000

@@ -9,8 +9,8 @@ import pytest
 from osvmm.arch.x86 import layout
 from osvmm.boot.bootparams import build_zero_page
 from osvmm.boot.e820 import E820_RAM, E820_RESERVED, e820_map
-from osvmm.boot.plan import BootPlan
 from osvmm.errors import ConfigError, ImageError
+from osvmm.machine import Machine
 
 MiB = layout.MiB
 GiB = layout.GiB
@@ -23,7 +23,7 @@ def parse_e820(zero_page: bytes) -> list[tuple[int, int, int]]:
 
 
 def test_e820_small_partition():
-    entries = [(e.addr, e.size, e.type) for e in e820_map(BootPlan(256 * MiB, [0]))]
+    entries = [(e.addr, e.size, e.type) for e in e820_map(Machine(256 * MiB, [0]))]
     assert entries == [
         (0, 0x9FC00, E820_RAM),
         (0x9FC00, 0x100000 - 0x9FC00, E820_RESERVED),
@@ -33,7 +33,7 @@ def test_e820_small_partition():
 
 
 def test_e820_large_partition_with_channels():
-    plan = BootPlan.simple(5 * GiB, [4, 5], numa_nodes=2, channels=True)
+    plan = Machine.build(5 * GiB, [4, 5], numa_nodes=2, channels=True)
     entries = [(e.addr, e.size, e.type) for e in e820_map(plan)]
     assert entries == [
         (0, 0x9FC00, E820_RAM),
@@ -53,7 +53,7 @@ def test_e820_large_partition_with_channels():
 
 
 def test_zero_page_fields_for_a_bare_vmlinux():
-    plan = BootPlan(6 * GiB, [0, 1])
+    plan = Machine(6 * GiB, [0, 1])
     zp = build_zero_page(plan, None, 0x1_2345_6000, 100, 0x2_0000_0000, 0x1_0000_1000, 0xE0000)
     assert len(zp) == 4096
     assert struct.unpack_from("<Q", zp, 0x070)[0] == 0xE0000  # acpi_rsdp_addr
@@ -94,7 +94,7 @@ def bzimage_header(version=0x020F, cmdline_size=2047, initrd_addr_max=0x7FFFFFFF
 
 
 def test_zero_page_keeps_the_images_setup_header():
-    plan = BootPlan(64 * MiB, [0])
+    plan = Machine(64 * MiB, [0])
     zp = build_zero_page(plan, bzimage_header(), layout.CMDLINE_ADDR, 30, 0x3000000, 0x1000, 0)
     assert zp[0x1F1] == 27
     assert struct.unpack_from("<I", zp, 0x230)[0] == 0x200000  # kept from the image
@@ -107,7 +107,7 @@ def test_zero_page_keeps_the_images_setup_header():
 
 
 def test_zero_page_rejects_bad_inputs():
-    plan = BootPlan(64 * MiB, [0])
+    plan = Machine(64 * MiB, [0])
     with pytest.raises(ImageError, match="HdrS"):
         build_zero_page(plan, bytes(0x7B), layout.CMDLINE_ADDR, 10)
     with pytest.raises(ImageError, match="too short"):

@@ -6,10 +6,10 @@ import os
 import time
 
 from osvmm.boot.acpi import pm
-from osvmm.console import StdinForwarder
 from osvmm.devices.bus import PortBus
 from osvmm.devices.power import register_power_devices
 from osvmm.devices.serial import FIFO_CAPACITY, UART_IER, UART_IER_RDI, UART_RX, Serial
+from osvmm.vmm.console import StdinForwarder
 
 
 def _wait(cond, timeout=5.0):

@@ -14,9 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from osvmm.control import ControlError, ControlServer, connect, exchange, request
 from osvmm.errors import ConfigError
-from osvmm.supervisor import ConsoleHub
+from osvmm.up.protocol import ControlError, ControlServer, connect, exchange, request
+from osvmm.up.supervisor import ConsoleHub
 
 
 class FakeSupervisor:

@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from osvmm import enforce
 from osvmm.errors import ConfigError, KvmError
+from osvmm.vmm import enforce
 from tests.test_supervisor_up import UpProcess
 
 # Dedicated CPU 1 for 'pinned' (prefaulted and locked), the pool (CPU 0) for

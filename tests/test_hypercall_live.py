@@ -1,7 +1,7 @@
 """The live hypercall layer: bundled guests make hypercalls in partitions of one process.
 
-Each test builds its partitions with one shared Kvm, binds them to one
-LiveMonitor (with the live invariant checks on) and runs them to the end.
+Each test builds its partitions as one PartitionGroup (one shared Kvm, one
+LiveMonitor with the live invariant checks on) and runs them to the end.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ import pytest
 
 from osvmm.arch.x86 import layout
 from osvmm.guests.build import guest_path
-from osvmm.hypercall import abi, live
+from osvmm.hypercall import abi
 from osvmm.hypercall import monitor as m
 from osvmm.hypercall.abi import ControlOp
-from osvmm.kvm import Kvm
-from osvmm.partition import Partition, PartitionConfig
+from osvmm.up.group import Member, PartitionGroup
 
 pytestmark = pytest.mark.kvm
 
@@ -28,33 +27,29 @@ WINDOW = layout.CHANNEL_WINDOW_START
 
 
 class Group:
-    """Partitions of one plan in this process, bound to one LiveMonitor."""
+    """Partitions of one plan in this process, bound to one LiveMonitor (PartitionGroup),
+    each console captured."""
 
     def __init__(self, parts, channels=(), **live_kwargs):
-        """``parts``: (name, guest, cmdline, PartitionConfig kwargs of the monitor)."""
-        self.kvm = Kvm()
-        config = m.MonitorConfig(
-            [m.PartitionConfig(name, MEM, **kw) for name, _, _, kw in parts], list(channels)
-        )
+        """``parts``: (name, guest, cmdline, monitor grants: privileged, doorbells)."""
         live_kwargs.setdefault("check", True)
-        self.live = live.LiveMonitor(config, **live_kwargs)
-        self.out: dict[str, list[bytes]] = {}
-        self.parts: dict[str, Partition] = {}
-        self.started: set[str] = set()
-        for pid, (name, guest, cmdline, _) in enumerate(parts):
-            self.out[name] = []
-            cfg = PartitionConfig(
-                name=name,
-                image=str(guest_path(guest)),
-                cmdline=cmdline,
-                memory=MEM,
+        self.out: dict[str, list[bytes]] = {name: [] for name, _, _, _ in parts}
+        members = [
+            Member(
+                name,
+                str(guest_path(guest)),
+                cmdline,
+                MEM,
                 console=self.out[name].append,
-                partition_id=pid,
-                reserve_channel_window=True,
+                **{k: tuple(v) if k == "doorbells" else v for k, v in kw.items()},
             )
-            p = Partition(cfg, self.kvm).build()
-            self.live.bind(pid, p)
-            self.parts[name] = p
+            for name, guest, cmdline, kw in parts
+        ]
+        self.group = PartitionGroup(members, channels, **live_kwargs)
+        self.live = self.group.live
+        self.kvm = self.group.kvm
+        self.parts = self.group.parts
+        self.started: set[str] = set()
 
     def start(self, *names):
         for name in names or self.parts:
@@ -74,9 +69,7 @@ class Group:
             p.stop()
             if name in self.started:
                 p.wait(5)
-            p.close()
-        self.live.close()
-        self.kvm.close()
+        self.group.close()
 
 
 @pytest.fixture
@@ -143,12 +136,12 @@ def test_rw_member_writes_reach_the_shared_memory(group):
     assert g.wait("writer").status == 1
     assert "hcinfo: attach=0xd0000000 before=0x0 after=0x5157 detach=0\n" in g.text("writer")
     assert g.live.channels[0].read(0, 8) == (0x5157).to_bytes(8, "little")
-    assert g.parts["writer"].extra_slots == {}  # detached: the memslot is gone
+    assert g.parts["writer"].shared_mappings() == {}  # detached: the memslot is gone
 
 
 def test_channel_window_is_reserved_in_e820(group):
     g = group([("solo", "hcinfo", "", {})])
-    assert (WINDOW, layout.CHANNEL_WINDOW_SIZE) in g.parts["solo"].plan.reserved
+    assert (WINDOW, layout.CHANNEL_WINDOW_SIZE) in g.parts["solo"].machine.reserved
 
 
 # -- lifecycle: a restart detaches everything (no guest code needed) ----------------
@@ -172,21 +165,20 @@ def test_restart_unmaps_the_targets_channels_and_calls_the_supervisor(group):
     )
     lv = g.live
     assert lv.call(1, abi.CHANNEL_ATTACH, (0, 0, 0, 0)) == WINDOW
-    assert [size for _, size in g.parts["worker"].extra_slots.values()] == [8192]
-    assert list(g.parts["worker"].extra_slots) == [WINDOW]
-    assert lv.mapped == {(1, 0): False}  # an ro member gets a read-only memslot
+    assert g.parts["worker"].shared_mappings() == {WINDOW: 8192}
+    assert lv.state.attachments == {m.Attachment(1, 0, False)}  # ro member: read-only memslot
     assert lv.call(1, abi.PARTITION_CONTROL, (0, ControlOp.RESTART, 0, 0)) == -abi.EPERM
     assert lv.call(0, abi.PARTITION_CONTROL, (1, ControlOp.RESTART, 0, 0)) == 0
     assert done.wait(5)
     assert events == [(1, ControlOp.RESTART)]
-    assert g.parts["worker"].extra_slots == {} and lv.mapped == {}
+    assert g.parts["worker"].shared_mappings() == {}
     assert lv.state.attachments == frozenset()
     # Outside the ABI: the supervisor saw the worker power off.
     assert lv.call(1, abi.CHANNEL_ATTACH, (0, 0, 0, 0)) == WINDOW
     lv.partition_stopped(1)
-    assert g.parts["worker"].extra_slots == {} and lv.state.lifecycle[1] == m.STOPPED
+    assert g.parts["worker"].shared_mappings() == {} and lv.state.lifecycle[1] == m.STOPPED
     assert lv.call(0, abi.DOORBELL, (1, 0, 64, 0)) == -abi.EBUSY
-    lv.partition_started(1)
+    lv.bind(1, g.parts["worker"])  # booted again
     assert lv.call(0, abi.DOORBELL, (1, 0, 64, 0)) == 0
     assert lv.violations == []
 

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from osvmm.hypercall import live
 from osvmm.plan.config import parse_plan
 from osvmm.plan.placement import place
 from osvmm.plan.topology import read_topology
-from osvmm.supervisor import STOPPED, Supervisor
+from osvmm.up.hypercalls import serve_supervisor
+from osvmm.up.supervisor import STOPPED, Supervisor
 
 pytestmark = pytest.mark.kvm
 
@@ -43,7 +43,7 @@ members = { ping = "rw", pong = "rw" }
 def test_ping_pong_under_the_supervisor(tmp_path):
     plan = parse_plan(f'[vmm]\ncontrol_socket = "{tmp_path}/s"\n' + PLAN, tmp_path)
     sup = Supervisor(place(plan, read_topology()), log_dir=str(tmp_path / "logs"))
-    hc = live.serve_supervisor(sup, check=True)
+    hc = serve_supervisor(sup, check=True)
     try:
         sup.start_all()
         deadline = time.monotonic() + 30

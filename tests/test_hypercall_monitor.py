@@ -36,6 +36,14 @@ from osvmm.hypercall.monitor import (
 )
 
 MiB, GiB = layout.MiB, layout.GiB
+
+
+def ram(memory: int) -> tuple[tuple[int, int], ...]:
+    """A partition's RAM ranges as its Machine places them."""
+    return tuple(layout.ram_regions(memory))
+
+
+A2 = PartitionConfig("A", ram(2 * MiB))
 U64_MAX = (1 << 64) - 1
 A, B, C = 0, 1, 2
 WIN = layout.CHANNEL_WINDOW_START
@@ -44,9 +52,9 @@ WIN = layout.CHANNEL_WINDOW_START
 def config() -> MonitorConfig:
     return MonitorConfig(
         partitions=[
-            PartitionConfig("A", 2 * MiB, vcpus=1, privileged=True, doorbells=["B"]),
-            PartitionConfig("B", 4 * MiB, vcpus=2, doorbells=["C"]),
-            PartitionConfig("C", 3 * GiB + 2 * MiB, vcpus=3),
+            PartitionConfig("A", ram(2 * MiB), vcpus=1, privileged=True, doorbells=["B"]),
+            PartitionConfig("B", ram(4 * MiB), vcpus=2, doorbells=["C"]),
+            PartitionConfig("C", ram(3 * GiB + 2 * MiB), vcpus=3),
         ],
         channels=[
             ChannelConfig("ch0", 0x2000, {"A": "rw", "B": "ro"}),
@@ -80,23 +88,23 @@ def test_topology_ids_slots_and_ram(s0):
     "bad",
     [
         MonitorConfig([]),
-        MonitorConfig([PartitionConfig("A", 2 * MiB), PartitionConfig("A", 2 * MiB)]),
-        MonitorConfig([PartitionConfig("A", 2 * MiB + 1)]),
-        MonitorConfig([PartitionConfig("A", 4096)]),
-        MonitorConfig([PartitionConfig("A", 2 * MiB, vcpus=0)]),
-        MonitorConfig([PartitionConfig("A", 2 * MiB, doorbells=["Z"])]),
+        MonitorConfig([PartitionConfig("A", ram(2 * MiB)), PartitionConfig("A", ram(2 * MiB))]),
+        MonitorConfig([PartitionConfig("A", ram(2 * MiB + 1))]),
+        MonitorConfig([PartitionConfig("A", ())]),  # no RAM at all
+        MonitorConfig([PartitionConfig("A", ram(2 * MiB), vcpus=0)]),
+        MonitorConfig([PartitionConfig("A", ram(2 * MiB), doorbells=["Z"])]),
         MonitorConfig(
             [
-                PartitionConfig("A", 2 * MiB, privileged=True),
-                PartitionConfig("B", 2 * MiB, privileged=True),
+                PartitionConfig("A", ram(2 * MiB), privileged=True),
+                PartitionConfig("B", ram(2 * MiB), privileged=True),
             ]
         ),
-        MonitorConfig([PartitionConfig("A", 2 * MiB)], [ChannelConfig("c", 100, {"A": "rw"})]),
-        MonitorConfig([PartitionConfig("A", 2 * MiB)], [ChannelConfig("c", 4096, {"Z": "rw"})]),
-        MonitorConfig([PartitionConfig("A", 2 * MiB)], [ChannelConfig("c", 4096, {"A": "wo"})]),
-        MonitorConfig([PartitionConfig("A", 2 * MiB)], [ChannelConfig("c", 4096, {})]),
+        MonitorConfig([A2], [ChannelConfig("c", 100, {"A": "rw"})]),
+        MonitorConfig([A2], [ChannelConfig("c", 4096, {"Z": "rw"})]),
+        MonitorConfig([A2], [ChannelConfig("c", 4096, {"A": "wo"})]),
+        MonitorConfig([A2], [ChannelConfig("c", 4096, {})]),
         MonitorConfig(
-            [PartitionConfig("A", 2 * MiB)],
+            [PartitionConfig("A", ram(2 * MiB))],
             [ChannelConfig("c", layout.CHANNEL_WINDOW_SIZE + 4096, {"A": "rw"})],
         ),
     ],

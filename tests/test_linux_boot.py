@@ -21,7 +21,7 @@ import pytest
 
 from osvmm.arch.x86.layout import MiB
 from osvmm.boot.e820 import E820_RAM, e820_map
-from osvmm.boot.plan import BootPlan
+from osvmm.machine import Machine
 from tests.helpers import run_osvmm
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
@@ -71,7 +71,7 @@ def _kernel_e820(log: str) -> list[tuple[int, int, str]]:
 
 def test_e820_map_is_the_plan(boot):
     _, log, _ = boot
-    plan = BootPlan.simple(256 * MiB, 2, numa_nodes=2)
+    plan = Machine.build(256 * MiB, 2, numa_nodes=2)
     expected = [
         (e.addr, e.end - 1, "usable" if e.type == E820_RAM else "reserved") for e in e820_map(plan)
     ]
@@ -95,7 +95,7 @@ def test_kernel_counted_two_cpus_with_planned_apic_ids(boot):
 
 def test_kernel_set_up_two_numa_nodes_with_planned_ranges(boot):
     _, log, _ = boot
-    plan = BootPlan.simple(256 * MiB, 2, numa_nodes=2)
+    plan = Machine.build(256 * MiB, 2, numa_nodes=2)
     for node in plan.numa_nodes:
         start = node.mem_ranges[0][0]
         end = node.mem_ranges[-1][0] + node.mem_ranges[-1][1] - 1
@@ -121,7 +121,7 @@ def test_kernel_echoes_the_command_line(boot):
 
 
 def test_run_ends_as_this_host_allows(boot):
-    from osvmm.host_probe import probe_host
+    from osvmm.vmm.host_quirks import probe_host
 
     r, log, err = boot
     if probe_host()["cx16"].needed:
@@ -142,7 +142,7 @@ def test_run_ends_as_this_host_allows(boot):
 def test_kernel_found_the_initrd_where_the_protocol_puts_it(boot, initrd):
     from osvmm.loader.elf import load_elf
     from osvmm.loader.initrd import place_initrd
-    from osvmm.memory import GuestMemory
+    from osvmm.vmm.memory import GuestMemory
 
     _, log, _ = boot
     m = re.search(r"RAMDISK: \[mem 0x([0-9a-f]+)-0x([0-9a-f]+)\]", log)

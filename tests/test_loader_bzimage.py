@@ -24,7 +24,7 @@ from osvmm.loader.bzimage import (
 from osvmm.loader.elf import load_elf
 from osvmm.loader.result import read_image
 from osvmm.loader.setup_header import SetupHeader
-from osvmm.memory import GuestMemory
+from osvmm.vmm.memory import GuestMemory
 
 MiB = 1 << 20
 VMLINUX = elf(

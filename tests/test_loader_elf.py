@@ -12,7 +12,7 @@ import pytest
 from osvmm.errors import ImageError
 from osvmm.loader.elf import load_elf, parse_elf
 from osvmm.loader.result import read_image
-from osvmm.memory import GuestMemory
+from osvmm.vmm.memory import GuestMemory
 
 EM_386 = 3
 EM_X86_64 = 62

@@ -14,7 +14,7 @@ import pytest
 from osvmm.errors import BuildError
 from osvmm.loader.elf import PT_LOAD, load_elf, parse_elf, pvh_entry
 from osvmm.loader.result import read_image
-from osvmm.memory import GuestMemory
+from osvmm.vmm.memory import GuestMemory
 
 MiB = 1 << 20
 READELF = shutil.which("readelf")

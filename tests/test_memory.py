@@ -8,7 +8,7 @@ import pytest
 
 from osvmm.arch.x86 import layout
 from osvmm.errors import GuestMemoryError, OsvmmError
-from osvmm.memory import PAGE_SIZE, GuestMemory
+from osvmm.vmm.memory import PAGE_SIZE, GuestMemory
 
 MiB = layout.MiB
 

@@ -14,7 +14,7 @@ import pytest
 from osvmm.plan.config import parse_plan
 from osvmm.plan.placement import place
 from osvmm.plan.topology import read_topology
-from osvmm.supervisor import FAILED, RUNNING, STOPPED, Supervisor
+from osvmm.up.supervisor import FAILED, RUNNING, STOPPED, Supervisor
 
 pytestmark = pytest.mark.kvm
 

@@ -8,7 +8,7 @@ from osvmm.devices.bus import PortBus
 from osvmm.devices.mmio import MmioBus
 from osvmm.errors import GuestFault
 from osvmm.kvm import exits, structs
-from osvmm.vcpu import VcpuThread
+from osvmm.vmm.vcpu import VcpuThread
 
 REASONS = {
     exits.Shutdown: structs.KVM_EXIT_SHUTDOWN,

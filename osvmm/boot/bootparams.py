@@ -13,9 +13,17 @@ from __future__ import annotations
 import ctypes
 
 from osvmm.boot.e820 import e820_map
-from osvmm.boot.plan import BootPlan
 from osvmm.errors import ConfigError, ImageError
-from osvmm.loader.setup_header import SETUP_HEADER_OFFSET, SetupHeader
+from osvmm.loader.setup_header import (
+    BOOT_FLAG,
+    CAN_USE_HEAP,
+    HDRS_MAGIC,
+    LOADED_HIGH,
+    LOADER_TYPE_UNDEFINED,
+    SETUP_HEADER_OFFSET,
+    SetupHeader,
+)
+from osvmm.machine import Machine
 
 u8 = ctypes.c_uint8
 u16 = ctypes.c_uint16
@@ -244,11 +252,6 @@ assert boot_params.e820_table.offset == 0x2D0
 assert boot_params.eddbuf.offset == 0xD00
 
 # Constants of the boot protocol.
-BOOT_FLAG = 0xAA55
-HDRS_MAGIC = 0x53726448  # "HdrS"
-LOADER_TYPE_UNDEFINED = 0xFF
-LOADED_HIGH = 0x01  # loadflags: protected-mode code at 0x100000
-CAN_USE_HEAP = 0x80  # loadflags: heap_end_ptr is valid
 XLF_CAN_BE_LOADED_ABOVE_4G = 1 << 1
 # What a bare vmlinux gets for a header: version 2.12 is the one whose fields
 # (xloadflags, ext_* via boot_params) we fill.
@@ -257,7 +260,7 @@ HEAP_END_PTR = 0xFE00  # end of the real-mode setup heap, less 0x200 (unused by 
 
 
 def build_zero_page(
-    plan: BootPlan,
+    machine: Machine,
     setup_header_bytes: bytes | None,
     cmdline_addr: int,
     cmdline_len: int,
@@ -316,7 +319,7 @@ def build_zero_page(
     bp.ext_ramdisk_size = initrd_size >> 32
     bp.acpi_rsdp_addr = rsdp_addr
 
-    entries = e820_map(plan)
+    entries = e820_map(machine)
     if len(entries) > E820_MAX_ENTRIES_ZEROPAGE:
         raise ConfigError(
             f"the e820 map has {len(entries)} entries, more than the zero page's "

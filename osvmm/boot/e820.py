@@ -1,6 +1,6 @@
 """The e820 memory map a partition's guest sees, placed as PC firmware places it.
 
-For a plan with RAM [0, mem) below the MMIO hole (and the rest above 4 GiB):
+For a machine with RAM [0, mem) below the MMIO hole (and the rest above 4 GiB):
 
     [0x0000_0000, 0x0009_fc00)  RAM          conventional memory (639 KiB)
     [0x0009_fc00, 0x0010_0000)  reserved     EBDA (MP table), VGA hole, option
@@ -14,7 +14,7 @@ What QEMU with SeaBIOS does, and so do we: the I/O APIC (0xfec00000) and local
 APIC (0xfee00000) pages are not in the e820 map (Linux reserves them itself
 from the MADT/MP table); the KVM identity-map and TSS pages are reserved
 (QEMU's ``kvm_arch_init`` adds the same entry for its own placement); every
-reserved range of the plan (the channel window) gets an entry so the guest
+reserved range of the machine (the channel window) gets an entry so the guest
 never takes it for free address space to place PCI BARs or hotplug memory.
 """
 
@@ -23,7 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from osvmm.arch.x86 import layout
-from osvmm.boot.plan import KVM_PRIVATE_SIZE, BootPlan
+from osvmm.arch.x86.layout import KVM_PRIVATE_SIZE
+from osvmm.machine import Machine
 
 E820_RAM = 1
 E820_RESERVED = 2
@@ -45,19 +46,18 @@ class E820Entry:
         return self.addr + self.size
 
 
-def e820_map(plan: BootPlan) -> list[E820Entry]:
+def e820_map(machine: Machine) -> list[E820Entry]:
     """The partition's e820 map: sorted, non-overlapping (see the module docstring)."""
-    plan.validate()
     entries = [
         E820Entry(0, layout.EBDA_START, E820_RAM),
         E820Entry(layout.EBDA_START, layout.HIGH_MEMORY_START - layout.EBDA_START, E820_RESERVED),
     ]
-    for start, size in plan.ram_ranges:
+    for start, size in machine.ram_ranges:
         end = start + size
         start = max(start, layout.HIGH_MEMORY_START)
         if start < end:
             entries.append(E820Entry(start, end - start, E820_RAM))
-    for start, size in plan.reserved:
+    for start, size in machine.reserved:
         entries.append(E820Entry(start, size, E820_RESERVED))
     entries.append(E820Entry(layout.KVM_IDENTITY_MAP_ADDR, KVM_PRIVATE_SIZE, E820_RESERVED))
     entries.sort(key=lambda e: e.addr)

@@ -16,15 +16,15 @@ from osvmm.arch.x86 import layout
 from osvmm.boot.acpi import build_acpi
 from osvmm.boot.bootparams import build_zero_page
 from osvmm.boot.mptable import build_mptable
-from osvmm.boot.plan import BootPlan
+from osvmm.machine import Machine
 
 GOLDEN_CMDLINE = b"console=ttyS0 panic=-1"
 GOLDEN_INITRD_ADDR = 0x0F00_0000
 GOLDEN_INITRD_SIZE = 0x0010_0000
 
 
-def golden_plan() -> BootPlan:
-    return BootPlan.simple(256 * layout.MiB, [0, 1], numa_nodes=2)
+def golden_plan() -> Machine:
+    return Machine.build(256 * layout.MiB, [0, 1], numa_nodes=2)
 
 
 def golden_files() -> dict[str, bytes]:

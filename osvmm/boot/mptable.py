@@ -27,7 +27,7 @@ from __future__ import annotations
 import struct
 
 from osvmm.arch.x86 import layout
-from osvmm.boot.plan import BootPlan
+from osvmm.machine import Machine
 
 MPF_SIGNATURE = b"_MP_"
 MPC_SIGNATURE = b"PCMP"
@@ -97,11 +97,10 @@ def _checksum(data: bytes) -> int:
     return -sum(data) & 0xFF
 
 
-def build_mptable(plan: BootPlan, addr: int = layout.MPTABLE_ADDR) -> bytes:
+def build_mptable(machine: Machine, addr: int = layout.MPTABLE_ADDR) -> bytes:
     """The floating pointer and configuration table, to be written at ``addr``."""
-    plan.validate()
     entries = []
-    for i, apic_id in enumerate(plan.apic_ids):
+    for i, apic_id in enumerate(machine.apic_ids):
         flags = CPU_ENABLED | (CPU_BSP if i == 0 else 0)
         entries.append(
             struct.pack(
@@ -115,7 +114,7 @@ def build_mptable(plan: BootPlan, addr: int = layout.MPTABLE_ADDR) -> bytes:
             )
         )
     entries.append(struct.pack("<BB6s", MP_BUS, ISA_BUS_ID, BUS_ISA))
-    ioapic_id = plan.ioapic_id
+    ioapic_id = machine.ioapic_id
     entries.append(
         struct.pack(
             "<BBBBI", MP_IOAPIC, ioapic_id, IOAPIC_VERSION, IOAPIC_ENABLED, layout.IOAPIC_ADDR
@@ -172,5 +171,5 @@ def build_mptable(plan: BootPlan, addr: int = layout.MPTABLE_ADDR) -> bytes:
     assert len(floating) == FLOATING_POINTER_SIZE
     floating[10] = _checksum(bytes(floating))
     table = bytes(floating) + config
-    assert len(table) == mptable_size(len(plan.apic_ids))
+    assert len(table) == mptable_size(len(machine.apic_ids))
     return table

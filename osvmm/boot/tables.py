@@ -1,9 +1,9 @@
 """One call for the VMM: every firmware table of a partition, with its guest-physical address.
 
-    tables = build_boot_tables(plan)
+    tables = build_boot_tables(machine)
     for gpa, data in tables.regions:
         memory.write(gpa, data)
-    zero_page = build_zero_page(plan, ..., rsdp_addr=tables.rsdp_addr)
+    zero_page = build_zero_page(machine, ..., rsdp_addr=tables.rsdp_addr)
 
 The zero page is not in the list: it needs the loader's results (setup header,
 command line, initrd), so the VMM builds it with ``bootparams.build_zero_page``.
@@ -16,7 +16,7 @@ from typing import NamedTuple
 from osvmm.arch.x86 import layout
 from osvmm.boot.acpi import build_acpi
 from osvmm.boot.mptable import build_mptable
-from osvmm.boot.plan import BootPlan
+from osvmm.machine import Machine
 
 
 class BootTables(NamedTuple):
@@ -26,10 +26,9 @@ class BootTables(NamedTuple):
     rsdp_addr: int
 
 
-def build_boot_tables(plan: BootPlan) -> BootTables:
+def build_boot_tables(machine: Machine) -> BootTables:
     """The MP table at layout.MPTABLE_ADDR and the ACPI blob at layout.ACPI_TABLES_ADDR."""
-    plan.validate()
-    mptable = build_mptable(plan, layout.MPTABLE_ADDR)
-    acpi = build_acpi(plan, layout.ACPI_TABLES_ADDR)
+    mptable = build_mptable(machine, layout.MPTABLE_ADDR)
+    acpi = build_acpi(machine, layout.ACPI_TABLES_ADDR)
     assert layout.MPTABLE_ADDR + len(mptable) <= acpi.addr
     return BootTables([(layout.MPTABLE_ADDR, mptable), (acpi.addr, acpi.data)], acpi.rsdp_addr)

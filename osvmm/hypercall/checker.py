@@ -56,6 +56,7 @@ from osvmm.hypercall.monitor import (
     UnmapChannel,
     WriteGuest,
 )
+from osvmm.machine import Machine
 
 U64_MAX = abi.U64_MAX
 KiB, MiB, GiB = layout.KiB, layout.MiB, layout.GiB
@@ -92,7 +93,7 @@ def default_config(partitions: int = DEFAULT_PARTITIONS) -> MonitorConfig:
     parts = [
         PartitionConfig(
             name=name,
-            memory=memory.get(i, 2 * MiB),
+            ram=Machine.build(memory.get(i, 2 * MiB), min(i + 1, 3)).ram_ranges,
             vcpus=min(i + 1, 3),
             privileged=i == 0,
             doorbells=(names[i + 1],) if i + 1 < partitions else (),

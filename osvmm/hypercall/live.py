@@ -1,8 +1,11 @@
 """The live side of the hypercall interface: the VMM applies what ``monitor.step`` says.
 
-One ``LiveMonitor`` serves every partition of a VMM process. ``bind`` installs
-its handler on a partition's hypercall port (``Partition.add_port_hook``); a
-hypercall exit then runs, on that vCPU's own thread:
+One ``LiveMonitor`` serves every partition of a VMM process. It reaches a
+partition only through the small interface at the end of
+``osvmm.vmm.partition.Partition`` (port hooks, an MMIO device, shared-memory
+slots, MSIs, guest memory, the console). ``bind`` installs its handler on a
+partition's hypercall port; a hypercall exit then runs, on that vCPU's own
+thread:
 
     1. registers   a0..a3 from RDI, RSI, RBX, RCX (KVM sync regs in kvm_run
                    where the host has them: no ioctl), the call number from
@@ -35,24 +38,30 @@ invariants (``checker.check_transition``) on the real state, and by a
 comparison of each partition's channel memslots with the state's attachments;
 a failure is recorded in ``violations`` (tests assert it stays empty).
 
-Events the ABI does not make (a guest that resets or powers off through its
-ports, a supervisor restarting a partition on its own) are told to the
-monitor with ``partition_stopped`` / ``partition_started``, so its state keeps
-matching the partitions: a stopped partition holds no channel.
+Which channel is mapped where has one source of truth: the monitor state's
+attachments. The memslots follow them (``Partition.map_shared``); with
+``check=True`` they are compared after every step.
+
+Lifecycle: the monitor's per-partition "running"/"stopped" is a one-way
+projection of whoever runs the partitions (``osvmm up``'s supervisor), never a
+second state machine: ``bind`` (a partition was built and is about to run:
+booting, running) sets "running"; ``partition_stopped`` (its run ended:
+stopped, backoff, failed) sets "stopped" and detaches everything it held.
+Until its first ``bind`` a partition is "stopped" (a doorbell to it answers
+-EBUSY).
 """
 
 from __future__ import annotations
 
 import ctypes
 import mmap
-import struct
 import threading
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from osvmm.arch.x86 import layout
-from osvmm.errors import OsvmmError
 from osvmm.hypercall import abi, checker, monitor
 from osvmm.hypercall.abi import HYPERCALL_PORT, ControlOp
 from osvmm.hypercall.monitor import (
@@ -70,27 +79,19 @@ from osvmm.hypercall.monitor import (
     WriteGuest,
 )
 from osvmm.kvm.exits import IoOut
-from osvmm.kvm.structs import KVM_SYNC_X86_REGS, kvm_run
-
-KVM_CAP_SYNC_REGS = 74
-MSI_ADDRESS_BASE = 0xFEE0_0000  # MSI address: 0xfee00000 | destination APIC ID << 12
-
-# struct kvm_run: kvm_valid_regs, kvm_dirty_regs, then s.regs (struct kvm_regs).
-_VALID_OFF = kvm_run.kvm_valid_regs.offset
-_DIRTY_OFF = kvm_run.kvm_dirty_regs.offset
-_REGS_OFF = kvm_run.s.offset
-_SYNC_ARGS = struct.Struct("<8xQQ8xQQ")  # rbx, rcx, rsi, rdi of kvm_regs (rax, rdx skipped)
-_U64 = struct.Struct("<Q")
-_DIRTY = _U64.pack(KVM_SYNC_X86_REGS)
-assert _VALID_OFF == 288 and _DIRTY_OFF == 296 and _REGS_OFF == 304
 
 
-def monitor_config(plan) -> MonitorConfig:
-    """The monitor's configuration from a plan (``osvmm.plan.config.Plan``)."""
-    parts = [
-        PartitionConfig(p.name, p.memory, p.vcpus, p.privileged, tuple(p.doorbells))
-        for p in plan.partitions
-    ]
+def monitor_config(plan, machines) -> MonitorConfig:
+    """The monitor's configuration from a plan (``osvmm.plan.config.Plan``) and each
+    partition's Machine (name -> Machine): its RAM ranges bound what it may name."""
+    parts = []
+    for p in plan.partitions:
+        machine = machines[p.name]
+        parts.append(
+            PartitionConfig(
+                p.name, machine.ram_ranges, machine.vcpus, p.privileged, tuple(p.doorbells)
+            )
+        )
     chans = [ChannelConfig(c.name, c.size, dict(c.members)) for c in plan.channels]
     return MonitorConfig(parts, chans)
 
@@ -166,59 +167,48 @@ class LiveMonitor:
         self.sync_regs = sync_regs
         self.lock = threading.Lock()
         self.channels = [ChannelMemory(c.name, c.size) for c in self.topology.channels]
-        self.partitions: dict[int, object] = {}
-        self.mapped: dict[tuple[int, int], bool] = {}  # (partition, channel) -> writable
+        self.partitions: dict[int, object] = {}  # id -> the bound Partition
+        self._windows: weakref.WeakSet = weakref.WeakSet()  # partitions with the window device
+        # Nothing is bound yet: every partition is "stopped" until its first bind.
+        self.state = replace(self.state, lifecycle=(STOPPED,) * len(self.topology.partitions))
         self.stats = LiveStats()
         self.violations: list[str] = []
         self._console_partial: dict[int, bool] = {}
 
     # -- partitions ------------------------------------------------------------
-    def id_of(self, name: str) -> int:
-        for p in self.topology.partitions:
-            if p.name == name:
-                return p.id
-        raise KeyError(name)
-
     def bind(self, partition_id: int, partition) -> None:
-        """Serve the hypercalls of a built (not yet started) ``Partition``; call again
-        with the new object when a supervisor rebuilds a partition."""
-        if partition.extra_slots:
-            raise ValueError(f"partition {partition_id} already has extra memslots")
-        if partition_id in self.partitions and self.partitions[partition_id] is not partition:
-            # A fresh kernel in a rebuilt partition: whatever the old one held is gone.
-            self._set_lifecycle(partition_id, STOPPED)
-            self._set_lifecycle(partition_id, RUNNING)
+        """Serve the hypercalls of a built, not yet started ``Partition`` (its first
+        boot or a later one): it is "running", with no channel attached."""
+        if partition.shared_mappings():
+            raise ValueError(f"partition {partition_id} already has shared memory mapped")
+        self._set_lifecycle(partition_id, STOPPED)  # whatever an earlier boot held is gone
         self.partitions[partition_id] = partition
-        use_sync = self.sync_regs and partition.vm.check_extension(KVM_CAP_SYNC_REGS)
-        use_sync = bool(use_sync) and bool(use_sync & KVM_SYNC_X86_REGS)
-        for t in partition.threads:
-            if use_sync:
-                _U64.pack_into(t.vcpu.run_mmap, _VALID_OFF, KVM_SYNC_X86_REGS)
+        use_sync = self.sync_regs and partition.vm.supports_sync_regs()
+        if use_sync:
+            for vcpu in partition.vcpus:
+                vcpu.sync.enable()
         hook = self._sync_hook(partition_id) if use_sync else self._ioctl_hook(partition_id)
         partition.add_port_hook(HYPERCALL_PORT, hook)
-        try:
-            partition.mmio.register(
+        if partition not in self._windows:  # a partition bound again keeps its device
+            partition.add_mmio_device(
                 layout.CHANNEL_WINDOW_START,
                 layout.CHANNEL_WINDOW_SIZE,
                 _ChannelWindow(self.stats.window_writes, partition_id),
             )
-        except ValueError:
-            pass  # registered by an earlier bind of the same bus
+            self._windows.add(partition)
+        self._set_lifecycle(partition_id, RUNNING)
 
     def partition_stopped(self, partition_id: int) -> None:
-        """The partition stopped outside the ABI (power-off, fault, supervisor): it
-        loses its channels."""
+        """The partition's run ended (power-off, fault, the supervisor): it loses its
+        channels, and doorbells to it answer -EBUSY until it is bound again."""
         self._set_lifecycle(partition_id, STOPPED)
-
-    def partition_started(self, partition_id: int) -> None:
-        """The partition boots again (a fresh kernel, no channel attached)."""
-        self._set_lifecycle(partition_id, RUNNING)
+        self.partitions.pop(partition_id, None)
 
     def _set_lifecycle(self, pid: int, life: str) -> None:
         with self.lock:
             held = self.state.attached(pid)
             for a in held:
-                self._unmap(pid, a.channel)
+                self._unmap(pid, self.topology.channels[a.channel].gpa)
             lifecycle = list(self.state.lifecycle)
             lifecycle[pid] = life
             self.state = replace(
@@ -232,16 +222,16 @@ class LiveMonitor:
         call = self.call
         stats = self.stats
 
-        def hook(vcpu_thread, ex) -> None:
+        def hook(vcpu, ex) -> None:
             if type(ex) is not IoOut or ex.size != 4:
                 stats.other_port_exits += 1
-                _complete_other(vcpu_thread, ex)
+                _complete_other(vcpu, ex)
                 return
-            mm = vcpu_thread.vcpu.run_mmap
-            rbx, rcx, rsi, rdi = _SYNC_ARGS.unpack_from(mm, _REGS_OFF)
-            result = call(pid, int.from_bytes(ex.data, "little"), (rdi, rsi, rbx, rcx))
-            _U64.pack_into(mm, _REGS_OFF, result & abi.U64_MAX)
-            mm[_DIRTY_OFF : _DIRTY_OFF + 8] = _DIRTY
+            sync = vcpu.sync
+            regs = sync.regs
+            nr = int.from_bytes(ex.data, "little")
+            regs.rax = call(pid, nr, (regs.rdi, regs.rsi, regs.rbx, regs.rcx)) & abi.U64_MAX
+            sync.mark_dirty()
 
         return hook
 
@@ -249,12 +239,11 @@ class LiveMonitor:
         call = self.call
         stats = self.stats
 
-        def hook(vcpu_thread, ex) -> None:
+        def hook(vcpu, ex) -> None:
             if type(ex) is not IoOut or ex.size != 4:
                 stats.other_port_exits += 1
-                _complete_other(vcpu_thread, ex)
+                _complete_other(vcpu, ex)
                 return
-            vcpu = vcpu_thread.vcpu
             regs = vcpu.get_regs()
             nr = int.from_bytes(ex.data, "little")
             regs.rax = call(pid, nr, (regs.rdi, regs.rsi, regs.rbx, regs.rcx)) & abi.U64_MAX
@@ -287,38 +276,28 @@ class LiveMonitor:
             kind = type(e)
             if kind is RaiseInterrupt:
                 target = self.partitions.get(e.partition)
-                if _live(target) and target.result is None:
-                    apic_id = target.vcpus[e.vcpu].id
-                    target.vm.signal_msi(MSI_ADDRESS_BASE | apic_id << 12, e.vector)
+                if target is not None and target.running:
+                    target.raise_msi(e.vcpu, e.vector)
             elif kind is ConsoleWrite:
                 self._console(e.partition, e.data or b"")
             elif kind is WriteGuest:
-                self.partitions[e.partition].memory.write(e.gpa, e.data)
+                self.partitions[e.partition].write_guest(e.gpa, e.data)
             elif kind is MapChannel:
-                self._map(e.partition, e.channel, e.writable)
+                chan = self.channels[e.channel]
+                self.partitions[e.partition].map_shared(e.gpa, e.size, chan.host_addr, e.writable)
             elif kind is UnmapChannel:
-                self._unmap(e.partition, e.channel)
+                self._unmap(e.partition, e.gpa)
             elif kind is PartitionLifecycle:
                 later.append(e)
         return tuple(later)
 
-    def _map(self, pid: int, channel: int, writable: bool) -> None:
+    def _unmap(self, pid: int, gpa: int) -> None:
         part = self.partitions.get(pid)
-        chan = self.topology.channels[channel]
-        if _live(part):
-            mem = self.channels[channel]
-            part.map_extra(chan.gpa, chan.size, mem.host_addr, readonly=not writable)
-        self.mapped[(pid, channel)] = writable
-
-    def _unmap(self, pid: int, channel: int) -> None:
-        part = self.partitions.get(pid)
-        gpa = self.topology.channels[channel].gpa
-        if _live(part) and gpa in part.extra_slots:
-            part.unmap_extra(gpa)
-        self.mapped.pop((pid, channel), None)
+        if part is not None and gpa in part.shared_mappings():
+            part.unmap_shared(gpa)
 
     def _read_guest(self, pid: int, gpa: int, length: int) -> bytes:
-        return self.partitions[pid].memory.read(gpa, length)
+        return self.partitions[pid].read_guest(gpa, length)
 
     def _console(self, pid: int, data: bytes) -> None:
         if self.console is not None:
@@ -337,7 +316,7 @@ class LiveMonitor:
             out += line
             at_start = line.endswith(b"\n")
         self._console_partial[pid] = not at_start
-        part.config.console(bytes(out))
+        part.console_write(bytes(out))
 
     def _lifecycle(self, caller: int, e: PartitionLifecycle) -> None:
         if self.lifecycle is not None:
@@ -368,18 +347,15 @@ class LiveMonitor:
             self.violations.append(f"{abi.BY_NUMBER.get(nr, nr)} by {pid}: {msg}")
 
     def memslot_mismatch(self) -> str | None:
-        """None when every partition's channel memslots are exactly its attachments."""
-        want = {(a.partition, a.channel): a.writable for a in self.state.attachments}
-        if want != self.mapped:
-            return f"mapped channels {sorted(self.mapped.items())} != attachments {want}"
+        """None when every bound partition's shared memslots are exactly its attachments."""
         chans = self.topology.channels
         for pid, part in self.partitions.items():
-            if not _live(part):
+            if not part.running:
                 continue
-            slots = {gpa: size for gpa, (_, size) in part.extra_slots.items()}
-            expect = {chans[c].gpa: chans[c].size for (p, c) in want if p == pid}
-            if slots != expect:
-                return f"partition {pid} memslots {slots} != attached channels {expect}"
+            want = {chans[a.channel].gpa: chans[a.channel].size for a in self.state.attached(pid)}
+            have = part.shared_mappings()
+            if have != want:
+                return f"partition {pid} memslots {have} != attached channels {want}"
         return None
 
     def close(self) -> None:
@@ -387,48 +363,7 @@ class LiveMonitor:
             mem.close()
 
 
-def _live(part) -> bool:
-    """A partition whose VM exists and is not closed."""
-    return part is not None and part.vm is not None and part.vm.fd >= 0
-
-
-def serve_supervisor(supervisor, check: bool = False) -> LiveMonitor:
-    """Run the hypercall interface for every partition of an ``osvmm up`` supervisor.
-
-    Each partition the supervisor builds (first boot, restart, reboot) is bound
-    before its vCPUs start, with no channel attached; PARTITION_CONTROL goes to
-    the supervisor's stop/start/restart (SHUTDOWN is a stop, REBOOT a restart)."""
-    live = LiveMonitor(monitor_config(supervisor.plan), lifecycle=None, check=check, console=None)
-    names = {p.id: p.name for p in live.topology.partitions}
-    actions = {
-        ControlOp.SHUTDOWN: supervisor.stop,
-        ControlOp.STOP: supervisor.stop,
-        ControlOp.START: supervisor.start,
-        ControlOp.REBOOT: supervisor.restart,
-        ControlOp.RESTART: supervisor.restart,
-    }
-
-    def lifecycle(pid: int, op: ControlOp) -> None:
-        try:
-            actions[op](names[pid], wait=False)
-        except OsvmmError as err:  # e.g. a race with the control socket: logged, not fatal
-            supervisor.log(f"{names[pid]}: hypercall {op.name}: {err}")
-
-    def on_build(entry, partition) -> None:
-        live.bind(entry.index, partition)
-
-    def on_end(entry, partition) -> None:
-        # Stopped outside the ABI (power-off, fault, the control socket): it loses
-        # its channels, and doorbells to it answer -EBUSY until it boots again.
-        live.partition_stopped(entry.index)
-
-    live.lifecycle = lifecycle
-    supervisor.on_build.append(on_build)
-    supervisor.on_end.append(on_end)
-    return live
-
-
-def _complete_other(vcpu_thread, ex) -> None:
+def _complete_other(vcpu, ex) -> None:
     """Anything but a 4-byte out on the hypercall port: ignored, an ``in`` reads ones."""
     if type(ex) is not IoOut:
-        vcpu_thread.vcpu.complete_io_in(ex, b"\xff" * (ex.size * ex.count))
+        vcpu.complete_io_in(ex, b"\xff" * (ex.size * ex.count))

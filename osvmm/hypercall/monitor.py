@@ -9,7 +9,8 @@ stop or boot a partition. The same function runs under the model checker
 
 State, built once from a ``MonitorConfig`` by ``MonitorState.from_config``:
 
-    topology     static: partitions (id, name, RAM ranges, vCPUs, privileged,
+    topology     static: partitions (id, name, RAM ranges: each partition's
+                 Machine.ram_ranges, the same the memslots map; vCPUs, privileged,
                  doorbell grants) and channels (id, name, size, slot, members)
     lifecycle    per partition: "running" or "stopped"
     attachments  which partition has which channel mapped, writable or not
@@ -27,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from osvmm.arch.x86 import layout
+from osvmm.arch.x86.layout import PAGE_SIZE
 from osvmm.errors import ConfigError
 from osvmm.hypercall import abi
 from osvmm.hypercall.abi import (
@@ -41,7 +43,6 @@ from osvmm.hypercall.abi import (
     ControlOp,
 )
 
-PAGE_SIZE = 4096
 U64_MAX = abi.U64_MAX
 
 RUNNING = "running"
@@ -60,7 +61,7 @@ MemoryReader = Callable[[int, int, int], bytes]
 @dataclass(frozen=True)
 class PartitionConfig:
     name: str
-    memory: int  # bytes of RAM
+    ram: Sequence[tuple[int, int]]  # (gpa, size): the partition's Machine.ram_ranges
     vcpus: int = 1
     privileged: bool = False
     doorbells: Sequence[str] = ()  # names of partitions this one may ring
@@ -178,11 +179,11 @@ def build_topology(config: MonitorConfig) -> Topology:
         raise ConfigError("more than one partition is privileged")
     partitions = []
     for i, p in enumerate(parts):
-        if p.memory < layout.MIN_MEMORY or p.memory % PAGE_SIZE:
-            raise ConfigError(
-                f"partition {p.name}: memory {p.memory:#x} is not a multiple of 4 KiB "
-                f"of at least {layout.MIN_MEMORY:#x}"
-            )
+        ram = tuple((int(start), int(size)) for start, size in p.ram)
+        if not ram or any(
+            start < 0 or size <= 0 or start % PAGE_SIZE or size % PAGE_SIZE for start, size in ram
+        ):
+            raise ConfigError(f"partition {p.name}: RAM ranges {ram} are empty or not page aligned")
         if not 1 <= p.vcpus <= 255:
             raise ConfigError(f"partition {p.name}: {p.vcpus} vCPUs (1..255)")
         rings = set()
@@ -190,7 +191,6 @@ def build_topology(config: MonitorConfig) -> Topology:
             if name not in ids:
                 raise ConfigError(f"partition {p.name}: doorbell to unknown partition {name!r}")
             rings.add(ids[name])
-        ram = tuple(layout.ram_regions(p.memory))
         partitions.append(Partition(i, p.name, ram, p.vcpus, p.privileged, frozenset(rings)))
 
     chans = list(config.channels)

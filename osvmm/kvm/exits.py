@@ -1,10 +1,16 @@
-"""The one place where ``struct kvm_run`` is decoded into exit values.
+"""The one place where the mapped ``struct kvm_run`` is read and written.
 
+Reading:
 ``decode_exit`` turns the mapped kvm_run into one value of a closed set:
 IoOut, IoIn, MmioWrite, MmioRead, Hlt, Shutdown, FailEntry, InternalError,
 SystemEvent, Interrupted, Unhandled. The exit loop dispatches on the type.
 Decoding uses precompiled ``struct`` formats on the mapping (the port-I/O
-path is the hot one: see docs/exit-path.md).
+path is the hot one: ``RUN_HEADER``).
+
+Writing: the data of an ``in`` or an MMIO read before the next KVM_RUN
+(``complete_io_in``, ``complete_mmio_read``), ``immediate_exit``, and the
+synchronized registers (``SyncRegs``: KVM_CAP_SYNC_REGS, the vCPU's general
+registers in kvm_run itself, read and written without an ioctl).
 """
 
 from __future__ import annotations
@@ -148,3 +154,45 @@ def decode_exit(mm, reason: int | None = None):
         ndata = min(ndata, 16)
         return SystemEvent(etype, struct.unpack_from(f"<{ndata}Q", mm, _EXIT_OFF + 8))
     return Unhandled(reason)
+
+
+# -- writing kvm_run -----------------------------------------------------------------------------
+
+_MMIO_DATA_OFF = _EXIT_OFF + s.kvm_run_mmio.data.offset
+_IMMEDIATE_EXIT_OFF = s.kvm_run.immediate_exit.offset
+_VALID_REGS_OFF = s.kvm_run.kvm_valid_regs.offset
+_DIRTY_REGS_OFF = s.kvm_run.kvm_dirty_regs.offset
+_SYNC_REGS_OFF = s.kvm_run.s.offset  # s.regs: struct kvm_regs comes first in kvm_sync_regs
+_U64 = struct.Struct("<Q")
+_DIRTY_REGS = _U64.pack(s.KVM_SYNC_X86_REGS)
+
+
+def complete_io_in(mm, data_offset: int, data: bytes) -> None:
+    """Give an ``in`` instruction its data (IoIn.data_offset) before the next run."""
+    mm[data_offset : data_offset + len(data)] = data
+
+
+def complete_mmio_read(mm, data: bytes) -> None:
+    mm[_MMIO_DATA_OFF : _MMIO_DATA_OFF + len(data)] = data
+
+
+def set_immediate_exit(mm, value: bool) -> None:
+    mm[_IMMEDIATE_EXIT_OFF] = 1 if value else 0
+
+
+class SyncRegs:
+    """The general registers KVM keeps in kvm_run (KVM_SYNC_X86_REGS).
+
+    ``enable()`` asks KVM to store them at every exit; ``regs`` is a live
+    ``kvm_regs`` view of them; after changing any, ``mark_dirty()`` makes KVM
+    load them at the next KVM_RUN (it clears the mark itself)."""
+
+    def __init__(self, mm):
+        self._mm = mm
+        self.regs = s.kvm_regs.from_buffer(mm, _SYNC_REGS_OFF)
+
+    def enable(self) -> None:
+        _U64.pack_into(self._mm, _VALID_REGS_OFF, s.KVM_SYNC_X86_REGS)
+
+    def mark_dirty(self) -> None:
+        self._mm[_DIRTY_REGS_OFF : _DIRTY_REGS_OFF + 8] = _DIRTY_REGS

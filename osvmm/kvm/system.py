@@ -16,9 +16,10 @@ import mmap
 import os
 
 from osvmm.errors import KvmError, KvmUnavailable
+from osvmm.kvm import exits
 from osvmm.kvm import ioctls as io
 from osvmm.kvm import structs as s
-from osvmm.kvm.exits import RUN_HEADER, decode_exit
+from osvmm.kvm.exits import RUN_HEADER, SyncRegs, decode_exit
 
 KVM_API_VERSION = 12
 _INTERRUPTED = (s.KVM_EXIT_INTR, 0, 0, 0, 0, 0)
@@ -68,6 +69,12 @@ class Kvm:
 
     def check_extension(self, cap: int) -> int:
         return _ioctl(self.fd, io.KVM_CHECK_EXTENSION, cap)
+
+    def max_vcpus(self) -> int:
+        """vCPUs one VM may have (KVM_CAP_MAX_VCPUS, else the recommended NR_VCPUS)."""
+        return self.check_extension(io.KVM_CAP_MAX_VCPUS) or self.check_extension(
+            io.KVM_CAP_NR_VCPUS
+        )
 
     def vcpu_mmap_size(self) -> int:
         return _ioctl(self.fd, io.KVM_GET_VCPU_MMAP_SIZE)
@@ -131,15 +138,17 @@ class Vm:
             ec.args[i] = a
         _ioctl(self.fd, io.KVM_ENABLE_CAP, ec)
 
-    def get_dirty_log(self, slot: int, size: int) -> bytes:
-        """The dirty bitmap of a slot of ``size`` bytes: one bit per 4 KiB page."""
-        nbytes = ((size // 4096 + 63) // 64) * 8
-        bitmap = ctypes.create_string_buffer(nbytes)
-        _ioctl(self.fd, io.KVM_GET_DIRTY_LOG, s.kvm_dirty_log(slot, 0, ctypes.addressof(bitmap)))
-        return bitmap.raw
+    def supports_sync_regs(self) -> bool:
+        """Whether KVM keeps the general registers in kvm_run (exits.SyncRegs)."""
+        return bool(self.check_extension(io.KVM_CAP_SYNC_REGS) & s.KVM_SYNC_X86_REGS)
 
-    def stats_fd(self) -> int:
-        return _ioctl(self.fd, io.KVM_GET_STATS_FD)
+    def disable_exits(self, bits: int) -> int:
+        """Disable the exits named by ``bits`` (KVM_X86_DISABLE_EXITS_*) if KVM offers
+        all of them (before any vCPU exists); returns what KVM offers."""
+        offered = self.check_extension(io.KVM_CAP_X86_DISABLE_EXITS)
+        if offered & bits == bits:
+            self.enable_cap(io.KVM_CAP_X86_DISABLE_EXITS, bits)
+        return offered
 
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         return Vcpu(self, vcpu_id, _ioctl(self.fd, io.KVM_CREATE_VCPU, vcpu_id))
@@ -160,7 +169,7 @@ class Vcpu:
         self.run_mmap = mmap.mmap(
             fd, vm.kvm.vcpu_mmap_size(), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
         )
-        self.kvm_run = s.kvm_run.from_buffer(self.run_mmap)
+        self.sync = SyncRegs(self.run_mmap)
 
     # -- the hot path --------------------------------------------------------
     def run(self):
@@ -185,14 +194,13 @@ class Vcpu:
 
     def complete_io_in(self, exit_, data: bytes) -> None:
         """Give an ``in`` instruction its data before the next ``run``."""
-        self.run_mmap[exit_.data_offset : exit_.data_offset + len(data)] = data
+        exits.complete_io_in(self.run_mmap, exit_.data_offset, data)
 
     def complete_mmio_read(self, data: bytes) -> None:
-        off = s.kvm_run.exit.offset + s.kvm_run_mmio.data.offset
-        self.run_mmap[off : off + len(data)] = data
+        exits.complete_mmio_read(self.run_mmap, data)
 
     def set_immediate_exit(self, value: bool) -> None:
-        self.kvm_run.immediate_exit = 1 if value else 0
+        exits.set_immediate_exit(self.run_mmap, value)
 
     # -- state -----------------------------------------------------------------
     def get_regs(self) -> s.kvm_regs:
@@ -218,25 +226,12 @@ class Vcpu:
             cpuid.entries[i] = e
         _ioctl(self.fd, io.KVM_SET_CPUID2, cpuid)
 
-    def get_mp_state(self) -> int:
-        st = s.kvm_mp_state()
-        _ioctl(self.fd, io.KVM_GET_MP_STATE, st)
-        return st.mp_state
-
-    def set_mp_state(self, state: int) -> None:
-        _ioctl(self.fd, io.KVM_SET_MP_STATE, s.kvm_mp_state(state))
-
-    def get_lapic(self) -> bytes:
-        st = s.kvm_lapic_state()
-        _ioctl(self.fd, io.KVM_GET_LAPIC, st)
-        return bytes(st.regs)
-
     def stats_fd(self) -> int:
         return _ioctl(self.fd, io.KVM_GET_STATS_FD)
 
     def close(self) -> None:
         if self.fd >= 0:
-            del self.kvm_run
+            del self.sync
             self.run_mmap.close()
             os.close(self.fd)
             self.fd = -1

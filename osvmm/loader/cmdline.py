@@ -111,17 +111,36 @@ class Cmdline:
         return len(self._line)
 
 
+def split_init_args(text: str) -> tuple[str, str]:
+    """(kernel parameters, init's arguments): Linux passes what follows a bare ``--``
+    to init untouched, so the VMM's own words go before it."""
+    words = text.split(" ")
+    if "--" in words:
+        at = words.index("--")
+        return " ".join(words[:at]).strip(" "), " ".join(words[at + 1 :]).strip(" ")
+    return text.strip(" "), ""
+
+
+def _whole_quoted(param: str) -> bool:
+    return len(param) >= 2 and param[0] == param[-1] == '"' and '"' not in param[1:-1]
+
+
 def _check_quoting_text(s: str) -> None:
-    """Free text: quotes balanced; each parameter's key free of quotes and non-empty."""
+    """Free text: quotes balanced; each parameter's key non-empty and free of quotes,
+    unless the whole parameter is quoted (Linux's next_arg() takes ``"a b"`` as one
+    parameter); after a bare ``--`` every word is init's and only the balance counts."""
     if s.count('"') % 2:
         raise ConfigError(f"kernel command line: text {s!r} has an unbalanced quote")
     quoted = False
     param = ""
+    init_args = False
     for ch in s + " ":
         if ch == '"':
             quoted = not quoted
         if ch == " " and not quoted:
-            if param:
+            if param == "--":
+                init_args = True
+            elif param and not init_args and not _whole_quoted(param):
                 key = param.split("=", 1)[0]
                 if not key or '"' in key:
                     raise ConfigError(f"kernel command line: parameter {param!r} has a bad key")

@@ -22,16 +22,12 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from osvmm.arch.x86.layout import CHANNEL_WINDOW_SIZE, MIN_MEMORY
+from osvmm.arch.x86.layout import CHANNEL_WINDOW_SIZE, MIN_MEMORY, PAGE_SIZE
 from osvmm.errors import ConfigError
+from osvmm.guests import bundled_name
+from osvmm.machine import MAX_VCPUS
 
-PAGE_SIZE = 4096
 NAME_RE = re.compile(r"[a-z0-9_-]{1,32}")
-# The prefix of an image that names a guest bundled with osvmm ("guests:hello"):
-# kept as written here and resolved by the VMM (osvmm/guests).
-BUNDLED_PREFIX = "guests:"
-# Guest APIC IDs are 8-bit (xAPIC, MP table); 0xff is the broadcast ID.
-MAX_VCPUS = 255
 CHANNEL_MAX_SIZE = 64 << 20
 CHANNEL_MODES = ("rw", "ro")
 RESTART_POLICIES = ("stop", "restart")
@@ -198,8 +194,8 @@ class PartitionSpec:
     @property
     def bundled_guest(self) -> str | None:
         """NAME when ``image = "guests:NAME"``, else None."""
-        if self.image is not None and self.image.startswith(BUNDLED_PREFIX):
-            return self.image[len(BUNDLED_PREFIX) :]
+        if self.image is not None:
+            return bundled_name(self.image)
         return None
 
 
@@ -442,8 +438,8 @@ def _parse_partition(table: dict[str, Any], index: int, base: Path) -> Partition
         if value is not None and not value:
             raise ConfigError(f"{where}: {key}: must not be empty")
     if image is not None:
-        if image.startswith(BUNDLED_PREFIX):
-            if not NAME_RE.fullmatch(image[len(BUNDLED_PREFIX) :]):
+        if bundled_name(image) is not None:
+            if not NAME_RE.fullmatch(bundled_name(image)):
                 raise ConfigError(f"{where}: image: {image!r} names no bundled guest")
             fields["image"] = image
         else:

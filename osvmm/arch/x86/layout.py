@@ -27,6 +27,7 @@ from __future__ import annotations
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
+PAGE_SIZE = 4 * KiB
 
 GDT_ADDR = 0x500
 IDT_ADDR = 0x520
@@ -63,6 +64,8 @@ BOOT_TSS = 0x20
 # on Intel hosts; they sit at the top of the MMIO hole, under the LAPIC's page.
 KVM_TSS_ADDR = 0xFFFB_D000
 KVM_IDENTITY_MAP_ADDR = 0xFFFB_C000
+# KVM's identity-map page and its three TSS pages, reserved in the e820 map.
+KVM_PRIVATE_SIZE = KVM_TSS_ADDR + 3 * PAGE_SIZE - KVM_IDENTITY_MAP_ADDR
 
 MIN_MEMORY = 2 * MiB
 

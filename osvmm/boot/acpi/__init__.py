@@ -22,8 +22,8 @@ from osvmm.boot.acpi.fadt import FACS_ALIGN, FACS_SIZE, FADT_SIZE, build_facs, b
 from osvmm.boot.acpi.madt import build_madt
 from osvmm.boot.acpi.numa import build_slit, build_srat
 from osvmm.boot.acpi.rsdp import RSDP_SIZE, build_rsdp, build_xsdt, xsdt_size
-from osvmm.boot.plan import BootPlan
 from osvmm.errors import ConfigError
+from osvmm.machine import Machine
 
 TABLE_ALIGN = 16
 
@@ -43,16 +43,15 @@ def _align(value: int, align: int) -> int:
     return (value + align - 1) // align * align
 
 
-def build_acpi(plan: BootPlan, base_addr: int = layout.ACPI_TABLES_ADDR) -> AcpiTables:
+def build_acpi(machine: Machine, base_addr: int = layout.ACPI_TABLES_ADDR) -> AcpiTables:
     """Every ACPI table of the partition, RSDP first at ``base_addr`` (16-byte aligned)."""
-    plan.validate()
     if base_addr % FACS_ALIGN:
         raise ConfigError(f"ACPI tables base {base_addr:#x} is not 64-byte aligned")
-    dsdt = build_dsdt(plan)
+    dsdt = build_dsdt(machine)
     facs = build_facs()
-    pointed = [("APIC", build_madt(plan))]
-    if len(plan.numa_nodes) > 1:
-        pointed += [("SRAT", build_srat(plan)), ("SLIT", build_slit(plan))]
+    pointed = [("APIC", build_madt(machine))]
+    if len(machine.numa_nodes) > 1:
+        pointed += [("SRAT", build_srat(machine)), ("SLIT", build_slit(machine))]
 
     # Place everything; sizes do not depend on addresses.
     addrs: dict[str, int] = {"RSDP": base_addr}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from osvmm.boot.acpi import aml, pm
 from osvmm.boot.acpi.common import table
-from osvmm.boot.plan import BootPlan
+from osvmm.machine import Machine
 
 DSDT_REVISION = 2  # 64-bit AML integers
 PROCESSOR_HID = "ACPI0007"
@@ -32,7 +32,7 @@ def processor_device_name(uid: int) -> str:
     return f"C{uid:03X}"
 
 
-def build_dsdt(plan: BootPlan) -> bytes:
+def build_dsdt(machine: Machine) -> bytes:
     s5 = aml.name(
         "_S5",
         aml.package(
@@ -48,6 +48,6 @@ def build_dsdt(plan: BootPlan) -> bytes:
             aml.name("_HID", aml.string(PROCESSOR_HID)),
             aml.name("_UID", aml.integer(uid)),
         )
-        for uid in range(len(plan.apic_ids))
+        for uid in range(len(machine.apic_ids))
     ]
     return table(b"DSDT", DSDT_REVISION, s5 + aml.scope("\\_SB", *cpus))

@@ -3,7 +3,7 @@
 SRAT (revision 3): one Processor Local APIC Affinity entry per vCPU (its
 node as proximity domain) and one Memory Affinity entry per RAM range of each
 node. SLIT (revision 1): the node-to-node distance matrix, 10 on the diagonal.
-Proximity domain numbers are the plan's node ids, 0..n-1, which index the SLIT.
+Proximity domain numbers are the machine's node ids, 0..n-1, which index the SLIT.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 
 from osvmm.boot.acpi.common import table
-from osvmm.boot.plan import BootPlan
+from osvmm.machine import Machine
 
 SRAT_REVISION = 3
 SLIT_REVISION = 1
@@ -20,10 +20,10 @@ SRAT_MEMORY_AFFINITY = 1
 AFFINITY_ENABLED = 1 << 0
 
 
-def build_srat(plan: BootPlan) -> bytes:
+def build_srat(machine: Machine) -> bytes:
     body = struct.pack("<I8x", 1)  # reserved: 1 for compatibility with old OSes
-    for apic_id in plan.apic_ids:
-        node = plan.node_of_apic(apic_id)
+    for apic_id in machine.apic_ids:
+        node = machine.node_of_apic(apic_id)
         body += struct.pack(
             "<BBBBIB3sI",
             SRAT_PROCESSOR_AFFINITY,
@@ -35,7 +35,7 @@ def build_srat(plan: BootPlan) -> bytes:
             (node >> 8).to_bytes(3, "little"),  # proximity domain [31:8]
             0,  # clock domain
         )
-    for node in plan.numa_nodes:
+    for node in machine.numa_nodes:
         for start, size in node.mem_ranges:
             body += struct.pack(
                 "<BBIHQQIIQ",
@@ -52,8 +52,8 @@ def build_srat(plan: BootPlan) -> bytes:
     return table(b"SRAT", SRAT_REVISION, body)
 
 
-def build_slit(plan: BootPlan) -> bytes:
-    n = len(plan.numa_nodes)
+def build_slit(machine: Machine) -> bytes:
+    n = len(machine.numa_nodes)
     body = struct.pack("<Q", n)
-    body += bytes(plan.distance(i, j) for i in range(n) for j in range(n))
+    body += bytes(machine.distance(i, j) for i in range(n) for j in range(n))
     return table(b"SLIT", SLIT_REVISION, body)

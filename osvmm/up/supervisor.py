@@ -36,10 +36,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from osvmm.errors import ConfigError, OsvmmError
-from osvmm.partition import Partition, PartitionConfig
+from osvmm.errors import ConfigError, OsvmmError, VmmBug
+from osvmm.machine import Machine
 from osvmm.plan.config import PartitionSpec
 from osvmm.plan.placement import Assignment, PartitionAssignment
+from osvmm.up.partition_config import machine_of, partition_config
+from osvmm.vmm.partition import Partition, PartitionConfig
 
 STOPPED, BOOTING, RUNNING, BACKOFF, FAILED = "stopped", "booting", "running", "backoff", "failed"
 HISTORY_BYTES = 16 << 10  # console output kept for a client that attaches later
@@ -189,6 +191,7 @@ class PartitionEntry:
     spec: PartitionSpec
     index: int  # its index in the plan (the hypercall ABI's partition id)
     placement: PartitionAssignment
+    machine: Machine  # derived once (partition_config.machine_of); every boot reads it
     console: ConsoleHub
     partition: Partition | None = None  # the running one (None when stopped)
     state: str = STOPPED
@@ -221,7 +224,7 @@ class Supervisor:
         kvm=None,
     ):
         from osvmm.kvm import Kvm
-        from osvmm.vcpu import install_kick_handler
+        from osvmm.vmm.vcpu import install_kick_handler
 
         install_kick_handler()  # from the main thread: vCPU threads are kicked by a signal
         self.assignment = assignment
@@ -254,6 +257,7 @@ class Supervisor:
                 spec=placement.spec,
                 index=index,
                 placement=placement,
+                machine=machine_of(assignment, placement),
                 console=ConsoleHub(name, log_path, echo),
             )
 
@@ -427,6 +431,24 @@ class Supervisor:
             self._cond.notify_all()
 
     def _run_entry(self, entry: PartitionEntry) -> None:
+        """The entry's thread: it never dies on an exception; a VMM bug fails the
+        partition (logged with its traceback) and the thread waits for a start."""
+        while not self._closing:
+            try:
+                self._run_entry_loop(entry)
+                return
+            except Exception as err:  # noqa: BLE001
+                bug = VmmBug.from_exception(f"supervising {entry.name}", err)
+                self.log(f"{entry.name}: {bug}")
+                self.log(bug.traceback_text.rstrip("\n"))
+                with self._cond:
+                    entry.want_running = False
+                    entry.partition = None
+                    entry.state = FAILED
+                    entry.reason = str(bug)
+                    self._cond.notify_all()
+
+    def _run_entry_loop(self, entry: PartitionEntry) -> None:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: entry.want_running or self._closing)
@@ -492,11 +514,15 @@ class Supervisor:
             part.build()
             for hook in self.on_build:
                 hook(entry, part)
-        except OsvmmError as err:
+        except Exception as err:  # noqa: BLE001 - any failure ends this boot, never the thread
+            if not isinstance(err, OsvmmError):
+                err = VmmBug.from_exception(f"building {entry.name}", err)
             if part is not None:
                 part.close()
             reason = f"cannot boot: {err}"
             self.log(f"{entry.name}: {reason}")
+            if isinstance(err, VmmBug):
+                self.log(err.traceback_text.rstrip("\n"))
             entry.console.note(reason)
             return reason, True, False
         with self._cond:
@@ -510,7 +536,7 @@ class Supervisor:
             self._cond.notify_all()
         if run_now:
             self.log(f"{entry.name}: running (boot {entry.boots})")
-            for note in part.boot_log + part.enforcement:
+            for note in (*part.boot_log, *part.enforcement):
                 self.log(f"{entry.name}: {note}")
             result = part.wait()
         else:
@@ -529,30 +555,13 @@ class Supervisor:
         part.close()
         reason = result.reason if result else "stopped"
         faulted = result is not None and result.fault is not None
+        if faulted and isinstance(result.fault, VmmBug):
+            self.log(result.fault.traceback_text.rstrip("\n"))
         self.log(f"{entry.name}: ended: {reason}")
         entry.console.note(f"ended: {reason}")
         return reason, faulted, bool(result and result.reset)
 
     def _config(self, entry: PartitionEntry) -> PartitionConfig:
-        from osvmm.cli import resolve_image
-
-        spec, p = entry.spec, entry.placement
-        return PartitionConfig(
-            name=spec.name,
-            image=resolve_image(spec.image) if spec.image else None,
-            kernel=spec.kernel,
-            initrd=spec.initrd,
-            cmdline=spec.cmdline or "",
-            memory=spec.memory,
-            vcpus=p.vcpus,
-            apic_ids=p.apic_ids,
-            console=entry.console.write,
-            partition_id=entry.index,
-            reserve_channel_window=bool(self.plan.channels_of(spec.name)),
-            host_cpus=p.cpus,
-            float_cpus=() if p.cpus else self.assignment.pool,
-            node=p.node,
-            hugepages=spec.hugepages,
-            prefault=spec.prefault,
-            disable_exits=bool(p.cpus),
+        return partition_config(
+            self.assignment, entry.placement, entry.machine, entry.console.write
         )

@@ -12,7 +12,10 @@ a few bytes of 64-bit code at CPL0 in a throwaway VM:
            partitions' command lines.
 
 A probe "needs" its accommodation only when the code hit an emulation
-failure; results are cached for the process.
+failure; results are cached for the process. ``quirks_for(source)`` turns
+them into the ``Quirks`` that ``osvmm.boot.prepare`` applies: only Linux
+kernels get any, and a host without a usable /dev/kvm gets none (the
+partition's own KVM open then says why).
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ import functools
 import struct
 from dataclasses import dataclass
 
-from osvmm.arch.x86 import cpuid as x86_cpuid
 from osvmm.arch.x86 import layout
-from osvmm.arch.x86.regs import apply_entry_state, long64_entry
+from osvmm.arch.x86.regs import long64_entry
+from osvmm.boot.image import NO_QUIRKS, BootSource, Quirks
+from osvmm.boot.prepare import write_long_mode_tables
+from osvmm.errors import KvmUnavailable
 from osvmm.kvm.exits import InternalError, IoOut
-from osvmm.memory import GuestMemory
+from osvmm.vmm.bringup import create_vcpu, create_vm
+from osvmm.vmm.memory import GuestMemory
 
 CODE_ADDR = layout.HIGH_MEMORY_START
 DATA_ADDR = CODE_ADDR + 0x100  # 64-byte aligned operand
@@ -56,26 +62,18 @@ class ProbeResult:
 
 
 def _run_probe(kvm, name: str, code: bytes, cr4_extra: int = 0) -> ProbeResult:
-    from osvmm.boot.setup import write_long_mode_tables
-
     mem = GuestMemory([(0, 4 * layout.MiB)])
-    vm = kvm.create_vm()
-    vcpu = None
+    write_long_mode_tables(mem)
+    mem.write(CODE_ADDR, code)
+    vm = vcpu = None
     try:
-        vm.set_tss_addr(layout.KVM_TSS_ADDR)
-        vm.create_irqchip()
-        region = mem.regions[0]
-        vm.set_user_memory_region(0, region.gpa, region.size, region.host_addr)
-        write_long_mode_tables(mem)
-        mem.write(CODE_ADDR, code)
-        vcpu = vm.create_vcpu(0)
-        vcpu.set_cpuid(x86_cpuid.vcpu_cpuid(kvm.supported_cpuid(), 0, 1))
-        sregs, regs = vcpu.get_sregs(), vcpu.get_regs()
-        regs.__init__()
-        apply_entry_state(long64_entry(CODE_ADDR), sregs, regs)
-        sregs.cr4 |= cr4_extra
-        vcpu.set_sregs(sregs)
-        vcpu.set_regs(regs)
+        vm = create_vm(kvm, mem, pit=False)
+        entry = long64_entry(CODE_ADDR)
+        vcpu = create_vcpu(vm, kvm.supported_cpuid(), 0, 1, entry=entry)
+        if cr4_extra:
+            sregs = vcpu.get_sregs()
+            sregs.cr4 |= cr4_extra
+            vcpu.set_sregs(sregs)
         for _ in range(8):
             ex = vcpu.run()
             if isinstance(ex, IoOut) and ex.port == 0xF4:
@@ -88,7 +86,8 @@ def _run_probe(kvm, name: str, code: bytes, cr4_extra: int = 0) -> ProbeResult:
     finally:
         if vcpu is not None:
             vcpu.close()
-        vm.close()
+        if vm is not None:
+            vm.close()
         mem.close()
 
 
@@ -104,3 +103,30 @@ def probe_host() -> dict[str, ProbeResult]:
         }
     finally:
         kvm.close()
+
+
+CX16_NOTE = (
+    "host accommodation: CPUID CX16 cleared (this host's KVM cannot emulate cmpxchg16b at CPL0)"
+)
+XSAVE_NOTE = (
+    "host accommodation: 'noxsave' added to the command line (this host's KVM "
+    "cannot emulate xrstor at CPL0)"
+)
+
+
+def quirks_for(source: BootSource) -> Quirks:
+    """What booting ``source`` on this host needs adapted (nothing but for Linux)."""
+    if not source.linux:
+        return NO_QUIRKS
+    try:
+        probes = probe_host()
+    except KvmUnavailable:
+        return NO_QUIRKS
+    masks, words, notes = [], [], []
+    if probes["cx16"].needed:
+        masks.append("cx16")
+        notes.append(CX16_NOTE)
+    if probes["xsave"].needed:
+        words.append("noxsave")
+        notes.append(XSAVE_NOTE)
+    return Quirks(tuple(masks), tuple(words), tuple(notes))

@@ -1,21 +1,30 @@
-"""A partition: one guest with its memory, VM, vCPUs and devices.
+"""A partition: one guest with its machine, memory, VM, vCPUs and devices.
 
-``Partition.build`` is the boot recipe, in order, on one screen:
+``Partition.build`` is the boot recipe, in order, on one screen. Inputs come
+first: nothing is opened, mapped or created until what to boot has been read
+and the whole boot image prepared, so a bad image, initrd or command line is
+reported before /dev/kvm is touched.
 
-    1. plan       the guest-visible platform (memory, APIC IDs, NUMA nodes)
-    2. memory     guest RAM mapped on the host, bound to its NUMA node, huge
-                  pages advised, optionally prefaulted and locked (enforce.py)
-    3. vm         the KVM VM with its in-kernel LAPICs, I/O APIC, PIC and PIT;
-                  HLT/PAUSE exits disabled on dedicated cores
-    4. memslots   guest RAM registered with KVM
-    5. devices    COM1 (8250) and isa-debug-exit on the port bus
-    6. image      the kernel or image loaded, the boot interface written
-    7. vcpus      created with their CPUID; the BSP gets the entry registers,
+    1. inputs     the image (or kernel and initrd) read; the host's quirks for
+                  it; the boot image prepared (osvmm.boot.prepare: pure)
+    2. memory     guest RAM mapped on the host at the Machine's RAM ranges,
+                  bound to its NUMA node, huge pages advised, optionally
+                  prefaulted and locked (enforce.py)
+    3. vm         the KVM VM with its in-kernel LAPICs, I/O APIC, PIC and PIT,
+                  guest RAM as memslots (bringup.py); HLT/PAUSE exits disabled
+                  on dedicated cores
+    4. devices    COM1 (8250), isa-debug-exit and the power ports on the port bus
+    5. image      the boot image written into guest memory
+    6. vcpus      created with their CPUID; the BSP gets the entry registers,
                   the APs wait for INIT/SIPI in the in-kernel LAPIC
 
 ``start`` runs one thread per vCPU, each first pinning itself to its host
 CPU (dedicated) or to the pool (floating); ``wait`` returns a RunResult when the
 guest ends (debug exit, power-off, fault) or ``stop`` is called.
+
+The partitioning layer (osvmm.hypercall.live) reaches a partition only through
+the small interface at the end of this class: port hooks, MMIO devices, shared
+memory slots, MSIs, guest memory and the console.
 """
 
 from __future__ import annotations
@@ -24,11 +33,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from osvmm import enforce
-from osvmm.arch.x86 import cpuid as x86_cpuid
-from osvmm.arch.x86 import layout
-from osvmm.arch.x86.regs import apply_entry_state
-from osvmm.boot.plan import BootPlan
+from osvmm.boot.image import BootImage, read_boot_source
+from osvmm.boot.prepare import prepare
 from osvmm.devices.bus import PortBus
 from osvmm.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit, exit_status
 from osvmm.devices.mmio import MmioBus
@@ -37,28 +43,30 @@ from osvmm.devices.serial import COM1_IRQ, COM1_PORT, Serial
 from osvmm.errors import ConfigError, OsvmmError
 from osvmm.kvm import Kvm
 from osvmm.kvm.stats import StatsReader
-from osvmm.memory import GuestMemory
-from osvmm.vcpu import VcpuThread, install_kick_handler
+from osvmm.kvm.structs import KVM_MEM_READONLY
+from osvmm.machine import Machine
+from osvmm.vmm import enforce
+from osvmm.vmm.bringup import create_vcpu, create_vm
+from osvmm.vmm.host_quirks import quirks_for
+from osvmm.vmm.memory import GuestMemory
+from osvmm.vmm.vcpu import VcpuThread, install_kick_handler
+
+MSI_ADDRESS_BASE = 0xFEE0_0000  # MSI address: 0xfee00000 | destination APIC ID << 12
 
 
 @dataclass
 class PartitionConfig:
+    """What to build: the machine, what it boots, where its console goes, and what
+    the host enforces. The defaults leave the host alone, as ``osvmm run`` does."""
+
+    machine: Machine
     name: str = "guest"
     image: str | None = None  # an ELF image: PVH, plain ELF64, or a Linux vmlinux
     kernel: str | None = None  # a Linux kernel: bzImage or vmlinux
     initrd: str | None = None
     cmdline: str = ""
-    memory: int = 64 * layout.MiB
-    vcpus: int = 1
-    apic_ids: tuple[int, ...] | None = None  # default 0..vcpus-1
-    numa_nodes: int = 1
     console: Callable[[bytes], None] = field(default=lambda data: None, repr=False)
-    cpuid_mask: tuple[str, ...] = ()
-    partition_id: int = 0  # its index in the plan (the hypercall ABI's partition id)
-    # Mark the channel window (layout.CHANNEL_WINDOW_*) reserved in the e820 map, so a
-    # kernel never puts anything where CHANNEL_ATTACH maps a channel.
-    reserve_channel_window: bool = False
-    # Enforcement (osvmm/enforce.py). The defaults leave the host alone, as `osvmm run` does.
+    # Enforcement (osvmm/vmm/enforce.py).
     host_cpus: tuple[int, ...] = ()  # dedicated host CPUs: vCPU i pinned to host_cpus[i]
     float_cpus: tuple[int, ...] = ()  # floating: every vCPU allowed on these (the pool)
     node: int | None = None  # bind guest memory to this host NUMA node (mbind)
@@ -78,63 +86,51 @@ class RunResult:
 class Partition:
     def __init__(self, config: PartitionConfig, kvm: Kvm | None = None):
         self.config = config
+        self.machine = config.machine
         self.kvm = kvm
         self._own_kvm = kvm is None
         self.vm = None
         self.memory: GuestMemory | None = None
+        self.boot: BootImage | None = None
         self.vcpus = []
         self.threads: list[VcpuThread] = []
         self.stats_readers: list[StatsReader] = []
-        self.image = None
         self._done = threading.Event()
         self._lock = threading.Lock()
         self.result: RunResult | None = None
-        self.boot_log: list[str] = []  # what the VMM adapted for this host (printed by the CLI)
-        self.cpuid_mask: list[str] = list(config.cpuid_mask)
         self.enforcement: list[str] = []  # what enforce.py applied, one note each
+        self._shared_slots: dict[int, tuple[int, int]] = {}  # gpa -> (memslot, size)
+        self._next_slot = 0
+
+    @property
+    def boot_log(self) -> tuple[str, ...]:
+        """What the VMM adapted for this host (printed by the CLI, logged by ``up``)."""
+        return self.boot.notes if self.boot is not None else ()
 
     # -- the recipe ------------------------------------------------------------
     def build(self) -> Partition:
-        cfg = self.config
-        if cfg.vcpus < 1:
-            raise ConfigError(f"--cpus must be at least 1, not {cfg.vcpus}")
-        if cfg.memory < layout.MIN_MEMORY:
+        cfg, machine = self.config, self.machine
+        if cfg.host_cpus and len(cfg.host_cpus) != machine.vcpus:
             raise ConfigError(
-                f"--memory {cfg.memory} bytes is too small: a partition needs at least "
-                f"{layout.MIN_MEMORY >> 20} MiB"
+                f"partition {cfg.name!r}: {len(cfg.host_cpus)} host CPUs for {machine.vcpus} vCPUs"
             )
-        apic_ids = cfg.apic_ids or tuple(range(cfg.vcpus))
-        if cfg.host_cpus and len(cfg.host_cpus) != cfg.vcpus:
-            raise ConfigError(
-                f"partition {cfg.name!r}: {len(cfg.host_cpus)} host CPUs for {cfg.vcpus} vCPUs"
-            )
+        # 1. inputs
+        source = read_boot_source(cfg.image, cfg.kernel, cfg.initrd)
+        self.boot = boot = prepare(source, machine, cfg.cmdline, quirks_for(source))
         if self.kvm is None:
             self.kvm = Kvm()
-        max_vcpus = self.kvm.check_extension(66) or self.kvm.check_extension(9)  # MAX/NR_VCPUS
-        if cfg.vcpus > max_vcpus:
-            raise ConfigError(f"--cpus {cfg.vcpus}: this host's KVM allows at most {max_vcpus}")
-
-        # 1. plan
-        self.plan = BootPlan.simple(
-            cfg.memory, apic_ids, cfg.numa_nodes, channels=cfg.reserve_channel_window
-        )
+        max_vcpus = self.kvm.max_vcpus()
+        if machine.vcpus > max_vcpus:
+            raise ConfigError(f"--cpus {machine.vcpus}: this host's KVM allows at most {max_vcpus}")
         # 2. memory
-        self.memory = GuestMemory(layout.ram_regions(cfg.memory))
+        self.memory = GuestMemory(machine.ram_ranges)
         self._enforce_memory()
         # 3. vm
-        vm = self.vm = self.kvm.create_vm()
+        vm = self.vm = create_vm(self.kvm, self.memory)
+        self._next_slot = len(self.memory.regions)
         if cfg.disable_exits:
             self.enforcement.append(enforce.disable_exits(vm))
-        vm.set_tss_addr(layout.KVM_TSS_ADDR)
-        vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
-        vm.create_irqchip()
-        vm.create_pit2()
-        # 4. memslots
-        for slot, region in enumerate(self.memory.regions):
-            vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
-        self._next_slot = len(self.memory.regions)
-        self.extra_slots: dict[int, tuple[int, int]] = {}  # gpa -> (slot, size)
-        # 5. devices
+        # 4. devices
         self.serial = Serial(cfg.console, irq=lambda level: vm.irq_line(COM1_IRQ, level))
         self.pio = PortBus()
         self.pio.register(COM1_PORT, 8, self.serial)
@@ -145,24 +141,14 @@ class Partition:
             on_reset=lambda: self.reset(-1),
         )
         self.mmio = MmioBus()
-        # 6. image and boot interface
-        from osvmm.boot.setup import load_and_prepare
-
-        self.image, entry_state = load_and_prepare(self)
-        # 7. vcpus
+        # 5. image and boot interface
+        boot.write_to(self.memory)
+        # 6. vcpus
         supported = self.kvm.supported_cpuid()
-        vm.set_boot_cpu_id(apic_ids[0])
-        for index, apic_id in enumerate(apic_ids):
-            vcpu = vm.create_vcpu(apic_id)
-            vcpu.set_cpuid(
-                x86_cpuid.vcpu_cpuid(supported, apic_id, len(apic_ids), tuple(self.cpuid_mask))
-            )
-            if index == 0:
-                sregs, regs = vcpu.get_sregs(), vcpu.get_regs()
-                regs.__init__()  # all general registers zero but what the entry sets
-                apply_entry_state(entry_state, sregs, regs)
-                vcpu.set_sregs(sregs)
-                vcpu.set_regs(regs)
+        vm.set_boot_cpu_id(machine.bsp_apic_id)
+        for index, apic_id in enumerate(machine.apic_ids):
+            entry = boot.entry if index == 0 else None
+            vcpu = create_vcpu(vm, supported, apic_id, machine.vcpus, boot.cpuid_mask, entry)
             self.vcpus.append(vcpu)
             self.stats_readers.append(StatsReader(vcpu.stats_fd()))
             thread = VcpuThread(vcpu, index, self.pio, self.mmio, self)
@@ -170,7 +156,7 @@ class Partition:
             self.threads.append(thread)
         return self
 
-    # -- enforcement (osvmm/enforce.py) ---------------------------------------------
+    # -- enforcement (osvmm/vmm/enforce.py) ---------------------------------------------
     def _enforce_memory(self) -> None:
         cfg = self.config
         for region in self.memory.regions:
@@ -206,28 +192,6 @@ class Partition:
     def vcpu_tids(self) -> list[int | None]:
         """The host thread id of each vCPU (None before it started)."""
         return [getattr(t, "tid", None) for t in self.threads]
-
-    # -- hooks for the partitioning layer ------------------------------------------
-    def add_port_hook(self, port: int, fn) -> None:
-        """Route exits on ``port`` to ``fn(vcpu_thread, exit)`` on every vCPU (it may
-        read and write that vCPU's registers: the hypercall port)."""
-        for t in self.threads:
-            t.port_hooks[port] = fn
-
-    def map_extra(self, gpa: int, size: int, host_addr: int, readonly: bool = False) -> int:
-        """Map host memory (a shared channel) at ``gpa``; returns the memslot used."""
-        from osvmm.kvm.structs import KVM_MEM_READONLY
-
-        slot = self._next_slot
-        self._next_slot += 1
-        flags = KVM_MEM_READONLY if readonly else 0
-        self.vm.set_user_memory_region(slot, gpa, size, host_addr, flags)
-        self.extra_slots[gpa] = (slot, size)
-        return slot
-
-    def unmap_extra(self, gpa: int) -> None:
-        slot, _ = self.extra_slots.pop(gpa)
-        self.vm.set_user_memory_region(slot, gpa, 0, 0)  # size 0 deletes the slot
 
     # -- running -----------------------------------------------------------------
     def start(self) -> None:
@@ -294,3 +258,52 @@ class Partition:
             self.memory.close()
         if self._own_kvm and self.kvm is not None:
             self.kvm.close()
+
+    # -- the interface of the partitioning layer (osvmm.hypercall.live) -----------
+    @property
+    def running(self) -> bool:
+        """Built, not closed, and its run not ended."""
+        return self.vm is not None and self.vm.fd >= 0 and self.result is None
+
+    def add_port_hook(self, port: int, fn) -> None:
+        """Route exits on ``port`` to ``fn(vcpu, exit)`` on every vCPU, on that vCPU's
+        thread (it may read and write the vCPU's registers: the hypercall port)."""
+        for t in self.threads:
+            t.port_hooks[port] = fn
+
+    def add_mmio_device(self, gpa: int, size: int, device) -> None:
+        self.mmio.register(gpa, size, device)
+
+    def map_shared(self, gpa: int, size: int, host_addr: int, writable: bool) -> None:
+        """Map host memory shared with others (a channel) at ``gpa``, in a memslot of
+        its own; read-only unless ``writable`` (a guest write then exits as MMIO)."""
+        if gpa in self._shared_slots:
+            raise ValueError(f"{gpa:#x} is already mapped")
+        slot = self._next_slot
+        self._next_slot += 1
+        flags = 0 if writable else KVM_MEM_READONLY
+        self.vm.set_user_memory_region(slot, gpa, size, host_addr, flags)
+        self._shared_slots[gpa] = (slot, size)
+
+    def unmap_shared(self, gpa: int) -> None:
+        slot, _ = self._shared_slots.pop(gpa)
+        self.vm.set_user_memory_region(slot, gpa, 0, 0)  # size 0 deletes the slot
+
+    def shared_mappings(self) -> dict[int, int]:
+        """What ``map_shared`` mapped: guest-physical address -> size."""
+        return {gpa: size for gpa, (_, size) in self._shared_slots.items()}
+
+    def raise_msi(self, vcpu_index: int, vector: int) -> None:
+        """An MSI with ``vector`` to the LAPIC of vCPU ``vcpu_index`` (a doorbell)."""
+        apic_id = self.machine.apic_ids[vcpu_index]
+        self.vm.signal_msi(MSI_ADDRESS_BASE | apic_id << 12, vector)
+
+    def read_guest(self, gpa: int, length: int) -> bytes:
+        return self.memory.read(gpa, length)
+
+    def write_guest(self, gpa: int, data: bytes) -> None:
+        self.memory.write(gpa, data)
+
+    def console_write(self, data: bytes) -> None:
+        """Bytes to the partition's console sink, as if the guest had printed them."""
+        self.config.console(data)

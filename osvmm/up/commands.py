@@ -19,8 +19,8 @@ import sys
 import threading
 import time
 
-from osvmm.control import ControlError, connect, exchange, is_listening, request
-from osvmm.errors import ConfigError, OsvmmError
+from osvmm.errors import OsvmmError
+from osvmm.up.protocol import ControlError, connect, exchange, is_listening, request
 
 ESCAPE = b"\x01x"  # Ctrl-A x detaches a console
 
@@ -82,25 +82,17 @@ def socket_path(args) -> str:
 
 
 def cmd_up(args) -> int:
-    from osvmm.cli import resolve_image
     from osvmm.plan.config import load_plan
     from osvmm.plan.placement import place
     from osvmm.plan.topology import read_topology
-    from osvmm.supervisor import default_log_dir
+    from osvmm.up.partition_config import check_boot
+    from osvmm.up.supervisor import default_log_dir
 
     plan = load_plan(args.file)
     assignment = place(plan, read_topology("/sys"))
     for warning in assignment.warnings:
         print(f"osvmm: warning: {warning}", file=sys.stderr)
-    for spec in plan.partitions:  # everything a boot needs, checked before anything starts
-        if spec.image:
-            path = resolve_image(spec.image)
-            if not os.path.isfile(path):
-                raise ConfigError(f"partition {spec.name!r}: image: {path} does not exist")
-        for key in ("kernel", "initrd"):
-            path = getattr(spec, key)
-            if path and not os.path.isfile(path):
-                raise ConfigError(f"partition {spec.name!r}: {key}: {path} does not exist")
+    check_boot(assignment)  # every image loads and every boot prepares, before anything starts
     path = plan.vmm.control_socket
     if is_listening(path):
         raise ControlError(f"a VMM is already listening on {path} (osvmm down stops it)")
@@ -138,8 +130,8 @@ def _detach(serve) -> int:
 
 
 def _serve(assignment, path: str, log_dir: str, quiet: bool, ready) -> int:
-    from osvmm.control import ControlServer
-    from osvmm.supervisor import LineEcho, Supervisor
+    from osvmm.up.protocol import ControlServer
+    from osvmm.up.supervisor import LineEcho, Supervisor
 
     # The VMM's own threads (control, supervision, builds) stay off dedicated cores:
     # they run on the pool; each vCPU thread pins itself when it starts.
@@ -152,7 +144,7 @@ def _serve(assignment, path: str, log_dir: str, quiet: bool, ready) -> int:
         echo=None if quiet else LineEcho(sys.stdout),
         event_log=lambda text: print(f"osvmm: {text}", file=sys.stderr, flush=True),
     )
-    from osvmm.hypercall.live import serve_supervisor
+    from osvmm.up.hypercalls import serve_supervisor
 
     hypercalls = serve_supervisor(sup)  # the six hypercalls, channels and doorbells
     server = ControlServer(path, sup, on_down=down.set)

@@ -22,14 +22,10 @@ import stat
 import threading
 from collections.abc import Callable
 
-from osvmm.errors import OsvmmError
+from osvmm.errors import ControlError, OsvmmError
 
 PROTOCOL_VERSION = 1
 MAX_LINE = 64 << 10  # a request line longer than this is refused
-
-
-class ControlError(OsvmmError):
-    """No VMM is listening, or the VMM refused a request."""
 
 
 def not_listening(path: str) -> ControlError:

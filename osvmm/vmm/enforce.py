@@ -33,7 +33,9 @@ import errno as _errno
 import mmap
 import os
 
-from osvmm.errors import ConfigError, OsvmmError
+from osvmm.arch.x86.layout import PAGE_SIZE
+from osvmm.errors import ConfigError, EnforceError
+from osvmm.kvm.ioctls import KVM_X86_DISABLE_EXITS_HLT, KVM_X86_DISABLE_EXITS_PAUSE
 
 SYS_mbind = 237  # x86_64
 MPOL_PREFERRED = 1
@@ -43,23 +45,12 @@ MADV_HUGEPAGE = 14
 MADV_POPULATE_WRITE = 23
 PR_SET_NAME = 15
 
-KVM_CAP_X86_DISABLE_EXITS = 143
-KVM_X86_DISABLE_EXITS_MWAIT = 1 << 0
-KVM_X86_DISABLE_EXITS_HLT = 1 << 1
-KVM_X86_DISABLE_EXITS_PAUSE = 1 << 2
-KVM_X86_DISABLE_EXITS_CSTATE = 1 << 3
-
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
-PAGE_SIZE = 4096
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _libc.mlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _libc.prctl.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_ulong)
-
-
-class EnforceError(OsvmmError):
-    """The host refused what the plan asks for (pinning, memory policy, locking)."""
 
 
 # -- CPUs ------------------------------------------------------------------------------------
@@ -217,8 +208,7 @@ def mapping_flags(pid: int, addr: int) -> dict[str, object]:
 def disable_exits(vm) -> str:
     """Disable HLT and PAUSE exits on ``vm`` (before its vCPUs are created)."""
     wanted = KVM_X86_DISABLE_EXITS_HLT | KVM_X86_DISABLE_EXITS_PAUSE
-    supported = vm.check_extension(KVM_CAP_X86_DISABLE_EXITS)
-    if supported & wanted != wanted:
-        return f"HLT/PAUSE exits kept: KVM offers only {supported:#x}"
-    vm.enable_cap(KVM_CAP_X86_DISABLE_EXITS, wanted)
+    offered = vm.disable_exits(wanted)
+    if offered & wanted != wanted:
+        return f"HLT/PAUSE exits kept: KVM offers only {offered:#x}"
     return "HLT and PAUSE exits disabled"

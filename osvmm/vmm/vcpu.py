@@ -16,7 +16,7 @@ import signal
 import threading
 from collections import Counter
 
-from osvmm.errors import GuestFault, KvmError
+from osvmm.errors import GuestFault, KvmError, VmmBug
 from osvmm.kvm.exits import (
     FailEntry,
     Hlt,
@@ -58,7 +58,7 @@ class VcpuThread:
         self.state = self.CREATED
         self.handled = Counter()  # exits the VMM handled on the slow path, by kind
         self.io_counts = [0, 0]  # fast-path port I/O exits: [in, out]
-        # port -> fn(vcpu_thread, exit): exits that need the vCPU itself (its
+        # port -> fn(vcpu, exit): exits that need the vCPU itself (its
         # registers), e.g. the hypercall port; consulted before the port bus.
         self.port_hooks: dict = {}
         self.stop_requested = False
@@ -97,7 +97,7 @@ class VcpuThread:
         except KvmError as err:
             self.machine.fault(err)
         except Exception as err:  # noqa: BLE001 - a VMM bug must still stop the machine
-            self.machine.fault(KvmError(0, f"vcpu {self.index} internal error", repr(err)))
+            self.machine.fault(VmmBug.from_exception(f"vcpu {self.index}", err))
         finally:
             self.state = self.FINISHED
 
@@ -137,7 +137,7 @@ class VcpuThread:
         self.handled[kind] += 1
         hook = self.port_hooks.get(ex.port) if kind is IoOut or kind is IoIn else None
         if hook is not None:
-            hook(self, ex)
+            hook(self.vcpu, ex)
         elif kind is IoOut:
             if len(ex.data) == ex.size:
                 self.pio.write(ex.port, ex.data)

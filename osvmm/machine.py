@@ -1,31 +1,38 @@
-"""BootPlan: the guest-visible platform of one partition, as the boot tables describe it.
+"""Machine: one partition's guest-visible platform, derived and validated once.
 
-A plan says how much memory the partition has (placed by ``layout.ram_regions``),
-which local APIC IDs its vCPUs carry (those of the host cores it was given, so
-not necessarily 0..n-1), how CPUs and memory group into NUMA nodes, and which
-guest-physical ranges outside RAM the guest must leave alone (the shared-memory
-channel window). Every table builder in ``osvmm.boot`` is a pure function of
-a plan; ``BootPlan.validate`` rejects a plan the tables could not describe.
+A Machine says how much memory the partition has and where its RAM ranges lie
+(``layout.ram_regions``, computed once and stored), which local APIC IDs its
+vCPUs carry (those of the host cores it was given, so not necessarily
+0..n-1), how CPUs and memory group into NUMA nodes and at what distances, and
+which guest-physical ranges outside RAM the guest must leave alone (the
+shared-memory channel window). It is built from the CLI (``Machine.build``)
+or from a plan's placement (``osvmm.up.partition_config``) and then read,
+never re-derived, by everything that needs one of these facts:
+
+    boot/        the e820 map, MP table, ACPI MADT/SRAT/SLIT, boot_params
+    vmm/         guest memory and its KVM memslots, the vCPUs and their APIC IDs
+    hypercall/   the monitor's bounds on what a partition may name as its RAM
+
+Construction validates: a Machine that exists is one the tables can describe.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from osvmm.arch.x86 import layout
+from osvmm.arch.x86.layout import KVM_PRIVATE_SIZE, PAGE_SIZE
 from osvmm.errors import ConfigError
 
-PAGE_SIZE = 4096
 # The highest APIC ID an xAPIC (8-bit ID, 0xff = broadcast) can be given.
 MAX_XAPIC_ID = 254
-# Memory split between NUMA nodes by BootPlan.simple is aligned to this.
+MAX_VCPUS = MAX_XAPIC_ID  # APIC IDs 0..253 and the I/O APIC's ID above them
+# Memory split between NUMA nodes by Machine.build is aligned to this.
 NODE_ALIGN = 2 * layout.MiB
 # ACPI SLIT distances (ACPI 6.4 section 5.2.17).
 LOCAL_DISTANCE = 10
 REMOTE_DISTANCE = 20
-# KVM's identity-map page and its three TSS pages, right above it (layout.py).
-KVM_PRIVATE_SIZE = layout.KVM_TSS_ADDR + 3 * PAGE_SIZE - layout.KVM_IDENTITY_MAP_ADDR
 
 Range = tuple[int, int]  # (guest-physical start, size)
 
@@ -44,9 +51,10 @@ class NumaNode:
 
 
 @dataclass(frozen=True)
-class BootPlan:
+class Machine:
     """One partition's guest-visible platform.
 
+    ``memory``: bytes of RAM; ``ram_ranges`` (derived, stored) places them.
     ``apic_ids``: the local APIC ID of each vCPU in vCPU order; vCPU 0 is the
     bootstrap processor. ``numa_nodes``: empty means one node (0) with every
     vCPU and all RAM. ``reserved``: (start, size) ranges outside RAM that the
@@ -54,13 +62,17 @@ class BootPlan:
     the diagonal and 20 elsewhere.
     """
 
-    mem_size: int
+    memory: int
     apic_ids: tuple[int, ...]
     numa_nodes: tuple[NumaNode, ...] = ()
     reserved: tuple[Range, ...] = ()
     distances: tuple[tuple[int, ...], ...] | None = None
+    ram_ranges: tuple[Range, ...] = field(init=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.memory, int) or isinstance(self.memory, bool):
+            raise ConfigError(f"partition memory {self.memory!r} is not a number of bytes")
+        object.__setattr__(self, "ram_ranges", tuple(layout.ram_regions(self.memory)))
         object.__setattr__(self, "apic_ids", tuple(self.apic_ids))
         object.__setattr__(self, "reserved", tuple(tuple(r) for r in self.reserved))
         nodes = tuple(self.numa_nodes)
@@ -69,18 +81,19 @@ class BootPlan:
         object.__setattr__(self, "numa_nodes", nodes)
         if self.distances is not None:
             object.__setattr__(self, "distances", tuple(tuple(row) for row in self.distances))
+        self._validate()
 
     # -- construction --------------------------------------------------------
 
     @classmethod
-    def simple(
+    def build(
         cls,
-        mem_size: int,
+        memory: int,
         cpus: int | Sequence[int],
         numa_nodes: int = 1,
         channels: bool = False,
-    ) -> BootPlan:
-        """A plan with memory and vCPUs split evenly across ``numa_nodes`` nodes.
+    ) -> Machine:
+        """A machine with memory and vCPUs split evenly across ``numa_nodes`` nodes.
 
         ``cpus`` is a vCPU count (APIC IDs 0..n-1) or the list of APIC IDs.
         Node i gets the i-th slice of RAM (2 MiB aligned; the last node takes
@@ -91,34 +104,36 @@ class BootPlan:
         apic_ids = tuple(range(cpus)) if isinstance(cpus, int) else tuple(cpus)
         if numa_nodes < 1:
             raise ConfigError(f"a partition needs at least one NUMA node, not {numa_nodes}")
-        per_node = (mem_size // numa_nodes) // NODE_ALIGN * NODE_ALIGN
+        if memory < layout.MIN_MEMORY:
+            raise ConfigError(
+                f"memory {memory} bytes is too small: a partition needs at least "
+                f"{layout.MIN_MEMORY >> 20} MiB"
+            )
+        per_node = (memory // numa_nodes) // NODE_ALIGN * NODE_ALIGN
         if per_node == 0:
             raise ConfigError(
-                f"{mem_size:#x} bytes of memory cannot be split into {numa_nodes} NUMA nodes"
+                f"{memory:#x} bytes of memory cannot be split into {numa_nodes} NUMA nodes"
             )
-        regions = layout.ram_regions(mem_size)
+        regions = layout.ram_regions(memory)
         base, extra = divmod(len(apic_ids), numa_nodes)
         nodes = []
         cpu_at = 0
         for i in range(numa_nodes):
             start = i * per_node
-            size = per_node if i < numa_nodes - 1 else mem_size - start
+            size = per_node if i < numa_nodes - 1 else memory - start
             ncpu = base + (1 if i < extra else 0)
             nodes.append(
                 NumaNode(i, apic_ids[cpu_at : cpu_at + ncpu], _slice_ram(regions, start, size))
             )
             cpu_at += ncpu
         reserved = ((layout.CHANNEL_WINDOW_START, layout.CHANNEL_WINDOW_SIZE),) if channels else ()
-        plan = cls(mem_size, apic_ids, tuple(nodes), reserved)
-        plan.validate()
-        return plan
+        return cls(memory, apic_ids, tuple(nodes), reserved)
 
     # -- derived values ------------------------------------------------------
 
     @property
-    def ram_ranges(self) -> list[Range]:
-        """Guest-physical RAM ranges (layout.ram_regions)."""
-        return layout.ram_regions(self.mem_size)
+    def vcpus(self) -> int:
+        return len(self.apic_ids)
 
     @property
     def ioapic_id(self) -> int:
@@ -143,8 +158,8 @@ class BootPlan:
 
     # -- validation ----------------------------------------------------------
 
-    def validate(self) -> None:
-        """Raise ConfigError if the tables could not describe this plan."""
+    def _validate(self) -> None:
+        """Raise ConfigError if the tables could not describe this machine."""
         self._validate_memory()
         self._validate_cpus()
         self._validate_nodes()
@@ -152,13 +167,13 @@ class BootPlan:
         self._validate_distances()
 
     def _validate_memory(self) -> None:
-        if self.mem_size < layout.MIN_MEMORY:
+        if self.memory < layout.MIN_MEMORY:
             raise ConfigError(
-                f"partition memory {self.mem_size:#x} is below the minimum "
+                f"partition memory {self.memory:#x} is below the minimum "
                 f"{layout.MIN_MEMORY:#x} bytes"
             )
-        if self.mem_size % PAGE_SIZE:
-            raise ConfigError(f"partition memory {self.mem_size:#x} is not a multiple of 4 KiB")
+        if self.memory % PAGE_SIZE:
+            raise ConfigError(f"partition memory {self.memory:#x} is not a multiple of 4 KiB")
 
     def _validate_cpus(self) -> None:
         if not self.apic_ids:

@@ -1,0 +1,126 @@
+"""What boot reads and what it returns: BootSource in, BootImage out.
+
+``read_boot_source`` reads the files a partition boots from (an ELF image, or
+a Linux kernel and its initrd) and says which convention boots them; every
+file problem is an ImageError there, before any resource is taken.
+``osvmm.boot.prepare.prepare`` then turns a source, a Machine, the command
+line and the host's Quirks into a BootImage: the bytes to write at which
+guest-physical addresses, the register state at entry, the CPUID features to
+hide and the notes for the user. No guest memory exists yet while it runs:
+loaders write into ``StagedMemory``, which records the writes and checks each
+against the Machine's RAM; the VMM copies them into guest memory later
+(``BootImage.write_to``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from osvmm.arch.x86.regs import EntryState
+from osvmm.errors import ConfigError, GuestMemoryError, ImageError
+from osvmm.loader.elf import is_linux, parse_elf
+from osvmm.loader.result import LoadedImage, read_image
+from osvmm.loader.setup_header import HDRS_MAGIC
+
+HDRS_OFFSET = 0x202  # the setup header's "HdrS" magic (Documentation/arch/x86/boot.rst)
+ELF_MAGIC = b"\x7fELF"
+
+
+def is_bzimage(data: bytes) -> bool:
+    return data[HDRS_OFFSET : HDRS_OFFSET + 4] == HDRS_MAGIC.to_bytes(4, "little")
+
+
+@dataclass(frozen=True)
+class BootSource:
+    """The files a partition boots: their names, bytes, and the convention."""
+
+    name: str  # the image or kernel path (for messages)
+    data: bytes
+    linux: bool  # Linux 64-bit boot protocol (bzImage or vmlinux); else PVH or ELF64
+    initrd_name: str | None = None
+    initrd: bytes | None = None
+
+
+def read_boot_source(
+    image: str | None = None, kernel: str | None = None, initrd: str | None = None
+) -> BootSource:
+    """Read what to boot: ``image`` (ELF: PVH, ELF64 or a vmlinux) or ``kernel``
+    (bzImage or vmlinux), and ``initrd`` for a Linux kernel."""
+    if image and kernel:
+        raise ConfigError("give either IMAGE or --kernel, not both")
+    if not image and not kernel:
+        raise ConfigError("nothing to boot: give an IMAGE (or guests:NAME) or --kernel")
+    path = kernel or image
+    data = read_image(path, "kernel" if kernel else "image")
+    if is_bzimage(data):
+        linux = True
+    elif kernel:
+        linux = True  # a vmlinux; the loader says so if it is not one
+    else:
+        if data[:4] != ELF_MAGIC:
+            raise ImageError(f"{path}: not an ELF image (and no bzImage setup header)")
+        linux = is_linux(parse_elf(data, path))
+    if initrd and not linux:
+        raise ConfigError("--initrd needs a Linux kernel; this image is not one")
+    initrd_data = read_image(initrd, "initrd") if initrd else None
+    return BootSource(path, data, linux, initrd, initrd_data)
+
+
+@dataclass(frozen=True)
+class Quirks:
+    """What this host needs a Linux kernel to avoid (osvmm.vmm.host_quirks)."""
+
+    cpuid_mask: tuple[str, ...] = ()  # CPUID features to clear (arch.x86.cpuid names)
+    cmdline_words: tuple[str, ...] = ()  # words added to the kernel command line
+    notes: tuple[str, ...] = ()  # one line each, for the user
+
+
+NO_QUIRKS = Quirks()
+
+
+class StagedMemory:
+    """The guest-physical address space of a Machine before it exists: writes are
+    recorded in order, each checked against the RAM ranges (the loaders' interface)."""
+
+    def __init__(self, ram_ranges):
+        self.ranges = tuple(ram_ranges)
+        self.writes: list[tuple[int, bytes]] = []
+
+    @property
+    def size(self) -> int:
+        return sum(size for _, size in self.ranges)
+
+    @property
+    def end(self) -> int:
+        return max(start + size for start, size in self.ranges)
+
+    def contains(self, gpa: int, size: int = 1) -> bool:
+        return size >= 0 and any(s <= gpa and gpa + size <= s + z for s, z in self.ranges)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        if not self.contains(gpa, len(data)):
+            raise GuestMemoryError(
+                f"guest range {gpa:#x}+{len(data):#x} is not inside guest memory"
+            )
+        self.writes.append((gpa, bytes(data)))
+
+    def fill(self, gpa: int, size: int, byte: int = 0) -> None:
+        self.write(gpa, bytes([byte]) * size)
+
+
+@dataclass(frozen=True)
+class BootImage:
+    """A partition's boot, ready to write: bytes at addresses, the entry state, the
+    CPUID features to hide, and what was adapted for this host (notes)."""
+
+    image: LoadedImage
+    writes: tuple[tuple[int, bytes], ...]
+    entry: EntryState
+    cpuid_mask: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    cmdline: bytes = b""  # as written for the guest, NUL included
+
+    def write_to(self, memory) -> None:
+        """Copy every staged write into guest memory (``GuestMemory.write``), in order."""
+        for gpa, data in self.writes:
+            memory.write(gpa, data)

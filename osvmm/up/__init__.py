@@ -1,0 +1,1 @@
+"""Many partitions in one VMM process: the supervisor, consoles, the control socket."""

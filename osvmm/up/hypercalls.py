@@ -1,0 +1,51 @@
+"""The hypercall interface under ``osvmm up``: one LiveMonitor wired to the supervisor.
+
+The supervisor owns each partition's lifecycle; the monitor follows it one way
+(osvmm.hypercall.live): a partition is bound when it has been built, before its
+vCPUs start, and is told stopped when its run ends. PARTITION_CONTROL calls go
+the other way, to the supervisor's stop/start/restart, on a thread of their own.
+"""
+
+from __future__ import annotations
+
+from osvmm.errors import OsvmmError
+from osvmm.hypercall.abi import ControlOp
+from osvmm.hypercall.live import LiveMonitor, monitor_config
+
+
+def serve_supervisor(supervisor, check: bool = False) -> LiveMonitor:
+    """Run the hypercall interface for every partition of an ``osvmm up`` supervisor.
+
+    Each partition the supervisor builds (first boot, restart, reboot) is bound
+    before its vCPUs start, with no channel attached; PARTITION_CONTROL goes to
+    the supervisor's stop/start/restart (SHUTDOWN is a stop, REBOOT a restart)."""
+    machines = {name: entry.machine for name, entry in supervisor.partitions.items()}
+    config = monitor_config(supervisor.plan, machines)
+    live = LiveMonitor(config, lifecycle=None, check=check, console=None)
+    names = {p.id: p.name for p in live.topology.partitions}
+    actions = {
+        ControlOp.SHUTDOWN: supervisor.stop,
+        ControlOp.STOP: supervisor.stop,
+        ControlOp.START: supervisor.start,
+        ControlOp.REBOOT: supervisor.restart,
+        ControlOp.RESTART: supervisor.restart,
+    }
+
+    def lifecycle(pid: int, op: ControlOp) -> None:
+        try:
+            actions[op](names[pid], wait=False)
+        except OsvmmError as err:  # e.g. a race with the control socket: logged, not fatal
+            supervisor.log(f"{names[pid]}: hypercall {op.name}: {err}")
+
+    def on_build(entry, partition) -> None:  # booting: "running" for the monitor
+        live.bind(entry.index, partition)
+
+    def on_end(entry, partition) -> None:
+        # Stopped outside the ABI (power-off, fault, the control socket): it loses
+        # its channels, and doorbells to it answer -EBUSY until it boots again.
+        live.partition_stopped(entry.index)
+
+    live.lifecycle = lifecycle
+    supervisor.on_build.append(on_build)
+    supervisor.on_end.append(on_end)
+    return live

@@ -1,0 +1,71 @@
+"""From a placed plan to what one partition is built from: its Machine and config.
+
+``machine_of`` derives a partition's Machine once, when the supervisor starts
+(RAM from the plan's memory, the APIC IDs of its placement, the channel window
+reserved when the plan gives it a channel); the supervisor keeps it and every
+boot of that partition, and the hypercall monitor's bounds, read it.
+``check_boot`` prepares each partition's boot image once (pure: nothing is
+opened or mapped) so ``osvmm up`` refuses a plan whose images do not load
+before any partition starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from osvmm.boot.image import NO_QUIRKS, read_boot_source
+from osvmm.boot.prepare import prepare
+from osvmm.errors import ConfigError, OsvmmError
+from osvmm.guests import resolve_image
+from osvmm.machine import Machine
+from osvmm.plan.placement import Assignment, PartitionAssignment
+from osvmm.vmm.partition import PartitionConfig
+
+
+def machine_of(assignment: Assignment, placement: PartitionAssignment) -> Machine:
+    spec = placement.spec
+    channels = bool(assignment.plan.channels_of(spec.name))
+    try:
+        return Machine.build(spec.memory, placement.apic_ids, 1, channels=channels)
+    except ConfigError as err:
+        raise ConfigError(f"partition {spec.name!r}: {err}") from None
+
+
+def partition_config(
+    assignment: Assignment,
+    placement: PartitionAssignment,
+    machine: Machine,
+    console: Callable[[bytes], None],
+) -> PartitionConfig:
+    spec = placement.spec
+    return PartitionConfig(
+        machine=machine,
+        name=spec.name,
+        image=resolve_image(spec.image) if spec.image else None,
+        kernel=spec.kernel,
+        initrd=spec.initrd,
+        cmdline=spec.cmdline or "",
+        console=console,
+        host_cpus=placement.cpus,
+        float_cpus=() if placement.cpus else assignment.pool,
+        node=placement.node,
+        hugepages=spec.hugepages,
+        prefault=spec.prefault,
+        disable_exits=bool(placement.cpus),
+    )
+
+
+def check_boot(assignment: Assignment) -> dict[str, Machine]:
+    """Every partition's Machine, after checking that each one's boot prepares (its
+    image, kernel, initrd and command line); the first failure as a ConfigError."""
+    machines = {}
+    for placement in assignment.partitions:
+        machine = machine_of(assignment, placement)
+        config = partition_config(assignment, placement, machine, lambda data: None)
+        try:
+            source = read_boot_source(config.image, config.kernel, config.initrd)
+            prepare(source, machine, config.cmdline, NO_QUIRKS)
+        except OsvmmError as err:
+            raise ConfigError(f"partition {placement.name!r}: {err}") from None
+        machines[placement.name] = machine
+    return machines

@@ -1,0 +1,1 @@
+"""One partition: its machine, memory, VM, vCPUs, devices and host enforcement."""

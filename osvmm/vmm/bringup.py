@@ -1,0 +1,57 @@
+"""Bringing up a KVM VM and its vCPUs: the steps every VM osvmm makes shares.
+
+``create_vm`` makes a VM with the pages KVM needs below 4 GiB (TSS and the
+identity map, where layout.py puts them), the in-kernel irqchip (LAPICs, I/O
+APIC, PIC) and optionally the PIT, and registers guest memory as memslots
+0..n-1. ``create_vcpu`` makes one vCPU with its CPUID and, for the boot
+processor, the entry registers. A partition (partition.py) and the host probe
+(host_quirks.py) both bring up their VMs through these.
+"""
+
+from __future__ import annotations
+
+from osvmm.arch.x86 import cpuid as x86_cpuid
+from osvmm.arch.x86 import layout
+from osvmm.arch.x86.regs import EntryState, apply_entry_state
+
+
+def create_vm(kvm, memory, pit: bool = True):
+    """A VM with its irqchip (and PIT) and ``memory``'s regions as memslots 0..n-1."""
+    vm = kvm.create_vm()
+    try:
+        vm.set_tss_addr(layout.KVM_TSS_ADDR)
+        vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+        vm.create_irqchip()
+        if pit:
+            vm.create_pit2()
+        for slot, region in enumerate(memory.regions):
+            vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
+    except BaseException:
+        vm.close()
+        raise
+    return vm
+
+
+def create_vcpu(
+    vm,
+    supported_cpuid,
+    apic_id: int,
+    vcpus: int,
+    cpuid_mask: tuple[str, ...] = (),
+    entry: EntryState | None = None,
+):
+    """A vCPU with APIC ID ``apic_id`` of ``vcpus``; ``entry``: the boot processor's
+    registers at entry (the others wait for INIT/SIPI in their LAPIC)."""
+    vcpu = vm.create_vcpu(apic_id)
+    try:
+        vcpu.set_cpuid(x86_cpuid.vcpu_cpuid(supported_cpuid, apic_id, vcpus, cpuid_mask))
+        if entry is not None:
+            sregs, regs = vcpu.get_sregs(), vcpu.get_regs()
+            regs.__init__()  # all general registers zero but what the entry sets
+            apply_entry_state(entry, sregs, regs)
+            vcpu.set_sregs(sregs)
+            vcpu.set_regs(regs)
+    except BaseException:
+        vcpu.close()
+        raise
+    return vcpu
