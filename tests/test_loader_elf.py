@@ -317,7 +317,7 @@ def test_section_notes_used_without_pt_note(mem):
 
 
 def test_load_vmlinux_requires_linux(mem):
-    from osvmm.loader.vmlinux import load_vmlinux
+    from osvmm.loader.elf import load_vmlinux
 
     with pytest.raises(ImageError, match="not a Linux kernel"):
         load_vmlinux(elf(notes=pvh_note(0x100000)), mem, "guest.elf")

@@ -62,6 +62,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from osvmm.arch.x86 import layout
+from osvmm.devices.channel_window import ChannelWindow
 from osvmm.hypercall import abi, checker, monitor
 from osvmm.hypercall.abi import HYPERCALL_PORT, ControlOp
 from osvmm.hypercall.monitor import (
@@ -119,22 +120,6 @@ class ChannelMemory:
             self.mem = None
 
 
-class _ChannelWindow:
-    """The MMIO device behind the channel window of one partition: accesses where
-    no writable memslot is (a read-only channel, or nothing attached) land here.
-    Writes are dropped and counted; reads give all ones."""
-
-    def __init__(self, counts: Counter, partition_id: int):
-        self._counts = counts
-        self._id = partition_id
-
-    def mmio_write(self, offset: int, data: bytes) -> None:
-        self._counts[self._id] += 1
-
-    def mmio_read(self, offset: int, length: int) -> bytes:
-        return b"\xff" * length
-
-
 @dataclass
 class LiveStats:
     calls: Counter = field(default_factory=Counter)  # call number -> calls
@@ -156,7 +141,8 @@ class LiveMonitor:
         sync_regs: bool = True,
     ):
         """``lifecycle(partition_id, op)``: carries out a PartitionLifecycle (called on
-        a thread of its own, never a vCPU thread). ``console(partition_id, data)``:
+        a thread of its own, never a vCPU thread; whoever runs the partitions
+        gives it: ``osvmm up``'s supervisor, or PartitionGroup). ``console(partition_id, data)``:
         where CONSOLE_WRITE output goes (default: the partition's console, each line
         prefixed with its name). ``check``: run the invariants after every step."""
         self.state = MonitorState.from_config(config)
@@ -190,10 +176,11 @@ class LiveMonitor:
         hook = self._sync_hook(partition_id) if use_sync else self._ioctl_hook(partition_id)
         partition.add_port_hook(HYPERCALL_PORT, hook)
         if partition not in self._windows:  # a partition bound again keeps its device
+            counts = self.stats.window_writes
             partition.add_mmio_device(
                 layout.CHANNEL_WINDOW_START,
                 layout.CHANNEL_WINDOW_SIZE,
-                _ChannelWindow(self.stats.window_writes, partition_id),
+                ChannelWindow(lambda offset: counts.update((partition_id,))),
             )
             self._windows.add(partition)
         self._set_lifecycle(partition_id, RUNNING)
@@ -323,17 +310,6 @@ class LiveMonitor:
             threading.Thread(
                 target=self.lifecycle, args=(e.partition, e.op), name="hc-lifecycle", daemon=True
             ).start()
-            return
-        part = self.partitions.get(e.partition)
-        if part is None:
-            return
-        # No supervisor (``osvmm run``): the partition's run ends, a reboot as a reset.
-        if e.op == ControlOp.REBOOT:
-            part.finish(0, "the guest rebooted (hypercall)", reset=True)
-        elif e.op in (ControlOp.SHUTDOWN, ControlOp.STOP):
-            part.finish(0, f"partition stopped by hypercall {e.op.name}")
-        else:
-            part.finish(0, f"partition {e.op.name} by hypercall: no supervisor", reset=True)
 
     # -- live invariants -----------------------------------------------------------
     def _check(self, src: MonitorState, pid: int, nr: int, args, res) -> None:

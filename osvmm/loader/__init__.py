@@ -6,10 +6,9 @@ Each loader is one function from image bytes and guest memory to a
 
 from osvmm.loader.bzimage import extract_vmlinux, load_bzimage, parse_setup_header
 from osvmm.loader.cmdline import Cmdline
-from osvmm.loader.elf import load_elf
+from osvmm.loader.elf import load_elf, load_vmlinux
 from osvmm.loader.initrd import place_initrd
 from osvmm.loader.result import KIND_ELF64, KIND_LINUX64, KIND_PVH, LoadedImage, read_image
-from osvmm.loader.vmlinux import load_vmlinux
 
 __all__ = [
     "KIND_ELF64",

@@ -429,3 +429,11 @@ def load_elf(data: bytes, mem, name: str = "image") -> LoadedImage:
         elf_class=elf.elf_class,
         linux=linux,
     )
+
+
+def load_vmlinux(data: bytes, mem, name: str = "vmlinux"):
+    """Load a Linux vmlinux ELF; ImageError unless it is one (kind "linux64")."""
+    img = load_elf(data, mem, name)
+    if not img.linux:
+        raise ImageError(f"{name}: not a Linux kernel (no Linux ELF note or __ksymtab section)")
+    return img

@@ -17,7 +17,6 @@ would carry, documented field by field.
 
 from __future__ import annotations
 
-from osvmm.errors import ImageError
 from osvmm.loader.setup_header import (
     BOOT_FLAG,
     HDRS_MAGIC,
@@ -82,13 +81,3 @@ def default_setup_header(start: int, end: int) -> SetupHeader:
     hdr.pref_address = start
     hdr.init_size = min(end - start, 0xFFFFFFFF)
     return hdr
-
-
-def load_vmlinux(data: bytes, mem, name: str = "vmlinux"):
-    """Load a Linux vmlinux ELF; ImageError unless it is one (kind "linux64")."""
-    from osvmm.loader.elf import load_elf
-
-    img = load_elf(data, mem, name)
-    if not img.linux:
-        raise ImageError(f"{name}: not a Linux kernel (no Linux ELF note or __ksymtab section)")
-    return img

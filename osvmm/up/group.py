@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from osvmm.hypercall import monitor
+from osvmm.hypercall.abi import ControlOp
 from osvmm.hypercall.live import LiveMonitor
 from osvmm.kvm import Kvm
 from osvmm.machine import Machine
@@ -52,6 +53,7 @@ class PartitionGroup:
             ],
             list(channels),
         )
+        live_kwargs.setdefault("lifecycle", self._lifecycle)
         self.live = LiveMonitor(config, **live_kwargs)
         try:
             for pid, m in enumerate(members):
@@ -67,6 +69,18 @@ class PartitionGroup:
         except BaseException:
             self.close()
             raise
+
+    def _lifecycle(self, partition_id: int, op: ControlOp) -> None:
+        """PARTITION_CONTROL without a supervisor: the target's run ends as under
+        ``osvmm run`` (a reboot or restart as a reset, the rest as a stop)."""
+        part = list(self.parts.values())[partition_id]
+        if op == ControlOp.START:
+            return  # it is running, or its run is over: nothing restarts it here
+        if op in (ControlOp.SHUTDOWN, ControlOp.STOP):
+            part.finish(0, f"partition stopped by hypercall {op.name}")
+        else:
+            part.finish(0, f"partition {op.name} by hypercall (no supervisor)", reset=True)
+        self.live.partition_stopped(partition_id)
 
     def start(self, *names: str) -> None:
         for name in names or self.parts:

@@ -81,7 +81,8 @@ class VcpuThread:
                 pass
 
     def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # a vCPU never started has nothing to join
+            self._thread.join(timeout)
 
     @property
     def alive(self) -> bool:
