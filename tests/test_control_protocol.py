@@ -15,8 +15,8 @@ from types import SimpleNamespace
 import pytest
 
 from osvmm.errors import ConfigError
+from osvmm.up.consoles import ConsoleHub
 from osvmm.up.protocol import ControlError, ControlServer, connect, exchange, request
-from osvmm.up.supervisor import ConsoleHub
 
 
 class FakeSupervisor:

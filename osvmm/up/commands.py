@@ -130,8 +130,9 @@ def _detach(serve) -> int:
 
 
 def _serve(assignment, path: str, log_dir: str, quiet: bool, ready) -> int:
+    from osvmm.up.consoles import LineEcho
     from osvmm.up.protocol import ControlServer
-    from osvmm.up.supervisor import LineEcho, Supervisor
+    from osvmm.up.supervisor import Supervisor
 
     # The VMM's own threads (control, supervision, builds) stay off dedicated cores:
     # they run on the pool; each vCPU thread pins itself when it starts.
