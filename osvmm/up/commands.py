@@ -131,7 +131,7 @@ def _detach(serve) -> int:
 
 def _serve(assignment, path: str, log_dir: str, quiet: bool, ready) -> int:
     from osvmm.up.consoles import LineEcho
-    from osvmm.up.protocol import ControlServer
+    from osvmm.up.server import ControlServer
     from osvmm.up.supervisor import Supervisor
 
     # The VMM's own threads (control, supervision, builds) stay off dedicated cores:

@@ -26,7 +26,8 @@ file ``<log_dir>/<name>.console.log``, attached clients, and ``echo``.
 
 ``describe`` and ``stats`` (what ``ps`` and ``stat`` show) stay here as two
 small read-only methods: a consistent view needs the supervisor's lock, and
-that lock is this module's business; the control server only calls them.
+that lock is this module's business; the control server (osvmm/up/server.py)
+only calls them.
 """
 
 from __future__ import annotations
