@@ -21,8 +21,7 @@ import time
 
 from osvmm.errors import OsvmmError
 from osvmm.up.protocol import ControlError, connect, exchange, is_listening, request
-
-ESCAPE = b"\x01x"  # Ctrl-A x detaches a console
+from osvmm.vmm.escape import ConsoleEscape
 
 
 def add_up_parsers(sub) -> None:
@@ -298,7 +297,7 @@ def _copy_out(sock) -> None:
 def _copy_in(sock, stdin: int, out: threading.Thread) -> None:
     """Stdin to the console until Ctrl-A x, or the VMM closes; at stdin's EOF keep
     showing the output until the VMM closes the console (or Ctrl-C)."""
-    last = b""
+    escape = ConsoleEscape()
     stdin_open = True
     while out.is_alive():
         if not stdin_open:
@@ -311,12 +310,8 @@ def _copy_in(sock, stdin: int, out: threading.Thread) -> None:
         if not data:
             stdin_open = False
             continue
-        both = last + data
-        cut = both.find(ESCAPE)
-        if cut >= 0:
-            if cut:
-                sock.sendall(both[:cut])
+        data, detach = escape.feed(data)
+        if data:
+            sock.sendall(data)
+        if detach:
             return
-        last = ESCAPE[:1] if both.endswith(ESCAPE[:1]) else b""
-        if len(both) > len(last):
-            sock.sendall(both[: len(both) - len(last)])

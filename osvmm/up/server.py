@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from osvmm.errors import ControlError, OsvmmError
 from osvmm.up.protocol import PROTOCOL_VERSION, is_listening, read_line, send
+from osvmm.vmm.console import feed_uart
 
 
 class ControlServer:
@@ -170,20 +171,14 @@ class ControlServer:
 
     def _console_input(self, conn: socket.socket, entry, pending: bytes, client) -> None:
         """Client bytes to the running partition's UART input FIFO (dropped when stopped)."""
-        import time
+
+        def serial_of():
+            return getattr(entry.partition, "serial", None)
 
         data = pending
         try:
             while True:
-                while data:
-                    part = entry.partition
-                    if part is None or not hasattr(part, "serial"):
-                        data = b""
-                        break
-                    taken = part.serial.enqueue(data)
-                    data = data[taken:]
-                    if data:
-                        time.sleep(0.005)
+                feed_uart(serial_of, data)
                 data = conn.recv(4096)
                 if not data:
                     break
