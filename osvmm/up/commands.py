@@ -177,28 +177,9 @@ def cmd_ps(args) -> int:
     if args.json:
         print(json.dumps(reply, indent=2))
         return 0
-    from osvmm.plan.config import format_size
+    from osvmm.up.tables import format_ps
 
-    rows = [("NAME", "STATE", "CPUS", "NODE", "MEMORY", "BOOTS", "RESTARTS", "UPTIME", "REASON")]
-    for p in reply["partitions"]:
-        up = f"{p['uptime_s']:.1f}s" if p["uptime_s"] is not None else "-"
-        cpus = p["cpus"] if p["cpus"] != "floating" else f"floating({p['pool']})"
-        rows.append(
-            (
-                p["name"],
-                p["state"],
-                f"{cpus} x{p['vcpus']}" if p["vcpus"] > 1 else cpus,
-                str(p["node"]),
-                format_size(p["memory"]),
-                str(p["boots"]),
-                str(p["restarts"]),
-                up,
-                p["reason"] or "-",
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    sys.stdout.write(format_ps(reply["partitions"]))
     return 0
 
 
@@ -214,34 +195,10 @@ def cmd_stat(args) -> int:
     if args.json:
         print(json.dumps(reply, indent=2))
         return 0
+    from osvmm.up.tables import format_stat
+
     sys.stdout.write(format_stat(reply["partitions"]))
     return 0
-
-
-def format_stat(partitions: list[dict]) -> str:
-    """Per partition and vCPU: KVM's exit counters and the exits the VMM handled."""
-    lines = []
-    for p in partitions:
-        when = "now" if p["live"] else "at the end of its last run"
-        lines.append(f"partition {p['name']} ({when})")
-        if not p["vcpus"]:
-            lines.append("  no run yet")
-        for v in p["vcpus"]:
-            kvm, vmm = v["kvm"], v["vmm"]
-            width = max([len(k) for k in kvm] + [len(k) for k in vmm] + [4])
-            lines.append(f"  vcpu {v['vcpu']}: KVM exits (all, in-kernel included)")
-            for name, value in kvm.items():
-                lines.append(f"    {name:<{width}}  {value:>12}")
-            lines.append(f"  vcpu {v['vcpu']}: exits the VMM handled")
-            for name, value in vmm.items():
-                lines.append(f"    {name:<{width}}  {value:>12}")
-            if not vmm:
-                lines.append("    none")
-        ports = p.get("unclaimed_ports") or {}
-        if ports:
-            shown = ", ".join(f"{int(k):#x}x{n}" for k, n in sorted(ports.items()))
-            lines.append(f"  port accesses no device claimed: {shown}")
-    return "\n".join(lines) + "\n"
 
 
 def cmd_down(args) -> int:
