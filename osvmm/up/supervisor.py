@@ -49,15 +49,6 @@ from osvmm.vmm.partition import Partition, PartitionConfig
 STOPPED, BOOTING, RUNNING, BACKOFF, FAILED = "stopped", "booting", "running", "backoff", "failed"
 
 
-def default_log_dir(plan_source: str) -> str:
-    """$XDG_STATE_HOME/osvmm/<plan name> (default ~/.local/state/osvmm/<plan name>)."""
-    state = os.environ.get("XDG_STATE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".local", "state"
-    )
-    stem = os.path.splitext(os.path.basename(plan_source))[0] or "plan"
-    return os.path.join(state, "osvmm", stem)
-
-
 # -- partitions ----------------------------------------------------------------------------------
 
 
