@@ -1,4 +1,5 @@
-"""Console input forwarding and the power-off / reset ports (no /dev/kvm)."""
+"""Console input (the escape, stdin forwarding, the UART feed) and the power-off / reset ports
+(no /dev/kvm)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from osvmm.boot.acpi import pm
 from osvmm.devices.bus import PortBus
 from osvmm.devices.power import register_power_devices
 from osvmm.devices.serial import FIFO_CAPACITY, UART_IER, UART_IER_RDI, UART_RX, Serial
-from osvmm.vmm.console import StdinForwarder
+from osvmm.vmm.console import StdinForwarder, feed_uart
+from osvmm.vmm.escape import ConsoleEscape
 
 
 def _wait(cond, timeout=5.0):
@@ -77,6 +79,57 @@ def test_ctrl_a_x_quits():
         fwd.stop()
         os.close(w)
         os.close(r)
+
+
+def test_escape_split_across_reads():
+    esc = ConsoleEscape()
+    assert esc.feed(b"ab\x01") == (b"ab", False)  # the Ctrl-A waits for its next byte
+    assert esc.feed(b"xcd") == (b"", True)  # ... an x: the escape; what follows is not sent
+
+
+def test_escape_in_one_read_and_a_lone_ctrl_a():
+    assert ConsoleEscape().feed(b"ls\x01xrm") == (b"ls", True)
+    esc = ConsoleEscape()
+    assert esc.feed(b"\x01") == (b"", False)
+    assert esc.feed(b"b") == (b"\x01b", False)  # Ctrl-A then not x: both pass
+    assert esc.feed(b"\x01\x01") == (b"\x01", False)
+    assert esc.feed(b"x") == (b"", True)
+    assert esc.feed(b"") == (b"", False)
+
+
+def test_ctrl_a_x_split_across_reads_quits_after_the_bytes_before_it():
+    quits = []
+    serial = Serial(lambda data: None)
+    r, w = os.pipe()
+    fwd = StdinForwarder(serial, on_quit=lambda: quits.append(1), fd=r)
+    fwd.start()
+    try:
+        os.write(w, b"ok\x01")
+        assert _wait(lambda: serial.fifo_len == 2)
+        os.write(w, b"x")
+        assert _wait(lambda: quits == [1])
+        assert bytes(serial.read(UART_RX) for _ in range(2)) == b"ok"
+    finally:
+        fwd.stop()
+        os.close(w)
+        os.close(r)
+
+
+def test_feed_uart_retries_a_full_fifo_and_drops_once_the_target_is_gone():
+    serial = Serial(lambda data: None)
+    data = bytes(FIFO_CAPACITY + 5)
+    offers = []
+
+    def serial_of():
+        offers.append(1)
+        if len(offers) == 3:
+            for _ in range(FIFO_CAPACITY):
+                serial.read(UART_RX)
+        return serial
+
+    assert feed_uart(serial_of, data) is True
+    assert serial.fifo_len == 5 and len(offers) == 3
+    assert feed_uart(lambda: None, b"lost") is False
 
 
 def _power_bus():

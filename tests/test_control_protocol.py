@@ -15,8 +15,9 @@ from types import SimpleNamespace
 import pytest
 
 from osvmm.errors import ConfigError
-from osvmm.up.protocol import ControlError, ControlServer, connect, exchange, request
-from osvmm.up.supervisor import ConsoleHub
+from osvmm.up.consoles import ConsoleHub
+from osvmm.up.protocol import ControlError, connect, exchange, request
+from osvmm.up.server import ControlServer
 
 
 class FakeSupervisor:

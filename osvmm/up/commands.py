@@ -7,22 +7,19 @@ The CLI wires them with one call: ``add_up_parsers(subparsers)``. Every
 client command finds the VMM by ``--socket PATH``, else by the
 ``control_socket`` of ``--plan FILE``, else at
 ``osvmm.plan.config.default_control_socket()``. docs/partitions.md is the guide.
+
+Each command here is thin: ``up`` hands over to osvmm/up/daemon.py, ``console``
+to osvmm/up/console_client.py; the others send one request and print the
+answer (osvmm/up/tables.py draws ``ps`` and ``stat``).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import select
-import signal
 import sys
-import threading
 import time
 
-from osvmm.errors import OsvmmError
-from osvmm.up.protocol import ControlError, connect, exchange, is_listening, request
-
-ESCAPE = b"\x01x"  # Ctrl-A x detaches a console
+from osvmm.up.protocol import is_listening, request
 
 
 def add_up_parsers(sub) -> None:
@@ -78,98 +75,13 @@ def socket_path(args) -> str:
     return default_control_socket()
 
 
-# -- osvmm up --------------------------------------------------------------------------------
+# -- the commands -----------------------------------------------------------------------------
 
 
 def cmd_up(args) -> int:
-    from osvmm.plan.config import load_plan
-    from osvmm.plan.placement import place
-    from osvmm.plan.topology import read_topology
-    from osvmm.up.partition_config import check_boot
-    from osvmm.up.supervisor import default_log_dir
+    from osvmm.up.daemon import up
 
-    plan = load_plan(args.file)
-    assignment = place(plan, read_topology("/sys"))
-    for warning in assignment.warnings:
-        print(f"osvmm: warning: {warning}", file=sys.stderr)
-    check_boot(assignment)  # every image loads and every boot prepares, before anything starts
-    path = plan.vmm.control_socket
-    if is_listening(path):
-        raise ControlError(f"a VMM is already listening on {path} (osvmm down stops it)")
-    log_dir = args.log_dir or plan.vmm.log_dir or default_log_dir(plan.source)
-    if args.detach:
-        return _detach(lambda ready: _serve(assignment, path, log_dir, True, ready))
-    return _serve(assignment, path, log_dir, args.quiet, None)
-
-
-def _detach(serve) -> int:
-    """Fork; the child serves, the parent waits for 'ready' (or the error) on a pipe."""
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(rfd)
-        os.setsid()
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        status = 2
-        try:
-            status = serve(lambda msg: os.write(wfd, msg.encode() + b"\n"))
-        except OsvmmError as err:
-            os.write(wfd, f"error: {err}\n".encode())
-        finally:
-            os._exit(status)
-    os.close(wfd)
-    with os.fdopen(rfd, "rb") as r:
-        line = r.readline().decode().strip()
-    if line.startswith("ready"):
-        print(f"osvmm: {line[len('ready:') :].strip()} (pid {pid})", file=sys.stderr)
-        return 0
-    os.waitpid(pid, 0)
-    raise ControlError(line[len("error: ") :] if line.startswith("error: ") else "the VMM died")
-
-
-def _serve(assignment, path: str, log_dir: str, quiet: bool, ready) -> int:
-    from osvmm.up.protocol import ControlServer
-    from osvmm.up.supervisor import LineEcho, Supervisor
-
-    # The VMM's own threads (control, supervision, builds) stay off dedicated cores:
-    # they run on the pool; each vCPU thread pins itself when it starts.
-    if assignment.pool and any(p.cpus for p in assignment.partitions):
-        os.sched_setaffinity(0, set(assignment.pool))
-    down = threading.Event()
-    sup = Supervisor(
-        assignment,
-        log_dir=log_dir,
-        echo=None if quiet else LineEcho(sys.stdout),
-        event_log=lambda text: print(f"osvmm: {text}", file=sys.stderr, flush=True),
-    )
-    from osvmm.up.hypercalls import serve_supervisor
-
-    hypercalls = serve_supervisor(sup)  # the six hypercalls, channels and doorbells
-    server = ControlServer(path, sup, on_down=down.set)
-    try:
-        server.open()
-        server.start()
-        sup.log(f"up: {len(sup.partitions)} partitions, control socket {path}, logs in {log_dir}")
-        sup.start_all()
-        if ready is not None:
-            ready(f"ready: {len(sup.partitions)} partitions up, control socket {path}")
-        signal.signal(signal.SIGTERM, lambda signum, frame: down.set())
-        try:
-            while not down.wait(0.5):
-                pass
-        except KeyboardInterrupt:
-            pass
-        sup.log("down: stopping every partition")
-    finally:
-        sup.close()
-        server.close()
-        hypercalls.close()
-    return 0
-
-
-# -- the clients ------------------------------------------------------------------------------
+    return up(args.file, args.log_dir, args.detach, args.quiet)
 
 
 def cmd_ps(args) -> int:
@@ -177,28 +89,9 @@ def cmd_ps(args) -> int:
     if args.json:
         print(json.dumps(reply, indent=2))
         return 0
-    from osvmm.plan.config import format_size
+    from osvmm.up.tables import format_ps
 
-    rows = [("NAME", "STATE", "CPUS", "NODE", "MEMORY", "BOOTS", "RESTARTS", "UPTIME", "REASON")]
-    for p in reply["partitions"]:
-        up = f"{p['uptime_s']:.1f}s" if p["uptime_s"] is not None else "-"
-        cpus = p["cpus"] if p["cpus"] != "floating" else f"floating({p['pool']})"
-        rows.append(
-            (
-                p["name"],
-                p["state"],
-                f"{cpus} x{p['vcpus']}" if p["vcpus"] > 1 else cpus,
-                str(p["node"]),
-                format_size(p["memory"]),
-                str(p["boots"]),
-                str(p["restarts"]),
-                up,
-                p["reason"] or "-",
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    sys.stdout.write(format_ps(reply["partitions"]))
     return 0
 
 
@@ -214,34 +107,10 @@ def cmd_stat(args) -> int:
     if args.json:
         print(json.dumps(reply, indent=2))
         return 0
+    from osvmm.up.tables import format_stat
+
     sys.stdout.write(format_stat(reply["partitions"]))
     return 0
-
-
-def format_stat(partitions: list[dict]) -> str:
-    """Per partition and vCPU: KVM's exit counters and the exits the VMM handled."""
-    lines = []
-    for p in partitions:
-        when = "now" if p["live"] else "at the end of its last run"
-        lines.append(f"partition {p['name']} ({when})")
-        if not p["vcpus"]:
-            lines.append("  no run yet")
-        for v in p["vcpus"]:
-            kvm, vmm = v["kvm"], v["vmm"]
-            width = max([len(k) for k in kvm] + [len(k) for k in vmm] + [4])
-            lines.append(f"  vcpu {v['vcpu']}: KVM exits (all, in-kernel included)")
-            for name, value in kvm.items():
-                lines.append(f"    {name:<{width}}  {value:>12}")
-            lines.append(f"  vcpu {v['vcpu']}: exits the VMM handled")
-            for name, value in vmm.items():
-                lines.append(f"    {name:<{width}}  {value:>12}")
-            if not vmm:
-                lines.append("    none")
-        ports = p.get("unclaimed_ports") or {}
-        if ports:
-            shown = ", ".join(f"{int(k):#x}x{n}" for k, n in sorted(ports.items()))
-            lines.append(f"  port accesses no device claimed: {shown}")
-    return "\n".join(lines) + "\n"
 
 
 def cmd_down(args) -> int:
@@ -255,67 +124,6 @@ def cmd_down(args) -> int:
 
 
 def cmd_console(args) -> int:
-    import termios
-    import tty
+    from osvmm.up.console_client import attach
 
-    path = socket_path(args)
-    sock = connect(path, timeout=30)
-    exchange(sock, {"cmd": "console", "name": args.name})
-    sock.settimeout(None)
-    stdin = sys.stdin.fileno()
-    saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
-    print(f"osvmm: console of {args.name} (Ctrl-A x detaches)", file=sys.stderr, flush=True)
-    out = threading.Thread(target=_copy_out, args=(sock,), daemon=True)
-    out.start()
-    try:
-        if saved is not None:
-            tty.setraw(stdin)
-        _copy_in(sock, stdin, out)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if saved is not None:
-            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
-        sock.close()
-    print("\r\nosvmm: detached", file=sys.stderr)
-    return 0
-
-
-def _copy_out(sock) -> None:
-    out = sys.stdout.buffer
-    try:
-        while True:
-            data = sock.recv(4096)
-            if not data:
-                return
-            out.write(data)
-            out.flush()
-    except OSError:
-        return
-
-
-def _copy_in(sock, stdin: int, out: threading.Thread) -> None:
-    """Stdin to the console until Ctrl-A x, or the VMM closes; at stdin's EOF keep
-    showing the output until the VMM closes the console (or Ctrl-C)."""
-    last = b""
-    stdin_open = True
-    while out.is_alive():
-        if not stdin_open:
-            out.join(0.5)
-            continue
-        ready, _, _ = select.select([stdin], [], [], 0.5)
-        if not ready:
-            continue
-        data = os.read(stdin, 1024)
-        if not data:
-            stdin_open = False
-            continue
-        both = last + data
-        cut = both.find(ESCAPE)
-        if cut >= 0:
-            if cut:
-                sock.sendall(both[:cut])
-            return
-        last = ESCAPE[:1] if both.endswith(ESCAPE[:1]) else b""
-        if len(both) > len(last):
-            sock.sendall(both[: len(both) - len(last)])
+    return attach(socket_path(args), args.name)

@@ -2,8 +2,10 @@
 
 Output goes straight to a file descriptor (one write per guest byte: the
 guest's byte already cost an exit). Input, when interactive, is read from
-stdin in raw mode by a thread and offered to the UART's bounded FIFO; what
-does not fit waits and is offered again. Ctrl-A then x quits, as in QEMU.
+stdin in raw mode by a thread and offered to the UART's bounded FIFO
+(``feed_uart``, which the control socket's console uses too); what does not
+fit waits and is offered again. Ctrl-A then x quits, as in QEMU
+(osvmm/vmm/escape.py).
 """
 
 from __future__ import annotations
@@ -15,23 +17,38 @@ import termios
 import threading
 import time
 import tty
+from collections.abc import Callable
 
-ESCAPE = b"\x01"  # Ctrl-A
+from osvmm.vmm.escape import ConsoleEscape
+
+RETRY_S = 0.005  # how soon input that did not fit is offered to the FIFO again
 
 
-def fd_writer(fd: int, also=None):
-    """A sink writing guest output to ``fd`` (and to ``also``, e.g. a log file, if given)."""
+def fd_writer(fd: int):
+    """A sink writing guest output to ``fd``."""
 
     def write(data: bytes) -> None:
         try:
             os.write(fd, data)
         except OSError:
             pass
-        if also is not None:
-            also.write(data)
-            also.flush()
 
     return write
+
+
+def feed_uart(serial_of: Callable[[], object | None], data: bytes) -> bool:
+    """Offer ``data`` to a UART's bounded input FIFO until all of it is taken; what
+    does not fit waits ``RETRY_S`` and is offered again. ``serial_of()`` is asked
+    before each offer: None (the partition stopped, the reader is stopping) drops
+    the rest. True when everything was delivered."""
+    while data:
+        serial = serial_of()
+        if serial is None:
+            return False
+        data = data[serial.enqueue(data) :]
+        if data:
+            time.sleep(RETRY_S)
+    return True
 
 
 class StdinForwarder:
@@ -59,8 +76,11 @@ class StdinForwarder:
             termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
             self._saved = None
 
+    def _serial_unless_stopped(self):
+        return None if self._stop.is_set() else self.serial
+
     def _run(self) -> None:
-        escape = False
+        escape = ConsoleEscape()
         while not self._stop.is_set():
             try:
                 ready, _, _ = select.select([self.fd], [], [], 0.2)
@@ -71,15 +91,8 @@ class StdinForwarder:
                 return
             if not data:
                 return
-            if escape or ESCAPE in data:
-                if escape and data[:1] == b"x" or data.endswith(ESCAPE + b"x"):
-                    self.on_quit()
-                    return
-                escape = data.endswith(ESCAPE)
-                if escape:
-                    data = data[:-1]
-            while data and not self._stop.is_set():
-                taken = self.serial.enqueue(data)
-                data = data[taken:]
-                if data:
-                    time.sleep(0.005)
+            data, quit_ = escape.feed(data)
+            feed_uart(self._serial_unless_stopped, data)
+            if quit_:
+                self.on_quit()
+                return

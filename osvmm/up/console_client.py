@@ -1,0 +1,80 @@
+"""``osvmm console NAME``: a partition's serial console on this terminal.
+
+The terminal goes raw; one thread copies the console's bytes from the control
+socket to stdout, the caller's thread copies stdin to the socket until
+Ctrl-A x (osvmm/vmm/escape.py) detaches or the VMM closes the console. At
+stdin's end of file the output keeps flowing until the VMM closes it (or
+Ctrl-C). The terminal's settings are restored however it ends.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+import threading
+
+from osvmm.up.protocol import connect, exchange
+from osvmm.vmm.escape import ConsoleEscape
+
+
+def attach(path: str, name: str) -> int:
+    import termios
+    import tty
+
+    sock = connect(path, timeout=30)
+    exchange(sock, {"cmd": "console", "name": name})
+    sock.settimeout(None)
+    stdin = sys.stdin.fileno()
+    saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
+    print(f"osvmm: console of {name} (Ctrl-A x detaches)", file=sys.stderr, flush=True)
+    out = threading.Thread(target=_copy_out, args=(sock,), daemon=True)
+    out.start()
+    try:
+        if saved is not None:
+            tty.setraw(stdin)
+        _copy_in(sock, stdin, out)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+        sock.close()
+    print("\r\nosvmm: detached", file=sys.stderr)
+    return 0
+
+
+def _copy_out(sock) -> None:
+    out = sys.stdout.buffer
+    try:
+        while True:
+            data = sock.recv(4096)
+            if not data:
+                return
+            out.write(data)
+            out.flush()
+    except OSError:
+        return
+
+
+def _copy_in(sock, stdin: int, out: threading.Thread) -> None:
+    """Stdin to the console until Ctrl-A x, or the VMM closes; at stdin's EOF keep
+    showing the output until the VMM closes the console (or Ctrl-C)."""
+    escape = ConsoleEscape()
+    stdin_open = True
+    while out.is_alive():
+        if not stdin_open:
+            out.join(0.5)
+            continue
+        ready, _, _ = select.select([stdin], [], [], 0.5)
+        if not ready:
+            continue
+        data = os.read(stdin, 1024)
+        if not data:
+            stdin_open = False
+            continue
+        data, detach = escape.feed(data)
+        if data:
+            sock.sendall(data)
+        if detach:
+            return
