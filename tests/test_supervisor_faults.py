@@ -146,3 +146,55 @@ image = "guests:triplefault"
         assert "(policy stop)" in (tmp_path / "logs" / "osvmm.log").read_text()
     finally:
         sup.close()
+
+
+def test_a_vmm_bug_on_a_vcpu_thread_fails_the_partition_with_its_traceback_logged(
+    tmp_path, monkeypatch
+):
+    """A bug in the VMM (here: the UART model raising on the guest's first byte) is
+    reported in one line, the traceback goes to the partition's log, and the
+    partition ends failed: never stuck in booting or running."""
+    from osvmm.devices.serial import Serial
+
+    def broken_write(self, offset, value):
+        raise ZeroDivisionError("injected UART bug")
+
+    monkeypatch.setattr(Serial, "write", broken_write)
+    sup = supervisor(
+        tmp_path,
+        '[[partition]]\nname = "hello"\ncpus = "floating"\nmemory = "4M"\n'
+        'image = "guests:hello"\nrestart = "restart"\nrestart_limit = 1\n'
+        "restart_backoff_ms = 10\n",
+    )
+    try:
+        sup.start_all()
+        entry = sup.partitions["hello"]
+        wait_until(lambda: entry.state == FAILED)
+        assert entry.reason.startswith("internal error in the VMM (vcpu 0): ZeroDivisionError")
+        assert "\n" not in entry.reason
+        log = (tmp_path / "logs" / "osvmm.log").read_text()
+        assert "Traceback (most recent call last)" in log and "broken_write" in log
+        assert entry.restarts == 1  # its policy applied, as for any fault
+    finally:
+        sup.close()
+
+
+def test_a_vmm_bug_while_building_fails_the_partition(tmp_path, monkeypatch):
+    from osvmm.vmm import partition
+
+    def broken_build(self):
+        raise KeyError("injected build bug")
+
+    monkeypatch.setattr(partition.Partition, "build", broken_build)
+    sup = supervisor(
+        tmp_path,
+        '[[partition]]\nname = "hello"\ncpus = "floating"\nmemory = "4M"\nimage = "guests:hello"\n',
+    )
+    try:
+        assert sup.start("hello", timeout=10) == FAILED
+        entry = sup.partitions["hello"]
+        assert "internal error in the VMM (building hello): KeyError" in entry.reason
+        assert "Traceback" in (tmp_path / "logs" / "osvmm.log").read_text()
+        assert sup.start("hello", timeout=10) == FAILED  # a user may start it again
+    finally:
+        sup.close()
