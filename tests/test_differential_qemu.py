@@ -28,6 +28,7 @@ CASES = [
     ("ioloop", 1, "iters=2000"),
     ("compute", 1, "seconds=1"),
     ("triplefault", 1, ""),
+    ("platform", 1, ""),
 ]
 
 

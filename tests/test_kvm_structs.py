@@ -33,6 +33,9 @@ MIRRORS = {
     s.kvm_cpuid2_header: "kvm_cpuid2",
     s.kvm_irq_level: "kvm_irq_level",
     s.kvm_pit_config: "kvm_pit_config",
+    s.kvm_irq_routing_irqchip: "kvm_irq_routing_irqchip",
+    s.kvm_irq_routing_entry: "kvm_irq_routing_entry",
+    s.kvm_irq_routing_header: "kvm_irq_routing",
     s.kvm_msi: "kvm_msi",
     s.kvm_mp_state: "kvm_mp_state",
     s.kvm_lapic_state: "kvm_lapic_state",
@@ -105,6 +108,7 @@ def _expected() -> dict[str, int]:
     for path, off in EMULATION_FAILURE.items():
         exp[f"offsetof kvm_run.{path}"] = off
     exp["offsetof kvm_cpuid2.entries"] = ctypes.sizeof(s.kvm_cpuid2_header)
+    exp["offsetof kvm_irq_routing.entries"] = ctypes.sizeof(s.kvm_irq_routing_header)
     exp["offsetof kvm_stats_desc.name"] = ctypes.sizeof(s.kvm_stats_desc)
     return exp
 

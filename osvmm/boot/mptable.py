@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import struct
 
+from osvmm.arch.x86 import irq as irq_wiring
 from osvmm.arch.x86 import layout
 from osvmm.machine import Machine
 
@@ -77,10 +78,10 @@ EBDA_SIZE = 1024
 def isa_irq_routes() -> list[tuple[int, int, int]]:
     """(ISA IRQ, I/O APIC pin, MP flags) for each routed ISA IRQ, as on a PC."""
     routes = []
-    for irq in range(16):
-        if irq == 2:
+    for irq in range(irq_wiring.ISA_IRQS):
+        pin = irq_wiring.isa_pin(irq)
+        if pin is None:
             continue  # the 8259 cascade: pin 2 is IRQ 0's
-        pin = 2 if irq == 0 else irq
         flags = MP_IRQ_ACTIVE_HIGH | MP_IRQ_LEVEL if irq == SCI_IRQ else MP_IRQ_DEFAULT
         routes.append((irq, pin, flags))
     return routes

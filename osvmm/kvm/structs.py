@@ -177,6 +177,48 @@ class kvm_irq_level(ctypes.Structure):
 assert ctypes.sizeof(kvm_irq_level) == 8
 
 
+class kvm_irq_routing_irqchip(ctypes.Structure):
+    _fields_ = [("irqchip", c_uint32), ("pin", c_uint32)]
+
+
+class kvm_irq_routing_entry_u(ctypes.Union):
+    _fields_ = [("irqchip", kvm_irq_routing_irqchip), ("pad", c_uint32 * 8)]
+
+
+class kvm_irq_routing_entry(ctypes.Structure):
+    _fields_ = [
+        ("gsi", c_uint32),
+        ("type", c_uint32),
+        ("flags", c_uint32),
+        ("pad", c_uint32),
+        ("u", kvm_irq_routing_entry_u),
+    ]
+
+
+assert ctypes.sizeof(kvm_irq_routing_entry) == 48
+
+
+class kvm_irq_routing_header(ctypes.Structure):
+    """struct kvm_irq_routing without its flexible array of entries."""
+
+    _fields_ = [("nr", c_uint32), ("flags", c_uint32)]
+
+
+assert ctypes.sizeof(kvm_irq_routing_header) == 8
+
+
+def kvm_irq_routing(n: int) -> type[ctypes.Structure]:
+    """struct kvm_irq_routing with room for ``n`` entries."""
+
+    class kvm_irq_routing(ctypes.Structure):
+        _fields_ = [("nr", c_uint32), ("flags", c_uint32), ("entries", kvm_irq_routing_entry * n)]
+
+    return kvm_irq_routing
+
+
+KVM_IRQ_ROUTING_IRQCHIP = 1
+
+
 class kvm_pit_config(ctypes.Structure):
     _fields_ = [("flags", c_uint32), ("pad", c_uint32 * 15)]
 

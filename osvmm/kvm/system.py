@@ -76,6 +76,10 @@ class Kvm:
             io.KVM_CAP_NR_VCPUS
         )
 
+    def tsc_deadline_timer(self) -> bool:
+        """Whether KVM's LAPIC emulates TSC-deadline mode (the VMM announces it)."""
+        return bool(self.check_extension(io.KVM_CAP_TSC_DEADLINE_TIMER))
+
     def vcpu_mmap_size(self) -> int:
         return _ioctl(self.fd, io.KVM_GET_VCPU_MMAP_SIZE)
 
@@ -124,6 +128,15 @@ class Vm:
 
     def irq_line(self, irq: int, level: int) -> None:
         _ioctl(self.fd, io.KVM_IRQ_LINE, s.kvm_irq_level(irq, level))
+
+    def set_gsi_routing(self, routes: list[tuple[int, int, int]]) -> None:
+        """Replace the GSI routing table: (GSI, irqchip, pin) irqchip routes."""
+        table = s.kvm_irq_routing(len(routes))(nr=len(routes))
+        for i, (gsi, chip, pin) in enumerate(routes):
+            entry = table.entries[i]
+            entry.gsi, entry.type = gsi, s.KVM_IRQ_ROUTING_IRQCHIP
+            entry.u.irqchip.irqchip, entry.u.irqchip.pin = chip, pin
+        _ioctl(self.fd, io.KVM_SET_GSI_ROUTING, table)
 
     def signal_msi(self, address: int, data: int) -> int:
         msi = s.kvm_msi(address & 0xFFFFFFFF, address >> 32, data)

@@ -2,16 +2,18 @@
 
 ``create_vm`` makes a VM with the pages KVM needs below 4 GiB (TSS and the
 identity map, where layout.py puts them), the in-kernel irqchip (LAPICs, I/O
-APIC, PIC) and optionally the PIT, and registers guest memory as memslots
-0..n-1. ``create_vcpu`` makes one vCPU with its CPUID and, for the boot
-processor, the entry registers. A partition (partition.py) and the host probe
+APIC, PIC) with the PC's interrupt wiring that the MP table and MADT describe
+(arch/x86/irq.py: the PIT's GSI 0 on I/O APIC pin 2), optionally the PIT, and
+registers guest memory as memslots 0..n-1. ``create_vcpu`` makes one vCPU
+with its CPUID (TSC-deadline announced where KVM emulates it) and, for the
+boot processor, the entry registers. A partition (partition.py) and the host probe
 (host_quirks.py) both bring up their VMs through these.
 """
 
 from __future__ import annotations
 
 from osvmm.arch.x86 import cpuid as x86_cpuid
-from osvmm.arch.x86 import layout
+from osvmm.arch.x86 import irq, layout
 from osvmm.arch.x86.regs import EntryState, apply_entry_state
 
 
@@ -22,6 +24,7 @@ def create_vm(kvm, memory, pit: bool = True):
         vm.set_tss_addr(layout.KVM_TSS_ADDR)
         vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
         vm.create_irqchip()
+        vm.set_gsi_routing(irq.gsi_routes())
         if pit:
             vm.create_pit2()
         for slot, region in enumerate(memory.regions):
@@ -39,12 +42,15 @@ def create_vcpu(
     vcpus: int,
     cpuid_mask: tuple[str, ...] = (),
     entry: EntryState | None = None,
+    tsc_deadline: bool = False,
 ):
     """A vCPU with APIC ID ``apic_id`` of ``vcpus``; ``entry``: the boot processor's
     registers at entry (the others wait for INIT/SIPI in their LAPIC)."""
     vcpu = vm.create_vcpu(apic_id)
     try:
-        vcpu.set_cpuid(x86_cpuid.vcpu_cpuid(supported_cpuid, apic_id, vcpus, cpuid_mask))
+        vcpu.set_cpuid(
+            x86_cpuid.vcpu_cpuid(supported_cpuid, apic_id, vcpus, cpuid_mask, tsc_deadline)
+        )
         if entry is not None:
             sregs, regs = vcpu.get_sregs(), vcpu.get_regs()
             regs.__init__()  # all general registers zero but what the entry sets

@@ -145,10 +145,13 @@ class Partition:
         boot.write_to(self.memory)
         # 6. vcpus
         supported = self.kvm.supported_cpuid()
+        deadline = self.kvm.tsc_deadline_timer()
         vm.set_boot_cpu_id(machine.bsp_apic_id)
         for index, apic_id in enumerate(machine.apic_ids):
             entry = boot.entry if index == 0 else None
-            vcpu = create_vcpu(vm, supported, apic_id, machine.vcpus, boot.cpuid_mask, entry)
+            vcpu = create_vcpu(
+                vm, supported, apic_id, machine.vcpus, boot.cpuid_mask, entry, deadline
+            )
             self.vcpus.append(vcpu)
             self.stats_readers.append(StatsReader(vcpu.stats_fd()))
             thread = VcpuThread(vcpu, index, self.pio, self.mmio, self)

@@ -22,12 +22,21 @@ FEATURES = {
 }
 
 
+TSC_DEADLINE_BIT = 24  # CPUID.01H:ECX
+
+
 def vcpu_cpuid(
     supported: list[kvm_cpuid_entry2],
     apic_id: int,
     nr_vcpus: int,
     mask: tuple[str, ...] = (),
+    tsc_deadline: bool = False,
 ) -> list[kvm_cpuid_entry2]:
+    """The CPUID of one vCPU from KVM's supported list: its APIC ID and the logical
+    count in leaf 1 and the topology leaves, the hypervisor bit, ``mask``'s features
+    cleared. ``tsc_deadline``: KVM emulates the LAPIC's TSC-deadline mode
+    (KVM_CAP_TSC_DEADLINE_TIMER) but leaves announcing it, CPUID.01H:ECX[24], to
+    the VMM; without it Linux has no TSC-deadline timer."""
     out = []
     for e in supported:
         e = kvm_cpuid_entry2.from_buffer_copy(e)
@@ -35,6 +44,8 @@ def vcpu_cpuid(
             e.ebx = (e.ebx & 0x0000FFFF) | ((nr_vcpus & 0xFF) << 16) | ((apic_id & 0xFF) << 24)
             e.edx |= 1 << 28  # HTT: the logical count in EBX[23:16] is valid
             e.ecx |= 1 << 31  # running under a hypervisor
+            if tsc_deadline:
+                e.ecx |= 1 << TSC_DEADLINE_BIT
         elif e.function in (0xB, 0x1F):
             e.edx = apic_id
         for name in mask:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import struct
 
+from osvmm.arch.x86 import irq as irq_wiring
 from osvmm.arch.x86 import layout
 from osvmm.boot.acpi import pm
 from osvmm.boot.acpi.common import table
@@ -36,8 +37,7 @@ ALL_PROCESSORS = 0xFF
 
 def interrupt_overrides() -> list[tuple[int, int, int]]:
     """(ISA IRQ, GSI, INTI flags) of each Interrupt Source Override."""
-    return [
-        (0, 2, INTI_CONFORMS),
+    return [(irq, gsi, INTI_CONFORMS) for irq, gsi in irq_wiring.isa_overrides()] + [
         (pm.SCI_IRQ, pm.SCI_IRQ, INTI_LEVEL | INTI_ACTIVE_HIGH),
     ]
 
