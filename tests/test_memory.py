@@ -8,9 +8,10 @@ import pytest
 
 from osvmm.arch.x86 import layout
 from osvmm.errors import GuestMemoryError, OsvmmError
-from osvmm.vmm.memory import PAGE_SIZE, GuestMemory
+from osvmm.vmm.memory import GuestMemory
 
 MiB = layout.MiB
+PAGE_SIZE = layout.PAGE_SIZE
 
 
 @pytest.fixture

@@ -12,9 +12,8 @@ import ctypes
 import mmap
 from dataclasses import dataclass, field
 
+from osvmm.arch.x86.layout import PAGE_SIZE
 from osvmm.errors import GuestMemoryError
-
-PAGE_SIZE = 4096
 
 
 @dataclass
