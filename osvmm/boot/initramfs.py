@@ -112,7 +112,6 @@ DEVICE_NODES = (
 )
 
 READY_LINE = "osvmm-initramfs: ready"
-EXIT_PREFIX = "osvmm-initramfs: exit "
 
 INIT_SCRIPT = """\
 #!/bin/sh
