@@ -35,7 +35,8 @@ def commands(image: str, floor: str) -> dict:
 
 
 def run(n: int = 30000, repeats: int = 5) -> list[Figure]:
-    from osvmm.guests.build import build_floor, guest_path
+    from bench.floor import build_floor
+    from osvmm.guests.build import guest_path
 
     image = str(guest_path("ioloop"))
     cmds = commands(image, str(build_floor()))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno as _errno
 import os
 
-EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_GUEST_FAULT = 4
 EXIT_INTERNAL = 6

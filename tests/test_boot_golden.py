@@ -1,9 +1,9 @@
 """Golden bytes: the tables of one fixed plan must not change by accident.
 
 The plan: 256 MiB, two vCPUs with APIC IDs 0 and 1, two NUMA nodes (see
-osvmm/boot/golden.py). After an intended change, regenerate with
+tests/golden_gen.py). After an intended change, regenerate with
 
-    python3 -m osvmm.boot.golden tests/golden
+    python3 -m tests.golden_gen tests/golden
 
 and review the difference (``iasl -d`` of old and new tables) before committing.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from osvmm.boot.golden import golden_files
+from tests.golden_gen import golden_files
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 FILES = golden_files()
@@ -39,5 +39,5 @@ def test_matches_golden(name):
         pytest.fail(
             f"{name} differs from tests/golden/{name} at byte {first:#x} "
             f"(lengths {len(actual)} vs {len(expected)}); if intended, run "
-            "`python3 -m osvmm.boot.golden tests/golden`"
+            "`python3 -m tests.golden_gen tests/golden`"
         )

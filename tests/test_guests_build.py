@@ -127,6 +127,29 @@ def test_compile_error_names_the_first_error(cache, src_copy):
     assert [p.name for p in (cache / "guests").iterdir()] == []
 
 
+def test_host_program_is_built_once_and_rebuilt_on_change(cache, tmp_path):
+    src = tmp_path / "answer.c"
+    src.write_text("int main(void) { return 42; }\n")
+    prog = build.build_host_program(src, ("-O2",), "tools")
+    assert prog.name == "answer" and prog.parent.parent == cache / "tools"
+    assert subprocess.run([str(prog)]).returncode == 42
+    assert build.build_host_program(src, ("-O2",), "tools") == prog
+    src.write_text("int main(void) { return 7; }\n")
+    again = build.build_host_program(src, ("-O2",), "tools")
+    assert again != prog and subprocess.run([str(again)]).returncode == 7
+
+
+def test_host_program_errors_are_one_line(cache, tmp_path):
+    with pytest.raises(BuildError, match=r"^nope\.c not found at .*nope\.c$"):
+        build.build_host_program(tmp_path / "nope.c", (), "tools")
+    bad = tmp_path / "bad.c"
+    bad.write_text("int main(void) { return nonsense; }\n")
+    with pytest.raises(BuildError) as exc:
+        build.build_host_program(bad, (), "tools")
+    assert "\n" not in str(exc.value) and str(exc.value).startswith("building bad failed: ")
+    assert "nonsense" in str(exc.value)
+
+
 def test_unknown_guest_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown guest 'nope'"):
         build.guest_path("nope")

@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from osvmm.guests.build import build_floor, guest_path
+from bench.floor import build_floor
+from osvmm.guests.build import guest_path
 
 pytestmark = pytest.mark.kvm
 

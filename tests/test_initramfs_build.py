@@ -33,12 +33,17 @@ needs_bsdtar = pytest.mark.skipif(
 is_root = os.geteuid() == 0
 
 
-def fake_elf(*, interp: bool = False, elf_class: int = 2, machine: int = 62) -> bytes:
-    """A minimal ELF-64 header with a PT_LOAD (and optionally a PT_INTERP) header."""
+def fake_elf(
+    *, interp: bool = False, elf_class: int = 2, machine: int = 62, e_type: int = 2
+) -> bytes:
+    """A minimal ELF-64 (or ELF-32) header with a PT_LOAD (and optionally a PT_INTERP) header."""
     phdrs = [1] + ([3] if interp else [])
     ident = b"\x7fELF" + bytes([elf_class, 1, 1]) + b"\0" * 9
-    ehdr = struct.pack("<16sHHIQQQIHHHHHH", ident, 2, machine, 1, 0x401000, 64, 0, 0, 64, 56,
-                       len(phdrs), 64, 0, 0)  # fmt: skip
+    head = (ident, e_type, machine, 1, 0x401000)  # e_ident .. e_entry
+    if elf_class == 1:  # Elf32_Ehdr, Elf32_Phdr (p_type, ..., p_flags at 24)
+        ehdr = struct.pack("<16sHHIIIIIHHHHHH", *head, 52, 0, 0, 52, 32, len(phdrs), 40, 0, 0)
+        return ehdr + b"".join(struct.pack("<I20xI4x", t, 5) for t in phdrs) + b"payload"
+    ehdr = struct.pack("<16sHHIQQQIHHHHHH", *head, 64, 0, 0, 64, 56, len(phdrs), 64, 0, 0)
     return ehdr + b"".join(struct.pack("<II48x", t, 5) for t in phdrs) + b"payload"
 
 
@@ -359,16 +364,25 @@ def test_missing_given_busybox(tmp_path):
     [
         (fake_elf(interp=True), "dynamically linked .*busybox-static"),
         (b"#!/bin/sh\necho busybox\n", "not an ELF"),
-        (fake_elf(elf_class=1), "not an x86-64"),
+        (fake_elf(elf_class=1, machine=3), "not an x86-64"),
         (fake_elf(machine=183), "not an x86-64"),
-        (fake_elf()[:80], "truncated"),
+        (fake_elf()[:80], "program headers .* lie outside the file"),
+        (fake_elf()[:40], "truncated ELF header"),
+        (fake_elf(e_type=1), "not an executable ELF"),
     ],
+    ids=["dynamic", "script", "i386", "aarch64", "cut-phdrs", "cut-ehdr", "object"],
 )
 def test_unusable_busybox(tmp_path, data, match):
     bb = tmp_path / "busybox"
     bb.write_bytes(data)
     with pytest.raises(ImageError, match=match):
         build_initramfs(tmp_path / "i.cpio", bb)
+
+
+def test_a_static_pie_busybox_is_accepted(tmp_path):
+    bb = tmp_path / "busybox"
+    bb.write_bytes(fake_elf(e_type=3))  # ET_DYN without PT_INTERP: a static PIE
+    assert read_busybox(bb) == bb.read_bytes()
 
 
 def test_a_dynamic_host_binary_is_refused(tmp_path):

@@ -8,9 +8,10 @@ import pytest
 
 from osvmm.arch.x86 import layout
 from osvmm.errors import GuestMemoryError, OsvmmError
-from osvmm.vmm.memory import PAGE_SIZE, GuestMemory
+from osvmm.vmm.memory import GuestMemory
 
 MiB = layout.MiB
+PAGE_SIZE = layout.PAGE_SIZE
 
 
 @pytest.fixture
@@ -144,12 +145,14 @@ def test_overlapping_regions_are_rejected(gpa, size):
     m.close()
 
 
-def test_readonly_flag_is_kept():
-    m = GuestMemory([])
-    r = m.add_region(0xF0000, 0x10000, readonly=True)
-    assert r.readonly
-    m.write(0xF0000, b"rom")  # the VMM itself may write it (it is the guest that may not)
-    assert m.read(0xF0000, 3) == b"rom"
+def test_added_region_is_fresh_memory_of_its_own():
+    m = GuestMemory([(0, 0x1000)])
+    m.write(0, b"\xff" * 0x1000)
+    r = m.add_region(0xF0000, 0x10000)
+    assert m.region_of(0xF0000 + 0xFFFF) is r
+    assert m.read(0xF0000, 0x10000) == bytes(0x10000)  # zeroed, not an alias of region 0
+    m.write(0xF0000, b"rom")
+    assert r.mem[:3] == b"rom" and m.read(0, 3) == b"\xff" * 3
     m.close()
 
 

@@ -37,7 +37,6 @@ class BootSource:
     name: str  # the image or kernel path (for messages)
     data: bytes
     linux: bool  # Linux 64-bit boot protocol (bzImage or vmlinux); else PVH or ELF64
-    initrd_name: str | None = None
     initrd: bytes | None = None
 
 
@@ -63,7 +62,7 @@ def read_boot_source(
     if initrd and not linux:
         raise ConfigError("--initrd needs a Linux kernel; this image is not one")
     initrd_data = read_image(initrd, "initrd") if initrd else None
-    return BootSource(path, data, linux, initrd, initrd_data)
+    return BootSource(path, data, linux, initrd_data)
 
 
 @dataclass(frozen=True)

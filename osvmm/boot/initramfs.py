@@ -17,12 +17,12 @@ import argparse
 import gzip
 import os
 import stat
-import struct
 from collections.abc import Iterable
 from pathlib import Path
 
 from osvmm.boot import cpio
 from osvmm.errors import ConfigError, ImageError
+from osvmm.loader.elf import EM_X86_64, ET_DYN, ET_EXEC, PT_INTERP, parse_elf
 
 DEFAULT_BUSYBOX = Path("/bin/busybox")
 BUSYBOX_PACKAGE = "busybox-static"
@@ -112,7 +112,6 @@ DEVICE_NODES = (
 )
 
 READY_LINE = "osvmm-initramfs: ready"
-EXIT_PREFIX = "osvmm-initramfs: exit "
 
 INIT_SCRIPT = """\
 #!/bin/sh
@@ -174,36 +173,16 @@ exit "$osvmm_status"
 """
 
 
-# ELF constants (System V ABI, the ELF-64 object file format).
-_ELFMAG = b"\x7fELF"
-_ELFCLASS64 = 2
-_ELFDATA2LSB = 1
-_EM_X86_64 = 62
-_PT_INTERP = 3
-_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")  # Elf64_Ehdr
-_PHDR_TYPE = struct.Struct("<I")  # p_type, the first field of Elf64_Phdr
-assert _EHDR.size == 64
-
-
 def check_static_elf(data: bytes, path: Path) -> None:
     """Raise ImageError unless ``data`` is an x86-64 ELF executable without PT_INTERP."""
-    if len(data) < _EHDR.size or data[:4] != _ELFMAG:
-        raise ImageError(f"busybox {path} is not an ELF executable")
-    ident, _type, machine, *_rest = _EHDR.unpack_from(data)
-    e_phoff, e_phentsize, e_phnum = _rest[2], _rest[6], _rest[7]
-    if ident[4] != _ELFCLASS64 or ident[5] != _ELFDATA2LSB or machine != _EM_X86_64:
+    elf = parse_elf(data, f"busybox {path}", e_types=(ET_EXEC, ET_DYN))
+    if elf.elf_class != 64 or elf.ehdr.e_machine != EM_X86_64:
         raise ImageError(f"busybox {path} is not an x86-64 ELF executable")
-    if e_phnum == 0 or e_phentsize < _PHDR_TYPE.size:
-        raise ImageError(f"busybox {path} has no program headers")
-    if e_phoff + e_phnum * e_phentsize > len(data):
-        raise ImageError(f"busybox {path} is truncated: program headers past its end")
-    for i in range(e_phnum):
-        (p_type,) = _PHDR_TYPE.unpack_from(data, e_phoff + i * e_phentsize)
-        if p_type == _PT_INTERP:
-            raise ImageError(
-                f"busybox {path} is dynamically linked (has PT_INTERP); "
-                f"the initramfs needs the static one from Debian package {BUSYBOX_PACKAGE}"
-            )
+    if any(ph.p_type == PT_INTERP for ph in elf.phdrs):
+        raise ImageError(
+            f"busybox {path} is dynamically linked (has PT_INTERP); "
+            f"the initramfs needs the static one from Debian package {BUSYBOX_PACKAGE}"
+        )
 
 
 def read_busybox(busybox_path: str | os.PathLike | None = None) -> bytes:

@@ -72,7 +72,6 @@ FLOATING_POINTER_SIZE = 16
 HEADER_SIZE = 44
 PROCESSOR_ENTRY_SIZE = 20
 ENTRY_SIZE = 8
-EBDA_SIZE = 1024
 
 
 def isa_irq_routes() -> list[tuple[int, int, int]]:

@@ -1,4 +1,4 @@
-"""Build the bundled bare-metal guests (and the kvm_floor benchmark) with gcc.
+"""Build the bundled bare-metal guests with gcc.
 
 The guests are small ELF images built from ``src/`` with the machine's gcc
 and binutils. A build is cached under ``$OSVMM_CACHE/guests/<hash>/`` (or
@@ -6,6 +6,8 @@ and binutils. A build is cached under ``$OSVMM_CACHE/guests/<hash>/`` (or
 the flags and the compiler's path, so a changed source builds anew. A build
 happens in a private temporary directory that is renamed into place in one
 step, so concurrent test processes never see half a build.
+``build_host_program`` gives the same cache to a one-file C program outside
+the package (bench/floor.py builds the kvm_floor benchmark with it).
 
     python3 -m osvmm.guests.build [NAME...]     # build, print the image paths
 """
@@ -18,13 +20,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from osvmm.errors import BuildError, ConfigError, OsvmmError
 
 SRC_DIR = Path(__file__).resolve().parent / "src"
-FLOOR_SOURCE = Path(__file__).resolve().parents[2] / "bench" / "kvm_floor.c"
 
 CFLAGS = (
     "-std=gnu11",
@@ -52,8 +54,6 @@ LDFLAGS = (
     "-Wl,-z,max-page-size=4096",
     "-Wl,-z,noexecstack",
 )
-FLOOR_CFLAGS = ("-std=gnu11", "-O2", "-Wall", "-Wextra", "-pthread")
-
 RUNTIME_SOURCES = ("entry.S", "rt.c")
 
 
@@ -137,21 +137,22 @@ def build_guests() -> Path:
     return _cached_build(cache_root() / "guests" / digest, lambda tmp: _build_guests(cc, tmp))
 
 
-def build_floor() -> Path:
-    """Build bench/kvm_floor.c with gcc -O2 (or find it cached); return the program."""
-    if not FLOOR_SOURCE.is_file():
-        raise BuildError(f"kvm_floor source not found at {FLOOR_SOURCE}")
+def build_host_program(source: Path, cflags: Sequence[str], kind: str) -> Path:
+    """Compile the one-file C program ``source`` for the host (or find it cached).
+
+    The program is cached under ``cache_root()/kind/<hash>/`` (the hash covers
+    the source, the flags and the compiler's path) and named after the
+    source's stem; its path is returned.
+    """
+    if not source.is_file():
+        raise BuildError(f"{source.name} not found at {source}")
     cc = find_compiler()
-    digest = _digest(cc, FLOOR_CFLAGS, FLOOR_SOURCE)
+    name = source.stem
     out = _cached_build(
-        cache_root() / "floor" / digest,
-        lambda tmp: _run(
-            [cc, *FLOOR_CFLAGS, str(FLOOR_SOURCE), "-o", str(tmp / "kvm_floor")],
-            tmp,
-            "kvm_floor",
-        ),
+        cache_root() / kind / _digest(cc, tuple(cflags), source),
+        lambda tmp: _run([cc, *cflags, str(source), "-o", str(tmp / name)], tmp, name),
     )
-    return out / "kvm_floor"
+    return out / name
 
 
 def _digest(cc: str, *parts: object) -> str:
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     names = sys.argv[1:] if argv is None else argv
     try:
         for name in names or GUEST_NAMES:
-            print(build_floor() if name == "kvm_floor" else guest_path(name))
+            print(guest_path(name))
     except OsvmmError as e:
         print(f"osvmm: {e}", file=sys.stderr)
         return e.exit_status

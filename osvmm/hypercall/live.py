@@ -125,7 +125,6 @@ class LiveStats:
     calls: Counter = field(default_factory=Counter)  # call number -> calls
     errors: Counter = field(default_factory=Counter)  # -errno -> calls that failed with it
     window_writes: Counter = field(default_factory=Counter)  # partition id -> dropped writes
-    other_port_exits: int = 0  # exits on the port that are not a 4-byte out
 
 
 class LiveMonitor:
@@ -207,11 +206,9 @@ class LiveMonitor:
     # -- the exit handlers -----------------------------------------------------
     def _sync_hook(self, pid: int):
         call = self.call
-        stats = self.stats
 
         def hook(vcpu, ex) -> None:
             if type(ex) is not IoOut or ex.size != 4:
-                stats.other_port_exits += 1
                 _complete_other(vcpu, ex)
                 return
             sync = vcpu.sync
@@ -224,11 +221,9 @@ class LiveMonitor:
 
     def _ioctl_hook(self, pid: int):
         call = self.call
-        stats = self.stats
 
         def hook(vcpu, ex) -> None:
             if type(ex) is not IoOut or ex.size != 4:
-                stats.other_port_exits += 1
                 _complete_other(vcpu, ex)
                 return
             regs = vcpu.get_regs()

@@ -96,9 +96,6 @@ class Cmdline:
             self._append(s)
         return self
 
-    def as_str(self) -> str:
-        return self._line
-
     def as_bytes(self) -> bytes:
         """The line as the kernel reads it: ASCII, NUL terminated."""
         return self._line.encode("ascii") + b"\0"

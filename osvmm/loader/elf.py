@@ -38,17 +38,20 @@ ELFDATA2LSB = 1
 EV_CURRENT = 1
 # e_type
 ET_EXEC = 2
+ET_DYN = 3  # a shared object, or a position-independent executable
 # e_machine
 EM_386 = 3
 EM_X86_64 = 62
 # p_type
 PT_LOAD = 1
+PT_INTERP = 3  # a dynamically linked program names its interpreter
 PT_NOTE = 4
 PN_XNUM = 0xFFFF
 # sh_type
 SHT_NOTE = 7
 
 MACHINE_NAMES = {EM_386: "i386", EM_X86_64: "x86-64"}
+TYPE_NAMES = {ET_EXEC: "ET_EXEC", ET_DYN: "ET_DYN"}
 
 
 class Elf32_Ehdr(ctypes.LittleEndianStructure):
@@ -243,8 +246,12 @@ def _section_notes_and_names(data: bytes, ehdr, cls, notes: list[Note]) -> list[
     return names
 
 
-def parse_elf(data: bytes, name: str = "image") -> ElfFile:
-    """Parse and check an ELF header, its program headers and notes."""
+def parse_elf(data: bytes, name: str = "image", e_types: tuple[int, ...] = (ET_EXEC,)) -> ElfFile:
+    """Parse and check an ELF header, its program headers and notes.
+
+    ``e_types``: the accepted e_type values (a guest image must be ET_EXEC; a
+    host program may also be a static PIE, ET_DYN).
+    """
     if len(data) < EI_NIDENT or data[:4] != ELFMAG:
         raise ImageError(f"{name}: not an ELF image (bad magic)")
     ident = data[:EI_NIDENT]
@@ -263,8 +270,9 @@ def parse_elf(data: bytes, name: str = "image") -> ElfFile:
             f"{name}: truncated ELF header ({len(data)} of {ctypes.sizeof(ehdr_t)} bytes)"
         )
     ehdr = ehdr_t.from_buffer_copy(data)
-    if ehdr.e_type != ET_EXEC:
-        raise ImageError(f"{name}: not an executable ELF (e_type {ehdr.e_type}, want ET_EXEC)")
+    if ehdr.e_type not in e_types:
+        want = " or ".join(TYPE_NAMES[t] for t in e_types)
+        raise ImageError(f"{name}: not an executable ELF (e_type {ehdr.e_type}, want {want})")
     phsz = ctypes.sizeof(phdr_t)
     if ehdr.e_phnum == 0:
         raise ImageError(f"{name}: ELF has no program headers")

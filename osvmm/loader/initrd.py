@@ -9,10 +9,8 @@ XLF_CAN_BE_LOADED_ABOVE_4G; keeping it below 4 GiB works for every kernel.
 
 from __future__ import annotations
 
-from osvmm.arch.x86.layout import MMIO_HOLE_START, MiB
+from osvmm.arch.x86.layout import MMIO_HOLE_START, PAGE_SIZE, MiB
 from osvmm.errors import ImageError
-
-PAGE_SIZE = 4096
 
 
 def place_initrd(ram_top: int, initrd_len: int, initrd_addr_max: int, kernel_end: int) -> int:

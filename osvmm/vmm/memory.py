@@ -12,9 +12,8 @@ import ctypes
 import mmap
 from dataclasses import dataclass, field
 
+from osvmm.arch.x86.layout import PAGE_SIZE
 from osvmm.errors import GuestMemoryError
-
-PAGE_SIZE = 4096
 
 
 @dataclass
@@ -24,7 +23,6 @@ class Region:
     gpa: int
     size: int
     mem: mmap.mmap = field(repr=False)
-    readonly: bool = False
 
     @property
     def end(self) -> int:
@@ -48,7 +46,7 @@ class GuestMemory:
         for gpa, size in ranges:
             self.add_region(gpa, size)
 
-    def add_region(self, gpa: int, size: int, readonly: bool = False) -> Region:
+    def add_region(self, gpa: int, size: int) -> Region:
         if size <= 0 or gpa < 0 or gpa % PAGE_SIZE or size % PAGE_SIZE:
             raise GuestMemoryError(f"region {gpa:#x}+{size:#x} is not page aligned and non-empty")
         for r in self.regions:
@@ -57,7 +55,7 @@ class GuestMemory:
                     f"region {gpa:#x}+{size:#x} overlaps region {r.gpa:#x}+{r.size:#x}"
                 )
         mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        region = Region(gpa, size, mem, readonly)
+        region = Region(gpa, size, mem)
         self.regions.append(region)
         self.regions.sort(key=lambda r: r.gpa)
         return region

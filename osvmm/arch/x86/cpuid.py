@@ -56,8 +56,4 @@ def vcpu_cpuid(
     return out
 
 
-def entry_dict(e: kvm_cpuid_entry2) -> dict[str, int]:
-    return {name: getattr(e, name) for name, _ in kvm_cpuid_entry2._fields_ if name != "padding"}
-
-
 assert ctypes.sizeof(kvm_cpuid_entry2) == 40

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 
-from osvmm.arch.x86.layout import PD_ADDR, PDPT_ADDR, PML4_ADDR
+from osvmm.arch.x86.layout import PAGE_SIZE, PD_ADDR, PDPT_ADDR, PML4_ADDR
 
 PTE_PRESENT = 1 << 0
 PTE_WRITE = 1 << 1
@@ -18,11 +18,11 @@ IDENTITY_MAP_GIB = 4
 
 def identity_page_tables() -> list[tuple[int, bytes]]:
     """(guest-physical address, bytes) of the PML4, the PDPT and the page directories."""
-    pml4 = struct.pack("<Q", PDPT_ADDR | PTE_PRESENT | PTE_WRITE) + bytes(4096 - 8)
+    pml4 = struct.pack("<Q", PDPT_ADDR | PTE_PRESENT | PTE_WRITE) + bytes(PAGE_SIZE - 8)
     pdpt = b"".join(
-        struct.pack("<Q", (PD_ADDR + i * 4096) | PTE_PRESENT | PTE_WRITE)
+        struct.pack("<Q", (PD_ADDR + i * PAGE_SIZE) | PTE_PRESENT | PTE_WRITE)
         for i in range(IDENTITY_MAP_GIB)
-    ) + bytes(4096 - 8 * IDENTITY_MAP_GIB)
+    ) + bytes(PAGE_SIZE - 8 * IDENTITY_MAP_GIB)
     pds = b"".join(
         struct.pack("<Q", (i << 21) | PTE_PRESENT | PTE_WRITE | PTE_PS)
         for i in range(512 * IDENTITY_MAP_GIB)

@@ -9,7 +9,7 @@ Blob layout (offsets from the base address):
 
 each table 16-byte aligned. ``build_acpi`` returns the blob, the RSDP's
 address (for boot_params.acpi_rsdp_addr and hvm_start_info.rsdp_paddr), and
-each table with its address (for tests and ``osvmm.boot.golden``).
+each table with its address (for tests and ``tests/golden_gen.py``).
 """
 
 from __future__ import annotations

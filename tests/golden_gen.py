@@ -1,6 +1,8 @@
 """Write the golden boot tables that tests/test_boot_golden.py compares against.
 
-    python3 -m osvmm.boot.golden tests/golden
+Run from the repository root:
+
+    python3 -m tests.golden_gen tests/golden
 
 regenerates them after an intended change to a builder (review the diff of
 ``iasl -d`` output before committing new golden files). The plan is fixed:
@@ -48,7 +50,7 @@ def golden_files() -> dict[str, bytes]:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python3 -m osvmm.boot.golden DIRECTORY", file=sys.stderr)
+        print("usage: python3 -m tests.golden_gen DIRECTORY", file=sys.stderr)
         return 2
     out = Path(argv[0])
     out.mkdir(parents=True, exist_ok=True)
