@@ -23,6 +23,8 @@ from __future__ import annotations
 
 PM1A_EVT_PORT = 0x600  # PM1a event block: status (2 bytes) then enable (2 bytes)
 PM1_EVT_LEN = 4
+PM1_STS_LEN = 2  # PM1 status at PM1A_EVT_PORT, PM1 enable at PM1A_EVT_PORT + PM1_STS_LEN
+GBL_EN = 1 << 5  # PM1_EN: global lock release event (ACPICA enables it and reads it back)
 PM1A_CNT_PORT = 0x604  # PM1a control block (2 bytes)
 PM1_CNT_LEN = 2
 
