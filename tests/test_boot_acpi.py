@@ -220,6 +220,7 @@ def test_iasl_disassembles_every_table(name, tmp_path):
             assert "PM Timer Block Address : 00000608" in dsl
             assert "PM Timer Block Length : 04" in dsl
             assert "32-bit PM Timer (V1) : 0" in dsl
+            assert "RTC Century Index : 32" in dsl
 
 
 @needs_iasl

@@ -5,7 +5,8 @@ and a reset register at the I/O ports of ``osvmm.boot.acpi.pm`` so that the
 guest's ACPI power-off and reset reach the VMM as port writes, and the 24-bit
 PM timer there (PM_TMR_BLK and X_PM_TMR_BLK, TMR_VAL_EXT clear), the reference
 Linux checks its timer calibration against, as under QEMU. It has no SMI
-command port (always in ACPI mode) and no GPE blocks. It points to
+command port (always in ACPI mode) and no GPE blocks. CENTURY names the CMOS
+RTC's century register (osvmm/devices/rtc.py). It points to
 the DSDT with both DSDT and X_DSDT, and to the FACS with FIRMWARE_CTRL only
 (the spec wants X_FIRMWARE_CTRL zero when FIRMWARE_CTRL is set; QEMU does so).
 """
@@ -90,7 +91,7 @@ def build_fadt(dsdt_addr: int, facs_addr: int) -> bytes:
         0,  # DUTY_WIDTH
         0,  # DAY_ALRM
         0,  # MON_ALRM
-        0,  # CENTURY
+        pm.RTC_CENTURY,  # CENTURY: the CMOS index of the RTC's century
         IAPC_BOOT_ARCH,
         0,  # reserved
         FADT_FLAGS,

@@ -50,6 +50,10 @@ RESET_PORT = 0xCF9
 RESET_VALUE = 0x06  # SYS_RST | RST_CPU: a hard reset
 RST_CPU = 0x04  # reset control: a write with this bit set resets (Linux's cf9 method: 0x02, 0x06)
 
+# The CMOS index of the RTC's century register, the FADT's CENTURY field (as QEMU):
+# Linux's mc146818_get_time reads the century there.
+RTC_CENTURY = 0x32
+
 # The SCI's ISA IRQ (level triggered, active high: see the MADT's override).
 SCI_IRQ = 9
 
