@@ -127,6 +127,21 @@ def test_fadt_reset_and_power_off():
     assert struct.unpack_from("<I", fadt, 48)[0] == 0  # no SMI_CMD: always ACPI mode
 
 
+def test_fadt_pm_timer():
+    """A 24-bit PM timer at pm.PM_TMR_PORT, in both the legacy and the extended field."""
+    fadt = walk(PLANS["two-nodes"])[b"FACP"]
+    (pm_tmr_blk,) = struct.unpack_from("<I", fadt, 76)
+    assert (pm_tmr_blk, fadt[91]) == (pm.PM_TMR_PORT, 4) == (0x608, pm.PM_TMR_LEN)
+    space, width, bit_offset, access, addr = struct.unpack_from("<BBBBQ", fadt, 208)
+    assert (space, width, bit_offset, access, addr) == (1, 32, 0, 3, 0x608)  # I/O, dword
+    (flags,) = struct.unpack_from("<I", fadt, 112)
+    assert not flags & (1 << 8), "TMR_VAL_EXT: the timer counts 24 bits"
+    assert pm.PM_TMR_MASK == (1 << 24) - 1 and pm.PM_TMR_FREQUENCY_HZ == 3_579_545
+    # The blocks do not overlap: PM1a event, PM1a control, PM timer (as QEMU's PIIX4).
+    blocks = sorted([(0x600, fadt[88]), (0x604, fadt[89]), (pm_tmr_blk, fadt[91])])
+    assert all(a + n <= b for (a, n), (b, _) in zip(blocks, blocks[1:], strict=False))
+
+
 def test_dsdt_s5_package_and_poweroff_value():
     dsdt = walk(PLANS["two-nodes"])[b"DSDT"]
     # Name (_S5_, Package (4) { S5, S5, Zero, Zero }) in AML, at the top of the block.
@@ -201,6 +216,11 @@ def test_iasl_disassembles_every_table(name, tmp_path):
             assert "error" not in low and "warning" not in low, f"{sig}: {text}"
             assert "invalid" not in low and "****" not in text, f"{sig}: {text}"
         assert f'"{sig}"' in dsl
+        if sig == "FACP":
+            assert "PM Timer Block Address : 00000608" in dsl
+            assert "PM Timer Block Length : 04" in dsl
+            assert "32-bit PM Timer (V1) : 0" in dsl
+            assert "RTC Century Index : 32" in dsl
 
 
 @needs_iasl

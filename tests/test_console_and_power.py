@@ -159,6 +159,24 @@ def test_pm1_control_reads_acpi_mode_and_other_sleep_states_do_nothing():
     assert events == []
 
 
+def test_pm1_enable_reads_back_and_status_reads_zero():
+    bus, events = _power_bus()
+    status, enable = pm.PM1A_EVT_PORT, pm.PM1A_EVT_PORT + pm.PM1_STS_LEN
+    assert bus.read(status, 4) == bytes(4)
+    # ACPICA enables the global lock event and reads PM1_EN back to check it.
+    bus.write(enable, pm.GBL_EN.to_bytes(2, "little"))
+    assert int.from_bytes(bus.read(enable, 2), "little") == pm.GBL_EN
+    bus.write(enable + 1, b"\x01")  # a byte write to the high half keeps the low half
+    assert int.from_bytes(bus.read(enable, 2), "little") == 0x100 | pm.GBL_EN
+    # Status reads 0 and write-1-to-clear is harmless: enable is untouched.
+    bus.write(status, (0xFFFF).to_bytes(2, "little"))
+    assert bus.read(status, 2) == b"\x00\x00"
+    assert int.from_bytes(bus.read(status, 4), "little") == (0x100 | pm.GBL_EN) << 16
+    bus.write(enable, bytes(2))
+    assert bus.read(enable, 2) == bytes(2)
+    assert events == [] and not bus.unclaimed
+
+
 def test_reset_register_and_keyboard_controller_reset():
     bus, events = _power_bus()
     bus.write(pm.RESET_PORT, bytes([0x02]))  # SYS_RST alone: Linux's first write

@@ -100,6 +100,44 @@ def test_read_keeps_the_low_byte_of_what_a_device_returns():
     assert bus.read(0x70, 2) == b"\x34\x34"
 
 
+class Counter4:
+    """A 4-byte register read whole: each read_wide is one sample of a counter."""
+
+    def __init__(self):
+        self.samples = 0
+        self.log: list[tuple] = []
+
+    def read_wide(self, offset: int, size: int) -> int:
+        self.log.append(("wide", offset, size))
+        self.samples += 1
+        value = 0x1_0403_0201 * self.samples  # 5 bytes: the bus keeps `size` of them
+        return value >> (8 * offset)
+
+    def read(self, offset: int) -> int:
+        self.log.append(("r", offset))
+        return 0xA0 + offset
+
+    def write(self, offset: int, value: int) -> None:
+        self.log.append(("w", offset, value))
+
+
+def test_wide_read_is_one_call_within_the_device():
+    bus = PortBus()
+    dev = Counter4()
+    bus.register(0x608, 4, dev)
+    assert bus.read(0x608, 4) == bytes([1, 2, 3, 4])  # inl: one sample, not four
+    assert bus.read(0x60A, 2) == bytes([6, 8])  # inw at offset 2: bytes 2-3 of sample 2
+    assert dev.log == [("wide", 0, 4), ("wide", 2, 2)]
+    dev.log.clear()
+    # Byte reads, and reads running past the device, go byte by byte.
+    assert bus.read(0x609, 1) == b"\xa1"
+    assert bus.read(0x60A, 4) == b"\xa2\xa3\xff\xff"
+    assert dev.log == [("r", 1), ("r", 2), ("r", 3)]
+    assert bus.unclaimed == {0x60C: 1, 0x60D: 1}
+    bus.write(0x608, b"\x01\x02")  # writes stay byte-wide
+    assert dev.log[-2:] == [("w", 0, 1), ("w", 1, 2)]
+
+
 # -- MMIO --------------------------------------------------------------------------------------
 
 

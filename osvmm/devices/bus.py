@@ -5,6 +5,11 @@ registers. Every port of a device is an entry of one dict, so an exit costs
 one lookup. Accesses wider than a byte are split into byte accesses at
 consecutive ports (as the 8250 and isa-debug-exit are byte devices); ports
 nobody claims read as all ones and ignore writes, as on a PC, and are counted.
+
+A device whose register must be read whole (the ACPI PM timer: four bytes of
+one counter value, which byte reads taken one after another could tear) also
+has ``read_wide(offset, size) -> int``: a read wider than a byte that lies
+within that device is one call, its value returned little-endian.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ class PortBus:
     def __init__(self):
         self._ports: dict[int, tuple[object, int]] = {}
         self._fast: dict[int, tuple] = {}
+        self._wide: dict[int, tuple] = {}  # port -> (read_wide, offset, length)
         self.unclaimed = Counter()  # port -> accesses to no device
 
     def register(self, base: int, length: int, device) -> None:
@@ -26,6 +32,8 @@ class PortBus:
         for port in range(base, base + length):
             self._ports[port] = (device, port - base)
             self._fast[port] = (device.write, device.read, port - base)
+            if hasattr(device, "read_wide"):
+                self._wide[port] = (device.read_wide, port - base, length)
 
     def byte_handlers(self) -> dict[int, tuple]:
         """port -> (write(offset, value), read(offset), offset): the exit loop's fast path
@@ -44,6 +52,11 @@ class PortBus:
                 entry[0].write(entry[1], byte)
 
     def read(self, port: int, size: int) -> bytes:
+        if size > 1:
+            wide = self._wide.get(port)
+            if wide is not None and wide[1] + size <= wide[2]:
+                value = wide[0](wide[1], size) & ((1 << (8 * size)) - 1)
+                return value.to_bytes(size, "little")
         out = bytearray()
         for i in range(size):
             entry = self._ports.get(port + i)

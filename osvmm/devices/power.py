@@ -2,7 +2,10 @@
 
 What the partition's FADT and DSDT announce (osvmm/boot/acpi/pm.py) is what
 this model traps; nothing else about power management is emulated:
-  - PM1a event block (status, enable): reads 0, writes ignored;
+  - PM1a event block: status (2 bytes) reads 0, as no event is ever raised,
+    and a write-1-to-clear there is harmless; enable (2 bytes) reads back what
+    was written (ACPICA checks: Linux's "Could not enable GlobalLock event"
+    came from an enable register that did not);
   - PM1a control: reads SCI_EN (always in ACPI mode); a write with SLP_EN
     and SLP_TYP = S5 powers the partition off;
   - 0xcf9 (reset control, the FADT's RESET_REG): a write with RST_CPU resets;
@@ -22,11 +25,21 @@ I8042_CMD_PULSE_RESET = 0xFE
 
 
 class Pm1Event:
+    """PM1 status (offsets 0-1, write 1 to clear) and PM1 enable (offsets 2-3)."""
+
+    def __init__(self):
+        self.enable = 0  # PM1_EN as the guest last wrote it; no SCI is ever raised
+
     def read(self, offset: int) -> int:
-        return 0
+        if offset < pm.PM1_STS_LEN:
+            return 0  # no status bit is ever set
+        return (self.enable >> (8 * (offset - pm.PM1_STS_LEN))) & 0xFF
 
     def write(self, offset: int, value: int) -> None:
-        pass
+        if offset < pm.PM1_STS_LEN:
+            return  # write-1-to-clear of bits that are never set
+        shift = 8 * (offset - pm.PM1_STS_LEN)
+        self.enable = (self.enable & ~(0xFF << shift)) | ((value & 0xFF) << shift)
 
 
 class Pm1Control:

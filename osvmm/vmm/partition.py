@@ -13,7 +13,8 @@ reported before /dev/kvm is touched.
     3. vm         the KVM VM with its in-kernel LAPICs, I/O APIC, PIC and PIT,
                   guest RAM as memslots (bringup.py); HLT/PAUSE exits disabled
                   on dedicated cores
-    4. devices    COM1 (8250), isa-debug-exit and the power ports on the port bus
+    4. devices    COM1 (8250), isa-debug-exit, the power ports, the CMOS RTC and
+                  the ACPI PM timer on the port bus
     5. image      the boot image written into guest memory
     6. vcpus      created with their CPUID; the BSP gets the entry registers,
                   the APs wait for INIT/SIPI in the in-kernel LAPIC
@@ -30,6 +31,7 @@ memory slots, MSIs, guest memory and the console.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,7 +40,9 @@ from osvmm.boot.prepare import prepare
 from osvmm.devices.bus import PortBus
 from osvmm.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit, exit_status
 from osvmm.devices.mmio import MmioBus
+from osvmm.devices.pm_timer import register_pm_timer
 from osvmm.devices.power import register_power_devices
+from osvmm.devices.rtc import register_rtc
 from osvmm.devices.serial import COM1_IRQ, COM1_PORT, Serial
 from osvmm.errors import ConfigError, OsvmmError
 from osvmm.kvm import Kvm
@@ -140,6 +144,8 @@ class Partition:
             on_poweroff=lambda: self.finish(0, "the guest powered off"),
             on_reset=lambda: self.reset(-1),
         )
+        register_rtc(self.pio, now=time.time)
+        register_pm_timer(self.pio, monotonic_ns=time.monotonic_ns)
         self.mmio = MmioBus()
         # 5. image and boot interface
         boot.write_to(self.memory)

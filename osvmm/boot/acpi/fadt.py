@@ -2,9 +2,11 @@
 
 The FADT is not hardware-reduced: it gives the PM1a event and control blocks
 and a reset register at the I/O ports of ``osvmm.boot.acpi.pm`` so that the
-guest's ACPI power-off and reset reach the VMM as port writes. It has no SMI
-command port (always in ACPI mode), no PM timer and no GPE blocks (ACPI 5.0A
-made the PM timer optional; Linux then uses the TSC and the PIT). It points to
+guest's ACPI power-off and reset reach the VMM as port writes, and the 24-bit
+PM timer there (PM_TMR_BLK and X_PM_TMR_BLK, TMR_VAL_EXT clear), the reference
+Linux checks its timer calibration against, as under QEMU. It has no SMI
+command port (always in ACPI mode) and no GPE blocks. CENTURY names the CMOS
+RTC's century register (osvmm/devices/rtc.py). It points to
 the DSDT with both DSDT and X_DSDT, and to the FACS with FIRMWARE_CTRL only
 (the spec wants X_FIRMWARE_CTRL zero when FIRMWARE_CTRL is set; QEMU does so).
 """
@@ -16,6 +18,7 @@ import struct
 from osvmm.boot.acpi import pm
 from osvmm.boot.acpi.common import (
     ACCESS_BYTE,
+    ACCESS_DWORD,
     ACCESS_WORD,
     ADDRESS_SPACE_SYSTEM_IO,
     NULL_GAS,
@@ -33,6 +36,7 @@ WBINVD = 1 << 0
 PROC_C1 = 1 << 2
 PWR_BUTTON = 1 << 4  # 1: no fixed-hardware power button
 SLP_BUTTON = 1 << 5  # 1: no fixed-hardware sleep button
+TMR_VAL_EXT = 1 << 8  # not set: the PM timer counts 24 bits
 RESET_REG_SUP = 1 << 10
 FADT_FLAGS = WBINVD | PROC_C1 | PWR_BUTTON | SLP_BUTTON | RESET_REG_SUP
 
@@ -68,13 +72,13 @@ def build_fadt(dsdt_addr: int, facs_addr: int) -> bytes:
         pm.PM1A_CNT_PORT,  # PM1a_CNT_BLK
         0,  # PM1b_CNT_BLK
         0,  # PM2_CNT_BLK
-        0,  # PM_TMR_BLK
+        pm.PM_TMR_PORT,  # PM_TMR_BLK
         0,  # GPE0_BLK
         0,  # GPE1_BLK
         pm.PM1_EVT_LEN,
         pm.PM1_CNT_LEN,
         0,  # PM2_CNT_LEN
-        0,  # PM_TMR_LEN
+        pm.PM_TMR_LEN,
         0,  # GPE0_BLK_LEN
         0,  # GPE1_BLK_LEN
         0,  # GPE1_BASE
@@ -87,7 +91,7 @@ def build_fadt(dsdt_addr: int, facs_addr: int) -> bytes:
         0,  # DUTY_WIDTH
         0,  # DAY_ALRM
         0,  # MON_ALRM
-        0,  # CENTURY
+        pm.RTC_CENTURY,  # CENTURY: the CMOS index of the RTC's century
         IAPC_BOOT_ARCH,
         0,  # reserved
         FADT_FLAGS,
@@ -106,7 +110,7 @@ def build_fadt(dsdt_addr: int, facs_addr: int) -> bytes:
     body += gas(ADDRESS_SPACE_SYSTEM_IO, pm.PM1_CNT_LEN * 8, pm.PM1A_CNT_PORT, ACCESS_WORD)
     body += NULL_GAS  # X_PM1b_CNT_BLK
     body += NULL_GAS  # X_PM2_CNT_BLK
-    body += NULL_GAS  # X_PM_TMR_BLK
+    body += gas(ADDRESS_SPACE_SYSTEM_IO, pm.PM_TMR_LEN * 8, pm.PM_TMR_PORT, ACCESS_DWORD)
     body += NULL_GAS  # X_GPE0_BLK
     body += NULL_GAS  # X_GPE1_BLK
     body += NULL_GAS  # SLEEP_CONTROL_REG (hardware-reduced only)
