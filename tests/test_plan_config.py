@@ -136,7 +136,7 @@ def test_full_plan(tmp_path):
     assert db.image == str(tmp_path / "guest.elf") and db.bundled_guest is None
     # defaults
     assert (db.restart, db.restart_limit, db.restart_backoff_ms) == ("stop", 5, 500)
-    assert (db.hugepages, db.prefault, db.privileged, db.doorbells) == (True, False, False, ())
+    assert (db.hugepages, db.prefault, db.privileged, db.doorbells) == (None, False, False, ())
     assert db.node is None and db.kernel is None and db.initrd is None
     assert tools.floating and tools.cpu_mode == "floating" and tools.vcpus == 3
     assert tools.image == "guests:hello" and tools.bundled_guest == "hello"
@@ -247,7 +247,7 @@ def part(name="a", cpus="1", memory="2M", extra=""):
         (part(extra='image2 = "i"'), "partition 'a': unknown key 'image2' (did you mean 'image'?)"),
         (part(extra='restart = "always"'), "partition 'a': restart: 'always' is not"),
         (part(extra="restart_limit = -1"), "partition 'a': restart_limit: -1 is negative"),
-        (part(extra="hugepages = 1"), "partition 'a': hugepages: expected true or false, got 1"),
+        (part(extra="hugepages = 1"), "partition 'a': hugepages: 1 is not true, false or \"auto\""),
         (part(extra='doorbells = "b"'), "partition 'a': doorbells: expected a list"),
         (part(extra='doorbells = ["b"]'), "partition 'a': doorbells: no partition is named 'b'"),
         (part(extra='doorbells = ["a"]'), "partition 'a': doorbells: a partition does not ring"),

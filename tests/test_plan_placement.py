@@ -201,11 +201,30 @@ def test_all_dedicated_and_thp_warnings(tmp_path):
     shutil.copytree(FIXTURES / "small-2cpu", root)
     (root / "kernel/mm/transparent_hugepage/enabled").write_text("always madvise [never]\n")
     a = place(
-        plan_of('cpus = 1\nmemory = "16M"', 'cpus = 1\nmemory = "2M"\nhugepages = false'),
+        plan_of('cpus = 1\nmemory = "16M"\nhugepages = true', 'cpus = 1\nmemory = "2M"'),
         read_topology(str(root)),
     )
     assert a.warnings[-1] == (
         "hugepages: THP is disabled on this host (transparent_hugepage: never); 'p0' use 4K pages"
+    )
+
+
+def test_thp_warning_names_auto_partitions_only_when_large(tmp_path):
+    import shutil
+
+    root = tmp_path / "sys"
+    shutil.copytree(FIXTURES / "epyc-2s128t", root)
+    (root / "kernel/mm/transparent_hugepage/enabled").write_text("always madvise [never]\n")
+    a = place(
+        plan_of(
+            'cpus = "floating"\nmemory = "16M"',  # "auto": too small to want huge pages
+            'cpus = "floating"\nmemory = "256M"',  # "auto": wants them
+            'cpus = "floating"\nmemory = "256M"\nhugepages = false',
+        ),
+        read_topology(str(root)),
+    )
+    assert a.warnings[-1] == (
+        "hugepages: THP is disabled on this host (transparent_hugepage: never); 'p1' use 4K pages"
     )
 
 

@@ -174,7 +174,7 @@ class PartitionSpec:
     restart: str = "stop"
     restart_limit: int = 5
     restart_backoff_ms: int = 500
-    hugepages: bool = True
+    hugepages: bool | None = None  # None: "auto", huge pages for ranges that gain from them
     prefault: bool = False
     privileged: bool = False
     doorbells: tuple[str, ...] = ()
@@ -462,7 +462,11 @@ def _parse_partition(table: dict[str, Any], index: int, base: Path) -> Partition
         if value < 0:
             raise ConfigError(f"{where}: {key}: {value} is negative")
         fields[key] = value
-    for key, default in (("hugepages", True), ("prefault", False), ("privileged", False)):
+    huge = table.get("hugepages", "auto")
+    if not isinstance(huge, bool) and huge != "auto":
+        raise ConfigError(f'{where}: hugepages: {_show(huge)} is not true, false or "auto"')
+    fields["hugepages"] = None if huge == "auto" else huge
+    for key, default in (("prefault", False), ("privileged", False)):
         fields[key] = _get(table, key, bool, where, default)
 
     doorbells = _get(table, "doorbells", list, where, [])

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from osvmm.arch.x86.layout import HUGEPAGE_MIN_RANGE
 from osvmm.errors import ConfigError
 from osvmm.plan.config import PartitionSpec, Plan, format_cpu_list, format_size
 from osvmm.plan.topology import HostTopology
@@ -198,7 +199,11 @@ def place(plan: Plan, topology: HostTopology) -> Assignment:
             "cpus: every online CPU is dedicated to a partition; the VMM's own threads share them"
         )
     if topology.thp == "never":
-        huge = [s.name for s in plan.partitions if s.hugepages]
+        huge = [
+            s.name
+            for s in plan.partitions
+            if s.hugepages or (s.hugepages is None and s.memory >= HUGEPAGE_MIN_RANGE)
+        ]
         if huge:
             warnings.append(
                 f"hugepages: THP is disabled on this host (transparent_hugepage: never); "

@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from osvmm.arch.x86.layout import HUGEPAGE_MIN_RANGE
 from osvmm.boot.image import BootImage, read_boot_source
 from osvmm.boot.prepare import prepare
 from osvmm.devices.bus import PortBus
@@ -74,7 +75,9 @@ class PartitionConfig:
     host_cpus: tuple[int, ...] = ()  # dedicated host CPUs: vCPU i pinned to host_cpus[i]
     float_cpus: tuple[int, ...] = ()  # floating: every vCPU allowed on these (the pool)
     node: int | None = None  # bind guest memory to this host NUMA node (mbind)
-    hugepages: bool = False  # madvise(MADV_HUGEPAGE) where THP allows
+    # madvise(MADV_HUGEPAGE) where THP allows: True for all guest RAM, None ("auto")
+    # for RAM ranges of at least layout.HUGEPAGE_MIN_RANGE, False never.
+    hugepages: bool | None = False
     prefault: bool = False  # populate all guest memory at build and mlock it
     disable_exits: bool = False  # KVM_CAP_X86_DISABLE_EXITS HLT|PAUSE (dedicated cores)
 
@@ -172,7 +175,7 @@ class Partition:
             notes = []
             if cfg.node is not None:
                 notes.append(enforce.bind_memory(region.host_addr, region.size, cfg.node))
-            if cfg.hugepages:
+            if cfg.hugepages or (cfg.hugepages is None and region.size >= HUGEPAGE_MIN_RANGE):
                 notes.append(enforce.advise_huge(region.mem))
             if cfg.prefault:
                 notes.append(enforce.prefault(region.mem))
