@@ -9,7 +9,9 @@
 # program build with, QEMU (the reference for differential tests and
 # benchmarks), acpica-tools (iasl validates our ACPI tables), busybox-static
 # and cpio tools (initramfs), spin; Python test tools; osvmm itself (editable);
-# and Debian's stock kernel for the Linux boot test (scripts/fetch-debian-kernel).
+# and Debian's stock kernel for the Linux boot test, with its modules for the
+# hardware-virtualization rig (scripts/fetch-debian-kernel --modules; the rig is
+# scripts/hwvirt-rig, docs/testing.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -44,10 +46,10 @@ $PYTHON -m pip install -q --disable-pip-version-check -e '.[test]'
 echo "setup: building the bundled guests"
 $PYTHON -m osvmm.guests.build >/dev/null
 
-echo "setup: fetching Debian's stock kernel for the Linux boot test"
-if ! scripts/fetch-debian-kernel >/dev/null 2>&1; then
+echo "setup: fetching Debian's stock kernel and its modules (Linux boot test, rig)"
+if ! scripts/fetch-debian-kernel --modules >/dev/null 2>&1; then
   $SUDO apt-get update -qq
-  scripts/fetch-debian-kernel >/dev/null
+  scripts/fetch-debian-kernel --modules >/dev/null
 fi
 
 if [ "$run_main" = 1 ]; then

@@ -26,10 +26,20 @@ def qemu_missing_reason() -> str | None:
     return None
 
 
+def rig_absent_reason() -> str | None:
+    """None inside the hardware-virtualization rig (scripts/hwvirt-rig sets OSVMM_RIG=1)."""
+    if os.environ.get("OSVMM_RIG") != "1":
+        return "runs inside the rig only: scripts/hwvirt-rig run -- python3 -m pytest -m rig"
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     kvm_reason = kvm_unusable_reason()
     qemu_reason = qemu_missing_reason()
+    rig_reason = rig_absent_reason()
     for item in items:
+        if rig_reason and item.get_closest_marker("rig"):
+            item.add_marker(pytest.mark.skip(reason=rig_reason))
         if kvm_reason and "kvm" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=kvm_reason))
         if qemu_reason and "qemu" in item.keywords:
