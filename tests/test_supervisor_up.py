@@ -46,6 +46,7 @@ class UpProcess:
         deadline = time.monotonic() + 30
         while not os.path.exists(self.sock):
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()  # never leave a VMM behind a failed test
                 out, err = self.proc.communicate(timeout=10)
                 raise AssertionError(f"osvmm up did not start: {err.decode()}")
             time.sleep(0.05)
