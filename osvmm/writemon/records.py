@@ -61,20 +61,35 @@ class Violation:
 
 
 class ViolationLog:
+    """The last ``keep`` violations, each with its sequence number (0, 1, ... since
+    the log began: a reader pages through them with ``page(since, limit)``)."""
+
     def __init__(self, keep: int = DEFAULT_KEEP):
-        self._records: deque[Violation] = deque(maxlen=keep)
+        self._records: deque[tuple[int, Violation]] = deque(maxlen=keep)
         self._counts: Counter[str] = Counter()
+        self._next = 0
         self._lock = threading.Lock()
 
     def add(self, v: Violation) -> None:
         with self._lock:
-            self._records.append(v)
+            self._records.append((self._next, v))
+            self._next += 1
             self._counts[v.decision] += 1
 
     def last(self, n: int | None = None) -> list[Violation]:
+        """The last ``n`` records kept (all of them for None), oldest first."""
+        with self._lock:
+            records = [v for _, v in self._records]
+        return records if n is None else records[-n:] if n > 0 else []
+
+    def page(self, since: int | None, limit: int) -> list[tuple[int, Violation]]:
+        """(seq, record) pairs: the last ``limit`` (``since`` None), or the first
+        ``limit`` numbered ``since`` or later, oldest first."""
         with self._lock:
             records = list(self._records)
-        return records if n is None else records[-n:] if n > 0 else []
+        if since is None:
+            return records[-limit:] if limit > 0 else []
+        return [r for r in records if r[0] >= since][:limit]
 
     def counts(self) -> dict[str, int]:
         """Violations by decision since the log began, and their total."""
