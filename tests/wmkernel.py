@@ -1,57 +1,24 @@
-"""The wmkernel guest's protection and a replay of what it writes (see
-osvmm/guests/src/wmkernel.c): the plan's protect table, the legitimate writes,
-and the driver's seeded wild writes from the same splitmix64 stream, so a test
-can tell, word by word and independently of the VMM, what must be caught."""
+"""A replay of what the wmkernel guest writes (osvmm/guests/src/wmkernel.c; its
+protection is osvmm/guests/wmkernel.py): the legitimate writes and the
+driver's seeded wild writes from the same splitmix64 stream, so a test can
+tell, word by word and independently of the VMM, what must be caught."""
 
 from __future__ import annotations
 
 import struct
 from collections import Counter
 
-from osvmm.writemon.spec import parse_protect
-
-WIN_START, WIN_END = 0x3FF000, 0x404000
-PROTECTED = ((0x400000, 0x400800), (0x400900, 0x402800))
-DRIVER_GRANTS = ((0x400100, 0x400110), (0x401FF8, 0x402008))
-KERNEL_GRANTS = ((0x400200, 0x400400), (0x402100, 0x402200))
-BOUNDARIES = (
-    0x400000, 0x400100, 0x400110, 0x400200, 0x400400, 0x400800, 0x400900, 0x401000,
-    0x401FF8, 0x402000, 0x402008, 0x402100, 0x402200, 0x402800, 0x403000,
-)  # fmt: skip
-
-
-def _spans(spans) -> list[str]:
-    return [f"{s:#x}..{e:#x}" for s, e in spans]
-
-
-def protect_table(policy: str = "deny", arm: str = "boot") -> dict:
-    """The ``[partition.protect]`` table for wmkernel (symbols from its own ELF)."""
-    return {
-        "policy": policy,
-        "arm": arm,
-        "ranges": _spans(PROTECTED),
-        "domains": {
-            "kernel": ["_text..__driver_start", "__driver_end.._etext"],
-            "driver": ["__driver_start..__driver_end"],
-        },
-        "grants": {"driver": _spans(DRIVER_GRANTS), "kernel": _spans(KERNEL_GRANTS)},
-    }
-
-
-def protect_toml(policy: str = "deny", arm: str = "boot") -> str:
-    t = protect_table(policy, arm)
-    return f"""
-[partition.protect]
-policy = "{policy}"
-arm = "{arm}"
-ranges = {t["ranges"]!r}
-domains = {{ kernel = {t["domains"]["kernel"]!r}, driver = {t["domains"]["driver"]!r} }}
-grants = {{ driver = {t["grants"]["driver"]!r}, kernel = {t["grants"]["kernel"]!r} }}
-""".replace("'", '"')
-
-
-def protect_spec(policy: str = "deny", arm: str = "boot"):
-    return parse_protect(protect_table(policy, arm), "wmkernel")
+from osvmm.guests.wmkernel import (  # noqa: F401  (re-exported for the tests)
+    BOUNDARIES,
+    DRIVER_GRANTS,
+    KERNEL_GRANTS,
+    PROTECTED,
+    WIN_END,
+    WIN_START,
+    protect_spec,
+    protect_table,
+    protect_toml,
+)
 
 
 def _inside(b: int, spans) -> bool:
