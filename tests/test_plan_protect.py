@@ -3,13 +3,16 @@ osvmm/writemon/spec.py) and its check before ``osvmm up`` starts anything."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from osvmm.errors import ConfigError
 from osvmm.plan.config import parse_plan
 from osvmm.plan.placement import place
 from osvmm.plan.topology import read_topology
-from osvmm.up.writemon import check_protection
+from osvmm.up.writemon import check_protection, symbols_for
+from osvmm.writemon.rules import resolve
 from osvmm.writemon.spec import ProtectSpec
 from tests import wmkernel as wk
 
@@ -71,3 +74,31 @@ ranges = ["kernel-text"]
 """
     with pytest.raises(ConfigError, match="a bzImage relocates itself .KASLR.: add nokaslr"):
         check_protection(place(parse_plan(body, tmp_path), read_topology()))
+
+
+DEBIAN_VMLINUX = Path.home() / ".cache" / "osvmm" / "kernel" / "vmlinux"
+
+
+@pytest.mark.skipif(not DEBIAN_VMLINUX.exists(), reason=f"no Debian kernel at {DEBIAN_VMLINUX}")
+def test_a_linux_plan_protects_text_and_rodata_from_the_stripped_vmlinux(tmp_path):
+    body = f"""
+[[partition]]
+name = "linux"
+cpus = "floating"
+memory = "256M"
+kernel = "{DEBIAN_VMLINUX}"
+cmdline = "console=ttyS0"
+[partition.protect]
+policy = "log"
+arm = "command"
+ranges = ["kernel-text", "kernel-rodata"]
+domains = {{ kernel = ["kernel-text"] }}
+"""
+    assignment = place(parse_plan(body, tmp_path), read_topology())
+    check_protection(assignment)
+    spec = assignment.partitions[0].spec
+    rules = resolve(spec.protect, symbols_for(spec, spec.protect), ((0, 256 << 20),))
+    assert rules.protected == ((0x1000000, 0x1E01D34), (0x2000000, 0x28EB000))
+    assert rules.domains == (("kernel", ((0xFFFFFFFF81000000, 0xFFFFFFFF81E01D32),)),)
+    table = rules.table()
+    assert len(table) == 5 and table.nbytes == 80  # 80 bytes for 23 MiB protected
