@@ -31,6 +31,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from osvmm.arch.x86.layout import PAGE_SIZE
 from osvmm.errors import GuestFault
 from osvmm.writemon.records import Violation, ViolationLog
 from osvmm.writemon.rules import Rules
@@ -88,7 +89,7 @@ class WriteMonitor:
         return {
             "armed": self.armed,
             "policy": self.rules.policy,
-            "pages": sum(e - s for s, e in self.table.pages()) // 4096,
+            "pages": sum(e - s for s, e in self.table.pages()) // PAGE_SIZE,
             "protected_bytes": self.table.protected_bytes,
             "table_bytes": self.table.nbytes,
             "table_segments": len(self.table),
