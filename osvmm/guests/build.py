@@ -83,6 +83,8 @@ GUESTS: dict[str, GuestSpec] = {
     "intruder": GuestSpec(("intruder.c",), "pvh_entry", True),
     "hcfuzz": GuestSpec(("hcfuzz.c",), "pvh_entry", True),
     "hcloop": GuestSpec(("hcloop.c",), "pvh_entry", True),
+    # The write monitor's kernel with a driver (docs/write-monitor.md).
+    "wmkernel": GuestSpec(("wmkernel.c",), "pvh_entry", True),
 }
 GUEST_NAMES: tuple[str, ...] = tuple(GUESTS)
 

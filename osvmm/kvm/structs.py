@@ -25,6 +25,22 @@ class kvm_userspace_memory_region(ctypes.Structure):
 
 assert ctypes.sizeof(kvm_userspace_memory_region) == 32
 
+
+class kvm_translation(ctypes.Structure):
+    """KVM_TRANSLATE: a guest linear address to its guest-physical address."""
+
+    _fields_ = [
+        ("linear_address", c_uint64),
+        ("physical_address", c_uint64),
+        ("valid", c_uint8),
+        ("writeable", c_uint8),
+        ("usermode", c_uint8),
+        ("pad", c_uint8 * 5),
+    ]
+
+
+assert ctypes.sizeof(kvm_translation) == 24
+
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
 

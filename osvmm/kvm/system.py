@@ -232,6 +232,13 @@ class Vcpu:
     def set_sregs(self, sregs: s.kvm_sregs) -> None:
         _ioctl(self.fd, io.KVM_SET_SREGS, sregs)
 
+    def translate(self, linear_address: int) -> int | None:
+        """The guest-physical address of a linear address in the vCPU's current
+        paging mode (KVM_TRANSLATE), or None when it is not mapped."""
+        tr = s.kvm_translation(linear_address=linear_address)
+        _ioctl(self.fd, io.KVM_TRANSLATE, tr)
+        return tr.physical_address if tr.valid else None
+
     def set_cpuid(self, entries: list[s.kvm_cpuid_entry2]) -> None:
         cpuid = s.kvm_cpuid2(len(entries))()
         cpuid.nent = len(entries)

@@ -26,6 +26,7 @@ from osvmm.arch.x86.layout import CHANNEL_WINDOW_SIZE, MIN_MEMORY, PAGE_SIZE
 from osvmm.errors import ConfigError
 from osvmm.guests import bundled_name
 from osvmm.machine import MAX_VCPUS
+from osvmm.writemon.spec import ProtectSpec, parse_protect
 
 NAME_RE = re.compile(r"[a-z0-9_-]{1,32}")
 CHANNEL_MAX_SIZE = 64 << 20
@@ -53,6 +54,7 @@ PARTITION_KEYS = (
     "prefault",
     "privileged",
     "doorbells",
+    "protect",
 )
 CHANNEL_KEYS = ("name", "size", "members")
 TOP_KEYS = ("vmm", "partition", "channel")
@@ -178,6 +180,7 @@ class PartitionSpec:
     prefault: bool = False
     privileged: bool = False
     doorbells: tuple[str, ...] = ()
+    protect: ProtectSpec | None = None  # [partition.protect]: the write monitor
 
     @property
     def cpu_mode(self) -> str:
@@ -475,6 +478,8 @@ def _parse_partition(table: dict[str, Any], index: int, base: Path) -> Partition
     if len(set(doorbells)) != len(doorbells):
         raise ConfigError(f"{where}: doorbells: a partition is listed twice: {doorbells!r}")
     fields["doorbells"] = tuple(doorbells)
+    if "protect" in table:
+        fields["protect"] = parse_protect(table["protect"], where, base)
     return PartitionSpec(**fields)
 
 

@@ -2,6 +2,8 @@
 
     osvmm up FILE [--detach] [--log-dir DIR] [--quiet]
     osvmm ps | stat [NAME] | start NAME | stop NAME | restart NAME | console NAME | down
+    osvmm protect NAME [--arm | --disarm] [--policy P] [--range R] [--domain D=R] [--grant D=R]
+    osvmm violations NAME [--last N]
 
 The CLI wires them with one call: ``add_up_parsers(subparsers)``. Every
 client command finds the VMM by ``--socket PATH``, else by the
@@ -63,6 +65,41 @@ def add_up_parsers(sub) -> None:
     c.add_argument("--json", action="store_true", help="print the VMM's JSON answer")
     c.set_defaults(func=cmd_stat)
     client("down", "stop every partition and end the VMM").set_defaults(func=cmd_down)
+    add_writemon_parsers(client)
+
+
+def add_writemon_parsers(client) -> None:
+    """``protect`` and ``violations`` (docs/write-monitor.md)."""
+    c = client(
+        "protect",
+        "show or change a partition's write protection (ranges, domains, grants, policy), "
+        "arm or disarm it",
+        "required",
+    )
+    arm = c.add_mutually_exclusive_group()
+    arm.add_argument("--arm", dest="arm", action="store_const", const=True, help="arm it now")
+    arm.add_argument("--disarm", dest="arm", action="store_const", const=False, help="disarm it")
+    c.add_argument("--policy", choices=("log", "deny", "fault"), help="what a violation does")
+    c.add_argument(
+        "--range", action="append", default=[], metavar="R", help="protect R (repeatable)"
+    )
+    c.add_argument(
+        "--domain", action="append", default=[], metavar="NAME=R", help="code range R of NAME"
+    )
+    c.add_argument(
+        "--grant", action="append", default=[], metavar="NAME=R", help="NAME may write R"
+    )
+    c.add_argument("--json", action="store_true", help="print the VMM's JSON answer")
+    c.set_defaults(func=cmd_protect)
+    c = client("violations", "the write monitor's violation records of a partition", "required")
+    c.add_argument(
+        "--last", type=int, default=50, metavar="N", help="the last N records (50, at most 200)"
+    )
+    c.add_argument(
+        "--since", type=int, metavar="SEQ", help="instead the first N numbered SEQ or later"
+    )
+    c.add_argument("--json", action="store_true", help="print the VMM's JSON answer")
+    c.set_defaults(func=cmd_violations)
 
 
 def socket_path(args) -> str:
@@ -127,3 +164,51 @@ def cmd_console(args) -> int:
     from osvmm.up.console_client import attach
 
     return attach(socket_path(args), args.name)
+
+
+def _named_ranges(pairs: list[str], option: str) -> dict[str, list[str]]:
+    from osvmm.errors import ConfigError
+
+    out: dict[str, list[str]] = {}
+    for pair in pairs:
+        name, sep, rng = pair.partition("=")
+        if not sep or not name or not rng:
+            raise ConfigError(f"{option} {pair!r}: write NAME=RANGE")
+        out.setdefault(name, []).append(rng)
+    return out
+
+
+def cmd_protect(args) -> int:
+    msg: dict = {"cmd": "protect", "name": args.name}
+    if args.arm is not None:
+        msg["arm"] = args.arm
+    if args.policy:
+        msg["policy"] = args.policy
+    if args.range:
+        msg["ranges"] = args.range
+    if args.domain:
+        msg["domains"] = _named_ranges(args.domain, "--domain")
+    if args.grant:
+        msg["grants"] = _named_ranges(args.grant, "--grant")
+    reply = request(socket_path(args), msg)
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return 0
+    from osvmm.up.tables import format_protection
+
+    sys.stdout.write(format_protection(reply))
+    return 0
+
+
+def cmd_violations(args) -> int:
+    msg = {"cmd": "violations", "name": args.name, "last": args.last}
+    if args.since is not None:
+        msg["since"] = args.since
+    reply = request(socket_path(args), msg)
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return 0
+    from osvmm.up.tables import format_violations
+
+    sys.stdout.write(format_violations(reply))
+    return 0

@@ -35,12 +35,14 @@ def up(plan_file: str, log_dir: str | None, detach: bool, quiet: bool) -> int:
     from osvmm.plan.placement import place
     from osvmm.plan.topology import read_topology
     from osvmm.up.partition_config import check_boot
+    from osvmm.up.writemon import check_protection
 
     plan = load_plan(plan_file)
     assignment = place(plan, read_topology("/sys"))
     for warning in assignment.warnings:
         print(f"osvmm: warning: {warning}", file=sys.stderr)
     check_boot(assignment)  # every image loads and every boot prepares, before anything starts
+    check_protection(assignment)  # every write-monitor range, symbol and grant resolves
     path = plan.vmm.control_socket
     if is_listening(path):
         raise ControlError(f"a VMM is already listening on {path} (osvmm down stops it)")
@@ -83,6 +85,7 @@ def serve(assignment, path: str, log_dir: str, quiet: bool, ready) -> int:
     from osvmm.up.hypercalls import serve_supervisor
     from osvmm.up.server import ControlServer
     from osvmm.up.supervisor import Supervisor
+    from osvmm.up.writemon import WriteMonitors
 
     # The VMM's own threads (control, supervision, builds) stay off dedicated cores:
     # they run on the pool; each vCPU thread pins itself when it starts.
@@ -96,7 +99,10 @@ def serve(assignment, path: str, log_dir: str, quiet: bool, ready) -> int:
         event_log=lambda text: print(f"osvmm: {text}", file=sys.stderr, flush=True),
     )
     hypercalls = serve_supervisor(sup)  # the six hypercalls, channels and doorbells
-    server = ControlServer(path, sup, on_down=down.set)
+    monitors = WriteMonitors(sup)  # write monitoring (docs/write-monitor.md)
+    server = ControlServer(
+        path, sup, down.set, monitors.commands(), stat_fields=(monitors.stat_fields,)
+    )
     try:
         server.open()
         server.start()

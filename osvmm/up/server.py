@@ -7,6 +7,10 @@ connection; the framing is osvmm/up/protocol.py's.
 ``console`` turns its connection into a raw byte stream once answered: the
 partition's output flows to the client, what the client sends goes to the
 partition's UART; the client detaches by closing the connection.
+
+``commands`` adds requests served elsewhere (name -> fn(request) -> answer:
+the write monitor's ``protect`` and ``violations``); each ``stat_fields``
+callable adds fields to a partition's ``stat`` object.
 """
 
 from __future__ import annotations
@@ -27,10 +31,19 @@ from osvmm.vmm.console import feed_uart
 class ControlServer:
     """Serves the control protocol for ``supervisor`` on the Unix socket ``path``."""
 
-    def __init__(self, path: str, supervisor, on_down: Callable[[], None]):
+    def __init__(
+        self,
+        path: str,
+        supervisor,
+        on_down: Callable[[], None],
+        commands: dict[str, Callable[[dict], dict]] | None = None,
+        stat_fields: tuple[Callable[[object], dict], ...] = (),
+    ):
         self.path = path
         self.sup = supervisor
         self.on_down = on_down
+        self.commands = dict(commands or {})
+        self.stat_fields = stat_fields
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -139,12 +152,21 @@ class ControlServer:
             return {"ok": True, "name": name, "state": state, "reason": sup.entry(name).reason}
         if cmd == "stat":
             entries = [sup.entry(name)] if name else list(sup.partitions.values())
-            return {"ok": True, "partitions": [sup.stats(e) for e in entries]}
+            stats = []
+            for e in entries:
+                fields = sup.stats(e)
+                for extra in self.stat_fields:
+                    fields.update(extra(e))
+                stats.append(fields)
+            return {"ok": True, "partitions": stats}
         if cmd == "down":
             return {"ok": True}
-        raise ControlError(
-            f"unknown command {cmd!r} (ps, start, stop, restart, stat, console, down)"
+        if cmd in self.commands:
+            return self.commands[cmd](msg)
+        known = ", ".join(
+            ("ps", "start", "stop", "restart", "stat", "console", "down", *self.commands)
         )
+        raise ControlError(f"unknown command {cmd!r} ({known})")
 
     def _console(self, conn: socket.socket, msg: dict, buf: bytearray) -> None:
         try:

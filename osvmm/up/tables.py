@@ -1,7 +1,10 @@
-"""The text the client commands print: the ``ps`` table and the ``stat`` tables,
-each from the VMM's JSON answer (docs/control-socket.md)."""
+"""The text the client commands print: the ``ps`` table, the ``stat`` tables, and
+the write monitor's ``protect`` and ``violations``, each from the VMM's JSON
+answer (docs/control-socket.md)."""
 
 from __future__ import annotations
+
+import time
 
 from osvmm.plan.config import format_size
 from osvmm.vmm.exit_stats import format_exit_stats
@@ -34,12 +37,107 @@ def format_ps(partitions: list[dict]) -> str:
 
 
 def format_stat(partitions: list[dict]) -> str:
-    """Per partition, live or of its last run: the exit statistics of osvmm/vmm/exit_stats.py."""
+    """Per partition, live or of its last run: the exit statistics of osvmm/vmm/exit_stats.py,
+    and the write monitor's counts where the partition has protection."""
     return "".join(
         format_exit_stats(
             p["vcpus"],
             p.get("unclaimed_ports"),
             title=f"partition {p['name']} ({'now' if p['live'] else 'at the end of its last run'})",
         )
+        + format_write_monitor(p.get("write_monitor"))
         for p in partitions
+    )
+
+
+def format_write_monitor(wm: dict | None) -> str:
+    """One line: armed or not, the policy, writes checked, violations by decision."""
+    if not wm:
+        return ""
+    v = wm["violations"]
+    counts = (
+        f"{v['total']} violations ({v['logged']} logged, {v['denied']} denied, {v['fault']} fault)"
+    )
+    m = wm["monitor"]
+    if m is None:
+        return f"write monitor: not run yet; {counts}\n"
+    state = f"armed, policy {m['policy']}, {m['pages']} pages" if m["armed"] else "disarmed"
+    return f"write monitor: {state}; {m['trapped_writes']} writes checked this run; {counts}\n"
+
+
+def format_protection(reply: dict) -> str:
+    """What ``osvmm protect NAME`` prints: the state and the rules, ranges in hex."""
+    name, rules, m = reply["name"], reply["rules"], reply["monitor"]
+    if m is None:
+        state = "not running"
+    elif m["armed"]:
+        state = (
+            f"armed, policy {m['policy']}: {m['protected_bytes']} protected bytes on "
+            f"{m['pages']} pages; permission table {m['table_segments']} segments, "
+            f"{m['table_bytes']} bytes"
+        )
+    else:
+        state = "disarmed"
+    lines = [f"{name}: write monitor {state}"]
+    if rules is None:
+        lines.append("  no protection declared")
+    else:
+        lines.append(f"  policy {rules['policy']}, arm at {reply['arm']}")
+
+        def spans(ss):
+            return ", ".join(f"{s}..{e}" for s, e in ss) or "-"
+
+        lines.append(f"  protected  {spans(rules['protected'])}")
+        for dom, ss in rules["domains"].items():
+            lines.append(f"  domain {dom}  code {spans(ss)}")
+        for dom, ss in rules["grants"].items():
+            lines.append(f"  grant {dom}  {spans(ss)}")
+    return "\n".join(lines) + "\n"
+
+
+def format_violations(reply: dict) -> str:
+    """A table of the last violation records, then the counts."""
+    rows = [
+        (
+            "SEQ",
+            "TIME",
+            "VCPU",
+            "RIP",
+            "CPL",
+            "DOMAIN",
+            "GPA",
+            "SIZE",
+            "OLD",
+            "ATTEMPTED",
+            "DECISION",
+        )
+    ]
+    for v in reply["violations"]:
+        stamp = (
+            time.strftime("%H:%M:%S", time.localtime(v["time"]))
+            + f".{int(v['time'] % 1 * 1000):03d}"
+        )
+        rows.append(
+            (
+                str(v["seq"]),
+                stamp,
+                str(v["vcpu"]),
+                v["rip"],
+                str(v["cpl"]),
+                v["domain"],
+                v["gpa"],
+                str(v["size"]),
+                v["old"],
+                v["attempted"],
+                v["decision"],
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    text = "".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n" for r in rows
+    )
+    c = reply["counts"]
+    return text + (
+        f"{reply['name']}: {c['total']} violations ({c['logged']} logged, {c['denied']} denied, "
+        f"{c['fault']} fault); {len(reply['violations'])} shown\n"
     )

@@ -23,9 +23,10 @@ reported before /dev/kvm is touched.
 CPU (dedicated) or to the pool (floating); ``wait`` returns a RunResult when the
 guest ends (debug exit, power-off, fault) or ``stop`` is called.
 
-The partitioning layer (osvmm.hypercall.live) reaches a partition only through
-the small interface at the end of this class: port hooks, MMIO devices, shared
-memory slots, MSIs, guest memory and the console.
+The partitioning layer (osvmm.hypercall.live, osvmm.writemon) reaches a
+partition only through the small interface at the end of this class: port
+hooks, MMIO devices, shared memory slots, read-only RAM pages and the handler
+of writes into them, MSIs, guest memory and the console.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from osvmm.devices.rtc import register_rtc
 from osvmm.devices.serial import COM1_IRQ, COM1_PORT, Serial
 from osvmm.errors import ConfigError, OsvmmError
 from osvmm.kvm import Kvm
+from osvmm.kvm.ioctls import KVM_CAP_NR_MEMSLOTS
 from osvmm.kvm.stats import StatsReader
 from osvmm.kvm.structs import KVM_MEM_READONLY
 from osvmm.machine import Machine
@@ -54,6 +56,7 @@ from osvmm.vmm import enforce
 from osvmm.vmm.bringup import create_vcpu, create_vm
 from osvmm.vmm.host_quirks import quirks_for
 from osvmm.vmm.memory import GuestMemory
+from osvmm.vmm.memslots import Memslots
 from osvmm.vmm.vcpu import VcpuThread, install_kick_handler
 
 MSI_ADDRESS_BASE = 0xFEE0_0000  # MSI address: 0xfee00000 | destination APIC ID << 12
@@ -107,7 +110,9 @@ class Partition:
         self.result: RunResult | None = None
         self.enforcement: list[str] = []  # what enforce.py applied, one note each
         self._shared_slots: dict[int, tuple[int, int]] = {}  # gpa -> (memslot, size)
-        self._next_slot = 0
+        self.slots: Memslots | None = None
+        self._sync_regs = False
+        self._slots_lock = threading.Lock()
 
     @property
     def boot_log(self) -> tuple[str, ...]:
@@ -134,7 +139,7 @@ class Partition:
         self._enforce_memory()
         # 3. vm
         vm = self.vm = create_vm(self.kvm, self.memory)
-        self._next_slot = len(self.memory.regions)
+        self.slots = Memslots(vm, self.memory.regions, vm.check_extension(KVM_CAP_NR_MEMSLOTS))
         if cfg.disable_exits:
             self.enforcement.append(enforce.disable_exits(vm))
         # 4. devices
@@ -291,19 +296,74 @@ class Partition:
         its own; read-only unless ``writable`` (a guest write then exits as MMIO)."""
         if gpa in self._shared_slots:
             raise ValueError(f"{gpa:#x} is already mapped")
-        slot = self._next_slot
-        self._next_slot += 1
-        flags = 0 if writable else KVM_MEM_READONLY
-        self.vm.set_user_memory_region(slot, gpa, size, host_addr, flags)
-        self._shared_slots[gpa] = (slot, size)
+        with self._slots_lock:
+            slot = self.slots.take()
+            flags = 0 if writable else KVM_MEM_READONLY
+            try:
+                self.vm.set_user_memory_region(slot, gpa, size, host_addr, flags)
+            except BaseException:
+                self.slots.give(slot)
+                raise
+            self._shared_slots[gpa] = (slot, size)
 
     def unmap_shared(self, gpa: int) -> None:
-        slot, _ = self._shared_slots.pop(gpa)
-        self.vm.set_user_memory_region(slot, gpa, 0, 0)  # size 0 deletes the slot
+        with self._slots_lock:
+            slot, _ = self._shared_slots.pop(gpa)
+            self.vm.set_user_memory_region(slot, gpa, 0, 0)  # size 0 deletes the slot
+            self.slots.give(slot)
 
     def shared_mappings(self) -> dict[int, int]:
         """What ``map_shared`` mapped: guest-physical address -> size."""
         return {gpa: size for gpa, (_, size) in self._shared_slots.items()}
+
+    def set_ram_write_handler(self, fn) -> None:
+        """``fn(thread, addr, data) -> bool`` sees, on the writing vCPU's thread, each
+        guest write into RAM mapped read-only (``protect_pages``); it returns True when
+        ``addr`` was guest RAM (then the write is its business: apply it or not)."""
+        for t in self.threads:
+            t.ram_write = fn
+
+    def protect_pages(self, ranges) -> None:
+        """Map exactly ``ranges`` (page-aligned guest-physical RAM) read-only, the rest
+        of RAM writable. Running vCPUs are parked while the memslots change."""
+        if ranges and any(t.ram_write is None for t in self.threads):
+            raise ValueError("protect_pages without a RAM write handler")
+        with self._slots_lock:
+            parked = [t for t in self.threads if t.park()]
+            try:
+                self.slots.set_readonly(ranges)
+            finally:
+                for t in parked:
+                    t.unpark()
+
+    def protected_pages(self) -> tuple[tuple[int, int], ...]:
+        """The guest-physical RAM ranges mapped read-only now."""
+        return self.slots.readonly if self.slots is not None else ()
+
+    def enable_sync_regs(self) -> bool:
+        """Have KVM store each vCPU's general registers in kvm_run at every exit
+        (KVM_CAP_SYNC_REGS), so ``vcpu_rip`` needs no ioctl; False where unsupported."""
+        if not self.vm.supports_sync_regs():
+            return False
+        for v in self.vcpus:
+            v.sync.enable()
+        self._sync_regs = True
+        return True
+
+    def vcpu_rip(self, thread) -> int:
+        """RIP of the vCPU of ``thread`` at its current exit (on that thread)."""
+        if self._sync_regs:
+            return thread.vcpu.sync.regs.rip
+        return thread.vcpu.get_regs().rip
+
+    def vcpu_cpl(self, thread) -> int:
+        """The current privilege level of the vCPU of ``thread`` (CS.RPL), on that thread."""
+        return thread.vcpu.get_sregs().cs.selector & 3
+
+    def translate(self, thread, vaddr: int) -> int | None:
+        """The guest-physical address of ``vaddr`` in the vCPU's current address
+        space (KVM_TRANSLATE), or None when it is not mapped."""
+        return thread.vcpu.translate(vaddr)
 
     def raise_msi(self, vcpu_index: int, vector: int) -> None:
         """An MSI with ``vector`` to the LAPIC of vCPU ``vcpu_index`` (a doorbell)."""

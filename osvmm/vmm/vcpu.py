@@ -8,12 +8,22 @@ Every exit is handled on the vCPU's own thread; the port-I/O path is kept
 short because on a real host it is the VMM's whole per-exit cost. Stopping a
 vCPU from another thread sets ``immediate_exit`` in its kvm_run and sends the
 thread SIGUSR1, so a KVM_RUN in progress returns at once (EINTR).
+
+Parking holds a running vCPU out of KVM_RUN while the VMM changes the VM under
+it (its memslots): ``park()`` kicks it the same way and returns once the
+thread waits in the interrupted-exit path (off the fast path); ``unpark()``
+lets it run on. A stop releases a parked vCPU.
+
+A write into guest RAM that KVM maps read-only (vmm/memslots.py) exits as an
+MMIO write; ``ram_write(thread, addr, data)``, when set, sees it first and
+returns True when the address was guest RAM it handled (the write monitor).
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections import Counter
 
 from osvmm.errors import GuestFault, KvmError, VmmBug
@@ -61,7 +71,12 @@ class VcpuThread:
         # port -> fn(vcpu, exit): exits that need the vCPU itself (its
         # registers), e.g. the hypercall port; consulted before the port bus.
         self.port_hooks: dict = {}
+        # fn(thread, addr, data) -> bool: writes into read-only guest RAM (see above).
+        self.ram_write = None
         self.stop_requested = False
+        self._park_wanted = False
+        self._parked = threading.Event()
+        self._release = threading.Event()
         self._thread = threading.Thread(target=self._main, name=f"vcpu{index}", daemon=True)
         self.on_start = None  # optional callable run first on the thread (pinning)
 
@@ -72,6 +87,41 @@ class VcpuThread:
     def kick(self) -> None:
         """Make the vCPU leave KVM_RUN and stop (from any thread)."""
         self.stop_requested = True
+        self._release.set()
+        self._interrupt()
+
+    def park(self, timeout: float = 10) -> bool:
+        """Hold the running vCPU out of KVM_RUN (from another thread); returns once
+        it is held, False when it is not running (nothing to hold)."""
+        if not self._thread.is_alive() or self.stop_requested:
+            return False
+        self._parked.clear()
+        self._release.clear()
+        self._park_wanted = True
+        self._interrupt()
+        deadline = time.monotonic() + timeout
+        while not self._parked.wait(0.05):
+            if not self._thread.is_alive() or self.stop_requested:
+                return False
+            if time.monotonic() > deadline:
+                raise VmmBug(f"vcpu {self.index} did not leave KVM_RUN in {timeout} s")
+            self._interrupt()
+        return True
+
+    def unpark(self) -> None:
+        self._park_wanted = False
+        self._release.set()
+
+    def _park(self) -> None:
+        """On the vCPU thread, out of KVM_RUN: wait until unparked (or stopped)."""
+        self.vcpu.set_immediate_exit(False)
+        if self.stop_requested:
+            self.vcpu.set_immediate_exit(True)
+            return
+        self._parked.set()
+        self._release.wait()
+
+    def _interrupt(self) -> None:
         self.vcpu.set_immediate_exit(True)
         ident = self._thread.ident
         if ident is not None and self._thread.is_alive():
@@ -130,6 +180,8 @@ class VcpuThread:
                 continue
             if reason == KVM_EXIT_INTR:
                 self.handled[Interrupted] += 1
+                if self._park_wanted:
+                    self._park()
                 continue
             self._slow_exit(vcpu.decode(reason))
 
@@ -149,7 +201,8 @@ class VcpuThread:
             data = b"".join(self.pio.read(ex.port, ex.size) for _ in range(ex.count))
             self.vcpu.complete_io_in(ex, data)
         elif kind is MmioWrite:
-            self.mmio.write(ex.addr, ex.data)
+            if self.ram_write is None or not self.ram_write(self, ex.addr, ex.data):
+                self.mmio.write(ex.addr, ex.data)
         elif kind is MmioRead:
             self.vcpu.complete_mmio_read(self.mmio.read(ex.addr, ex.length))
         elif kind is Shutdown:

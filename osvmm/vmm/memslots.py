@@ -1,0 +1,140 @@
+"""Guest RAM as KVM memslots, with the pages the VMM must see written read-only.
+
+A partition's RAM regions (vmm/memory.py) stay its backing; what KVM maps is
+a set of memslots over them. Without protection each region is one slot.
+``ram_layout(regions, readonly)`` splits the regions so that every page in
+``readonly`` (page-aligned guest-physical ranges) lies in a slot with
+KVM_MEM_READONLY: a guest write there exits to the VMM (KVM_EXIT_MMIO with the
+address, size and data), reads and instruction fetches run at native speed,
+and every other page stays in an ordinary writable slot. It is pure.
+
+``Memslots`` owns one VM's slot numbers (``take``/``give``, lowest free first,
+so numbers are reused and stay under KVM_CAP_NR_MEMSLOTS) and applies a new
+RAM layout by replacing the slots of each region that changes. KVM cannot
+resize a slot or toggle KVM_MEM_READONLY in place: a changed region's slots are
+deleted and re-created, a window in which its memory is unmapped. The
+partition therefore applies a layout before its vCPUs start, or with them
+parked (Partition.protect_pages).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from osvmm.arch.x86.layout import PAGE_SIZE
+from osvmm.errors import GuestMemoryError
+from osvmm.kvm.structs import KVM_MEM_READONLY
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One memslot over a RAM region: guest-physical [gpa, gpa + size) at
+    ``host_offset`` into the region's mapping."""
+
+    gpa: int
+    size: int
+    host_offset: int
+    readonly: bool
+
+
+def normalize_pages(ranges) -> tuple[tuple[int, int], ...]:
+    """Page-aligned ``(start, end)`` ranges, sorted, overlaps and neighbours merged."""
+    out: list[list[int]] = []
+    for start, end in sorted(ranges):
+        if start % PAGE_SIZE or end % PAGE_SIZE or end <= start:
+            raise GuestMemoryError(f"read-only range {start:#x}..{end:#x} is not whole pages")
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return tuple((s, e) for s, e in out)
+
+
+def region_layout(gpa: int, size: int, readonly: tuple[tuple[int, int], ...]) -> tuple[Slot, ...]:
+    """The slots of one region [gpa, gpa + size): alternating writable and read-only
+    runs, in address order, covering it exactly (``readonly`` normalized)."""
+    end = gpa + size
+    slots: list[Slot] = []
+    pos = gpa
+    for start, stop in readonly:
+        start, stop = max(start, gpa), min(stop, end)
+        if start >= stop:
+            continue
+        if pos < start:
+            slots.append(Slot(pos, start - pos, pos - gpa, False))
+        slots.append(Slot(start, stop - start, start - gpa, True))
+        pos = stop
+    if pos < end:
+        slots.append(Slot(pos, end - pos, pos - gpa, False))
+    return tuple(slots)
+
+
+def ram_layout(regions, readonly) -> dict[int, tuple[Slot, ...]]:
+    """Region gpa -> its slots; ``regions``: objects with ``gpa`` and ``size``.
+    Read-only pages outside every region are an error (they would map nothing)."""
+    pages = normalize_pages(readonly)
+    for start, stop in pages:
+        covered = sum(max(0, min(stop, r.gpa + r.size) - max(start, r.gpa)) for r in regions)
+        if covered != stop - start:
+            raise GuestMemoryError(f"read-only range {start:#x}..{stop:#x} is not all guest RAM")
+    return {r.gpa: region_layout(r.gpa, r.size, pages) for r in regions}
+
+
+class Memslots:
+    """The memslots of one VM: slot numbers, and the RAM layout currently mapped."""
+
+    def __init__(self, vm, regions, limit: int = 0):
+        """``regions``: the RAM regions (gpa, size, host_addr), already mapped as
+        slots 0..n-1 by bringup.create_vm; ``limit``: KVM_CAP_NR_MEMSLOTS (0: unknown)."""
+        self.vm = vm
+        self.regions = list(regions)
+        self.limit = limit
+        self._used: set[int] = set(range(len(self.regions)))
+        self._ram: dict[int, list[tuple[int, Slot]]] = {
+            r.gpa: [(i, Slot(r.gpa, r.size, 0, False))] for i, r in enumerate(self.regions)
+        }
+
+    def take(self) -> int:
+        n = 0
+        while n in self._used:
+            n += 1
+        if self.limit and n >= self.limit:
+            raise GuestMemoryError(f"KVM allows {self.limit} memslots per VM and all are in use")
+        self._used.add(n)
+        return n
+
+    def give(self, n: int) -> None:
+        self._used.discard(n)
+
+    @property
+    def readonly(self) -> tuple[tuple[int, int], ...]:
+        """The guest-physical ranges now mapped read-only."""
+        return tuple(
+            (s.gpa, s.gpa + s.size) for slots in self._ram.values() for _, s in slots if s.readonly
+        )
+
+    def set_readonly(self, ranges) -> int:
+        """Map exactly ``ranges`` (whole pages of RAM) read-only, the rest writable;
+        returns how many regions were re-slotted."""
+        layout = ram_layout(self.regions, ranges)
+        changed = [
+            r for r in self.regions if tuple(s for _, s in self._ram[r.gpa]) != layout[r.gpa]
+        ]
+        need = len(self._used) + sum(len(layout[r.gpa]) - len(self._ram[r.gpa]) for r in changed)
+        if self.limit and need > self.limit:
+            raise GuestMemoryError(
+                f"protecting these pages needs {need} memslots; KVM allows {self.limit}"
+            )
+        for region in changed:
+            for n, old in self._ram[region.gpa]:
+                self.vm.set_user_memory_region(n, old.gpa, 0, 0)  # size 0 deletes the slot
+                self.give(n)
+            self._ram[region.gpa] = []
+            for slot in layout[region.gpa]:
+                n = self.take()
+                flags = KVM_MEM_READONLY if slot.readonly else 0
+                self.vm.set_user_memory_region(
+                    n, slot.gpa, slot.size, region.host_addr + slot.host_offset, flags
+                )
+                self._ram[region.gpa].append((n, slot))
+        return len(changed)
