@@ -22,6 +22,7 @@ cpus = "1"
 memory = "8M"
 image = "guests:counter"
 prefault = true
+hugepages = true
 
 [[partition]]
 name = "floating"
