@@ -187,7 +187,7 @@ def test_load_plan_resolves_against_file_dir(tmp_path):
 
 
 def test_load_plan_errors(tmp_path):
-    with pytest.raises(ConfigError, match="No such file"):
+    with pytest.raises(ConfigError, match="no such file"):
         load_plan(tmp_path / "absent.toml")
     (tmp_path / "bad.toml").write_text("[[partition]\n")
     with pytest.raises(ConfigError, match="not valid TOML"):

@@ -25,7 +25,10 @@ import re
 from dataclasses import dataclass
 
 from osvmm.errors import ConfigError
+from osvmm.files import read_input
 from osvmm.plan.config import format_cpu_list, parse_cpu_list
+
+MAX_TOPOLOGY_FILE = 1 << 20  # bytes: a sysfs or procfs file of the topology
 
 HUGEPAGE_2M_DIR = "hugepages-2048kB"
 
@@ -180,11 +183,12 @@ def read_topology(sysfs_root: str = "/sys", proc_root: str | None = None) -> Hos
 
 
 def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            return f.read().strip()
-    except OSError:
-        return None
+    """The text of a sysfs or procfs file, None when it does not exist; a file that is
+    not a regular one (a FIFO in a fixture tree) or is over 1 MiB is a ConfigError."""
+    if not os.path.exists(path) or not os.access(path, os.R_OK):
+        return None  # as the kernel means a missing file (module docstring)
+    data = read_input(path, f"host topology: {path}", MAX_TOPOLOGY_FILE, ConfigError)
+    return data.decode("ascii", errors="replace").strip()
 
 
 def _read_int(path: str, default: int) -> int:
