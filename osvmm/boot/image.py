@@ -83,7 +83,7 @@ class StagedMemory:
 
     def __init__(self, ram_ranges):
         self.ranges = tuple(ram_ranges)
-        self.writes: list[tuple[int, bytes]] = []
+        self.writes: list[tuple[int, bytes | ZeroFill]] = []
 
     @property
     def size(self) -> int:
@@ -104,7 +104,24 @@ class StagedMemory:
         self.writes.append((gpa, bytes(data)))
 
     def fill(self, gpa: int, size: int, byte: int = 0) -> None:
-        self.write(gpa, bytes([byte]) * size)
+        if byte:
+            self.write(gpa, bytes([byte]) * size)
+            return
+        if not self.contains(gpa, size):
+            raise GuestMemoryError(f"guest range {gpa:#x}+{size:#x} is not inside guest memory")
+        self.writes.append((gpa, ZeroFill(size)))
+
+
+@dataclass(frozen=True)
+class ZeroFill:
+    """``size`` zero bytes, staged by their size alone: an ELF's .bss (p_memsz beyond
+    p_filesz) may be most of guest memory, and a small image must not make the VMM
+    hold that much in bytes while it prepares the boot."""
+
+    size: int
+
+    def __len__(self) -> int:
+        return self.size
 
 
 @dataclass(frozen=True)
@@ -113,7 +130,7 @@ class BootImage:
     CPUID features to hide, and what was adapted for this host (notes)."""
 
     image: LoadedImage
-    writes: tuple[tuple[int, bytes], ...]
+    writes: tuple[tuple[int, bytes | ZeroFill], ...]
     entry: EntryState
     cpuid_mask: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
@@ -122,4 +139,7 @@ class BootImage:
     def write_to(self, memory) -> None:
         """Copy every staged write into guest memory (``GuestMemory.write``), in order."""
         for gpa, data in self.writes:
-            memory.write(gpa, data)
+            if isinstance(data, ZeroFill):
+                memory.fill(gpa, data.size)
+            else:
+                memory.write(gpa, data)

@@ -360,7 +360,7 @@ def _check_segments(elf: ElfFile, mem) -> tuple[int, int]:
         raise ImageError(f"{name}: ELF has no PT_LOAD segment")
     start = min(p.p_paddr for p in loads)
     end = max(p.p_paddr + p.p_memsz for p in loads)
-    for i, ph in enumerate(loads):
+    for ph in loads:
         if ph.p_filesz > ph.p_memsz:
             raise ImageError(
                 f"{name}: PT_LOAD at {ph.p_paddr:#x} has p_filesz {ph.p_filesz:#x} "
@@ -371,14 +371,14 @@ def _check_segments(elf: ElfFile, mem) -> tuple[int, int]:
                 f"{name}: PT_LOAD at {ph.p_paddr:#x} is below 1 MiB "
                 f"(the low MiB holds the boot interface)"
             )
-        for other in loads[i + 1 :]:
-            if (
-                ph.p_paddr < other.p_paddr + other.p_memsz
-                and other.p_paddr < ph.p_paddr + ph.p_memsz
-            ):
-                raise ImageError(
-                    f"{name}: PT_LOAD segments at {ph.p_paddr:#x} and {other.p_paddr:#x} overlap"
-                )
+    # In address order, segments are disjoint exactly when each ends before the
+    # next begins: one sort and one pass, however many segments there are.
+    ordered = sorted(loads, key=lambda p: (p.p_paddr, p.p_memsz))
+    for ph, nxt in zip(ordered, ordered[1:], strict=False):
+        if nxt.p_paddr < ph.p_paddr + ph.p_memsz:
+            raise ImageError(
+                f"{name}: PT_LOAD segments at {ph.p_paddr:#x} and {nxt.p_paddr:#x} overlap"
+            )
     if end > mem.end:
         need = -(-end // MiB)
         raise ImageError(

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from osvmm.arch.x86.layout import PAGE_SIZE
 from osvmm.errors import GuestMemoryError
 
+FILL_CHUNK = 1 << 20  # bytes written at a time by fill
+
 
 @dataclass
 class Region:
@@ -96,7 +98,13 @@ class GuestMemory:
         return memoryview(r.mem)[off : off + size]
 
     def fill(self, gpa: int, size: int, byte: int = 0) -> None:
-        self.write(gpa, bytes([byte]) * size)
+        """Set ``size`` bytes to ``byte``, a chunk at a time (``size`` may be gigabytes)."""
+        r = self.region_of(gpa, size)
+        off = gpa - r.gpa
+        chunk = bytes([byte]) * min(size, FILL_CHUNK)
+        for at in range(off, off + size, FILL_CHUNK):
+            n = min(FILL_CHUNK, off + size - at)
+            r.mem[at : at + n] = chunk[:n] if n < len(chunk) else chunk
 
     def close(self) -> None:
         for r in self.regions:
