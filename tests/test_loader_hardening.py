@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import struct
 import tracemalloc
 
 import pytest
 
-from osvmm.boot.image import NO_QUIRKS, BootSource, StagedMemory, ZeroFill
+from osvmm.boot.image import NO_QUIRKS, BootSource, StagedMemory, ZeroFill, read_boot_source
 from osvmm.boot.prepare import prepare
 from osvmm.errors import GuestMemoryError, ImageError
-from osvmm.loader.elf import load_elf
+from osvmm.loader.elf import load_elf, parse_elf
 from osvmm.machine import Machine
 from osvmm.vmm.memory import GuestMemory
 from tests.test_inputs_bounded import within
-from tests.test_loader_elf import elf
+from tests.test_loader_elf import elf, note, pvh_note
 
 MiB = 1 << 20
 
@@ -68,3 +69,60 @@ def test_staged_zero_fill_is_checked_against_ram():
     staged = StagedMemory(((0, 8 * MiB),))
     with pytest.raises(GuestMemoryError):
         staged.fill(7 * MiB, 2 * MiB)
+
+
+# -- notes ------------------------------------------------------------------------------------
+
+
+def absurd_pvh_note(namesz: int) -> bytes:
+    """A Xen PVH entry note whose namesz runs far past the note segment."""
+    return struct.pack("<III", namesz, 4, 18) + b"Xen\0" + (0x100000).to_bytes(4, "little")
+
+
+@pytest.mark.parametrize("namesz", [0x1000, 0xFFFFFFFF])
+def test_pvh_note_with_absurd_namesz_is_rejected(namesz):
+    data = elf(notes=absurd_pvh_note(namesz))
+    with pytest.raises(ImageError, match=r"malformed note at 0x[0-9a-f]+ in segment 0: namesz"):
+        parse_elf(data, "bad-note")
+
+
+def test_note_with_absurd_descsz_is_rejected():
+    bad = struct.pack("<III", 4, 0x7FFFFFFF, 18) + b"Xen\0" + b"\0" * 4
+    with pytest.raises(ImageError, match="malformed note"):
+        parse_elf(elf(notes=note(b"GNU", 3, b"abcd") + bad), "bad-desc")
+
+
+def test_well_formed_notes_still_parse():
+    e = parse_elf(elf(notes=note(b"GNU", 3, b"1234567") + pvh_note(0x100000)))
+    assert [(n.name, n.type) for n in e.notes] == [(b"GNU", 3), (b"Xen", 18)]
+
+
+# -- a bzImage with a bad setup header ---------------------------------------------------------
+
+
+def corrupt_bzimage(tmp_path):
+    from tests.test_loader_bzimage import bzimage
+
+    data = bytearray(bzimage())
+    data[0x202:0x206] = b"HdrX"
+    path = tmp_path / "bzImage"
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("key", ["image", "kernel"])
+def test_bzimage_with_a_bad_header_magic_says_so(tmp_path, key):
+    path = corrupt_bzimage(tmp_path)
+    with pytest.raises(ImageError) as exc:
+        read_boot_source(**{key: str(path)})
+    message = str(exc.value)
+    assert "looks like a bzImage (boot sector signature 0xAA55 at 0x1fe)" in message
+    assert 'bad setup header: no "HdrS" magic at 0x202 (found 48647258)' in message
+    assert "not an ELF" not in message
+
+
+def test_a_file_without_the_boot_signature_is_still_not_an_elf(tmp_path):
+    path = tmp_path / "text"
+    path.write_bytes(b"hello" * 200)
+    with pytest.raises(ImageError, match="not an ELF image"):
+        read_boot_source(image=str(path))

@@ -20,14 +20,20 @@ from osvmm.arch.x86.regs import EntryState
 from osvmm.errors import ConfigError, GuestMemoryError, ImageError
 from osvmm.loader.elf import is_linux, parse_elf
 from osvmm.loader.result import LoadedImage, read_image
-from osvmm.loader.setup_header import HDRS_MAGIC
+from osvmm.loader.setup_header import BOOT_FLAG, HDRS_MAGIC
 
 HDRS_OFFSET = 0x202  # the setup header's "HdrS" magic (Documentation/arch/x86/boot.rst)
+BOOT_FLAG_OFFSET = 0x1FE  # boot_flag: 0xAA55, the boot sector signature
 ELF_MAGIC = b"\x7fELF"
 
 
 def is_bzimage(data: bytes) -> bool:
     return data[HDRS_OFFSET : HDRS_OFFSET + 4] == HDRS_MAGIC.to_bytes(4, "little")
+
+
+def looks_like_boot_sector(data: bytes) -> bool:
+    """Whether ``data`` ends its first sector with 0xAA55, as a bzImage's does."""
+    return data[BOOT_FLAG_OFFSET : BOOT_FLAG_OFFSET + 2] == BOOT_FLAG.to_bytes(2, "little")
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,13 @@ def read_boot_source(
     data = read_image(path, "kernel" if kernel else "image")
     if is_bzimage(data):
         linux = True
+    elif data[:4] != ELF_MAGIC and looks_like_boot_sector(data):
+        found = data[HDRS_OFFSET : HDRS_OFFSET + 4].hex() or "nothing"
+        raise ImageError(
+            f"{path}: looks like a bzImage (boot sector signature 0xAA55 at 0x1fe) "
+            f'with a bad setup header: no "HdrS" magic at 0x202 (found {found}); '
+            "the file is corrupt"
+        )
     elif kernel:
         linux = True  # a vmlinux; the loader says so if it is not one
     else:

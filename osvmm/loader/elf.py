@@ -201,8 +201,11 @@ def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
-def _parse_notes(data: bytes, off: int, size: int, align: int, out: list[Note]) -> None:
-    """Notes in data[off:off+size]; a malformed note ends the walk of this block."""
+def _parse_notes(
+    data: bytes, off: int, size: int, align: int, out: list[Note], name: str, where: str
+) -> None:
+    """Notes in data[off:off+size]; a note whose name or desc runs past the block is an
+    ImageError (a PVH entry note the walk skipped would boot the image the wrong way)."""
     align = 8 if align == 8 else 4
     end = off + size
     while off + ctypes.sizeof(Elf_Nhdr) <= end:
@@ -211,13 +214,16 @@ def _parse_notes(data: bytes, off: int, size: int, align: int, out: list[Note]) 
         desc_off = name_off + _align(nh.n_namesz, align)
         next_off = desc_off + _align(nh.n_descsz, align)
         if desc_off + nh.n_descsz > end:
-            return
+            raise ImageError(
+                f"{name}: malformed note at {off:#x} in {where}: namesz {nh.n_namesz:#x} "
+                f"and descsz {nh.n_descsz:#x} run past its end {end:#x}"
+            )
         name = data[name_off : name_off + nh.n_namesz].rstrip(b"\0")
         out.append(Note(name, nh.n_type, data[desc_off : desc_off + nh.n_descsz]))
         off = next_off
 
 
-def _section_notes_and_names(data: bytes, ehdr, cls, notes: list[Note]) -> list[str]:
+def _section_notes_and_names(data: bytes, ehdr, cls, notes: list[Note], name: str) -> list[str]:
     """Section names, and notes from SHT_NOTE sections when no PT_NOTE gave any.
 
     Section headers are not needed to load an image (strip may drop them), so
@@ -231,9 +237,11 @@ def _section_notes_and_names(data: bytes, ehdr, cls, notes: list[Note]) -> list[
         return []
     shdrs = [shdr_t.from_buffer_copy(data, ehdr.e_shoff + i * shsz) for i in range(ehdr.e_shnum)]
     want_notes = not notes
-    for sh in shdrs:
+    for i, sh in enumerate(shdrs):
         if want_notes and sh.sh_type == SHT_NOTE and sh.sh_offset + sh.sh_size <= len(data):
-            _parse_notes(data, sh.sh_offset, sh.sh_size, sh.sh_addralign, notes)
+            _parse_notes(
+                data, sh.sh_offset, sh.sh_size, sh.sh_addralign, notes, name, f"section {i}"
+            )
     names: list[str] = []
     if ehdr.e_shstrndx < len(shdrs):
         strtab = shdrs[ehdr.e_shstrndx]
@@ -295,8 +303,8 @@ def parse_elf(data: bytes, name: str = "image", e_types: tuple[int, ...] = (ET_E
                 f"lies outside the file ({len(data)} bytes)"
             )
         if ph.p_type == PT_NOTE:
-            _parse_notes(data, ph.p_offset, ph.p_filesz, ph.p_align, notes)
-    section_names = _section_notes_and_names(data, ehdr, cls, notes)
+            _parse_notes(data, ph.p_offset, ph.p_filesz, ph.p_align, notes, name, f"segment {i}")
+    section_names = _section_notes_and_names(data, ehdr, cls, notes, name)
     return ElfFile(name, cls, ehdr, phdrs, notes, section_names)
 
 
