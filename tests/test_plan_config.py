@@ -294,7 +294,7 @@ def part(name="a", cpus="1", memory="2M", extra=""):
                 f'[[channel]]\nname = "c{i}"\nsize = "64M"\nmembers = {{ a = "rw" }}\n'
                 for i in range(5)
             ),
-            "partition 'a': channels: 320M of channels do not fit the 256M channel window",
+            "channel: 320M of channels do not fit the 256M channel window",
         ),
     ],
 )

@@ -26,6 +26,7 @@ from osvmm.arch.x86.layout import CHANNEL_WINDOW_SIZE, MIN_MEMORY, PAGE_SIZE
 from osvmm.errors import ConfigError
 from osvmm.files import read_input
 from osvmm.guests import bundled_name
+from osvmm.hypercall.abi import MAX_CHANNELS, MAX_PARTITIONS
 from osvmm.machine import MAX_VCPUS
 
 NAME_RE = re.compile(r"[a-z0-9_-]{1,32}")
@@ -285,6 +286,11 @@ def parse_plan(text: str, base_dir: str | os.PathLike[str], source: str = "<plan
     part_docs = _table_array(doc, "partition")
     if not part_docs:
         raise ConfigError("partition: the plan has no [[partition]]")
+    if len(part_docs) > MAX_PARTITIONS:
+        raise ConfigError(
+            f"partition: {len(part_docs)} partitions, at most {MAX_PARTITIONS} "
+            "(the hypercall ABI numbers them in a 64-bit doorbell mask)"
+        )
     partitions: list[PartitionSpec] = []
     seen: set[str] = set()
     for i, pd in enumerate(part_docs):
@@ -297,6 +303,11 @@ def parse_plan(text: str, base_dir: str | os.PathLike[str], source: str = "<plan
     channels: list[ChannelSpec] = []
     seen_ch: set[str] = set()
     chan_docs = _table_array(doc, "channel")
+    if len(chan_docs) > MAX_CHANNELS:
+        raise ConfigError(
+            f"channel: {len(chan_docs)} channels, at most {MAX_CHANNELS} "
+            "(PARTITION_INFO describes them in one 4 KiB page)"
+        )
     for i, cd in enumerate(chan_docs):
         ch = _parse_channel(cd, i, seen)
         if ch.name in seen_ch:
@@ -304,6 +315,19 @@ def parse_plan(text: str, base_dir: str | os.PathLike[str], source: str = "<plan
         seen_ch.add(ch.name)
         channels.append(ch)
 
+    privileged = [p.name for p in partitions if p.privileged]
+    if len(privileged) > 1:
+        raise ConfigError(
+            f"partition {privileged[1]!r}: privileged: {privileged[0]!r} is privileged "
+            "already (at most one partition is)"
+        )
+    total = sum(c.size for c in channels)
+    if total > CHANNEL_WINDOW_SIZE:
+        raise ConfigError(
+            f"channel: {format_size(total)} of channels do not fit the "
+            f"{format_size(CHANNEL_WINDOW_SIZE)} channel window (each channel has its own "
+            "slot in it, the same in every member)"
+        )
     for spec in partitions:
         where = f"partition {spec.name!r}: doorbells"
         for target in spec.doorbells:
@@ -311,12 +335,6 @@ def parse_plan(text: str, base_dir: str | os.PathLike[str], source: str = "<plan
                 raise ConfigError(f"{where}: no partition is named {_show(target)}")
             if target == spec.name:
                 raise ConfigError(f"{where}: a partition does not ring its own doorbell")
-        total = sum(c.size for c in channels if c.mode(spec.name) is not None)
-        if total > CHANNEL_WINDOW_SIZE:
-            raise ConfigError(
-                f"partition {spec.name!r}: channels: {format_size(total)} of channels do not "
-                f"fit the {format_size(CHANNEL_WINDOW_SIZE)} channel window"
-            )
     return Plan(vmm, tuple(partitions), tuple(channels), str(base), source)
 
 
