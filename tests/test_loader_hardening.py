@@ -126,3 +126,23 @@ def test_a_file_without_the_boot_signature_is_still_not_an_elf(tmp_path):
     path.write_bytes(b"hello" * 200)
     with pytest.raises(ImageError, match="not an ELF image"):
         read_boot_source(image=str(path))
+
+
+@pytest.mark.parametrize("codec", ["xz", "gzip", "bzip2"])
+def test_a_payload_that_expands_past_the_limit_is_refused(codec):
+    import bz2
+    import gzip
+    import lzma
+
+    from osvmm.loader.bzimage import decompress
+
+    compress = {
+        "xz": lambda d: lzma.compress(d, format=lzma.FORMAT_XZ),
+        "gzip": gzip.compress,
+        "bzip2": bz2.compress,
+    }[codec]
+    bomb = compress(bytes(4 * MiB))  # a few KiB that expand to 4 MiB
+    assert len(bomb) < 64 * 1024
+    with pytest.raises(ImageError, match="decompresses to more than 1 MiB"):
+        decompress(bomb, "bomb", limit=MiB)
+    assert decompress(bomb, "bomb", limit=4 * MiB) == bytes(4 * MiB)
