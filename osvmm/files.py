@@ -30,6 +30,9 @@ _KINDS = (
 )
 
 
+_UNSIZED_READ = 1 << 16  # bytes per read of a file whose size is not known
+
+
 def format_bytes(n: int) -> str:
     """A size for a message: 1 GiB, 3.0 GiB, 512 KiB, 100 bytes."""
     for unit, name in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
@@ -99,11 +102,13 @@ def read_input(
                 f"{label}: {format_bytes(st.st_size)} is larger than the "
                 f"{format_bytes(limit)} an input file may have"
             )
-        want = st.st_size if st.st_size else limit + 1
+        # A regular file: one read into one buffer of its size. A file that reports no
+        # size (procfs, or an empty file): small reads, up to the cap and one byte more.
+        want, step = (st.st_size, st.st_size) if st.st_size else (limit + 1, _UNSIZED_READ)
         chunks: list[bytes] = []
         got = 0
         while got < want:
-            chunk = os.read(fd, min(want - got, 1 << 24))
+            chunk = os.read(fd, min(want - got, step))
             if not chunk:
                 break
             chunks.append(chunk)
@@ -114,4 +119,4 @@ def read_input(
         os.close(fd)
     if got > limit:
         raise error(f"{label}: larger than the {format_bytes(limit)} an input file may have")
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)

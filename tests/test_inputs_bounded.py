@@ -221,3 +221,17 @@ def test_restart_backoff_is_bounded():
     parse_plan(
         PART.format(cpus='"floating"', memory='"16M"') + "restart_backoff_ms = 86400000\n", "/"
     )
+
+
+def test_an_empty_or_unsized_file_is_read_in_small_pieces(tmp_path, monkeypatch):
+    # os.read(fd, n) allocates n bytes first: an empty file (st_size 0, like procfs) must
+    # not be read with n = the 1 GiB cap (found by tests/test_fuzz_inputs.py).
+    import osvmm.files
+
+    sizes = []
+    real = os.read
+    monkeypatch.setattr(osvmm.files.os, "read", lambda fd, n: sizes.append(n) or real(fd, n))
+    (tmp_path / "empty").write_bytes(b"")
+    with pytest.raises(ImageError, match="file is empty"):
+        read_image(tmp_path / "empty")
+    assert sizes and max(sizes) <= 1 << 16
