@@ -146,3 +146,107 @@ def test_a_payload_that_expands_past_the_limit_is_refused(codec):
     with pytest.raises(ImageError, match="decompresses to more than 1 MiB"):
         decompress(bomb, "bomb", limit=MiB)
     assert decompress(bomb, "bomb", limit=4 * MiB) == bytes(4 * MiB)
+
+
+# -- many notes, sections and segments from one small file ------------------------------------
+
+
+def elf_with_headers(phdrs: list[bytes], body: bytes, shdrs: bytes = b"", shnum: int = 0) -> bytes:
+    """An ELF64 header, the given program headers, ``body``, then section headers."""
+    ehsize, phsize = 64, 56
+    body_off = ehsize + len(phdrs) * phsize
+    shoff = body_off + len(body) if shnum else 0
+    ident = b"\x7fELF" + bytes([2, 1, 1]) + b"\0" * 9
+    fields = (2, 62, 1, 0x100000, ehsize, shoff, 0, ehsize, phsize, len(phdrs), 64, shnum, 0)
+    return ident + struct.pack("<HHIQQQIHHHHHH", *fields) + b"".join(phdrs) + body + shdrs
+
+
+def phdr(p_type: int, offset: int, paddr: int, filesz: int, memsz: int | None = None) -> bytes:
+    memsz = filesz if memsz is None else memsz
+    return struct.pack("<IIQQQQQQ", p_type, 5, offset, paddr, paddr, filesz, memsz, 4)
+
+
+def test_note_segments_that_repeat_one_range_are_bounded():
+    # 171 KiB: 1000 PT_NOTE headers over one 120 KB run of empty notes took over a
+    # minute and a GiB (10 million notes).
+    body_off = 64 + 1001 * 56
+    phdrs = [phdr(1, body_off, 0x100000, 16)] + [phdr(4, body_off, 0, 120_000)] * 1000
+    data = elf_with_headers(phdrs, bytes(120_000))
+    with within(2), pytest.raises(ImageError, match="bomb: more than 4096 ELF notes"):
+        parse_elf(data, "bomb")
+
+
+def test_note_bytes_are_bounded():
+    big = struct.pack("<III", 4, 512 * 1024, 1) + b"GNU\0" + bytes(512 * 1024)
+    body_off = 64 + 5 * 56
+    phdrs = [phdr(1, body_off, 0x100000, 16)] + [phdr(4, body_off, 0, len(big))] * 4
+    with pytest.raises(ImageError, match="more than 1024 KiB of ELF notes"):
+        parse_elf(elf_with_headers(phdrs, big), "fat")
+
+
+def test_a_malformed_note_after_a_good_one_names_the_image():
+    bad = struct.pack("<III", 4, 0x7FFFFFFF, 18) + b"Xen\0" + b"\0" * 4
+    with pytest.raises(ImageError) as exc:
+        parse_elf(elf(notes=note(b"GNU", 3, b"abcd") + bad), "img.elf")
+    assert str(exc.value).startswith("img.elf: malformed note at ")
+
+
+def test_section_names_are_read_a_bounded_length():
+    # 65535 sections all naming offset 0 of a 1 MiB string table without a NUL.
+    table = b"A" * MiB
+    body_off = 64 + 56
+    shnum = 0xFFFF
+    strtab = struct.pack("<IIQQQQIIQQ", 0, 3, 0, 0, body_off + 16, len(table), 0, 0, 1, 0)
+    shdrs = strtab * shnum
+    data = elf_with_headers([phdr(1, body_off, 0x100000, 16)], bytes(16) + table, shdrs, shnum)
+    with within(2):
+        parse_elf(data, "names")
+    tracemalloc.start()
+    try:
+        parsed = parse_elf(data, "names")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * MiB  # not 65535 copies of the 1 MiB name
+    assert len(parsed.section_names) == shnum and parsed.section_names[0] == "A" * 256
+
+
+def test_segments_sharing_file_bytes_are_not_copied():
+    # 200 PT_LOADs over the same 1 MiB of the file, at 200 disjoint addresses.
+    body_off = 64 + 200 * 56
+    phdrs = [phdr(1, body_off, 0x100000 + i * MiB, MiB) for i in range(200)]
+    data = elf_with_headers(phdrs, b"\x90" * MiB)
+    staged = StagedMemory(Machine.build(256 * MiB, 1).ram_ranges)
+    tracemalloc.start()
+    try:
+        load_elf(data, staged, "shared")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * MiB, peak >> 20
+    assert len(staged.writes) == 200 and bytes(staged.writes[-1][1]) == b"\x90" * MiB
+
+
+def test_eight_byte_aligned_notes_parse_as_binutils_lays_them_out():
+    # .note.gnu.property (p_align 8): a 4-byte name ends at 16, where the desc starts; a
+    # walk that padded the name itself to 8 read past the segment and lost the note.
+    prop = struct.pack("<III", 4, 16, 5) + b"GNU\0" + bytes(16)
+    body_off = 64 + 2 * 56
+    phdrs = [phdr(1, body_off + 32, 0x100000, 16), phdr(4, body_off, 0, 32)]
+    phdrs[1] = phdrs[1][:-8] + struct.pack("<Q", 8)  # p_align 8
+    parsed = parse_elf(elf_with_headers(phdrs, prop + bytes(16)), "prop")
+    assert [(n.name, n.type, n.desc) for n in parsed.notes] == [(b"GNU", 5, bytes(16))]
+
+
+def test_a_real_dynamic_binary_parses(tmp_path):
+    import shutil
+
+    ls = shutil.which("ls")
+    if ls is None:
+        pytest.skip("no ls on this host")
+    from pathlib import Path
+
+    from osvmm.loader.elf import ET_DYN, ET_EXEC
+
+    parsed = parse_elf(Path(ls).read_bytes(), "ls", (ET_EXEC, ET_DYN))
+    assert any(n.name == b"GNU" for n in parsed.notes)

@@ -96,7 +96,7 @@ class StagedMemory:
 
     def __init__(self, ram_ranges):
         self.ranges = tuple(ram_ranges)
-        self.writes: list[tuple[int, bytes | ZeroFill]] = []
+        self.writes: list[tuple[int, bytes | memoryview | ZeroFill]] = []
 
     @property
     def size(self) -> int:
@@ -109,12 +109,16 @@ class StagedMemory:
     def contains(self, gpa: int, size: int = 1) -> bool:
         return size >= 0 and any(s <= gpa and gpa + size <= s + z for s, z in self.ranges)
 
-    def write(self, gpa: int, data: bytes) -> None:
+    def write(self, gpa: int, data: bytes | memoryview) -> None:
+        """Record ``data`` for ``gpa``: a copy, or the view itself when it is read-only
+        (a loader's slice of the image, which nothing changes)."""
         if not self.contains(gpa, len(data)):
             raise GuestMemoryError(
                 f"guest range {gpa:#x}+{len(data):#x} is not inside guest memory"
             )
-        self.writes.append((gpa, bytes(data)))
+        if not (isinstance(data, memoryview) and data.readonly):
+            data = bytes(data)
+        self.writes.append((gpa, data))
 
     def fill(self, gpa: int, size: int, byte: int = 0) -> None:
         if byte:
@@ -143,7 +147,7 @@ class BootImage:
     CPUID features to hide, and what was adapted for this host (notes)."""
 
     image: LoadedImage
-    writes: tuple[tuple[int, bytes | ZeroFill], ...]
+    writes: tuple[tuple[int, bytes | memoryview | ZeroFill], ...]
     entry: EntryState
     cpuid_mask: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
