@@ -235,3 +235,21 @@ def test_an_empty_or_unsized_file_is_read_in_small_pieces(tmp_path, monkeypatch)
     with pytest.raises(ImageError, match="file is empty"):
         read_image(tmp_path / "empty")
     assert sizes and max(sizes) <= 1 << 16
+
+
+def test_topology_numbers_with_thousands_of_digits_are_not_read(tmp_path):
+    from osvmm.plan.topology import read_topology
+
+    cpu = tmp_path / "sys" / "devices" / "system" / "cpu"
+    (cpu / "cpu0").mkdir(parents=True)
+    (cpu / ("cpu" + "9" * 200)).mkdir()
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc" / "meminfo").write_text("MemTotal: " + "9" * 5000 + " kB\n")
+    with within(2):
+        topo = read_topology(str(tmp_path / "sys"))
+    assert sorted(topo.cpus) == [0]
+
+
+def test_a_cpu_list_in_toml_list_form_is_bounded_too():
+    m = plan_error(PART.format(cpus="[1, 99999999999]", memory='"16M"'))
+    assert m == "partition 'a': cpus: CPU numbers go up to 8191"

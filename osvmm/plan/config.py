@@ -449,6 +449,8 @@ def _parse_partition(table: dict[str, Any], index: int, base: Path) -> Partition
             elif isinstance(cpus, list):
                 if not all(isinstance(c, int) and not isinstance(c, bool) for c in cpus):
                     raise ConfigError(f"{where}: cpus: a list must hold CPU numbers: {_show(cpus)}")
+                if any(c > MAX_CPU_ID for c in cpus):
+                    raise ConfigError(f"{where}: cpus: CPU numbers go up to {MAX_CPU_ID}")
                 if any(c < 0 for c in cpus) or len(set(cpus)) != len(cpus):
                     raise ConfigError(
                         f"{where}: cpus: {_show(cpus)} has a negative or repeated CPU"

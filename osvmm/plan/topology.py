@@ -204,11 +204,11 @@ def _numbered_dirs(path: str, prefix: str) -> list[int]:
         names = os.listdir(path)
     except OSError:
         return []
-    pat = re.compile(re.escape(prefix) + r"(\d+)")
+    pat = re.compile(re.escape(prefix) + r"(\d{1,9})")  # cpu123456789 at most
     return sorted(int(m.group(1)) for name in names if (m := pat.fullmatch(name)))
 
 
 def _meminfo_total(text: str) -> int:
     """Bytes of 'MemTotal:' in /proc/meminfo or 'Node N MemTotal:' in a node's meminfo."""
-    m = re.search(r"MemTotal:\s*(\d+)\s*kB", text)
+    m = re.search(r"MemTotal:\s*(\d{1,20})\s*kB", text)
     return int(m.group(1)) * 1024 if m else 0
