@@ -18,6 +18,7 @@ from osvmm.boot.initramfs import (
     APPLETS,
     build_initramfs,
     cmd_initramfs,
+    initramfs_entries,
     parse_add_spec,
     read_busybox,
 )
@@ -417,3 +418,43 @@ def test_cli_bad_add_is_a_config_error(tmp_path, fake_busybox):
     args = argparse.Namespace(out=str(tmp_path / "i"), busybox=str(fake_busybox), add=["x"])
     with pytest.raises(ConfigError, match="expected SRC:DEST"):
         cmd_initramfs(args)
+
+
+def test_a_tree_deeper_than_the_recursion_limit_is_added(tmp_path, fake_busybox):
+    import sys
+
+    depth = sys.getrecursionlimit() + 200
+    tree = tmp_path / "deep"
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:  # mkdir relative to a directory fd: the path is longer than PATH_MAX
+        os.mkdir("deep", dir_fd=fd)
+        here = os.open("deep", os.O_RDONLY, dir_fd=fd)
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=here)
+            nxt = os.open("d", os.O_RDONLY, dir_fd=here)
+            os.close(here)
+            here = nxt
+        os.close(here)
+    finally:
+        os.close(fd)
+    try:
+        entries = initramfs_entries(b"busybox", [(tree, "/deep")])
+    except ConfigError as err:  # a path past PATH_MAX: one line, not a RecursionError
+        assert "bad --add" in str(err) and "\n" not in str(err)
+    else:
+        assert sum(1 for e in entries if e.name.startswith("deep")) == depth + 1
+
+
+def test_an_unreadable_directory_in_a_tree_is_a_config_error(tmp_path, monkeypatch):
+    tree = tmp_path / "tree"
+    (tree / "locked").mkdir(parents=True)
+    real = os.listdir
+
+    def listdir(path):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr("osvmm.boot.initramfs.os.listdir", listdir)
+    with pytest.raises(ConfigError, match=r"bad --add .*locked: Permission denied"):
+        initramfs_entries(b"busybox", [(tree, "/t")])

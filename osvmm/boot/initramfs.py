@@ -236,23 +236,32 @@ def _base_entries(busybox: bytes) -> dict[str, cpio.Entry]:
 
 
 def _host_entries(src: Path, name: str, spec: str) -> list[cpio.Entry]:
-    """Members for the host file or tree ``src`` placed at ``name``, in sorted order."""
-    try:
-        st = src.lstat()
-    except OSError as e:
-        raise ConfigError(f"bad --add {spec!r}: {src}: {e.strerror}") from None
-    perm = 0o755 if st.st_mode & 0o111 else 0o644
-    if stat.S_ISREG(st.st_mode):
-        data = read_input(src, f"bad --add {spec!r}: {src}", MAX_IMAGE_SIZE, ConfigError)
-        return [cpio.regular_file(name, data, perm)]
-    if stat.S_ISLNK(st.st_mode):
-        return [cpio.symlink(name, os.readlink(src))]
-    if stat.S_ISDIR(st.st_mode):
-        out = [cpio.directory(name, stat.S_IMODE(st.st_mode))]
-        for child in sorted(os.listdir(src)):
-            out += _host_entries(src / child, f"{name}/{child}", spec)
-        return out
-    raise ConfigError(f"bad --add {spec!r}: {src} is not a file, symlink or directory")
+    """Members for the host file or tree ``src`` placed at ``name``, in sorted order.
+
+    The tree is walked with a stack, not by recursion (a tree a thousand levels deep
+    is a tree, not a crash), and an unreadable directory or link is a ConfigError."""
+    out: list[cpio.Entry] = []
+    todo = [(src, name)]
+    while todo:
+        path, member = todo.pop()
+        try:
+            st = path.lstat()
+            perm = 0o755 if st.st_mode & 0o111 else 0o644
+            if stat.S_ISREG(st.st_mode):
+                label = f"bad --add {spec!r}: {path}"
+                data = read_input(path, label, MAX_IMAGE_SIZE, ConfigError)
+                out.append(cpio.regular_file(member, data, perm))
+            elif stat.S_ISLNK(st.st_mode):
+                out.append(cpio.symlink(member, os.readlink(path)))
+            elif stat.S_ISDIR(st.st_mode):
+                out.append(cpio.directory(member, stat.S_IMODE(st.st_mode)))
+                children = sorted(os.listdir(path), reverse=True)
+                todo += [(path / child, f"{member}/{child}") for child in children]
+            else:
+                raise ConfigError(f"bad --add {spec!r}: {path} is not a file, symlink or directory")
+        except OSError as e:
+            raise ConfigError(f"bad --add {spec!r}: {path}: {e.strerror or e}") from None
+    return out
 
 
 def initramfs_entries(
