@@ -28,6 +28,12 @@ from osvmm.errors import ConfigError
 # The highest APIC ID an xAPIC (8-bit ID, 0xff = broadcast) can be given.
 MAX_XAPIC_ID = 254
 MAX_VCPUS = MAX_XAPIC_ID  # APIC IDs 0..253 and the I/O APIC's ID above them
+# The most RAM a partition may have: KVM refuses a memory slot of 2^31 pages or more
+# (KVM_MEM_MAX_NR_PAGES), and RAM above 4 GiB is one slot.
+MAX_MEMORY = 8 << 40
+# NUMA nodes of one partition: a default x86-64 Linux has 64 (NODES_SHIFT 6), and the
+# SLIT, one byte per pair of nodes, must fit the ACPI tables' area.
+MAX_NUMA_NODES = 64
 # Memory split between NUMA nodes by Machine.build is aligned to this.
 NODE_ALIGN = 2 * layout.MiB
 # ACPI SLIT distances (ACPI 6.4 section 5.2.17).
@@ -104,6 +110,8 @@ class Machine:
         apic_ids = tuple(range(cpus)) if isinstance(cpus, int) else tuple(cpus)
         if numa_nodes < 1:
             raise ConfigError(f"a partition needs at least one NUMA node, not {numa_nodes}")
+        if numa_nodes > MAX_NUMA_NODES:
+            raise ConfigError(f"{numa_nodes} NUMA nodes: a partition has at most {MAX_NUMA_NODES}")
         if memory < layout.MIN_MEMORY:
             raise ConfigError(
                 f"memory {memory} bytes is too small: a partition needs at least "
@@ -174,6 +182,11 @@ class Machine:
             )
         if self.memory % PAGE_SIZE:
             raise ConfigError(f"partition memory {self.memory:#x} is not a multiple of 4 KiB")
+        if self.memory > MAX_MEMORY:
+            raise ConfigError(
+                f"partition memory {self.memory:#x} bytes is over the {MAX_MEMORY >> 40} TiB "
+                "a partition may have (KVM maps at most that in one memory slot)"
+            )
 
     def _validate_cpus(self) -> None:
         if not self.apic_ids:
@@ -189,6 +202,10 @@ class Machine:
             seen.add(a)
 
     def _validate_nodes(self) -> None:
+        if len(self.numa_nodes) > MAX_NUMA_NODES:
+            raise ConfigError(
+                f"{len(self.numa_nodes)} NUMA nodes: a partition has at most {MAX_NUMA_NODES}"
+            )
         ids = sorted(n.node_id for n in self.numa_nodes)
         if ids != list(range(len(self.numa_nodes))):
             raise ConfigError(f"NUMA node ids must be 0..{len(self.numa_nodes) - 1}, not {ids}")

@@ -143,3 +143,17 @@ def test_unreadable_image(tmp_path):
     p.write_bytes(b"\x7fELF")
     p.chmod(0)
     assert_one_line_error(run_osvmm("run", str(p)), "permission denied")
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--memory", "18446744073709551616"], "over the 8 TiB a partition may have"),
+        (["--memory", "99999999999999999999999T"], "over the 8 TiB"),
+        (["--cpus", "99999999999999999999"], "--cpus 99999999999999999999: a partition has at"),
+        (["--cpus", "256"], "--cpus 256: a partition has at most 254 vCPUs"),
+        (["--numa", "100000", "--memory", "1T"], "100000 NUMA nodes: a partition has at most 64"),
+    ],
+)
+def test_huge_numbers_are_input_errors_not_internal_ones(args, fragment):
+    assert_one_line_error(run_osvmm("run", "guests:hello", *args), fragment)

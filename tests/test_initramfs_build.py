@@ -18,6 +18,7 @@ from osvmm.boot.initramfs import (
     APPLETS,
     build_initramfs,
     cmd_initramfs,
+    initramfs_entries,
     parse_add_spec,
     read_busybox,
 )
@@ -417,3 +418,37 @@ def test_cli_bad_add_is_a_config_error(tmp_path, fake_busybox):
     args = argparse.Namespace(out=str(tmp_path / "i"), busybox=str(fake_busybox), add=["x"])
     with pytest.raises(ConfigError, match="expected SRC:DEST"):
         cmd_initramfs(args)
+
+
+def test_a_tree_deeper_than_the_recursion_limit_is_added(tmp_path, fake_busybox):
+    # The limit is lowered to 100 frames above this one rather than the tree made over
+    # 1000 deep: such a tree outlives the test (shutil.rmtree, and pytest's clean-up of
+    # old temporary directories, recurse too).
+    import inspect
+    import sys
+
+    depth = 150
+    tree = tmp_path / "deep"
+    tree.joinpath(*["d"] * depth).mkdir(parents=True)
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(len(inspect.stack(0)) + 100)
+    try:
+        entries = initramfs_entries(b"busybox", [(tree, "/deep")])
+    finally:
+        sys.setrecursionlimit(old)
+    assert sum(1 for e in entries if e.name.startswith("deep")) == depth + 1
+
+
+def test_an_unreadable_directory_in_a_tree_is_a_config_error(tmp_path, monkeypatch):
+    tree = tmp_path / "tree"
+    (tree / "locked").mkdir(parents=True)
+    real = os.listdir
+
+    def listdir(path):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr("osvmm.boot.initramfs.os.listdir", listdir)
+    with pytest.raises(ConfigError, match=r"bad --add .*locked: Permission denied"):
+        initramfs_entries(b"busybox", [(tree, "/t")])

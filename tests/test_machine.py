@@ -146,3 +146,19 @@ def test_ram_ranges_are_derived_once_and_stored():
     m = Machine.build(3 * layout.GiB + 2 * MiB, 2)
     assert m.ram_ranges == ((0, layout.MMIO_HOLE_START), (layout.MMIO_HOLE_END, 2 * MiB))
     assert m.ram_ranges is m.ram_ranges  # a field, not recomputed on each read
+
+
+@pytest.mark.parametrize("memory", [1 << 64, (8 << 40) + (1 << 30), 99999 << 40])
+def test_memory_over_what_kvm_maps_is_a_config_error(memory):
+    with pytest.raises(ConfigError, match="over the 8 TiB a partition may have"):
+        Machine.build(memory, 1)
+
+
+def test_numa_node_count_is_bounded_before_nodes_are_built():
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match="100000 NUMA nodes: a partition has at most 64"):
+        Machine.build(1 << 40, 1, 100_000)
+    assert time.monotonic() - start < 1
+    assert len(Machine.build(1 << 30, 4, 64).numa_nodes) == 64

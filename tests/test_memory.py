@@ -200,3 +200,29 @@ def test_layout_constants_are_consistent():
     ]
     for (a, sa), (b, _) in zip(low, low[1:], strict=False):
         assert a + sa <= b, hex(a)
+
+
+def test_host_refusing_the_memory_is_a_one_line_input_error(monkeypatch):
+    """ENOMEM from mmap (osvmm run --memory 1T on a smaller host) says the host cannot
+    give that much, with exit status 2, and unmaps what was mapped before it."""
+    import errno
+    import mmap as mmap_module
+
+    from osvmm.errors import EXIT_USAGE, EnforceError
+    from osvmm.vmm import memory as memory_module
+
+    real = mmap_module.mmap
+    made = []
+
+    def fake_mmap(fd, size, **kw):
+        if size > 0x10000:
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        made.append(real(fd, size, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(memory_module.mmap, "mmap", fake_mmap)
+    with pytest.raises(EnforceError) as exc:
+        GuestMemory([(0, 0x1000), (1 << 32, 1 << 40)])
+    assert "the host cannot give that much guest memory: mmap of 1024 GiB" in str(exc.value)
+    assert exc.value.exit_status == EXIT_USAGE
+    assert made and made[0].closed

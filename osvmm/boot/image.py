@@ -20,14 +20,20 @@ from osvmm.arch.x86.regs import EntryState
 from osvmm.errors import ConfigError, GuestMemoryError, ImageError
 from osvmm.loader.elf import is_linux, parse_elf
 from osvmm.loader.result import LoadedImage, read_image
-from osvmm.loader.setup_header import HDRS_MAGIC
+from osvmm.loader.setup_header import BOOT_FLAG, HDRS_MAGIC
 
 HDRS_OFFSET = 0x202  # the setup header's "HdrS" magic (Documentation/arch/x86/boot.rst)
+BOOT_FLAG_OFFSET = 0x1FE  # boot_flag: 0xAA55, the boot sector signature
 ELF_MAGIC = b"\x7fELF"
 
 
 def is_bzimage(data: bytes) -> bool:
     return data[HDRS_OFFSET : HDRS_OFFSET + 4] == HDRS_MAGIC.to_bytes(4, "little")
+
+
+def looks_like_boot_sector(data: bytes) -> bool:
+    """Whether ``data`` ends its first sector with 0xAA55, as a bzImage's does."""
+    return data[BOOT_FLAG_OFFSET : BOOT_FLAG_OFFSET + 2] == BOOT_FLAG.to_bytes(2, "little")
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,13 @@ def read_boot_source(
     data = read_image(path, "kernel" if kernel else "image")
     if is_bzimage(data):
         linux = True
+    elif data[:4] != ELF_MAGIC and looks_like_boot_sector(data):
+        found = data[HDRS_OFFSET : HDRS_OFFSET + 4].hex() or "nothing"
+        raise ImageError(
+            f"{path}: looks like a bzImage (boot sector signature 0xAA55 at 0x1fe) "
+            f'with a bad setup header: no "HdrS" magic at 0x202 (found {found}); '
+            "the file is corrupt"
+        )
     elif kernel:
         linux = True  # a vmlinux; the loader says so if it is not one
     else:
@@ -83,7 +96,7 @@ class StagedMemory:
 
     def __init__(self, ram_ranges):
         self.ranges = tuple(ram_ranges)
-        self.writes: list[tuple[int, bytes]] = []
+        self.writes: list[tuple[int, bytes | memoryview | ZeroFill]] = []
 
     @property
     def size(self) -> int:
@@ -96,15 +109,36 @@ class StagedMemory:
     def contains(self, gpa: int, size: int = 1) -> bool:
         return size >= 0 and any(s <= gpa and gpa + size <= s + z for s, z in self.ranges)
 
-    def write(self, gpa: int, data: bytes) -> None:
+    def write(self, gpa: int, data: bytes | memoryview) -> None:
+        """Record ``data`` for ``gpa``: a copy, or the view itself when it is read-only
+        (a loader's slice of the image, which nothing changes)."""
         if not self.contains(gpa, len(data)):
             raise GuestMemoryError(
                 f"guest range {gpa:#x}+{len(data):#x} is not inside guest memory"
             )
-        self.writes.append((gpa, bytes(data)))
+        if not (isinstance(data, memoryview) and data.readonly):
+            data = bytes(data)
+        self.writes.append((gpa, data))
 
     def fill(self, gpa: int, size: int, byte: int = 0) -> None:
-        self.write(gpa, bytes([byte]) * size)
+        if byte:
+            self.write(gpa, bytes([byte]) * size)
+            return
+        if not self.contains(gpa, size):
+            raise GuestMemoryError(f"guest range {gpa:#x}+{size:#x} is not inside guest memory")
+        self.writes.append((gpa, ZeroFill(size)))
+
+
+@dataclass(frozen=True)
+class ZeroFill:
+    """``size`` zero bytes, staged by their size alone: an ELF's .bss (p_memsz beyond
+    p_filesz) may be most of guest memory, and a small image must not make the VMM
+    hold that much in bytes while it prepares the boot."""
+
+    size: int
+
+    def __len__(self) -> int:
+        return self.size
 
 
 @dataclass(frozen=True)
@@ -113,7 +147,7 @@ class BootImage:
     CPUID features to hide, and what was adapted for this host (notes)."""
 
     image: LoadedImage
-    writes: tuple[tuple[int, bytes], ...]
+    writes: tuple[tuple[int, bytes | memoryview | ZeroFill], ...]
     entry: EntryState
     cpuid_mask: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
@@ -122,4 +156,7 @@ class BootImage:
     def write_to(self, memory) -> None:
         """Copy every staged write into guest memory (``GuestMemory.write``), in order."""
         for gpa, data in self.writes:
-            memory.write(gpa, data)
+            if isinstance(data, ZeroFill):
+                memory.fill(gpa, data.size)
+            else:
+                memory.write(gpa, data)

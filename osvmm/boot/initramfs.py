@@ -22,7 +22,9 @@ from pathlib import Path
 
 from osvmm.boot import cpio
 from osvmm.errors import ConfigError, ImageError
+from osvmm.files import read_input
 from osvmm.loader.elf import EM_X86_64, ET_DYN, ET_EXEC, PT_INTERP, parse_elf
+from osvmm.loader.result import MAX_IMAGE_SIZE
 
 DEFAULT_BUSYBOX = Path("/bin/busybox")
 BUSYBOX_PACKAGE = "busybox-static"
@@ -188,17 +190,14 @@ def check_static_elf(data: bytes, path: Path) -> None:
 def read_busybox(busybox_path: str | os.PathLike | None = None) -> bytes:
     """The bytes of a static x86-64 busybox (default /bin/busybox), checked."""
     path = Path(busybox_path) if busybox_path is not None else DEFAULT_BUSYBOX
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    if not path.exists():
         hint = (
             f"; install Debian package {BUSYBOX_PACKAGE} (apt-get install -y {BUSYBOX_PACKAGE})"
             if busybox_path is None
             else f" (the static busybox of Debian package {BUSYBOX_PACKAGE} is {DEFAULT_BUSYBOX})"
         )
-        raise ImageError(f"busybox not found: {path}{hint}") from None
-    except OSError as e:
-        raise ImageError(f"cannot read busybox {path}: {e.strerror}") from None
+        raise ImageError(f"busybox not found: {path}{hint}")
+    data = read_input(path, f"busybox {path}", MAX_IMAGE_SIZE, ImageError)
     check_static_elf(data, path)
     return data
 
@@ -237,25 +236,32 @@ def _base_entries(busybox: bytes) -> dict[str, cpio.Entry]:
 
 
 def _host_entries(src: Path, name: str, spec: str) -> list[cpio.Entry]:
-    """Members for the host file or tree ``src`` placed at ``name``, in sorted order."""
-    try:
-        st = src.lstat()
-    except OSError as e:
-        raise ConfigError(f"bad --add {spec!r}: {src}: {e.strerror}") from None
-    perm = 0o755 if st.st_mode & 0o111 else 0o644
-    if stat.S_ISREG(st.st_mode):
+    """Members for the host file or tree ``src`` placed at ``name``, in sorted order.
+
+    The tree is walked with a stack, not by recursion (a tree a thousand levels deep
+    is a tree, not a crash), and an unreadable directory or link is a ConfigError."""
+    out: list[cpio.Entry] = []
+    todo = [(src, name)]
+    while todo:
+        path, member = todo.pop()
         try:
-            return [cpio.regular_file(name, src.read_bytes(), perm)]
+            st = path.lstat()
+            perm = 0o755 if st.st_mode & 0o111 else 0o644
+            if stat.S_ISREG(st.st_mode):
+                label = f"bad --add {spec!r}: {path}"
+                data = read_input(path, label, MAX_IMAGE_SIZE, ConfigError)
+                out.append(cpio.regular_file(member, data, perm))
+            elif stat.S_ISLNK(st.st_mode):
+                out.append(cpio.symlink(member, os.readlink(path)))
+            elif stat.S_ISDIR(st.st_mode):
+                out.append(cpio.directory(member, stat.S_IMODE(st.st_mode)))
+                children = sorted(os.listdir(path), reverse=True)
+                todo += [(path / child, f"{member}/{child}") for child in children]
+            else:
+                raise ConfigError(f"bad --add {spec!r}: {path} is not a file, symlink or directory")
         except OSError as e:
-            raise ConfigError(f"bad --add {spec!r}: {src}: {e.strerror}") from None
-    if stat.S_ISLNK(st.st_mode):
-        return [cpio.symlink(name, os.readlink(src))]
-    if stat.S_ISDIR(st.st_mode):
-        out = [cpio.directory(name, stat.S_IMODE(st.st_mode))]
-        for child in sorted(os.listdir(src)):
-            out += _host_entries(src / child, f"{name}/{child}", spec)
-        return out
-    raise ConfigError(f"bad --add {spec!r}: {src} is not a file, symlink or directory")
+            raise ConfigError(f"bad --add {spec!r}: {path}: {e.strerror or e}") from None
+    return out
 
 
 def initramfs_entries(

@@ -29,13 +29,22 @@ Invariants (each transition: state S, caller c, call, result r, state S', effect
     target of any lifecycle op, holds no attachments.
 The configuration's layout is checked once: channel slots are disjoint, inside
 the channel window and disjoint from every partition's RAM.
+
+Then each transition is compared with docs/hypercalls.md's prescription
+(``osvmm/hypercall/spec.py``, written from the document, not from the
+monitor): the result must be the first applicable error of the call's table,
+in the table's order, or the documented success value; the effects, in
+order, and S' must be what the document says. This catches what the
+invariants let through: another documented error than the first applicable
+one, a value the document rejects accepted harmlessly, a lifecycle op the
+ops table forbids (``mutants.py``: the ``spec_only`` ones).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from osvmm.arch.x86 import layout
 from osvmm.errors import ConfigError
@@ -56,6 +65,7 @@ from osvmm.hypercall.monitor import (
     UnmapChannel,
     WriteGuest,
 )
+from osvmm.hypercall.spec import Spec
 from osvmm.machine import Machine
 
 U64_MAX = abi.U64_MAX
@@ -143,9 +153,11 @@ def adversarial_calls(topology: Topology) -> tuple[tuple[int, tuple[int, ...]], 
 
 
 def probe_calls() -> tuple[tuple[int, tuple[int, ...]], ...]:
-    """Calls made by partitions that are not running (each must get -ESRCH)."""
+    """Calls made by partitions that are not running (each must get -ESRCH, an unknown
+    call number too: the dispatcher checks the caller first)."""
     return tuple((call.nr, (0, 0, 0, 0)) for call in abi.HYPERCALLS) + (
         (abi.CHANNEL_ATTACH, (1, 0, 0, 0)),
+        (len(abi.HYPERCALLS), (0, 0, 0, 0)),
     )
 
 
@@ -197,6 +209,7 @@ class CheckResult:
     seconds: float
     violation: Violation | None
     topology: Topology
+    against_spec: bool = True  # each transition was compared with docs/hypercalls.md
 
     @property
     def ok(self) -> bool:
@@ -234,6 +247,8 @@ def format_result(res: CheckResult) -> str:
     ]
     if res.violation is None:
         lines.append("all invariants hold")
+        if res.against_spec:
+            lines.append("every result, effect and state is what docs/hypercalls.md prescribes")
     else:
         v = res.violation
         lines.append(f"VIOLATION: {v.message}")
@@ -253,12 +268,18 @@ def check(
     depth: int = DEFAULT_DEPTH,
     step_fn: StepFn = monitor.step,
     calls: tuple[tuple[int, tuple[int, ...]], ...] | None = None,
+    against_spec: bool = True,
 ) -> CheckResult:
-    """Explore every call sequence of up to ``depth`` calls; stop at the first violation."""
+    """Explore every call sequence of up to ``depth`` calls; stop at the first violation.
+
+    ``against_spec``: compare each transition with docs/hypercalls.md's prescription
+    (``spec.Spec``) as well as checking the invariants."""
     if depth < 1:
         raise ConfigError(f"--depth {depth}: must be at least 1")
     start = time.monotonic()
-    init = MonitorState.from_config(config or default_config())
+    config = config or default_config()
+    init = MonitorState.from_config(config)
+    prescribed = Spec(config) if against_spec else None
     topo = init.topology
     if calls is None:
         calls = adversarial_calls(topo)
@@ -270,7 +291,9 @@ def check(
 
     def done(violation: Violation | None, closed: bool) -> CheckResult:
         secs = time.monotonic() - start
-        return CheckResult(len(parent), transitions, level, closed, secs, violation, topo)
+        return CheckResult(
+            len(parent), transitions, level, closed, secs, violation, topo, against_spec
+        )
 
     def trace_to(state: MonitorState) -> list[Call]:
         out: list[Call] = []
@@ -289,6 +312,7 @@ def check(
         level += 1
         nxt: list[MonitorState] = []
         for src in frontier:
+            held = attachment_tuples(src)
             for caller in range(n):
                 todo = calls if src.lifecycle[caller] == RUNNING else probes
                 for nr, args in todo:
@@ -300,6 +324,8 @@ def check(
                         what = f"step raised {type(e).__name__}: {e}"
                         return done(Violation(what, (*trace_to(src), call)), False)
                     msg = check_transition(topo, src, caller, nr, args, res)
+                    if msg is None and prescribed is not None:
+                        msg = spec_mismatch(prescribed, src, caller, nr, args, res, held)
                     result = res.result if isinstance(res, StepResult) else None
                     if msg:
                         call = Call(caller, nr, args, result)
@@ -486,3 +512,69 @@ def _check_effects(topo, src, caller, call, args, r, dst, effects) -> str | None
                 "across a stop or restart"
             )
     return None
+
+
+# ---------------------------------------------------------------------------
+# The transition against the document (osvmm/hypercall/spec.py).
+
+
+def effect_tuple(effect: object) -> tuple:
+    """An effect as the spec writes it: (kind, fields...); ConsoleWrite without its data."""
+    kind = type(effect).__name__
+    if isinstance(effect, ConsoleWrite):
+        return (kind, effect.partition, effect.gpa, effect.length)
+    if isinstance(effect, PartitionLifecycle):
+        return (kind, effect.partition, int(effect.op))
+    return (kind, *(getattr(effect, f.name) for f in fields(effect)))
+
+
+def attachment_tuples(state: MonitorState) -> frozenset[tuple[int, int, bool]]:
+    return frozenset((a.partition, a.channel, a.writable) for a in state.attachments)
+
+
+def spec_mismatch(
+    prescribed: Spec,
+    src: MonitorState,
+    caller: int,
+    nr: int,
+    args: tuple,
+    res: StepResult,
+    held: frozenset[tuple[int, int, bool]] | None = None,
+) -> str | None:
+    """Where the transition differs from what docs/hypercalls.md prescribes, or None.
+    ``held``: ``attachment_tuples(src)``, when the caller has it already."""
+    if held is None:
+        held = attachment_tuples(src)
+    want = prescribed.outcome(src.lifecycle, held, caller, nr, args)
+    if want is None:  # arguments no register holds: the invariants cover it
+        return None
+    call = abi.BY_NUMBER.get(nr)
+    name = call.name if call is not None else f"call {nr}"
+    doc = "docs/hypercalls.md prescribes"
+    if nr == abi.CONSOLE_WRITE and res.result == -abi.EFAULT and want.result > 0:
+        return None  # "or the VMM could not read it": the memory reader failed (live)
+    if res.result != want.result:
+        return (
+            f"{name} returned {abi.result_name(res.result)}; {doc} "
+            f"{abi.result_name(want.result)} ({want.why})"
+        )
+    got = tuple(effect_tuple(e) for e in res.effects)
+    if got != want.effects:
+        return f"{name}'s effects are {_show_effects(got)}; {doc} {_show_effects(want.effects)}"
+    if res.state.lifecycle != want.lifecycle:
+        return f"after {name}, lifecycle {res.state.lifecycle}; {doc} {want.lifecycle}"
+    after = held if res.state is src else attachment_tuples(res.state)
+    if after != want.attachments:
+        return (
+            f"after {name}, attachments {sorted(attachment_tuples(res.state))}; "
+            f"{doc} {sorted(want.attachments)}"
+        )
+    return None
+
+
+def _show_effects(effects: tuple[tuple, ...]) -> str:
+    def one(e: tuple) -> str:
+        shown = [f"{len(v)} bytes" if isinstance(v, bytes) else _num(v) for v in e[1:]]
+        return f"{e[0]}({', '.join(shown)})"
+
+    return "[" + ", ".join(one(e) for e in effects) + "]" if effects else "none"

@@ -79,6 +79,7 @@ from osvmm.hypercall.monitor import (
     UnmapChannel,
     WriteGuest,
 )
+from osvmm.hypercall.spec import Spec
 from osvmm.kvm.exits import IoOut
 
 
@@ -146,6 +147,7 @@ class LiveMonitor:
         prefixed with its name). ``check``: run the invariants after every step."""
         self.state = MonitorState.from_config(config)
         self.topology = self.state.topology
+        self._spec = Spec(config)  # docs/hypercalls.md, for check=True
         self.lifecycle = lifecycle
         self.console = console
         self.check = check
@@ -310,6 +312,8 @@ class LiveMonitor:
     def _check(self, src: MonitorState, pid: int, nr: int, args, res) -> None:
         try:
             msg = checker.check_transition(self.topology, src, pid, nr, tuple(args), res)
+            if msg is None:
+                msg = checker.spec_mismatch(self._spec, src, pid, nr, tuple(args), res)
         except Exception as err:  # noqa: BLE001 - recorded, the VMM goes on
             msg = f"checker raised {err!r}"
         if msg is None:

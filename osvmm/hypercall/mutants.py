@@ -30,6 +30,9 @@ class Mutant:
     function: str  # a function of osvmm.hypercall.monitor
     edits: tuple[tuple[str, str], ...]  # (text of the real function, its replacement)
     description: str
+    # True for a bug every invariant lets through: only the comparison with the
+    # document's tables (osvmm/hypercall/spec.py) catches it.
+    spec_only: bool = False
 
 
 MUTANTS: tuple[Mutant, ...] = (
@@ -153,6 +156,64 @@ MUTANTS: tuple[Mutant, ...] = (
         "partition_control",
         (("if target >= len(partitions):", "if target > len(partitions):"),),
         "PARTITION_CONTROL accepts a target id equal to the partition count",
+    ),
+)
+
+# Bugs the invariants cannot see: a documented error, but not the first one the
+# call's table gives; a value the document rejects, accepted harmlessly; a
+# lifecycle transition the ops table forbids, with consistent effects.
+MUTANTS += (
+    Mutant(
+        "doorbell-vector-before-grant",
+        "doorbell",
+        (
+            (
+                "    if not partitions[caller].may_ring(target):\n"
+                "        return _fail(state, EPERM)\n"
+                "    if not abi.VECTOR_MIN <= vector <= abi.VECTOR_MAX:\n"
+                "        return _fail(state, EINVAL)\n",
+                "    if not abi.VECTOR_MIN <= vector <= abi.VECTOR_MAX:\n"
+                "        return _fail(state, EINVAL)\n"
+                "    if not partitions[caller].may_ring(target):\n"
+                "        return _fail(state, EPERM)\n",
+            ),
+        ),
+        "DOORBELL checks the vector before the grant (-EINVAL where the table gives -EPERM)",
+        spec_only=True,
+    ),
+    Mutant(
+        "info-size-before-range",
+        "partition_info",
+        (
+            (
+                "    if not state.topology.partitions[caller].ram_contains(buf_gpa, buf_len):\n"
+                "        return _fail(state, EFAULT)\n"
+                "    data = partition_info_bytes(state, caller)\n"
+                "    if len(data) > buf_len:\n"
+                "        return _fail(state, ENOSPC)\n",
+                "    data = partition_info_bytes(state, caller)\n"
+                "    if len(data) > buf_len:\n"
+                "        return _fail(state, ENOSPC)\n"
+                "    if not state.topology.partitions[caller].ram_contains(buf_gpa, buf_len):\n"
+                "        return _fail(state, EFAULT)\n",
+            ),
+        ),
+        "PARTITION_INFO checks the buffer's size before its range (-ENOSPC before -EFAULT)",
+        spec_only=True,
+    ),
+    Mutant(
+        "attach-unknown-flags",
+        "channel_attach",
+        (("if flags & ~abi.ATTACH_FLAGS:", "if False:"),),
+        "CHANNEL_ATTACH accepts flags with bits other than ATTACH_READONLY",
+        spec_only=True,
+    ),
+    Mutant(
+        "control-start-running",
+        "partition_control",
+        (("if op == ControlOp.START and state.lifecycle[target] != STOPPED:", "if False:"),),
+        "PARTITION_CONTROL STARTs a partition that is running (the table says -EBUSY)",
+        spec_only=True,
     ),
 )
 

@@ -29,7 +29,7 @@ import zlib
 
 from osvmm.arch.x86.layout import HIGH_MEMORY_START, MiB
 from osvmm.errors import ImageError, OsvmmError
-from osvmm.loader.result import KIND_LINUX64, LoadedImage, read_image
+from osvmm.loader.result import KIND_LINUX64, MAX_IMAGE_SIZE, LoadedImage, read_image
 from osvmm.loader.setup_header import (
     BOOT_FLAG,
     HDRS_MAGIC,
@@ -182,21 +182,29 @@ def payload(data: bytes, name: str = "bzImage") -> bytes:
     return kernel[off : off + length]
 
 
-def decompress(blob: bytes, name: str = "bzImage") -> bytes:
-    """Decompress a kernel payload by its magic; trailing bytes (the size) are ignored."""
+def decompress(blob: bytes, name: str = "bzImage", limit: int = MAX_IMAGE_SIZE) -> bytes:
+    """Decompress a kernel payload by its magic; trailing bytes (the size) are ignored.
+    Output beyond ``limit`` bytes is an ImageError (a small payload cannot expand
+    without bound)."""
     try:
         if blob.startswith(MAGIC_XZ):
-            return lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(blob)
-        if blob.startswith(MAGIC_GZIP):
-            return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(blob)
-        if blob.startswith(MAGIC_BZIP2):
-            return bz2.BZ2Decompressor().decompress(blob)
-        if blob.startswith(MAGIC_LZMA):
-            return lzma.LZMADecompressor(lzma.FORMAT_ALONE).decompress(blob)
-        if blob.startswith(MAGIC_ZSTD):
-            return _zstd_decompress(blob, name)
+            out = lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(blob, limit + 1)
+        elif blob.startswith(MAGIC_GZIP):
+            out = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(blob, limit + 1)
+        elif blob.startswith(MAGIC_BZIP2):
+            out = bz2.BZ2Decompressor().decompress(blob, limit + 1)
+        elif blob.startswith(MAGIC_LZMA):
+            out = lzma.LZMADecompressor(lzma.FORMAT_ALONE).decompress(blob, limit + 1)
+        elif blob.startswith(MAGIC_ZSTD):
+            out = _zstd_decompress(blob, name, limit + 1)
+        else:
+            out = None
     except (lzma.LZMAError, zlib.error, OSError, EOFError, ValueError) as e:
         raise ImageError(f"{name}: corrupt compressed payload: {e}") from None
+    if out is not None:
+        if len(out) > limit:
+            raise ImageError(f"{name}: payload decompresses to more than {limit >> 20} MiB")
+        return out
     if blob.startswith(MAGIC_LZ4):
         raise ImageError(f"{name}: LZ4-compressed payload is not supported (no stdlib LZ4)")
     if blob.startswith(MAGIC_LZO):
@@ -204,7 +212,7 @@ def decompress(blob: bytes, name: str = "bzImage") -> bytes:
     raise ImageError(f"{name}: unknown payload compression (magic {blob[:6].hex()})")
 
 
-def _zstd_decompress(blob: bytes, name: str) -> bytes:
+def _zstd_decompress(blob: bytes, name: str, max_length: int) -> bytes:
     try:  # Python 3.14 brings zstd into the standard library
         from compression import zstd  # type: ignore[import-not-found]
     except ImportError:
@@ -212,7 +220,7 @@ def _zstd_decompress(blob: bytes, name: str) -> bytes:
             f"{name}: zstd-compressed payload needs Python 3.14's compression.zstd; "
             "extract the vmlinux with the kernel's scripts/extract-vmlinux instead"
         ) from None
-    return zstd.ZstdDecompressor().decompress(blob)
+    return zstd.ZstdDecompressor().decompress(blob, max_length)
 
 
 def extract_vmlinux(data: bytes, name: str = "bzImage") -> bytes:

@@ -47,6 +47,10 @@ PT_LOAD = 1
 PT_INTERP = 3  # a dynamically linked program names its interpreter
 PT_NOTE = 4
 PN_XNUM = 0xFFFF
+# Bounds on what a parse may collect from a small file.
+MAX_NOTES = 4096
+MAX_NOTE_BYTES = 1 << 20  # names and descs of all notes
+MAX_SECTION_NAME = 256
 # sh_type
 SHT_NOTE = 7
 
@@ -201,23 +205,50 @@ def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
-def _parse_notes(data: bytes, off: int, size: int, align: int, out: list[Note]) -> None:
-    """Notes in data[off:off+size]; a malformed note ends the walk of this block."""
+def _parse_notes(
+    data: bytes,
+    off: int,
+    size: int,
+    align: int,
+    out: list[Note],
+    image: str,
+    where: str,
+    budget: list[int],
+) -> None:
+    """Notes in data[off:off+size] appended to ``out``; a note whose name or desc runs
+    past the block is an ImageError (a PVH entry note the walk skipped would boot the
+    image the wrong way), and so are more than MAX_NOTES notes or more than
+    ``budget[0]`` bytes of them in all (segments may repeat one another's range)."""
     align = 8 if align == 8 else 4
     end = off + size
     while off + ctypes.sizeof(Elf_Nhdr) <= end:
+        if len(out) >= MAX_NOTES:
+            raise ImageError(
+                f"{image}: more than {MAX_NOTES} ELF notes (a kernel has a few dozen; "
+                "note segments or sections that repeat one another?)"
+            )
         nh = Elf_Nhdr.from_buffer_copy(data, off)
         name_off = off + ctypes.sizeof(Elf_Nhdr)
-        desc_off = name_off + _align(nh.n_namesz, align)
+        # The desc starts at the next ``align`` boundary after the name, counted from
+        # the note's start (for 8: a 4-byte name ends at 16, as .note.gnu.property's).
+        desc_off = off + _align(ctypes.sizeof(Elf_Nhdr) + nh.n_namesz, align)
         next_off = desc_off + _align(nh.n_descsz, align)
         if desc_off + nh.n_descsz > end:
-            return
-        name = data[name_off : name_off + nh.n_namesz].rstrip(b"\0")
-        out.append(Note(name, nh.n_type, data[desc_off : desc_off + nh.n_descsz]))
+            raise ImageError(
+                f"{image}: malformed note at {off:#x} in {where}: namesz {nh.n_namesz:#x} "
+                f"and descsz {nh.n_descsz:#x} run past its end {end:#x}"
+            )
+        budget[0] -= nh.n_namesz + nh.n_descsz
+        if budget[0] < 0:
+            raise ImageError(f"{image}: more than {MAX_NOTE_BYTES >> 10} KiB of ELF notes")
+        note_name = data[name_off : name_off + nh.n_namesz].rstrip(b"\0")
+        out.append(Note(note_name, nh.n_type, data[desc_off : desc_off + nh.n_descsz]))
         off = next_off
 
 
-def _section_notes_and_names(data: bytes, ehdr, cls, notes: list[Note]) -> list[str]:
+def _section_notes_and_names(
+    data: bytes, ehdr, cls, notes: list[Note], name: str, budget: list[int]
+) -> list[str]:
     """Section names, and notes from SHT_NOTE sections when no PT_NOTE gave any.
 
     Section headers are not needed to load an image (strip may drop them), so
@@ -231,9 +262,12 @@ def _section_notes_and_names(data: bytes, ehdr, cls, notes: list[Note]) -> list[
         return []
     shdrs = [shdr_t.from_buffer_copy(data, ehdr.e_shoff + i * shsz) for i in range(ehdr.e_shnum)]
     want_notes = not notes
-    for sh in shdrs:
+    for i, sh in enumerate(shdrs):
         if want_notes and sh.sh_type == SHT_NOTE and sh.sh_offset + sh.sh_size <= len(data):
-            _parse_notes(data, sh.sh_offset, sh.sh_size, sh.sh_addralign, notes)
+            where = f"section {i}"
+            _parse_notes(
+                data, sh.sh_offset, sh.sh_size, sh.sh_addralign, notes, name, where, budget
+            )
     names: list[str] = []
     if ehdr.e_shstrndx < len(shdrs):
         strtab = shdrs[ehdr.e_shstrndx]
@@ -241,8 +275,10 @@ def _section_notes_and_names(data: bytes, ehdr, cls, notes: list[Note]) -> list[
             table = data[strtab.sh_offset : strtab.sh_offset + strtab.sh_size]
             for sh in shdrs:
                 if sh.sh_name < len(table):
-                    raw = table[sh.sh_name : table.find(b"\0", sh.sh_name)]
-                    names.append(raw.decode("latin-1"))
+                    # At most MAX_SECTION_NAME bytes of each: 65535 sections naming one
+                    # long unterminated string would otherwise copy it 65535 times.
+                    raw = table[sh.sh_name : sh.sh_name + MAX_SECTION_NAME]
+                    names.append(raw.split(b"\0", 1)[0].decode("latin-1"))
     return names
 
 
@@ -288,6 +324,7 @@ def parse_elf(data: bytes, name: str = "image", e_types: tuple[int, ...] = (ET_E
         )
     phdrs = [phdr_t.from_buffer_copy(data, ehdr.e_phoff + i * phsz) for i in range(ehdr.e_phnum)]
     notes: list[Note] = []
+    budget = [MAX_NOTE_BYTES]
     for i, ph in enumerate(phdrs):
         if ph.p_type in (PT_LOAD, PT_NOTE) and ph.p_offset + ph.p_filesz > len(data):
             raise ImageError(
@@ -295,8 +332,9 @@ def parse_elf(data: bytes, name: str = "image", e_types: tuple[int, ...] = (ET_E
                 f"lies outside the file ({len(data)} bytes)"
             )
         if ph.p_type == PT_NOTE:
-            _parse_notes(data, ph.p_offset, ph.p_filesz, ph.p_align, notes)
-    section_names = _section_notes_and_names(data, ehdr, cls, notes)
+            where = f"segment {i}"
+            _parse_notes(data, ph.p_offset, ph.p_filesz, ph.p_align, notes, name, where, budget)
+    section_names = _section_notes_and_names(data, ehdr, cls, notes, name, budget)
     return ElfFile(name, cls, ehdr, phdrs, notes, section_names)
 
 
@@ -360,7 +398,7 @@ def _check_segments(elf: ElfFile, mem) -> tuple[int, int]:
         raise ImageError(f"{name}: ELF has no PT_LOAD segment")
     start = min(p.p_paddr for p in loads)
     end = max(p.p_paddr + p.p_memsz for p in loads)
-    for i, ph in enumerate(loads):
+    for ph in loads:
         if ph.p_filesz > ph.p_memsz:
             raise ImageError(
                 f"{name}: PT_LOAD at {ph.p_paddr:#x} has p_filesz {ph.p_filesz:#x} "
@@ -371,14 +409,14 @@ def _check_segments(elf: ElfFile, mem) -> tuple[int, int]:
                 f"{name}: PT_LOAD at {ph.p_paddr:#x} is below 1 MiB "
                 f"(the low MiB holds the boot interface)"
             )
-        for other in loads[i + 1 :]:
-            if (
-                ph.p_paddr < other.p_paddr + other.p_memsz
-                and other.p_paddr < ph.p_paddr + ph.p_memsz
-            ):
-                raise ImageError(
-                    f"{name}: PT_LOAD segments at {ph.p_paddr:#x} and {other.p_paddr:#x} overlap"
-                )
+    # In address order, segments are disjoint exactly when each ends before the
+    # next begins: one sort and one pass, however many segments there are.
+    ordered = sorted(loads, key=lambda p: (p.p_paddr, p.p_memsz))
+    for ph, nxt in zip(ordered, ordered[1:], strict=False):
+        if nxt.p_paddr < ph.p_paddr + ph.p_memsz:
+            raise ImageError(
+                f"{name}: PT_LOAD segments at {ph.p_paddr:#x} and {nxt.p_paddr:#x} overlap"
+            )
     if end > mem.end:
         need = -(-end // MiB)
         raise ImageError(
@@ -421,8 +459,11 @@ def load_elf(data: bytes, mem, name: str = "image") -> LoadedImage:
     else:
         entry = _physical_entry(elf, linux)
 
+    view = memoryview(data).toreadonly()
     for ph in elf.loads:
-        mem.write(ph.p_paddr, data[ph.p_offset : ph.p_offset + ph.p_filesz])
+        # A view, not a copy: segments may share file bytes, and their sum is bounded
+        # by guest memory, not by the file.
+        mem.write(ph.p_paddr, view[ph.p_offset : ph.p_offset + ph.p_filesz])
         if ph.p_memsz > ph.p_filesz:
             mem.fill(ph.p_paddr + ph.p_filesz, ph.p_memsz - ph.p_filesz)
 

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 
 from osvmm.errors import ImageError
+from osvmm.files import read_input
 
 # Kinds of loaded image, and the entry convention the VMM uses for each.
 KIND_PVH = "pvh"  # Xen PVH: 32-bit protected mode, ebx = hvm_start_info
@@ -51,21 +52,10 @@ class LoadedImage:
 
 
 def read_image(path: str | os.PathLike, what: str = "image") -> bytes:
-    """The bytes of a guest image file; ImageError if missing, unreadable or empty."""
+    """The bytes of a guest image file; ImageError if missing, not a regular file,
+    larger than MAX_IMAGE_SIZE (told from its size, before reading), unreadable or empty."""
     p = os.fspath(path)
-    try:
-        if os.path.isdir(p):
-            raise ImageError(f"{what} {p}: is a directory, not an image file")
-        with open(p, "rb") as f:
-            data = f.read(MAX_IMAGE_SIZE + 1)
-    except FileNotFoundError:
-        raise ImageError(f"{what} {p}: no such file") from None
-    except PermissionError:
-        raise ImageError(f"{what} {p}: permission denied") from None
-    except OSError as e:
-        raise ImageError(f"{what} {p}: cannot read: {e.strerror or e}") from None
+    data = read_input(p, f"{what} {p}", MAX_IMAGE_SIZE, ImageError)
     if not data:
         raise ImageError(f"{what} {p}: file is empty")
-    if len(data) > MAX_IMAGE_SIZE:
-        raise ImageError(f"{what} {p}: larger than {MAX_IMAGE_SIZE >> 20} MiB")
     return data

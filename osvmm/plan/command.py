@@ -7,10 +7,10 @@ The CLI wires it with one call: ``add_plan_parser(subparsers)``; the parser's
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import TextIO
 
+from osvmm.files import input_problem
 from osvmm.plan.config import load_plan
 from osvmm.plan.placement import place
 from osvmm.plan.render import render_assignment
@@ -44,14 +44,21 @@ def cmd_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
     assignment = place(plan, topology)
     text = render_assignment(assignment, topology)
     missing = [
-        f"warning: partition {spec.name!r}: {key}: {path} does not exist (yet)"
+        f"warning: partition {spec.name!r}: {key}: {path} {_describe(problem)}"
         for spec in plan.partitions
         for key, path in (("image", spec.image), ("kernel", spec.kernel), ("initrd", spec.initrd))
         if path is not None
         and not (key == "image" and spec.bundled_guest)
-        and not os.path.exists(path)
+        and (problem := input_problem(path)) is not None
     ]
     if missing:
         text += ("\n" if not assignment.warnings else "") + "\n".join(missing) + "\n"
     (out or sys.stdout).write(text)
     return 0
+
+
+def _describe(problem: str) -> str:
+    """'does not exist (yet)' for a missing file, else what is wrong with it."""
+    if problem.startswith("no such file"):
+        return "does not exist (yet)"
+    return problem if problem.startswith("is ") else f"cannot be read: {problem}"

@@ -24,7 +24,9 @@ from typing import Any
 
 from osvmm.arch.x86.layout import CHANNEL_WINDOW_SIZE, MIN_MEMORY, PAGE_SIZE
 from osvmm.errors import ConfigError
+from osvmm.files import read_input
 from osvmm.guests import bundled_name
+from osvmm.hypercall.abi import MAX_CHANNELS, MAX_PARTITIONS
 from osvmm.machine import MAX_VCPUS
 from osvmm.writemon.spec import ProtectSpec, parse_protect
 
@@ -32,6 +34,12 @@ NAME_RE = re.compile(r"[a-z0-9_-]{1,32}")
 CHANNEL_MAX_SIZE = 64 << 20
 CHANNEL_MODES = ("rw", "ro")
 RESTART_POLICIES = ("stop", "restart")
+MAX_PLAN_SIZE = 1 << 20  # a plan file larger than 1 MiB is not one
+# Linux numbers CPUs below NR_CPUS, at most 8192 (CONFIG_NR_CPUS_RANGE_END, MAXSMP).
+MAX_CPU_ID = 8191
+MAX_CPU_LIST = MAX_CPU_ID + 1
+MAX_RESTART_BACKOFF_MS = 86_400_000  # a day: a wait the host's clock can express
+MAX_SIZE_TEXT = 40  # characters of a size string: '1073741824', '1.5G', '64 MiB'
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
@@ -76,12 +84,12 @@ def parse_size(value: str | int, what: str = "size", multiple: int = PAGE_SIZE) 
     if isinstance(value, int):
         n = value
     else:
-        m = _SIZE_RE.fullmatch(value.strip())
+        m = _SIZE_RE.fullmatch(value.strip()) if len(value) <= MAX_SIZE_TEXT else None
         if not m:
-            raise ConfigError(f"{what}: {value!r} is not a size (use K, M or G: '512M')")
+            raise ConfigError(f"{what}: {_clip(value)!r} is not a size (use K, M or G: '512M')")
         exact = Fraction(m.group(1)) * _UNITS[m.group(2).upper()]
         if exact.denominator != 1:
-            raise ConfigError(f"{what}: {value!r} is not a whole number of bytes")
+            raise ConfigError(f"{what}: {_show(value)} is not a whole number of bytes")
         n = int(exact)
     if n <= 0:
         raise ConfigError(f"{what}: {_show(value)} must be more than 0 bytes")
@@ -101,11 +109,13 @@ def format_size(n: int) -> str:
     return str(n)
 
 
-def parse_cpu_list(text: str, what: str = "cpus") -> list[int]:
+def parse_cpu_list(text: str, what: str = "cpus", limit: int = MAX_CPU_LIST) -> list[int]:
     """CPU numbers from a Linux CPU list such as ``"0-3,8"`` (sysfs cpulist format).
 
     Returns them sorted. An empty string is an empty list; a number listed
-    twice, a reversed range or anything else is a ConfigError.
+    twice, a reversed range, a CPU number above MAX_CPU_ID, more than ``limit``
+    CPUs in all (counted before a range is expanded) or anything else is a
+    ConfigError.
     """
     text = text.strip()
     if not text:
@@ -115,14 +125,22 @@ def parse_cpu_list(text: str, what: str = "cpus") -> list[int]:
         part = part.strip()
         m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
         if not m:
-            raise ConfigError(f"{what}: {part!r} in {text!r} is not a CPU or range like '2-5'")
+            raise ConfigError(
+                f"{what}: {_clip(part)!r} in {_clip(text)!r} is not a CPU or range like '2-5'"
+            )
+        if any(g is not None and len(g) > len(str(MAX_CPU_ID)) for g in m.groups()):
+            raise ConfigError(f"{what}: {_clip(part)!r}: CPU numbers go up to {MAX_CPU_ID}")
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
-            raise ConfigError(f"{what}: range {part!r} in {text!r} runs backwards")
+            raise ConfigError(f"{what}: range {_clip(part)!r} in {_clip(text)!r} runs backwards")
+        if hi > MAX_CPU_ID:
+            raise ConfigError(f"{what}: {part!r}: CPU numbers go up to {MAX_CPU_ID}")
+        if len(cpus) + hi - lo + 1 > limit:
+            raise ConfigError(f"{what}: {_clip(text)!r} names more than {limit} CPUs")
         for cpu in range(lo, hi + 1):
             if cpu in cpus:
-                raise ConfigError(f"{what}: CPU {cpu} is listed twice in {text!r}")
+                raise ConfigError(f"{what}: CPU {cpu} is listed twice in {_clip(text)!r}")
             cpus.add(cpu)
     return sorted(cpus)
 
@@ -242,10 +260,9 @@ class Plan:
 def load_plan(path: str | os.PathLike[str]) -> Plan:
     """Read and check a plan file; relative paths in it resolve against its directory."""
     p = Path(path)
+    data = read_input(p, f"plan file {str(p)!r}", MAX_PLAN_SIZE, ConfigError)
     try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"plan file {str(p)!r}: {e.strerror or e}") from None
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"plan file {str(p)!r}: not UTF-8 text") from None
     return parse_plan(text, p.resolve().parent, source=str(p))
@@ -257,6 +274,10 @@ def parse_plan(text: str, base_dir: str | os.PathLike[str], source: str = "<plan
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    except ValueError:  # int() of a number over Python's 4300-digit limit
+        raise ConfigError(f"{source}: not valid TOML: a number has too many digits") from None
+    except RecursionError:  # arrays or inline tables nested hundreds deep
+        raise ConfigError(f"{source}: not valid TOML: arrays or tables nested too deeply") from None
     base = Path(base_dir).resolve()
     _check_keys(doc, TOP_KEYS, "plan")
 
@@ -268,6 +289,11 @@ def parse_plan(text: str, base_dir: str | os.PathLike[str], source: str = "<plan
     part_docs = _table_array(doc, "partition")
     if not part_docs:
         raise ConfigError("partition: the plan has no [[partition]]")
+    if len(part_docs) > MAX_PARTITIONS:
+        raise ConfigError(
+            f"partition: {len(part_docs)} partitions, at most {MAX_PARTITIONS} "
+            "(the hypercall ABI numbers them in a 64-bit doorbell mask)"
+        )
     partitions: list[PartitionSpec] = []
     seen: set[str] = set()
     for i, pd in enumerate(part_docs):
@@ -279,26 +305,39 @@ def parse_plan(text: str, base_dir: str | os.PathLike[str], source: str = "<plan
 
     channels: list[ChannelSpec] = []
     seen_ch: set[str] = set()
-    for i, cd in enumerate(_table_array(doc, "channel")):
+    chan_docs = _table_array(doc, "channel")
+    if len(chan_docs) > MAX_CHANNELS:
+        raise ConfigError(
+            f"channel: {len(chan_docs)} channels, at most {MAX_CHANNELS} "
+            "(PARTITION_INFO describes them in one 4 KiB page)"
+        )
+    for i, cd in enumerate(chan_docs):
         ch = _parse_channel(cd, i, seen)
         if ch.name in seen_ch:
             raise ConfigError(f"channel {ch.name!r}: name: duplicate channel name")
         seen_ch.add(ch.name)
         channels.append(ch)
 
+    privileged = [p.name for p in partitions if p.privileged]
+    if len(privileged) > 1:
+        raise ConfigError(
+            f"partition {privileged[1]!r}: privileged: {privileged[0]!r} is privileged "
+            "already (at most one partition is)"
+        )
+    total = sum(c.size for c in channels)
+    if total > CHANNEL_WINDOW_SIZE:
+        raise ConfigError(
+            f"channel: {format_size(total)} of channels do not fit the "
+            f"{format_size(CHANNEL_WINDOW_SIZE)} channel window (each channel has its own "
+            "slot in it, the same in every member)"
+        )
     for spec in partitions:
         where = f"partition {spec.name!r}: doorbells"
         for target in spec.doorbells:
             if target not in seen:
-                raise ConfigError(f"{where}: no partition is named {target!r}")
+                raise ConfigError(f"{where}: no partition is named {_show(target)}")
             if target == spec.name:
                 raise ConfigError(f"{where}: a partition does not ring its own doorbell")
-        total = sum(c.size for c in channels if c.mode(spec.name) is not None)
-        if total > CHANNEL_WINDOW_SIZE:
-            raise ConfigError(
-                f"partition {spec.name!r}: channels: {format_size(total)} of channels do not "
-                f"fit the {format_size(CHANNEL_WINDOW_SIZE)} channel window"
-            )
     return Plan(vmm, tuple(partitions), tuple(channels), str(base), source)
 
 
@@ -313,10 +352,19 @@ def default_control_socket() -> str:
 # --- helpers -------------------------------------------------------------------------------
 
 
+def _clip(text: str, n: int = 60) -> str:
+    """``text``, cut to ``n`` characters for a one-line message."""
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 def _show(value: Any) -> str:
+    """A value for a one-line message: TOML's spelling of booleans, a repr cut short."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    return repr(value)
+    try:
+        return _clip(repr(value))
+    except RecursionError:
+        return "(a value nested too deeply)"
 
 
 def _check_keys(table: dict[str, Any], known: tuple[str, ...], where: str) -> None:
@@ -324,7 +372,7 @@ def _check_keys(table: dict[str, Any], known: tuple[str, ...], where: str) -> No
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"did you mean {close[0]!r}?" if close else "known: " + ", ".join(known)
-            raise ConfigError(f"{where}: unknown key {key!r} ({hint})")
+            raise ConfigError(f"{where}: unknown key {_show(key)} ({hint})")
 
 
 def _table_array(doc: dict[str, Any], key: str) -> list[dict[str, Any]]:
@@ -355,7 +403,7 @@ def _name(table: dict[str, Any], kind: str, index: int) -> str:
     if name is None:
         raise ConfigError(f"{where}: name: missing")
     if not NAME_RE.fullmatch(name):
-        raise ConfigError(f"{where}: name: {name!r} is not 1-32 characters of a-z 0-9 _ -")
+        raise ConfigError(f"{where}: name: {_show(name)} is not 1-32 characters of a-z 0-9 _ -")
     return name
 
 
@@ -400,12 +448,16 @@ def _parse_partition(table: dict[str, Any], index: int, base: Path) -> Partition
             fields["vcpus"] = cpus
         else:
             if isinstance(cpus, str):
-                cpu_list = parse_cpu_list(cpus, f"{where}: cpus")
+                cpu_list = parse_cpu_list(cpus, f"{where}: cpus", limit=MAX_VCPUS)
             elif isinstance(cpus, list):
                 if not all(isinstance(c, int) and not isinstance(c, bool) for c in cpus):
-                    raise ConfigError(f"{where}: cpus: a list must hold CPU numbers: {cpus!r}")
+                    raise ConfigError(f"{where}: cpus: a list must hold CPU numbers: {_show(cpus)}")
+                if any(c > MAX_CPU_ID for c in cpus):
+                    raise ConfigError(f"{where}: cpus: CPU numbers go up to {MAX_CPU_ID}")
                 if any(c < 0 for c in cpus) or len(set(cpus)) != len(cpus):
-                    raise ConfigError(f"{where}: cpus: {cpus!r} has a negative or repeated CPU")
+                    raise ConfigError(
+                        f"{where}: cpus: {_show(cpus)} has a negative or repeated CPU"
+                    )
                 cpu_list = sorted(cpus)
             else:
                 raise ConfigError(
@@ -443,7 +495,7 @@ def _parse_partition(table: dict[str, Any], index: int, base: Path) -> Partition
     if image is not None:
         if bundled_name(image) is not None:
             if not NAME_RE.fullmatch(bundled_name(image)):
-                raise ConfigError(f"{where}: image: {image!r} names no bundled guest")
+                raise ConfigError(f"{where}: image: {_show(image)} names no bundled guest")
             fields["image"] = image
         else:
             fields["image"] = _path(image, base)
@@ -458,12 +510,16 @@ def _parse_partition(table: dict[str, Any], index: int, base: Path) -> Partition
 
     restart = _get(table, "restart", str, where, "stop")
     if restart not in RESTART_POLICIES:
-        raise ConfigError(f"{where}: restart: {restart!r} is not 'stop' or 'restart'")
+        raise ConfigError(f"{where}: restart: {_show(restart)} is not 'stop' or 'restart'")
     fields["restart"] = restart
     for key, default in (("restart_limit", 5), ("restart_backoff_ms", 500)):
         value = _get(table, key, int, where, default)
         if value < 0:
             raise ConfigError(f"{where}: {key}: {value} is negative")
+        if key == "restart_backoff_ms" and value > MAX_RESTART_BACKOFF_MS:
+            raise ConfigError(
+                f"{where}: {key}: {_show(value)} is over {MAX_RESTART_BACKOFF_MS} (one day)"
+            )
         fields[key] = value
     huge = table.get("hugepages", "auto")
     if not isinstance(huge, bool) and huge != "auto":
@@ -474,9 +530,9 @@ def _parse_partition(table: dict[str, Any], index: int, base: Path) -> Partition
 
     doorbells = _get(table, "doorbells", list, where, [])
     if not all(isinstance(d, str) for d in doorbells):
-        raise ConfigError(f"{where}: doorbells: a list of partition names: {doorbells!r}")
+        raise ConfigError(f"{where}: doorbells: a list of partition names: {_show(doorbells)}")
     if len(set(doorbells)) != len(doorbells):
-        raise ConfigError(f"{where}: doorbells: a partition is listed twice: {doorbells!r}")
+        raise ConfigError(f"{where}: doorbells: a partition is listed twice: {_show(doorbells)}")
     fields["doorbells"] = tuple(doorbells)
     if "protect" in table:
         fields["protect"] = parse_protect(table["protect"], where, base)
@@ -498,7 +554,7 @@ def _parse_channel(table: dict[str, Any], index: int, partitions: set[str]) -> C
     pairs: list[tuple[str, str]] = []
     for member, mode in members.items():
         if member not in partitions:
-            raise ConfigError(f"{where}: members: no partition is named {member!r}")
+            raise ConfigError(f"{where}: members: no partition is named {_show(member)}")
         if mode not in CHANNEL_MODES:
             raise ConfigError(f"{where}: members: {member} = {_show(mode)} is not 'rw' or 'ro'")
         pairs.append((member, mode))

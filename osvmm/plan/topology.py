@@ -25,7 +25,10 @@ import re
 from dataclasses import dataclass
 
 from osvmm.errors import ConfigError
+from osvmm.files import read_input
 from osvmm.plan.config import format_cpu_list, parse_cpu_list
+
+MAX_TOPOLOGY_FILE = 1 << 20  # bytes: a sysfs or procfs file of the topology
 
 HUGEPAGE_2M_DIR = "hugepages-2048kB"
 
@@ -180,11 +183,12 @@ def read_topology(sysfs_root: str = "/sys", proc_root: str | None = None) -> Hos
 
 
 def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            return f.read().strip()
-    except OSError:
-        return None
+    """The text of a sysfs or procfs file, None when it does not exist; a file that is
+    not a regular one (a FIFO in a fixture tree) or is over 1 MiB is a ConfigError."""
+    if not os.path.exists(path) or not os.access(path, os.R_OK):
+        return None  # as the kernel means a missing file (module docstring)
+    data = read_input(path, f"host topology: {path}", MAX_TOPOLOGY_FILE, ConfigError)
+    return data.decode("ascii", errors="replace").strip()
 
 
 def _read_int(path: str, default: int) -> int:
@@ -200,11 +204,11 @@ def _numbered_dirs(path: str, prefix: str) -> list[int]:
         names = os.listdir(path)
     except OSError:
         return []
-    pat = re.compile(re.escape(prefix) + r"(\d+)")
+    pat = re.compile(re.escape(prefix) + r"(\d{1,9})")  # cpu123456789 at most
     return sorted(int(m.group(1)) for name in names if (m := pat.fullmatch(name)))
 
 
 def _meminfo_total(text: str) -> int:
     """Bytes of 'MemTotal:' in /proc/meminfo or 'Node N MemTotal:' in a node's meminfo."""
-    m = re.search(r"MemTotal:\s*(\d+)\s*kB", text)
+    m = re.search(r"MemTotal:\s*(\d{1,20})\s*kB", text)
     return int(m.group(1)) * 1024 if m else 0

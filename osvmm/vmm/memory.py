@@ -9,11 +9,15 @@ hole is split as real firmware does (see ``layout.ram_regions``).
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 from dataclasses import dataclass, field
 
 from osvmm.arch.x86.layout import PAGE_SIZE
-from osvmm.errors import GuestMemoryError
+from osvmm.errors import EnforceError, GuestMemoryError
+from osvmm.files import format_bytes
+
+FILL_CHUNK = 1 << 20  # bytes written at a time by fill
 
 
 @dataclass
@@ -54,7 +58,16 @@ class GuestMemory:
                 raise GuestMemoryError(
                     f"region {gpa:#x}+{size:#x} overlaps region {r.gpa:#x}+{r.size:#x}"
                 )
-        mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        except OSError as e:
+            if e.errno != errno.ENOMEM:
+                raise
+            self.close()  # the regions mapped so far
+            raise EnforceError(
+                f"the host cannot give that much guest memory: mmap of {format_bytes(size)} "
+                f"at {gpa:#x} failed with ENOMEM (its free memory or overcommit limit)"
+            ) from None
         region = Region(gpa, size, mem)
         self.regions.append(region)
         self.regions.sort(key=lambda r: r.gpa)
@@ -96,7 +109,13 @@ class GuestMemory:
         return memoryview(r.mem)[off : off + size]
 
     def fill(self, gpa: int, size: int, byte: int = 0) -> None:
-        self.write(gpa, bytes([byte]) * size)
+        """Set ``size`` bytes to ``byte``, a chunk at a time (``size`` may be gigabytes)."""
+        r = self.region_of(gpa, size)
+        off = gpa - r.gpa
+        chunk = bytes([byte]) * min(size, FILL_CHUNK)
+        for at in range(off, off + size, FILL_CHUNK):
+            n = min(FILL_CHUNK, off + size - at)
+            r.mem[at : at + n] = chunk[:n] if n < len(chunk) else chunk
 
     def close(self) -> None:
         for r in self.regions:
