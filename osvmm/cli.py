@@ -58,6 +58,7 @@ def cmd_run(args) -> int:
     from osvmm.guests import resolve_image
     from osvmm.machine import MAX_VCPUS, Machine
     from osvmm.plan.config import parse_size
+    from osvmm.up.locks import free_cpus
     from osvmm.vmm.console import StdinForwarder, fd_writer
     from osvmm.vmm.exit_stats import format_exit_stats
     from osvmm.vmm.partition import Partition, PartitionConfig
@@ -87,6 +88,11 @@ def cmd_run(args) -> int:
         cmdline=args.append,
         console=fd_writer(sys.stdout.fileno(), on_closed=stdout_closed),
     )
+    # Off the CPUs other VMMs dedicate to their partitions (osvmm/up/locks.py).
+    allowed = os.sched_getaffinity(0)
+    free = set(free_cpus(sorted(allowed), "osvmm run"))
+    if free != allowed:
+        os.sched_setaffinity(0, free)
     part = Partition(config)
 
     def interrupt(reason: str) -> None:

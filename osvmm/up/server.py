@@ -29,7 +29,9 @@ import time
 from collections.abc import Callable
 
 from osvmm.errors import ControlError, OsvmmError, VmmBug
-from osvmm.up.protocol import MAX_LINE, PROTOCOL_VERSION, is_listening, peer_uid, send
+from osvmm.up.hostfiles import private_dir
+from osvmm.up.locks import Held, LockFile
+from osvmm.up.protocol import MAX_LINE, PROTOCOL_VERSION, peer_uid, send
 from osvmm.vmm.console import feed_uart
 
 MAX_CONNECTIONS = 64  # served at once; one more is answered with an error and closed
@@ -111,6 +113,7 @@ class ControlServer:
     """Serves the control protocol for ``supervisor`` on the Unix socket ``path``."""
 
     def __init__(self, path: str, supervisor, on_down: Callable[[], None]):
+        """``supervisor`` may be set later (``server.sup``), before ``start``."""
         self.path = path
         self.sup = supervisor
         self.on_down = on_down
@@ -119,24 +122,57 @@ class ControlServer:
         self._closed = False
         self._count_lock = threading.Lock()
         self._connections = 0
+        self._lock: LockFile | None = None
+        self._dir_fd: int | None = None
 
     def open(self) -> None:
-        """Bind the socket; a stale socket file (nobody listening) is replaced."""
+        """Claim ``path`` and bind it. The directory must be one only its owner can
+        write (created 0700 if missing); the lock file beside the socket
+        (``PATH.lock``, osvmm/up/locks.py) is held for the VMM's life, so a second
+        VMM is refused while the first lives, however stalled, and the socket file
+        of one that died is replaced."""
         path = self.path
-        if os.path.lexists(path):
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        directory, base = os.path.split(os.path.abspath(path))
+        dir_fd = private_dir(directory, "control_socket")
+        try:
+            self._lock = LockFile.acquire(dir_fd, base + ".lock", "control_socket")
+        except Held as held:
+            os.close(dir_fd)
+            who = f"pid {held.pid}" if held.pid else "another process"
+            raise ControlError(
+                f"a VMM ({who}) already serves {path} (osvmm down stops it)"
+            ) from None
+        except BaseException:
+            os.close(dir_fd)
+            raise
+        self._dir_fd = dir_fd
+        try:
+            self._bind(base)
+        except BaseException:
+            self.close()
+            raise
+
+    def _bind(self, base: str) -> None:
+        path, dir_fd = self.path, self._dir_fd
+        try:
+            st = os.stat(base, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if not stat.S_ISSOCK(st.st_mode):
                 raise ControlError(f"control_socket: {path} exists and is not a socket")
-            if is_listening(path):
-                raise ControlError(f"a VMM is already listening on {path} (osvmm down stops it)")
-            os.unlink(path)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            if st.st_uid != os.geteuid():
+                raise ControlError(
+                    f"control_socket: {path} belongs to uid {st.st_uid}: not replaced"
+                )
+            os.unlink(base, dir_fd=dir_fd)  # we hold the lock: nobody serves it
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(path)
+            os.chmod(path, 0o600)
         except OSError as e:
             sock.close()
             raise ControlError(f"control_socket: cannot bind {path}: {e.strerror}") from None
-        os.chmod(path, 0o600)
         sock.listen(socket.SOMAXCONN)  # a burst of clients waits, not fails
         self._sock = sock
 
@@ -145,6 +181,8 @@ class ControlServer:
         self._thread.start()
 
     def close(self) -> None:
+        """Stop listening, remove the socket, then release the lock (in that order:
+        while the lock is held, nobody else binds the path)."""
         self._closed = True
         if self._sock is not None:
             try:
@@ -154,9 +192,15 @@ class ControlServer:
             self._sock.close()
             self._sock = None
             try:
-                os.unlink(self.path)
+                os.unlink(os.path.basename(self.path), dir_fd=self._dir_fd)
             except OSError:
                 pass
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
 
     def _accept(self) -> None:
         while not self._closed and self._sock is not None:
@@ -237,8 +281,9 @@ class ControlServer:
                 continue
             cmd = msg["cmd"]
             if cmd == "console":
-                self._console(conn, msg, buf)
-                return
+                if self._console(conn, msg, buf):
+                    return  # it was a console stream until one side closed it
+                continue  # refused: the connection serves requests still
             try:
                 reply = self.handle(msg)
             except OsvmmError as err:
@@ -278,6 +323,7 @@ class ControlServer:
         cmd = msg["cmd"]
         name = msg.get("name")
         if cmd == "ps":
+            losses = getattr(sup, "losses", None)
             return {
                 "ok": True,
                 "version": PROTOCOL_VERSION,
@@ -285,6 +331,7 @@ class ControlServer:
                 "plan": sup.plan.source,
                 "log_dir": sup.log_dir,
                 "partitions": [sup.describe(e) for e in sup.partitions.values()],
+                "lost": losses() if losses is not None else {},
             }
         if cmd in ("start", "stop", "restart"):
             state = getattr(sup, cmd)(name)
@@ -296,16 +343,16 @@ class ControlServer:
             return {"ok": True}
         raise ControlError(f"{cmd}: not a request for handle()")
 
-    def _console(self, conn: socket.socket, msg: dict, buf: bytearray) -> None:
+    def _console(self, conn: socket.socket, msg: dict, buf: bytearray) -> bool:
+        """Answer ``console`` and stream; False when refused (the connection goes on)."""
         try:
             entry = self.sup.entry(msg["name"])
         except OsvmmError as err:
-            self._reply(conn, {"ok": False, "error": str(err)})
-            return
+            return not self._reply(conn, {"ok": False, "error": str(err)})
         client = entry.console.attach()
         try:
             if not self._reply(conn, {"ok": True, "name": entry.name, "state": entry.state}):
-                return
+                return True
             # Both directions share the socket: short timeouts, each side loops on them.
             conn.settimeout(CONSOLE_POLL_S)
             reader = threading.Thread(
@@ -327,6 +374,7 @@ class ControlServer:
             pass
         finally:
             entry.console.detach(client)
+        return True
 
     def _console_input(self, conn: socket.socket, entry, pending: bytes, client) -> None:
         """Client bytes to the running partition's UART input FIFO (dropped when stopped)."""
