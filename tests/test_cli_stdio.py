@@ -84,3 +84,26 @@ def test_ending_signals_clean_up_and_give_130(sig):
     proc.send_signal(sig)
     assert proc.wait(30) == 130
     assert proc.stderr.read() == b""
+
+
+def test_a_detached_vmm_outlives_a_parent_that_went_away(tmp_path):
+    flag = tmp_path / "alive"
+    script = (
+        "import time\n"
+        "from osvmm.up.daemon import detached\n"
+        "def serve(ready):\n"
+        "    time.sleep(1.0)\n"
+        "    ready('ready: 1 partitions up')  # the parent is gone by now\n"
+        f"    open({str(flag)!r}, 'w').write('alive')\n"
+        "    return 0\n"
+        "detached(serve)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    parent = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=str(REPO))
+    time.sleep(0.5)
+    parent.kill()  # as Ctrl-C on `osvmm up -d` would, before the VMM was ready
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while not flag.exists():
+        assert time.monotonic() < deadline, "the VMM died with its parent"
+        time.sleep(0.05)

@@ -263,3 +263,43 @@ def test_ps_says_which_outputs_lost_bytes():
         "counter: console bytes lost: stdout 120, log 4096, log error: No space left",
         "osvmm: stderr: 7 bytes lost (Broken pipe)",
     ]
+
+
+def test_a_bug_behind_a_lifecycle_hypercall_is_logged_not_a_dead_thread(tmp_path):
+    from types import SimpleNamespace
+
+    from osvmm.hypercall.abi import ControlOp
+    from osvmm.plan.config import parse_plan
+    from osvmm.plan.placement import place
+    from osvmm.plan.topology import read_topology
+    from osvmm.up.hypercalls import serve_supervisor
+    from osvmm.up.partition_config import machine_of
+
+    plan = parse_plan(
+        f'[vmm]\ncontrol_socket = "{tmp_path}/s"\n[[partition]]\nname = "a"\n'
+        'cpus = "floating"\nmemory = "4M"\nimage = "guests:hello"\n',
+        tmp_path,
+    )
+    assignment = place(plan, read_topology())
+    logged = []
+
+    def broken(name, wait=True):
+        raise KeyError(name)
+
+    sup = SimpleNamespace(
+        plan=plan,
+        partitions={"a": SimpleNamespace(machine=machine_of(assignment, assignment.partitions[0]))},
+        stop=broken,
+        start=broken,
+        restart=broken,
+        log=logged.append,
+        on_build=[],
+        on_end=[],
+    )
+    live = serve_supervisor(sup)
+    try:
+        live.lifecycle(0, ControlOp.STOP)  # what the hc-lifecycle thread runs
+    finally:
+        live.close()
+    assert logged[0] == "a: internal error in the VMM (hypercall STOP on a): KeyError: 'a'"
+    assert logged[1].startswith("Traceback")

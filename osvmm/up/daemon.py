@@ -68,13 +68,26 @@ def detached(serve_: Callable[[Callable[[str], None]], int]) -> int:
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         status = 2
+
+        told = []
+
+        def ready(msg: str) -> None:  # the parent may be gone (Ctrl-C): the VMM goes on
+            if told:
+                return  # one line only; the pipe is closed (and its number reused)
+            told.append(msg)
+            try:
+                os.write(wfd, msg.encode() + b"\n")
+            except OSError:
+                pass
+            os.close(wfd)
+
         try:
-            status = serve_(lambda msg: os.write(wfd, msg.encode() + b"\n"))
+            status = serve_(ready)
         except OsvmmError as err:
-            os.write(wfd, f"error: {err}\n".encode())
+            ready(f"error: {err}")
             status = err.exit_status
         except BaseException:  # noqa: BLE001 - the child must end here, never return
-            os.write(wfd, b"error: the VMM failed while starting\n")
+            ready("error: the VMM failed while starting")
             status = 6
         finally:
             os._exit(status)
@@ -131,6 +144,8 @@ def serve(assignment, path: str, log_dir: str, quiet: bool, ready) -> int:
         streams["stderr"].report = sup.log_file_only  # stderr's own failures: the log only
         if "stdout" in streams:
             streams["stdout"].report = sup.log
+        threading.excepthook = _log_thread_bug(sup)
+        cleanup.append(lambda: setattr(threading, "excepthook", threading.__excepthook__))
         hypercalls = serve_supervisor(sup)  # the six hypercalls, channels and doorbells
         cleanup.insert(1, hypercalls.close)
         server.sup = sup
@@ -153,3 +168,19 @@ def serve(assignment, path: str, log_dir: str, quiet: bool, ready) -> int:
             except Exception as err:  # noqa: BLE001 - every step is tried
                 say(f"osvmm: internal error while stopping: {type(err).__name__}: {err}")
     return status
+
+
+def _log_thread_bug(sup) -> Callable:
+    """A thread that ends on an exception (a bug: every thread of the VMM catches
+    what it expects) is one line on stderr and its traceback in osvmm.log."""
+    from osvmm.errors import VmmBug
+
+    def hook(args) -> None:
+        if args.exc_type is SystemExit or args.exc_value is None:
+            return
+        name = args.thread.name if args.thread is not None else "a thread"
+        bug = VmmBug.from_exception(f"thread {name}", args.exc_value)
+        sup.log(str(bug))
+        sup.log_file_only(bug.traceback_text.rstrip("\n"))
+
+    return hook
