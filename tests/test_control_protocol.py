@@ -357,3 +357,26 @@ def test_the_vmm_refuses_a_client_of_another_user(server):
         "error": f"uid {NOBODY} may not use this VMM (it runs as uid 0)",
     }
     assert sup.calls == []
+
+
+@pytest.mark.parametrize("answer", [b"[1]\n", b'{"error": "x"}\n', b'{"ok": false, "error": 5}\n'])
+def test_a_malformed_answer_is_one_line_for_the_client(answer):
+    d = tempfile.mkdtemp(prefix="osvmm-c-", dir="/tmp")
+    path = os.path.join(d, "s")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(1)
+
+    def answer_once():
+        conn, _ = srv.accept()
+        conn.recv(4096)
+        conn.sendall(answer)
+        conn.close()
+
+    threading.Thread(target=answer_once, daemon=True).start()
+    try:
+        with pytest.raises(ControlError, match="^the VMM (sent a malformed answer|refused)"):
+            request(path, {"cmd": "ps"})
+    finally:
+        srv.close()
+        shutil.rmtree(d, ignore_errors=True)

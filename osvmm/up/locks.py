@@ -22,7 +22,7 @@ import errno
 import fcntl
 import os
 
-from osvmm.errors import EnforceError
+from osvmm.errors import ConfigError, EnforceError
 from osvmm.plan.config import format_cpu_list
 from osvmm.up.hostfiles import open_private, private_dir
 
@@ -69,7 +69,7 @@ class LockFile:
                 os.close(fd)
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise Held(pid) from None
-                raise
+                raise ConfigError(f"{what}: cannot lock {name}: {e.strerror}") from None
             try:
                 same = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_ino
             except FileNotFoundError:
@@ -77,8 +77,11 @@ class LockFile:
             if same != os.fstat(fd).st_ino:  # released and removed meanwhile: again
                 os.close(fd)
                 continue
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:  # the pid is for people; the lock is what counts (a full disk keeps it)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError:
+                pass
             return cls(dir_fd, name, fd)
 
     def release(self) -> None:

@@ -118,10 +118,13 @@ def exchange(sock: socket.socket, msg: dict, buf: bytearray | None = None) -> di
         raise ControlError("the VMM closed the control connection without an answer")
     try:
         reply = json.loads(line)
-    except ValueError:
-        raise ControlError("the VMM sent a malformed answer") from None
-    if not reply.get("ok"):
-        raise ControlError(reply.get("error", "the VMM refused the request"))
+    except (ValueError, RecursionError):
+        reply = None
+    if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
+        raise ControlError("the VMM sent a malformed answer")
+    if not reply["ok"]:
+        error = reply.get("error")
+        raise ControlError(error if isinstance(error, str) else "the VMM refused the request")
     return reply
 
 
