@@ -73,23 +73,25 @@ def _short(text: str, limit: int = 40) -> str:
     return r if len(r) <= limit else r[: limit - 4] + "...'"
 
 
-def parse_request(line: bytes) -> dict:
+def parse_request(line: bytes, requests: dict | None = None) -> dict:
     """One request line to a checked request (``cmd`` and its fields, each of the
-    type ``REQUESTS`` gives), or ControlError with the one-line answer."""
+    type ``requests`` gives; REQUESTS by default), or ControlError with the
+    one-line answer."""
+    requests = REQUESTS if requests is None else requests
     try:
         msg = json.loads(line)
     except (ValueError, RecursionError):  # bad JSON or UTF-8, too deep, too many digits
         msg = None
     if not isinstance(msg, dict):
         raise ControlError("a request is one JSON object per line")
-    commands = ", ".join(REQUESTS)
+    commands = ", ".join(requests)
     cmd = msg.get("cmd")
     if not isinstance(cmd, str):
         got = "none" if "cmd" not in msg else _json_type(cmd)
         raise ControlError(f'a request needs "cmd", a string ({commands}); got {got}')
-    if cmd not in REQUESTS:
+    if cmd not in requests:
         raise ControlError(f"unknown command {_short(cmd)} ({commands})")
-    fields = REQUESTS[cmd]
+    fields = requests[cmd]
     for key, value in msg.items():
         if key == "cmd":
             continue
@@ -102,7 +104,7 @@ def parse_request(line: bytes) -> dict:
             raise ControlError(f"{cmd}: {key} must be {want}, not {_json_type(value)}")
     for key, (_, required) in fields.items():
         if required and key not in msg:
-            raise ControlError(f"{cmd}: needs a partition {key}")
+            raise ControlError(f"{cmd}: needs " + ("a partition name" if key == "name" else key))
     name = msg.get("name")
     if isinstance(name, str) and len(name) > MAX_NAME:
         raise ControlError(f"{cmd}: name {_short(name)} is longer than {MAX_NAME} characters")
@@ -124,6 +126,9 @@ class ControlServer:
         self._connections = 0
         self._lock: LockFile | None = None
         self._dir_fd: int | None = None
+        # The commands served and their fields: a command added to the protocol
+        # adds its row here (and its handling to ``handle``).
+        self.requests = dict(REQUESTS)
 
     def open(self) -> None:
         """Claim ``path`` and bind it. The directory must be one only its owner can
@@ -274,7 +279,7 @@ class ControlServer:
             if line is None:
                 return
             try:
-                msg = parse_request(line)
+                msg = parse_request(line, self.requests)
             except ControlError as err:
                 if not self._reply(conn, {"ok": False, "error": str(err)}):
                     return
