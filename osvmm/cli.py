@@ -7,12 +7,15 @@ docs/exit-status.md; no traceback reaches the user.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import signal
 import sys
 
 from osvmm import __version__
-from osvmm.errors import EXIT_INTERNAL, ConfigError, OsvmmError
+from osvmm.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_SIGPIPE, ConfigError, OsvmmError
+from osvmm.stdio import ensure_std_fds, say, settle
 
 # -- osvmm run -------------------------------------------------------------------
 
@@ -55,7 +58,9 @@ def cmd_run(args) -> int:
     from osvmm.guests import resolve_image
     from osvmm.machine import MAX_VCPUS, Machine
     from osvmm.plan.config import parse_size
+    from osvmm.up.locks import free_cpus
     from osvmm.vmm.console import StdinForwarder, fd_writer
+    from osvmm.vmm.exit_stats import format_exit_stats
     from osvmm.vmm.partition import Partition, PartitionConfig
 
     if args.image and args.kernel:
@@ -71,37 +76,55 @@ def cmd_run(args) -> int:
         raise ConfigError(
             f"--memory {args.memory} --cpus {cpus} --numa {args.numa}: {err}"
         ) from None
+
+    def stdout_closed() -> None:  # on a vCPU thread: the run ends, then the process
+        part.stop(0, STDOUT_GONE)
+
     config = PartitionConfig(
         machine=machine,
         image=resolve_image(args.image) if args.image else None,
         kernel=args.kernel,
         initrd=args.initrd,
         cmdline=args.append,
-        console=fd_writer(sys.stdout.fileno()),
+        console=fd_writer(sys.stdout.fileno(), on_closed=stdout_closed),
     )
+    # Off the CPUs other VMMs dedicate to their partitions (osvmm/up/locks.py).
+    allowed = os.sched_getaffinity(0)
+    free = set(free_cpus(sorted(allowed), "osvmm run"))
+    if free != allowed:
+        os.sched_setaffinity(0, free)
     part = Partition(config)
+
+    def interrupt(reason: str) -> None:
+        part.stop(EXIT_INTERRUPTED, reason)
+
     forwarder = None
     try:
         part.build()
         for line in part.boot_log:
-            print(f"osvmm: {line}", file=sys.stderr)
-        part.start()
-        if args.serial_input or os.isatty(sys.stdin.fileno()):
-            forwarder = StdinForwarder(part.serial, on_quit=lambda: part.stop(0, "quit"))
-            forwarder.start()
-        try:
-            result = part.wait()
-        except KeyboardInterrupt:
-            part.stop(130, "interrupted")
-            result = part.wait()
+            say(f"osvmm: {line}")
+        with _ending_signals(lambda signum: interrupt(_signal_name(signum))):
+            part.start()
+            if args.serial_input or os.isatty(sys.stdin.fileno()):
+                # Ctrl-A x ends the run as Ctrl-C does: status 130 (docs/exit-status.md)
+                forwarder = StdinForwarder(part.serial, on_quit=lambda: interrupt("quit"))
+                forwarder.start()
+            try:
+                result = part.wait()
+            except KeyboardInterrupt:
+                interrupt("interrupted")
+                result = part.wait()
         if forwarder:
             forwarder.stop()
+        if result.reason == STDOUT_GONE:
+            return EXIT_SIGPIPE
         if result.fault is not None:
-            print(f"osvmm: {result.fault}", file=sys.stderr)
+            say(f"osvmm: {result.fault}")
             if getattr(result.fault, "traceback_text", "") and os.environ.get("OSVMM_DEBUG"):
-                print(result.fault.traceback_text, file=sys.stderr, end="")
+                say(result.fault.traceback_text.rstrip("\n"))
         if args.stats:
-            print_stats(part, sys.stderr)
+            stats = format_exit_stats(part.exit_stats(), part.pio.unclaimed, part.mmio.unclaimed)
+            say(stats.rstrip("\n"))
         return result.status
     finally:
         if forwarder:
@@ -109,10 +132,24 @@ def cmd_run(args) -> int:
         part.close()
 
 
-def print_stats(part, out) -> None:
-    from osvmm.vmm.exit_stats import format_exit_stats
+STDOUT_GONE = "the reader of stdout is gone (EPIPE)"
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
-    out.write(format_exit_stats(part.exit_stats(), part.pio.unclaimed, part.mmio.unclaimed))
+
+def _signal_name(signum: int) -> str:
+    return f"ended by {signal.Signals(signum).name}"
+
+
+@contextlib.contextmanager
+def _ending_signals(handler):
+    """SIGTERM, SIGHUP and SIGQUIT call ``handler(signum)`` (the run ends and is
+    cleaned up, the terminal restored) instead of killing the process."""
+    saved = {s: signal.signal(s, lambda signum, frame: handler(signum)) for s in ENDING_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, old in saved.items():
+            signal.signal(s, old)
 
 
 # -- osvmm caps ------------------------------------------------------------------
@@ -189,24 +226,35 @@ EXTRA_COMMANDS = [
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; its status never depends on whether a message could be written
+    (osvmm/stdio.py), and a reader of stdout that went away ends it as SIGPIPE would."""
+    ensure_std_fds()
+    status = _main(argv)
+    settle()
+    if status == EXIT_SIGPIPE:
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGPIPE)
+    return status
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         argv = sys.argv[1:] if argv is None else argv
         args = build_parser(argv).parse_args(argv)
         return args.func(args)
     except OsvmmError as err:
-        print(f"osvmm: error: {err}", file=sys.stderr)
+        say(f"osvmm: error: {err}")
         return err.exit_status
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         return 0
     except Exception as err:  # noqa: BLE001 - a VMM bug: one line, and how to see more
         if os.environ.get("OSVMM_DEBUG"):
             raise
-        print(
+        say(
             f"osvmm: internal error: {type(err).__name__}: {err} "
-            "(set OSVMM_DEBUG=1 for a traceback)",
-            file=sys.stderr,
+            "(set OSVMM_DEBUG=1 for a traceback)"
         )
         return EXIT_INTERNAL
 

@@ -11,6 +11,8 @@ Exit statuses of ``osvmm`` (docs/exit-status.md has the table):
   2            bad input: usage, config, image, memory size, /dev/kvm unusable
   4            a guest fault: triple fault, emulation failure, failed VM entry
   6            an internal VMM error (a KVM call failed unexpectedly)
+  130          interrupted: Ctrl-C, Ctrl-A x, SIGTERM, SIGHUP or SIGQUIT ending ``osvmm run``
+  (SIGPIPE)    ``osvmm run`` whose stdout's reader went away ends as SIGPIPE ends a program
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import os
 EXIT_USAGE = 2
 EXIT_GUEST_FAULT = 4
 EXIT_INTERNAL = 6
+EXIT_INTERRUPTED = 130
+EXIT_SIGPIPE = 128 + 13  # not returned: the CLI re-raises SIGPIPE (osvmm/cli.py main)
 
 
 class OsvmmError(Exception):

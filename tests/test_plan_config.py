@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -170,11 +171,43 @@ def test_cpus_as_list_and_floating_default_vcpus(tmp_path):
 def test_vmm_defaults(tmp_path, monkeypatch):
     text = '[[partition]]\nname = "a"\ncpus = 1\nmemory = "2M"\nimage = "x"\n'
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/7")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
     plan = parse_plan(text, tmp_path)
-    assert plan.vmm.control_socket == "/run/user/7/osvmm.sock"
+    assert plan.vmm.control_socket == "/run/osvmm/osvmm.sock"  # root: whatever the environment
     assert plan.vmm.log_dir is None
+    assert plan.vmm.console_log_max == 64 << 20
+    # another user: a directory of the socket's own, in a place only that user can write
+    monkeypatch.setattr(os, "geteuid", lambda: 7)
+    assert parse_plan(text, tmp_path).vmm.control_socket == "/run/user/7/osvmm/osvmm.sock"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "relative")
+    assert parse_plan(text, tmp_path).vmm.control_socket == "/tmp/osvmm-7/osvmm.sock"
     monkeypatch.delenv("XDG_RUNTIME_DIR")
-    assert parse_plan(text, tmp_path).vmm.control_socket == f"/tmp/osvmm-{os.getuid()}.sock"
+    assert parse_plan(text, tmp_path).vmm.control_socket == "/tmp/osvmm-7/osvmm.sock"
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("16M", 16 << 20), (8192, 8192), ("4K", 4096)],
+)
+def test_console_log_max(tmp_path, value, expected):
+    toml = f'"{value}"' if isinstance(value, str) else str(value)
+    text = f'[vmm]\nconsole_log_max = {toml}\n[[partition]]\nname = "a"\ncpus = 1\nmemory = "2M"\n'
+    assert parse_plan(text + 'image = "x"\n', tmp_path).vmm.console_log_max == expected
+
+
+@pytest.mark.parametrize(
+    "value, error",
+    [
+        ('"1K"', "vmm: console_log_max: 1K is less than 4K"),
+        ('"lots"', "vmm: console_log_max: 'lots' is not a size"),
+        ("-5", "vmm: console_log_max: -5 must be more than 0 bytes"),
+        ("true", "vmm: console_log_max: expected a size"),
+    ],
+)
+def test_console_log_max_errors(tmp_path, value, error):
+    text = f'[vmm]\nconsole_log_max = {value}\n[[partition]]\nname = "a"\ncpus = 1\nmemory = "2M"\n'
+    with pytest.raises(ConfigError, match="^" + re.escape(error)):
+        parse_plan(text + 'image = "x"\n', tmp_path)
 
 
 def test_load_plan_resolves_against_file_dir(tmp_path):

@@ -96,6 +96,8 @@ restart_backoff_ms = 20
         assert counter.partition is part and counter.boots == 1 and counter.state == RUNNING
         assert crash.boots == 5 and crash.restarts == 4
         assert "triple fault" in crash.reason
+        sup.flush_logs()
+        sup.flush_logs()
         log = (tmp_path / "logs" / "osvmm.log").read_text()
         assert log.count("crash: ended: guest fault on vcpu 0") == 5
         for n, ms in ((1, 20), (2, 40), (3, 80), (4, 160)):
@@ -152,6 +154,7 @@ image = "guests:triplefault"
         crash = sup.partitions["crash"]
         wait_until(lambda: crash.state == FAILED)
         assert crash.boots == 1 and crash.partition is None
+        sup.flush_logs()
         assert "(policy stop)" in (tmp_path / "logs" / "osvmm.log").read_text()
     finally:
         sup.close()
@@ -181,6 +184,7 @@ def test_a_vmm_bug_on_a_vcpu_thread_fails_the_partition_with_its_traceback_logge
         wait_until(lambda: entry.state == FAILED)
         assert entry.reason.startswith("internal error in the VMM (vcpu 0): ZeroDivisionError")
         assert "\n" not in entry.reason
+        sup.flush_logs()
         log = (tmp_path / "logs" / "osvmm.log").read_text()
         assert "Traceback (most recent call last)" in log and "broken_write" in log
         assert entry.restarts == 1  # its policy applied, as for any fault
@@ -203,6 +207,7 @@ def test_a_vmm_bug_while_building_fails_the_partition(tmp_path, monkeypatch):
         assert sup.start("hello", timeout=10) == FAILED
         entry = sup.partitions["hello"]
         assert "internal error in the VMM (building hello): KeyError" in entry.reason
+        sup.flush_logs()
         assert "Traceback" in (tmp_path / "logs" / "osvmm.log").read_text()
         assert sup.start("hello", timeout=10) == FAILED  # a user may start it again
     finally:

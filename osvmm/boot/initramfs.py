@@ -304,10 +304,30 @@ def build_initramfs(
     archive = cpio.write_newc(initramfs_entries(read_busybox(busybox_path), extra_files))
     if out.name.endswith(".gz"):
         archive = gzip.compress(archive, compresslevel=9, mtime=0)
+    # A temporary file beside OUT, renamed over it once whole: a full file system
+    # (or any failure) leaves the OUT that was there, and no partial file.
+    import tempfile
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    tmp = None
     try:
-        out.write_bytes(archive)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(archive)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644 & ~mask)  # as a plain create would have made it
+        os.replace(tmp, out)
+        tmp = None
     except OSError as e:
         raise ConfigError(f"cannot write initramfs {out}: {e.strerror}") from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
     return out
 
 

@@ -44,7 +44,9 @@ MAX_SIZE_TEXT = 40  # characters of a size string: '1073741824', '1.5G', '64 MiB
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
 
-VMM_KEYS = ("control_socket", "log_dir")
+VMM_KEYS = ("control_socket", "log_dir", "console_log_max")
+DEFAULT_LOG_MAX = 64 << 20  # console_log_max: a log rotates past this size
+MIN_LOG_MAX = 4 << 10
 PARTITION_KEYS = (
     "name",
     "cpus",
@@ -168,6 +170,7 @@ class VmmSpec:
 
     control_socket: str
     log_dir: str | None = None  # None: consoles are not logged to files
+    console_log_max: int = DEFAULT_LOG_MAX  # each log rotates past this many bytes
 
 
 @dataclass(frozen=True)
@@ -342,11 +345,18 @@ def parse_plan(text: str, base_dir: str | os.PathLike[str], source: str = "<plan
 
 
 def default_control_socket() -> str:
-    """$XDG_RUNTIME_DIR/osvmm.sock, or /tmp/osvmm-<uid>.sock without it."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return os.path.join(runtime, "osvmm.sock")
-    return f"/tmp/osvmm-{os.getuid()}.sock"
+    """``<run dir>/osvmm.sock``; the run directory is one only its user may write
+    (osvmm/up/hostfiles.py creates it 0700 and refuses it otherwise):
+    /run/osvmm for root, else $XDG_RUNTIME_DIR/osvmm, else /tmp/osvmm-<uid>."""
+    uid = os.geteuid()
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if uid == 0:
+        run_dir = "/run/osvmm"
+    elif os.path.isabs(runtime):
+        run_dir = os.path.join(runtime, "osvmm")
+    else:
+        run_dir = f"/tmp/osvmm-{uid}"
+    return os.path.join(run_dir, "osvmm.sock")
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -414,9 +424,16 @@ def _parse_vmm(table: dict[str, Any], base: Path) -> VmmSpec:
     for key, value in (("control_socket", sock), ("log_dir", log_dir)):
         if value is not None and not value:
             raise ConfigError(f"vmm: {key}: must not be empty")
+    log_max = table.get("console_log_max", DEFAULT_LOG_MAX)
+    log_max = parse_size(log_max, "vmm: console_log_max", multiple=1)
+    if log_max < MIN_LOG_MAX:
+        raise ConfigError(
+            f"vmm: console_log_max: {format_size(log_max)} is less than {format_size(MIN_LOG_MAX)}"
+        )
     return VmmSpec(
         control_socket=_path(sock, base) if sock else default_control_socket(),
         log_dir=_path(log_dir, base) if log_dir else None,
+        console_log_max=log_max,
     )
 
 

@@ -21,6 +21,7 @@ import json
 import sys
 import time
 
+from osvmm.stdio import say
 from osvmm.up.protocol import is_listening, request
 
 
@@ -128,7 +129,7 @@ def cmd_ps(args) -> int:
         return 0
     from osvmm.up.tables import format_ps
 
-    sys.stdout.write(format_ps(reply["partitions"]))
+    sys.stdout.write(format_ps(reply["partitions"], reply.get("lost", {})))
     return 0
 
 
@@ -151,12 +152,18 @@ def cmd_stat(args) -> int:
 
 
 def cmd_down(args) -> int:
+    """Ask the VMM to end; return once it has (its lock file released: every
+    partition stopped, its logs closed), or after 60 s."""
+    from osvmm.up.locks import holder
+
     path = socket_path(args)
     request(path, {"cmd": "down"})
     deadline = time.monotonic() + 60
-    while is_listening(path) and time.monotonic() < deadline:
+    while (holder(path + ".lock") is not None or is_listening(path)) and (
+        time.monotonic() < deadline
+    ):
         time.sleep(0.1)
-    print("osvmm: down", file=sys.stderr)
+    say("osvmm: down")
     return 0
 
 

@@ -14,6 +14,8 @@ import select
 import sys
 import threading
 
+from osvmm.errors import EXIT_INTERRUPTED
+from osvmm.stdio import say
 from osvmm.up.protocol import connect, exchange
 from osvmm.vmm.escape import ConsoleEscape
 
@@ -27,21 +29,22 @@ def attach(path: str, name: str) -> int:
     sock.settimeout(None)
     stdin = sys.stdin.fileno()
     saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
-    print(f"osvmm: console of {name} (Ctrl-A x detaches)", file=sys.stderr, flush=True)
+    say(f"osvmm: console of {name} (Ctrl-A x detaches)")
     out = threading.Thread(target=_copy_out, args=(sock,), daemon=True)
     out.start()
+    status = 0  # detached (Ctrl-A x), or the VMM closed the console
     try:
         if saved is not None:
             tty.setraw(stdin)
         _copy_in(sock, stdin, out)
     except KeyboardInterrupt:
-        pass
+        status = EXIT_INTERRUPTED
     finally:
         if saved is not None:
             termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
         sock.close()
-    print("\r\nosvmm: detached", file=sys.stderr)
-    return 0
+    say("\r\nosvmm: detached")
+    return status
 
 
 def _copy_out(sock) -> None:

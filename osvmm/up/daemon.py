@@ -3,22 +3,31 @@ or detached.
 
 ``up(plan_file, log_dir, detach, quiet)`` checks the plan against this host
 (placement, every image loads, every boot prepares) before anything starts,
-refuses a control socket another VMM answers on, then ``serve``s: the
-supervisor, the hypercall interface and the control server, until ``down``,
-SIGTERM or Ctrl-C. ``--detach`` forks first; the parent returns once the
-child reports ``ready`` (or its one-line error) on a pipe.
+then ``serve``s: it claims the control socket (its lock file: a second VMM on
+it is refused) and the dedicated CPUs (osvmm/up/locks.py: a CPU another VMM
+dedicates is refused, and kept out of the pool), then runs the supervisor, the
+hypercall interface and the control server until ``down``, SIGTERM, SIGHUP,
+SIGQUIT (status 0) or Ctrl-C (status 130), each of which stops every partition
+first. ``--detach`` forks first; the parent returns once the child reports
+``ready`` (or its one-line error) on a pipe.
+
+Consoles go to stdout and events to stderr through Spools (osvmm/up/consoles.py):
+a stdout nobody reads, a closed or full stderr, lose output (counted in ``ps``)
+and never stop a partition or the VMM.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
-import sys
 import threading
 from collections.abc import Callable
 
-from osvmm.errors import ControlError, OsvmmError
-from osvmm.up.protocol import is_listening
+from osvmm.errors import EXIT_INTERRUPTED, ControlError, OsvmmError
+from osvmm.stdio import say
+
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 def default_log_dir(plan_source: str) -> str:
@@ -40,12 +49,10 @@ def up(plan_file: str, log_dir: str | None, detach: bool, quiet: bool) -> int:
     plan = load_plan(plan_file)
     assignment = place(plan, read_topology("/sys"))
     for warning in assignment.warnings:
-        print(f"osvmm: warning: {warning}", file=sys.stderr)
+        say(f"osvmm: warning: {warning}")
     check_boot(assignment)  # every image loads and every boot prepares, before anything starts
     check_protection(assignment)  # every write-monitor range, symbol and grant resolves
     path = plan.vmm.control_socket
-    if is_listening(path):
-        raise ControlError(f"a VMM is already listening on {path} (osvmm down stops it)")
     log_dir = log_dir or plan.vmm.log_dir or default_log_dir(plan.source)
     if detach:
         return detached(lambda ready: serve(assignment, path, log_dir, True, ready))
@@ -54,7 +61,7 @@ def up(plan_file: str, log_dir: str | None, detach: bool, quiet: bool) -> int:
 
 def detached(serve_: Callable[[Callable[[str], None]], int]) -> int:
     """Fork; the child serves, the parent waits for 'ready' (or the error) on a pipe."""
-    rfd, wfd = os.pipe()
+    rfd, wfd = os.pipe()  # above 2: osvmm/stdio.py opened any closed standard fd
     pid = os.fork()
     if pid == 0:
         os.close(rfd)
@@ -63,62 +70,124 @@ def detached(serve_: Callable[[Callable[[str], None]], int]) -> int:
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         status = 2
+
+        told = []
+
+        def ready(msg: str) -> None:  # the parent may be gone (Ctrl-C): the VMM goes on
+            if told:
+                return  # one line only; the pipe is closed (and its number reused)
+            told.append(msg)
+            try:
+                os.write(wfd, msg.encode() + b"\n")
+            except OSError:
+                pass
+            os.close(wfd)
+
         try:
-            status = serve_(lambda msg: os.write(wfd, msg.encode() + b"\n"))
+            status = serve_(ready)
         except OsvmmError as err:
-            os.write(wfd, f"error: {err}\n".encode())
+            ready(f"error: {err}")
+            status = err.exit_status
+        except BaseException:  # noqa: BLE001 - the child must end here, never return
+            ready("error: the VMM failed while starting")
+            status = 6
         finally:
             os._exit(status)
     os.close(wfd)
     with os.fdopen(rfd, "rb") as r:
         line = r.readline().decode().strip()
     if line.startswith("ready"):
-        print(f"osvmm: {line[len('ready:') :].strip()} (pid {pid})", file=sys.stderr)
+        say(f"osvmm: {line[len('ready:') :].strip()} (pid {pid})")
         return 0
     os.waitpid(pid, 0)
     raise ControlError(line[len("error: ") :] if line.startswith("error: ") else "the VMM died")
 
 
 def serve(assignment, path: str, log_dir: str, quiet: bool, ready) -> int:
-    """Run every partition and the control socket until ``down``, SIGTERM or Ctrl-C."""
-    from osvmm.up.consoles import LineEcho
+    """Run every partition and the control socket until ``down``, SIGTERM, SIGHUP,
+    SIGQUIT (0) or Ctrl-C (130)."""
+    from osvmm.up.consoles import ECHO_SPOOL, LineEcho, Spool, fd_sink
     from osvmm.up.hypercalls import serve_supervisor
+    from osvmm.up.locks import free_cpus, reserve_cpus
     from osvmm.up.server import ControlServer
     from osvmm.up.supervisor import Supervisor
     from osvmm.up.writemon import WriteMonitors
 
-    # The VMM's own threads (control, supervision, builds) stay off dedicated cores:
-    # they run on the pool; each vCPU thread pins itself when it starts.
-    if assignment.pool and any(p.cpus for p in assignment.partitions):
-        os.sched_setaffinity(0, set(assignment.pool))
     down = threading.Event()
-    sup = Supervisor(
-        assignment,
-        log_dir=log_dir,
-        echo=None if quiet else LineEcho(sys.stdout),
-        event_log=lambda text: print(f"osvmm: {text}", file=sys.stderr, flush=True),
-    )
-    hypercalls = serve_supervisor(sup)  # the six hypercalls, channels and doorbells
-    monitors = WriteMonitors(sup)  # write monitoring (docs/write-monitor.md)
-    server = ControlServer(
-        path, sup, down.set, monitors.commands(), stat_fields=(monitors.stat_fields,)
-    )
+    for signum in ENDING_SIGNALS:  # from now on they end the VMM in order, as down does
+        signal.signal(signum, lambda signum, frame: down.set())
+    server = ControlServer(path, None, on_down=down.set)
+    server.open()  # first: a second VMM on this socket stops here, before any log is opened
+    cleanup: list[Callable[[], None]] = [server.close]
+    status = 0
     try:
-        server.open()
+        dedicated = [c for p in assignment.partitions for c in p.cpus]
+        cleanup.insert(0, reserve_cpus(dedicated).release)
+        if any(not p.cpus for p in assignment.partitions):  # floating partitions share the pool
+            pool = free_cpus(assignment.pool, "the pool")
+            assignment = dataclasses.replace(assignment, pool=pool)
+        # The VMM's own threads (control, supervision, builds) stay off dedicated cores:
+        # they run on the pool; each vCPU thread pins itself when it starts.
+        if assignment.pool and dedicated:
+            os.sched_setaffinity(0, set(assignment.pool))
+        streams = {"stderr": Spool("stderr", fd_sink(2), ECHO_SPOOL)}
+        if not quiet:
+            streams["stdout"] = Spool("stdout", fd_sink(1), ECHO_SPOOL)
+        for spool in streams.values():
+            cleanup.insert(0, spool.close)
+        sup = Supervisor(
+            assignment,
+            log_dir=log_dir,
+            echo=LineEcho(streams["stdout"]) if "stdout" in streams else None,
+            event_log=lambda text: streams["stderr"].put(f"osvmm: {text}\n".encode()),
+            log_max=assignment.plan.vmm.console_log_max,
+        )
+        cleanup.insert(0, sup.close)
+        sup.streams = streams
+        streams["stderr"].report = sup.log_file_only  # stderr's own failures: the log only
+        if "stdout" in streams:
+            streams["stdout"].report = sup.log
+        threading.excepthook = _log_thread_bug(sup)
+        cleanup.append(lambda: setattr(threading, "excepthook", threading.__excepthook__))
+        hypercalls = serve_supervisor(sup)  # the six hypercalls, channels and doorbells
+        cleanup.insert(1, hypercalls.close)
+        monitors = WriteMonitors(sup)  # write monitoring (docs/write-monitor.md)
+        server.commands.update(monitors.commands())
+        server.requests.update(monitors.requests())
+        server.stat_fields = (monitors.stat_fields,)
+        server.sup = sup
         server.start()
         sup.log(f"up: {len(sup.partitions)} partitions, control socket {path}, logs in {log_dir}")
         sup.start_all()
         if ready is not None:
             ready(f"ready: {len(sup.partitions)} partitions up, control socket {path}")
-        signal.signal(signal.SIGTERM, lambda signum, frame: down.set())
         try:
             while not down.wait(0.5):
                 pass
+            why = "down"
         except KeyboardInterrupt:
-            pass
-        sup.log("down: stopping every partition")
+            why, status = "interrupted (Ctrl-C)", EXIT_INTERRUPTED
+        sup.log(f"{why}: stopping every partition")
     finally:
-        sup.close()
-        server.close()
-        hypercalls.close()
-    return 0
+        for step in cleanup:
+            try:
+                step()
+            except Exception as err:  # noqa: BLE001 - every step is tried
+                say(f"osvmm: internal error while stopping: {type(err).__name__}: {err}")
+    return status
+
+
+def _log_thread_bug(sup) -> Callable:
+    """A thread that ends on an exception (a bug: every thread of the VMM catches
+    what it expects) is one line on stderr and its traceback in osvmm.log."""
+    from osvmm.errors import VmmBug
+
+    def hook(args) -> None:
+        if args.exc_type is SystemExit or args.exc_value is None:
+            return
+        name = args.thread.name if args.thread is not None else "a thread"
+        bug = VmmBug.from_exception(f"thread {name}", args.exc_value)
+        sup.log(str(bug))
+        sup.log_file_only(bug.traceback_text.rstrip("\n"))
+
+    return hook

@@ -8,7 +8,7 @@ the other way, to the supervisor's stop/start/restart, on a thread of their own.
 
 from __future__ import annotations
 
-from osvmm.errors import OsvmmError
+from osvmm.errors import OsvmmError, VmmBug
 from osvmm.hypercall.abi import ControlOp
 from osvmm.hypercall.live import LiveMonitor, monitor_config
 
@@ -36,6 +36,10 @@ def serve_supervisor(supervisor, check: bool = False) -> LiveMonitor:
             actions[op](names[pid], wait=False)
         except OsvmmError as err:  # e.g. a race with the control socket: logged, not fatal
             supervisor.log(f"{names[pid]}: hypercall {op.name}: {err}")
+        except Exception as err:  # noqa: BLE001 - a bug: one line and its traceback logged
+            bug = VmmBug.from_exception(f"hypercall {op.name} on {names[pid]}", err)
+            supervisor.log(f"{names[pid]}: {bug}")
+            supervisor.log(bug.traceback_text.rstrip("\n"))
 
     def on_build(entry, partition) -> None:  # booting: "running" for the monitor
         live.bind(entry.index, partition)

@@ -40,13 +40,22 @@ from dataclasses import dataclass, field
 
 from osvmm.errors import ConfigError, OsvmmError, VmmBug
 from osvmm.machine import Machine
-from osvmm.plan.config import PartitionSpec
+from osvmm.plan.config import DEFAULT_LOG_MAX, PartitionSpec
 from osvmm.plan.placement import Assignment, PartitionAssignment
-from osvmm.up.consoles import ConsoleHub
+from osvmm.up.consoles import LOG_SPOOL, ConsoleHub, LogFile, Spool
+from osvmm.up.hostfiles import private_dir
 from osvmm.up.partition_config import machine_of, partition_config
 from osvmm.vmm.partition import Partition, PartitionConfig
 
 STOPPED, BOOTING, RUNNING, BACKOFF, FAILED = "stopped", "booting", "running", "backoff", "failed"
+MAX_BACKOFF_MS = 300_000  # a restart waits at most 5 minutes, however large the plan's backoff
+
+
+def backoff_ms(base_ms: int, restarts: int) -> int:
+    """The wait before restart ``restarts + 1``: ``base_ms`` doubled per restart before
+    it, at most MAX_BACKOFF_MS (docs/partitions.md)."""
+    base = min(max(int(base_ms), 0), MAX_BACKOFF_MS)
+    return min(base << min(restarts, 32), MAX_BACKOFF_MS)
 
 
 # -- partitions ----------------------------------------------------------------------------------
@@ -90,6 +99,7 @@ class Supervisor:
         echo: Callable[[str, bytes], None] | None = None,
         event_log: Callable[[str], None] | None = None,
         kvm=None,
+        log_max: int = DEFAULT_LOG_MAX,
     ):
         from osvmm.kvm import Kvm
         from osvmm.vmm.vcpu import install_kick_handler
@@ -99,15 +109,26 @@ class Supervisor:
         self.plan = assignment.plan
         self.log_dir = log_dir
         self._event_sink = event_log
-        self._log_fd = None
+        self._echo = echo
+        self._files: list[LogFile] = []
+        self.streams: dict[str, Spool] = {}  # the VMM's stdout and stderr, set by its runner
+        self._log_dir_fd: int | None = None
+        self._events: Spool | None = None
         if log_dir is not None:
+            self._log_dir_fd = private_dir(log_dir, "log_dir")
             try:
-                os.makedirs(log_dir, exist_ok=True)
-                self._log_fd = os.open(
-                    os.path.join(log_dir, "osvmm.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND
-                )
-            except OSError as e:
-                raise ConfigError(f"log_dir: cannot write {log_dir}: {e.strerror}") from None
+                events = self._log_file("osvmm.log", log_max)
+                # its own failures can only go to stderr
+                self._events = Spool("osvmm.log", events.write, LOG_SPOOL, self._to_sink)
+                consoles = {
+                    p.name: self._log_file(f"{p.name}.console.log", log_max)
+                    for p in assignment.partitions
+                }
+            except OsvmmError:
+                self._close_files()
+                raise
+        else:
+            consoles = {}
         self.kvm = kvm or Kvm()
         self._own_kvm = kvm is None
         self._cond = threading.Condition()
@@ -120,25 +141,66 @@ class Supervisor:
         self.partitions: dict[str, PartitionEntry] = {}
         for index, placement in enumerate(assignment.partitions):
             name = placement.name
-            log_path = os.path.join(log_dir, f"{name}.console.log") if log_dir else None
             self.partitions[name] = PartitionEntry(
                 spec=placement.spec,
                 index=index,
                 placement=placement,
                 machine=machine_of(assignment, placement),
-                console=ConsoleHub(name, log_path, echo),
+                console=ConsoleHub(name, consoles.get(name), echo, self.log),
             )
 
     # -- the event log ---------------------------------------------------------------
+    def _log_file(self, name: str, log_max: int) -> LogFile:
+        path = os.path.join(self.log_dir, name)
+        f = LogFile(self._log_dir_fd, name, path, log_max)
+        self._files.append(f)
+        return f
+
     def log(self, text: str) -> None:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        if self._log_fd is not None:
-            try:
-                os.write(self._log_fd, f"{stamp} {text}\n".encode())
-            except OSError:
-                pass
+        """An event to osvmm.log (with a timestamp) and to the event sink; never
+        blocks on either, never raises."""
+        self.log_file_only(text)
+        self._to_sink(text)
+
+    def _to_sink(self, text: str) -> None:
         if self._event_sink is not None:
-            self._event_sink(text)
+            try:
+                self._event_sink(text)
+            except Exception:  # noqa: BLE001, S110 - the event sink must not fail a caller
+                pass
+
+    def log_file_only(self, text: str) -> None:
+        """An event for osvmm.log alone (a failure of the event sink itself)."""
+        if self._events is not None:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            self._events.put(f"{stamp} {text}\n".encode("utf-8", "replace"))
+
+    def flush_logs(self, timeout: float = 5.0) -> None:
+        """Wait until osvmm.log and the console logs hold every line logged so far
+        (they are written by threads of their own)."""
+        if self._events is not None:
+            self._events.flush(timeout)
+        for e in self.partitions.values():
+            e.console.flush(timeout)
+
+    def losses(self) -> dict:
+        """What ``ps`` shows of the VMM's own outputs (osvmm.log and the ``streams``,
+        stdout and stderr): bytes each missed and its last error."""
+        spools = {"osvmm.log": self._events, **self.streams}
+        return {
+            name: {"missing": sp.missing, "error": sp.error}
+            for name, sp in spools.items()
+            if sp is not None
+        }
+
+    def _close_files(self) -> None:
+        if self._events is not None:
+            self._events.close()
+        for f in self._files:
+            f.close()
+        if self._log_dir_fd is not None:
+            os.close(self._log_dir_fd)
+            self._log_dir_fd = None
 
     # -- lifecycle (control socket and lifecycle hypercall) ------------------------------
     def entry(self, name: str) -> PartitionEntry:
@@ -223,9 +285,7 @@ class Supervisor:
             e.console.close()
         if self._own_kvm:
             self.kvm.close()
-        if self._log_fd is not None:
-            os.close(self._log_fd)
-            self._log_fd = None
+        self._close_files()
 
     # -- what the control socket shows ---------------------------------------------------------
     def describe(self, entry: PartitionEntry) -> dict:
@@ -262,7 +322,16 @@ class Supervisor:
             if part is not None and part.memory is not None
             else [],
             "console_log": entry.console.log_path,
+            "console_lost": self._console_lost(entry),
         }
+
+    def _console_lost(self, entry: PartitionEntry) -> dict:
+        """Console bytes a sink missed: the log (slow disk or write errors, and its
+        last error), stdout (a slow or absent reader), attached clients (not reading)."""
+        lost = entry.console.losses()
+        dropped = getattr(self._echo, "dropped", None)
+        lost["stdout"] = dropped(entry.name) if dropped is not None else 0
+        return lost
 
     def stats(self, entry: PartitionEntry) -> dict:
         """Exit statistics: live while running, else those of the last run."""
@@ -305,16 +374,29 @@ class Supervisor:
             try:
                 self._run_entry_loop(entry)
                 return
-            except Exception as err:  # noqa: BLE001
+            except BaseException as err:  # noqa: BLE001 - not even SystemExit ends it
                 bug = VmmBug.from_exception(f"supervising {entry.name}", err)
-                self.log(f"{entry.name}: {bug}")
-                self.log(bug.traceback_text.rstrip("\n"))
+                with self._cond:
+                    part, entry.partition = entry.partition, None
+                self._discard(part)
                 with self._cond:
                     entry.want_running = False
-                    entry.partition = None
+                    entry.user_stop = entry.user_restart = False
                     entry.state = FAILED
                     entry.reason = str(bug)
                     self._cond.notify_all()
+                self.log(f"{entry.name}: {bug}")
+                self.log(bug.traceback_text.rstrip("\n"))
+
+    def _discard(self, part: Partition | None) -> None:
+        """A partition left behind by a bug: stopped and closed, whatever it raises."""
+        if part is None:
+            return
+        for step in (lambda: part.stop(0, "the VMM failed"), part.wait, part.close):
+            try:
+                step()
+            except Exception:  # noqa: BLE001, S110 - best effort after a bug
+                pass
 
     def _run_entry_loop(self, entry: PartitionEntry) -> None:
         while True:
@@ -357,7 +439,7 @@ class Supervisor:
                 self.log(f"{entry.name}: {entry.state} ({why})")
                 entry.console.note(f"{entry.state}: {why}")
                 return
-            delay = spec.restart_backoff_ms * (2**entry.restarts) / 1000
+            delay = backoff_ms(spec.restart_backoff_ms, entry.restarts) / 1000
             entry.restarts += 1
             entry.state = BACKOFF
             self._cond.notify_all()

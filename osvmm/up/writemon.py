@@ -139,6 +139,23 @@ class WriteMonitors:
     def commands(self) -> dict:
         return {"protect": self.protect, "violations": self.violations}
 
+    @staticmethod
+    def requests() -> dict:
+        """The control server's rows for ``commands``: each field, its JSON types and
+        whether it is required (up/server.py REQUESTS)."""
+        name = ((str,), True)
+        return {
+            "protect": {
+                "name": name,
+                "arm": ((bool,), False),
+                "policy": ((str,), False),
+                "ranges": ((list,), False),
+                "domains": ((dict,), False),
+                "grants": ((dict,), False),
+            },
+            "violations": {"name": name, "last": ((int,), False), "since": ((int,), False)},
+        }
+
     def _state(self, msg: dict) -> tuple[str, _State]:
         name = msg.get("name")
         if not isinstance(name, str):

@@ -24,14 +24,28 @@ from osvmm.vmm.escape import ConsoleEscape
 RETRY_S = 0.005  # how soon input that did not fit is offered to the FIFO again
 
 
-def fd_writer(fd: int):
-    """A sink writing guest output to ``fd``."""
+def fd_writer(fd: int, on_closed: Callable[[], None] | None = None):
+    """A sink writing guest output to ``fd``, all of it: a short write is continued,
+    and a non-blocking ``fd`` that is full is waited on (the guest waits for a slow
+    reader, as on QEMU's stdio; nothing is lost). When the reader has gone (EPIPE)
+    ``on_closed`` is called once and output is dropped from then on; other errors
+    (a full disk) lose the bytes of that write."""
+    closed = False
 
     def write(data: bytes) -> None:
-        try:
-            os.write(fd, data)
-        except OSError:
-            pass
+        nonlocal closed
+        view = memoryview(data)
+        while view and not closed:
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:
+                select.select([], [fd], [], 1.0)
+            except BrokenPipeError:
+                closed = True
+                if on_closed is not None:
+                    on_closed()
+            except OSError:
+                return
 
     return write
 
