@@ -1,15 +1,30 @@
-"""Guest memory: anonymous host mappings placed at guest-physical addresses.
+"""Guest memory: host mappings placed at guest-physical addresses.
 
 One interface reaches guest memory: ``GuestMemory.read`` / ``write`` /
 ``view``, with a typed error (GuestMemoryError) for any address or range not
 wholly inside one region. Regions never overlap. RAM above the 32-bit MMIO
 hole is split as real firmware does (see ``layout.ram_regions``).
+
+What backs a region (``Region.backing``):
+
+- ``memfd`` (the default): a memfd mapped shared. Its file descriptor
+  (``Region.fd``) lets another process map the very same memory (a VMM that
+  takes over a partition), and the kernel tracks which pages were ever
+  touched (SEEK_DATA/SEEK_HOLE: a snapshot skips the rest without reading it).
+- ``anonymous``: a private anonymous mapping, for the one case memfd memory
+  loses something: huge pages wanted where the host gives transparent huge
+  pages to anonymous memory but not to shared memory (shmem_enabled
+  ``never``); the partition chooses (vmm/partition.py).
+- ``file``: a snapshot's memory file mapped private (copy-on-write): pages
+  are read from the file when the guest first touches them, and a guest
+  write copies the page; the file is never written (vmm/snapshot.py).
 """
 
 from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 from dataclasses import dataclass, field
 
 from osvmm.arch.x86.layout import PAGE_SIZE
@@ -23,6 +38,9 @@ class Region:
     gpa: int
     size: int
     mem: mmap.mmap = field(repr=False)
+    backing: str = "anonymous"  # "memfd", "anonymous" or "file" (above)
+    fd: int | None = None  # the memfd or the snapshot file (owned: closed with the region)
+    fd_offset: int = 0  # where the region starts in ``fd``
 
     @property
     def end(self) -> int:
@@ -40,13 +58,39 @@ class Region:
 class GuestMemory:
     """The guest-physical address space of one partition."""
 
-    def __init__(self, ranges: list[tuple[int, int]]):
+    def __init__(self, ranges: list[tuple[int, int]], backing: str = "memfd"):
         """``ranges``: (guest-physical start, size) pairs, page aligned, disjoint."""
         self.regions: list[Region] = []
         for gpa, size in ranges:
-            self.add_region(gpa, size)
+            self.add_region(gpa, size, backing)
 
-    def add_region(self, gpa: int, size: int) -> Region:
+    def add_region(self, gpa: int, size: int, backing: str = "memfd") -> Region:
+        """A new zeroed region: ``backing`` ``memfd`` or ``anonymous``."""
+        self._check_new(gpa, size)
+        if backing == "memfd":
+            fd = os.memfd_create(f"osvmm-ram-{gpa:#x}", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, size)
+                mem = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError as e:
+                os.close(fd)
+                raise GuestMemoryError(
+                    f"cannot map {size >> 10} KiB of guest memory: {e.strerror}"
+                ) from None
+            return self._add(Region(gpa, size, mem, "memfd", fd))
+        if backing != "anonymous":
+            raise ValueError(f"unknown backing {backing!r}")
+        mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        return self._add(Region(gpa, size, mem, "anonymous"))
+
+    def add_file_region(self, gpa: int, size: int, fd: int, offset: int) -> Region:
+        """``size`` bytes of the file ``fd`` from ``offset`` at ``gpa``, mapped private
+        (copy-on-write: the file is never written). The region owns ``fd``."""
+        self._check_new(gpa, size)
+        mem = mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        return self._add(Region(gpa, size, mem, "file", fd, offset))
+
+    def _check_new(self, gpa: int, size: int) -> None:
         if size <= 0 or gpa < 0 or gpa % PAGE_SIZE or size % PAGE_SIZE:
             raise GuestMemoryError(f"region {gpa:#x}+{size:#x} is not page aligned and non-empty")
         for r in self.regions:
@@ -54,8 +98,8 @@ class GuestMemory:
                 raise GuestMemoryError(
                     f"region {gpa:#x}+{size:#x} overlaps region {r.gpa:#x}+{r.size:#x}"
                 )
-        mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        region = Region(gpa, size, mem)
+
+    def _add(self, region: Region) -> Region:
         self.regions.append(region)
         self.regions.sort(key=lambda r: r.gpa)
         return region
@@ -101,4 +145,7 @@ class GuestMemory:
     def close(self) -> None:
         for r in self.regions:
             r.mem.close()
+            if r.fd is not None:
+                os.close(r.fd)
+                r.fd = None
         self.regions.clear()

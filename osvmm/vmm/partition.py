@@ -135,7 +135,9 @@ class Partition:
         if machine.vcpus > max_vcpus:
             raise ConfigError(f"--cpus {machine.vcpus}: this host's KVM allows at most {max_vcpus}")
         # 2. memory
-        self.memory = GuestMemory(machine.ram_ranges)
+        self.memory = GuestMemory([])
+        for gpa, size in machine.ram_ranges:
+            self.memory.add_region(gpa, size, enforce.ram_backing(self._wants_huge(size)))
         self._enforce_memory()
         # 3. vm
         vm = self.vm = create_vm(self.kvm, self.memory)
@@ -174,14 +176,20 @@ class Partition:
         return self
 
     # -- enforcement (osvmm/vmm/enforce.py) ---------------------------------------------
+    def _wants_huge(self, size: int) -> bool:
+        hugepages = self.config.hugepages
+        return bool(hugepages or (hugepages is None and size >= HUGEPAGE_MIN_RANGE))
+
     def _enforce_memory(self) -> None:
         cfg = self.config
         for region in self.memory.regions:
             notes = []
+            if region.backing == "anonymous":
+                notes.append("anonymous memory (this host gives shared memory no huge pages)")
             if cfg.node is not None:
                 notes.append(enforce.bind_memory(region.host_addr, region.size, cfg.node))
-            if cfg.hugepages or (cfg.hugepages is None and region.size >= HUGEPAGE_MIN_RANGE):
-                notes.append(enforce.advise_huge(region.mem))
+            if self._wants_huge(region.size):
+                notes.append(enforce.advise_huge(region.mem, shared=region.backing == "memfd"))
             if cfg.prefault:
                 notes.append(enforce.prefault(region.mem))
                 notes.append(enforce.lock(region.host_addr, region.size))
