@@ -66,6 +66,15 @@ def add_up_parsers(sub) -> None:
     c.set_defaults(func=cmd_stat)
     client("down", "stop every partition and end the VMM").set_defaults(func=cmd_down)
     add_writemon_parsers(client)
+    c = client(
+        "snapshot",
+        "pause a partition, write a snapshot of it into DIR, and let it go on (docs/snapshots.md)",
+        "required",
+    )
+    c.add_argument("dir", metavar="DIR", help="the snapshot directory (created if needed)")
+    c.add_argument("--stop", action="store_true", help="stop the partition after it")
+    c.add_argument("--json", action="store_true", help="print the VMM's JSON answer")
+    c.set_defaults(func=cmd_snapshot)
 
 
 def add_writemon_parsers(client) -> None:
@@ -164,6 +173,27 @@ def cmd_console(args) -> int:
     from osvmm.up.console_client import attach
 
     return attach(socket_path(args), args.name)
+
+
+SNAPSHOT_TIMEOUT_S = 600  # a large partition's memory takes a while to write
+
+
+def cmd_snapshot(args) -> int:
+    import os
+
+    msg = {"cmd": "snapshot", "name": args.name, "dir": os.path.abspath(args.dir)}
+    if args.stop:
+        msg["stop"] = True
+    reply = request(socket_path(args), msg, timeout=SNAPSHOT_TIMEOUT_S)
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return 0
+    print(
+        f"{args.name}: snapshot in {reply['dir']}: {reply['stored'] >> 10} KiB of "
+        f"{reply['memory'] >> 20} MiB memory stored, paused {reply['paused_ms']:.1f} ms; "
+        f"{reply['state']}"
+    )
+    return 0
 
 
 def _named_ranges(pairs: list[str], option: str) -> dict[str, list[str]]:

@@ -84,6 +84,7 @@ def serve(assignment, path: str, log_dir: str, quiet: bool, ready) -> int:
     from osvmm.up.consoles import LineEcho
     from osvmm.up.hypercalls import serve_supervisor
     from osvmm.up.server import ControlServer
+    from osvmm.up.snapshots import SnapshotService
     from osvmm.up.supervisor import Supervisor
     from osvmm.up.writemon import WriteMonitors
 
@@ -100,8 +101,13 @@ def serve(assignment, path: str, log_dir: str, quiet: bool, ready) -> int:
     )
     hypercalls = serve_supervisor(sup)  # the six hypercalls, channels and doorbells
     monitors = WriteMonitors(sup)  # write monitoring (docs/write-monitor.md)
+    snapshots = SnapshotService(sup, hypercalls)  # snapshots (docs/snapshots.md)
     server = ControlServer(
-        path, sup, down.set, monitors.commands(), stat_fields=(monitors.stat_fields,)
+        path,
+        sup,
+        down.set,
+        {**monitors.commands(), **snapshots.commands()},
+        stat_fields=(monitors.stat_fields,),
     )
     try:
         server.open()

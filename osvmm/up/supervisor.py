@@ -167,7 +167,9 @@ class Supervisor:
                 self._cond.wait_for(lambda: entry.state in (RUNNING, STOPPED, FAILED), timeout)
             return entry.state
 
-    def stop(self, name: str, wait: bool = True, timeout: float = 30) -> str:
+    def stop(
+        self, name: str, wait: bool = True, timeout: float = 30, reason: str = "stopped by the VMM"
+    ) -> str:
         """Stop a partition (a running one, or one waiting to be restarted)."""
         entry = self.entry(name)
         with self._cond:
@@ -178,10 +180,17 @@ class Supervisor:
             part = entry.partition
             self._cond.notify_all()
         if part is not None:
-            part.stop(0, "stopped by the VMM")
+            part.stop(0, reason)
         with self._cond:
             if wait:
                 self._cond.wait_for(lambda: entry.state in (STOPPED, FAILED), timeout)
+            return entry.state
+
+    def wait_stopped(self, name: str, timeout: float = 30) -> str:
+        """Wait until a stopping partition is stopped (or failed); its state."""
+        entry = self.entry(name)
+        with self._cond:
+            self._cond.wait_for(lambda: entry.state in (STOPPED, FAILED), timeout)
             return entry.state
 
     def restart(self, name: str, wait: bool = True, timeout: float = 30) -> str:
@@ -430,6 +439,9 @@ class Supervisor:
         return reason, faulted, bool(result and result.reset)
 
     def _config(self, entry: PartitionEntry) -> PartitionConfig:
+        # A plan's ``restore`` snapshot is resumed by the first boot; later boots
+        # (a restart, a start) boot the image afresh.
+        first = entry.boots == 0
         return partition_config(
-            self.assignment, entry.placement, entry.machine, entry.console.write
+            self.assignment, entry.placement, entry.machine, entry.console.write, restore=first
         )
