@@ -78,7 +78,6 @@ KVM_GET_MSRS = _IOWR(KVMIO, 0x88, s.kvm_msrs_header)  # vCPU
 KVM_SET_MSRS = _IOW(KVMIO, 0x89, s.kvm_msrs_header)
 KVM_GET_FPU = _IOR(KVMIO, 0x8C, s.kvm_fpu)
 KVM_SET_FPU = _IOW(KVMIO, 0x8D, s.kvm_fpu)
-KVM_GET_CPUID2 = _IOWR(KVMIO, 0x91, s.kvm_cpuid2_header)
 KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9F, s.kvm_vcpu_events)
 KVM_SET_VCPU_EVENTS = _IOW(KVMIO, 0xA0, s.kvm_vcpu_events)
 KVM_GET_DEBUGREGS = _IOR(KVMIO, 0xA1, s.kvm_debugregs)

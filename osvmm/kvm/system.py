@@ -374,13 +374,6 @@ class Vcpu:
     def set_mp_state(self, mp_state: int) -> None:
         _ioctl(self.fd, io.KVM_SET_MP_STATE, s.kvm_mp_state(mp_state))
 
-    def get_cpuid(self) -> list[s.kvm_cpuid_entry2]:
-        """The CPUID entries set on this vCPU (KVM_GET_CPUID2)."""
-        cpuid = s.kvm_cpuid2(s.KVM_MAX_CPUID_ENTRIES)()
-        cpuid.nent = s.KVM_MAX_CPUID_ENTRIES
-        _ioctl(self.fd, io.KVM_GET_CPUID2, cpuid)
-        return [s.kvm_cpuid_entry2.from_buffer_copy(e) for e in cpuid.entries[: cpuid.nent]]
-
     def tsc_khz(self) -> int:
         """The guest TSC frequency in kHz (KVM_GET_TSC_KHZ)."""
         return _ioctl(self.fd, io.KVM_GET_TSC_KHZ)
