@@ -114,6 +114,8 @@ def cmd_run(args) -> int:
 
     if args.snapshot_stop and not args.snapshot:
         raise ConfigError("--snapshot-stop: only with --snapshot DIR")
+    # First thing: a SIGUSR2 while the partition is still being built must not end us.
+    snapshot_wanted = _snapshot_signal() if args.snapshot else None
     snap = None
     if args.restore:
         snap = _restore_source(args)
@@ -146,7 +148,6 @@ def cmd_run(args) -> int:
             snap.close()
         for line in part.boot_log:
             print(f"osvmm: {line}", file=sys.stderr)
-        snapshot_wanted = _snapshot_signal() if args.snapshot else None
         part.start()
         if args.serial_input or os.isatty(sys.stdin.fileno()):
             forwarder = StdinForwarder(part.serial, on_quit=lambda: part.stop(0, "quit"))
