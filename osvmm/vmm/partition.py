@@ -224,7 +224,7 @@ class Partition:
         if snap is not None:
             from osvmm.vmm import snapshot
 
-            snapshot.check_host(self, snap, supported)
+            snapshot.check_host(self.kvm, snapshot.vcpu_profile(snap.state), supported)
         for index, apic_id in enumerate(machine.apic_ids):
             if snap is not None:  # the CPUID the vCPU had
                 entry, cpuid = None, snapshot.vcpu_cpuid_entries(snap.state, index)

@@ -179,20 +179,13 @@ class Written:
     seconds: float  # writing, from the first state read to the renames
 
 
-def write(part, directory: str, extra: dict | None = None, images: dict | None = None) -> Written:
-    """Write a snapshot of ``part`` (every vCPU parked, or not started) into
-    ``directory``. ``extra``: more state from the layers above (the hypercall
-    monitor's), stored as the state's ``extra``; ``images``: name -> buffer (a
-    channel's memory), each written as a sparse image of its own."""
-    t0 = time.perf_counter()
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as e:
-        raise SnapshotError(f"{directory}: cannot create the directory: {e.strerror}") from None
+def collect(part, extra: dict | None = None) -> dict:
+    """The state of ``part`` (every vCPU parked, or not started) but its images: the
+    state file's content without ``images`` (a migration sends it as it is)."""
     msr_indices = part.kvm.msr_index_list()
     xsave_bytes = xsave_size(part.vm)
     cfg = part.config
-    state = {
+    return {
         "osvmm": __version__,
         "created": time.time(),
         "name": cfg.name,
@@ -206,6 +199,19 @@ def write(part, directory: str, extra: dict | None = None, images: dict | None =
         "devices": {name: dev.state() for name, dev in part.devices.items()},
         "extra": extra or {},
     }
+
+
+def write(part, directory: str, extra: dict | None = None, images: dict | None = None) -> Written:
+    """Write a snapshot of ``part`` (every vCPU parked, or not started) into
+    ``directory``. ``extra``: more state from the layers above (the hypercall
+    monitor's), stored as the state's ``extra``; ``images``: name -> buffer (a
+    channel's memory), each written as a sparse image of its own."""
+    t0 = time.perf_counter()
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise SnapshotError(f"{directory}: cannot create the directory: {e.strerror}") from None
+    state = collect(part, extra)
     memory = part.memory
     offsets, offset = [], 0
     for r in memory.regions:
@@ -416,39 +422,78 @@ def vcpu_cpuid_entries(state: dict, index: int) -> list[s.kvm_cpuid_entry2]:
     return [s.kvm_cpuid_entry2.from_buffer_copy(blob, i) for i in range(0, len(blob), size)]
 
 
-def check_host(part, snap: Snapshot, supported) -> None:
-    """A SnapshotError ("incompatible host") unless this host can run the snapshot's
-    vCPUs as they were: CPUID features, TSC frequency, XSAVE size."""
-    state, machine = snap.state, snap.machine
-    deadline = part.kvm.tsc_deadline_timer()
+def vcpu_profile(state: dict) -> dict:
+    """What a host must match of a snapshot's vCPUs (``check_host``): the machine,
+    and per vCPU its CPUID, TSC frequency and XSAVE size. A migration sends it first."""
+    return {
+        "machine": state["machine"],
+        "vcpus": [
+            {"cpuid": v["cpuid"], "tsc_khz": v["tsc_khz"], "xsave": len(v.get("xsave", b""))}
+            for v in state["vcpus"]
+        ],
+    }
+
+
+def host_tsc_khz(kvm) -> int:
+    """This host's guest TSC frequency (KVM_GET_TSC_KHZ of a vCPU made for the question)."""
+    vm = kvm.create_vm()
+    try:
+        vcpu = vm.create_vcpu(0)
+        try:
+            return vcpu.tsc_khz()
+        finally:
+            vcpu.close()
+    finally:
+        vm.close()
+
+
+def check_host(kvm, profile: dict, supported, tsc_khz: int | None = None) -> None:
+    """A SnapshotError ("incompatible host") unless this host can run the vCPUs of
+    ``profile`` (``vcpu_profile``) as they were: CPUID features, XSAVE size, and with
+    ``tsc_khz`` (this host's) the TSC frequency (else each vCPU's is checked when
+    its state is applied)."""
+    machine = machine_from_state(profile["machine"])
+    deadline = kvm.tsc_deadline_timer()
     for i, apic_id in enumerate(machine.apic_ids):
+        vcpu = profile["vcpus"][i]
         offered = vcpu_cpuid(supported, apic_id, machine.vcpus, (), deadline)
-        lacking = missing_features(vcpu_cpuid_entries(state, i), offered)
+        size = ctypes.sizeof(s.kvm_cpuid_entry2)
+        wanted = [
+            s.kvm_cpuid_entry2.from_buffer_copy(vcpu["cpuid"], o)
+            for o in range(0, len(vcpu["cpuid"]), size)
+        ]
+        lacking = missing_features(wanted, offered)
         if lacking:
             raise SnapshotError(
                 f"incompatible host: the snapshot's vCPU {i} has CPUID features this "
                 f"host's KVM lacks ({', '.join(lacking)})"
             )
-    vcpus = state["vcpus"]
-    if "xsave" in vcpus[0] and len(vcpus[0]["xsave"]) > max(xsave_size(part.vm), 1):
-        raise SnapshotError(
-            f"incompatible host: the snapshot's XSAVE area is {len(vcpus[0]['xsave'])} bytes, "
-            f"this host's {xsave_size(part.vm)}"
-        )
+        if vcpu["xsave"] > max(xsave_size(kvm), 1):
+            raise SnapshotError(
+                f"incompatible host: the snapshot's XSAVE area is {vcpu['xsave']} bytes, "
+                f"this host's {xsave_size(kvm)}"
+            )
+        if tsc_khz is not None:
+            _tsc_fits(vcpu["tsc_khz"], tsc_khz, kvm)
+
+
+def _tsc_fits(want_khz: int, have_khz: int, kvm) -> bool:
+    """True when the TSC frequencies match (within KVM's tolerance), False when KVM
+    can scale the TSC to ``want_khz``; else the SnapshotError."""
+    if abs(have_khz - want_khz) * 1_000_000 <= want_khz * TSC_TOLERANCE_PPM:
+        return True
+    if kvm.check_extension(io.KVM_CAP_TSC_CONTROL):
+        return False
+    raise SnapshotError(
+        f"incompatible host: the snapshot's TSC runs at {want_khz} kHz, this host's at "
+        f"{have_khz} kHz, and its KVM cannot scale the TSC"
+    )
 
 
 def check_tsc(vcpu, want_khz: int) -> None:
     """Give ``vcpu`` the snapshot's TSC frequency, or refuse."""
-    have = vcpu.tsc_khz()
-    if abs(have - want_khz) * 1_000_000 <= want_khz * TSC_TOLERANCE_PPM:
-        return
-    if vcpu.vm.kvm.check_extension(io.KVM_CAP_TSC_CONTROL):
+    if not _tsc_fits(want_khz, vcpu.tsc_khz(), vcpu.vm.kvm):
         vcpu.set_tsc_khz(want_khz)
-        return
-    raise SnapshotError(
-        f"incompatible host: the snapshot's TSC runs at {want_khz} kHz, this host's at "
-        f"{have} kHz, and its KVM cannot scale the TSC"
-    )
 
 
 def apply_vcpu(vcpu, st: dict) -> None:

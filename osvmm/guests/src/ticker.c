@@ -7,7 +7,8 @@
  * LAPIC timer's (periodic, vector 0x41, 1e7 bus cycles: 100 Hz under KVM's
  * 1 GHz APIC bus), counted at TICKER_PIT and TICKER_LAPIC, and prints
  * "ticker: pit N lapic M" every every=K PIT ticks (default 50), N a multiple
- * of K. The VMM reads the counts from outside: a snapshot restored must go
+ * of K. It first waits until no new AP has arrived for wait_ms (default 300)
+ * and prints "ticker: N cpus counting". The VMM reads the counts from outside: a snapshot restored must go
  * on counting on every CPU, and both timers must keep firing. Interrupts are
  * handled at CPL0 (emulated on hosts without hardware virtualization).
  */
@@ -124,6 +125,7 @@ static void send_ipi(u32 icr_lo)
 int guest_main(void)
 {
 	every = rt_arg_u64("every", 50);
+	u64 wait_ms = rt_arg_u64("wait_ms", 300);
 	if (every == 0)
 		every = 1;
 	rt_calibrate_tsc();
@@ -141,6 +143,19 @@ int guest_main(void)
 		rt_delay_us(200);
 	}
 
+	/* Wait until no AP has arrived for wait_ms (their start is emulated: slow). */
+	u64 quiet = wait_ms * (rt_tsc_hz / 1000);
+	u32 seen = 0;
+	u64 last = rdtsc();
+	while (rdtsc() - last < quiet) {
+		u32 now = __atomic_load_n(&ap_slots_taken, __ATOMIC_SEQ_CST);
+		if (now != seen) {
+			seen = now;
+			last = rdtsc();
+		}
+		cpu_relax();
+	}
+
 	u32 apic_id = lapic_read(LAPIC_ID) >> 24;
 	ioapic_write(IOAPIC_REDTBL(2) + 1, apic_id << 24);
 	ioapic_write(IOAPIC_REDTBL(2), PIT_VECTOR);
@@ -151,6 +166,6 @@ int guest_main(void)
 	lapic_write(LAPIC_TIMER_DIV, 0xb); /* divide by 1 */
 	lapic_write(LAPIC_LVT_TIMER, LVT_PERIODIC | LAPIC_VECTOR);
 	lapic_write(LAPIC_TIMER_INIT, 10000000);
-	rt_printf("ticker: %u cpus counting\n", 1 + ap_slots_taken);
+	rt_printf("ticker: %u cpus counting\n", 1 + seen);
 	hc_enter_user_irq(bsp_user);
 }
