@@ -282,7 +282,10 @@ EXTRA_COMMANDS = [
     (
         "osvmm.up.commands",
         "add_up_parsers",
-        ("up", "ps", "start", "stop", "restart", "console", "stat", "down", "snapshot"),
+        (
+            *("up", "ps", "start", "stop", "restart", "console", "stat", "down"),
+            *("snapshot", "migrate"),
+        ),
     ),
 ]
 

@@ -30,7 +30,9 @@ def default_log_dir(plan_source: str) -> str:
     return os.path.join(state, "osvmm", stem)
 
 
-def up(plan_file: str, log_dir: str | None, detach: bool, quiet: bool) -> int:
+def up(
+    plan_file: str, log_dir: str | None, detach: bool, quiet: bool, incoming: str | None = None
+) -> int:
     from osvmm.plan.config import load_plan
     from osvmm.plan.placement import place
     from osvmm.plan.topology import read_topology
@@ -47,9 +49,13 @@ def up(plan_file: str, log_dir: str | None, detach: bool, quiet: bool) -> int:
     if is_listening(path):
         raise ControlError(f"a VMM is already listening on {path} (osvmm down stops it)")
     log_dir = log_dir or plan.vmm.log_dir or default_log_dir(plan.source)
+    if incoming is not None:
+        from osvmm.snapshot.stream import parse_address
+
+        parse_address(incoming)
     if detach:
-        return detached(lambda ready: serve(assignment, path, log_dir, True, ready))
-    return serve(assignment, path, log_dir, quiet, None)
+        return detached(lambda ready: serve(assignment, path, log_dir, True, ready, incoming))
+    return serve(assignment, path, log_dir, quiet, None, incoming)
 
 
 def detached(serve_: Callable[[Callable[[str], None]], int]) -> int:
@@ -79,10 +85,12 @@ def detached(serve_: Callable[[Callable[[str], None]], int]) -> int:
     raise ControlError(line[len("error: ") :] if line.startswith("error: ") else "the VMM died")
 
 
-def serve(assignment, path: str, log_dir: str, quiet: bool, ready) -> int:
-    """Run every partition and the control socket until ``down``, SIGTERM or Ctrl-C."""
+def serve(assignment, path: str, log_dir: str, quiet: bool, ready, incoming=None) -> int:
+    """Run every partition and the control socket until ``down``, SIGTERM or Ctrl-C.
+    ``incoming``: start none, accept migrations of them at that address instead."""
     from osvmm.up.consoles import LineEcho
     from osvmm.up.hypercalls import serve_supervisor
+    from osvmm.up.migrate import IncomingServer, MigrationService
     from osvmm.up.server import ControlServer
     from osvmm.up.snapshots import SnapshotService
     from osvmm.up.supervisor import Supervisor
@@ -106,14 +114,25 @@ def serve(assignment, path: str, log_dir: str, quiet: bool, ready) -> int:
         path,
         sup,
         down.set,
-        {**monitors.commands(), **snapshots.commands()},
+        {
+            **monitors.commands(),
+            **snapshots.commands(),
+            **MigrationService(sup, hypercalls).commands(),
+        },
         stat_fields=(monitors.stat_fields,),
     )
+    receiver = None
     try:
         server.open()
+        if incoming is not None:
+            receiver = IncomingServer(incoming, sup, sup.kvm)
         server.start()
         sup.log(f"up: {len(sup.partitions)} partitions, control socket {path}, logs in {log_dir}")
-        sup.start_all()
+        if receiver is not None:
+            receiver.start()
+            sup.log(f"up: waiting for incoming migrations at {incoming}")
+        else:
+            sup.start_all()
         if ready is not None:
             ready(f"ready: {len(sup.partitions)} partitions up, control socket {path}")
         signal.signal(signal.SIGTERM, lambda signum, frame: down.set())
@@ -124,6 +143,8 @@ def serve(assignment, path: str, log_dir: str, quiet: bool, ready) -> int:
             pass
         sup.log("down: stopping every partition")
     finally:
+        if receiver is not None:
+            receiver.close()
         sup.close()
         server.close()
         hypercalls.close()

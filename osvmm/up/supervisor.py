@@ -73,6 +73,7 @@ class PartitionEntry:
     want_running: bool = False
     user_stop: bool = False
     user_restart: bool = False
+    restore_next: object = None  # a snapshot the next boot resumes (a migration's)
     thread: threading.Thread | None = None
 
     @property
@@ -152,12 +153,15 @@ class Supervisor:
         for name in self.partitions:
             self.start(name, wait=False)
 
-    def start(self, name: str, wait: bool = True, timeout: float = 30) -> str:
-        """Boot a stopped partition; returns its state (running, or why not)."""
+    def start(self, name: str, wait: bool = True, timeout: float = 30, restore=None) -> str:
+        """Boot a stopped partition; returns its state (running, or why not).
+        ``restore``: resume this snapshot (a vmm.snapshot.Snapshot, or what a
+        migration delivered) instead of booting, this once."""
         entry = self.entry(name)
         with self._cond:
             if entry.want_running:
                 raise ConfigError(f"partition {name!r} is already {entry.state}")
+            entry.restore_next = restore
             entry.want_running = True
             entry.restarts = 0
             entry.state = BOOTING
@@ -442,6 +446,9 @@ class Supervisor:
         # A plan's ``restore`` snapshot is resumed by the first boot; later boots
         # (a restart, a start) boot the image afresh.
         first = entry.boots == 0
-        return partition_config(
+        config = partition_config(
             self.assignment, entry.placement, entry.machine, entry.console.write, restore=first
         )
+        if entry.restore_next is not None:
+            config.restore, entry.restore_next = entry.restore_next, None
+        return config

@@ -61,6 +61,9 @@ class GuestMemory:
     def __init__(self, ranges: list[tuple[int, int]], backing: str = "memfd"):
         """``ranges``: (guest-physical start, size) pairs, page aligned, disjoint."""
         self.regions: list[Region] = []
+        # While a migration tracks dirty memory: the pages ``write`` wrote (the VMM's own
+        # writes, which KVM's dirty log does not see), by guest-physical page address.
+        self.written_pages: set[int] | None = None
         for gpa, size in ranges:
             self.add_region(gpa, size, backing)
 
@@ -127,6 +130,9 @@ class GuestMemory:
         r = self.region_of(gpa, len(data))
         off = gpa - r.gpa
         r.mem[off : off + len(data)] = data
+        if self.written_pages is not None and len(data):
+            first, last = gpa // PAGE_SIZE, (gpa + len(data) - 1) // PAGE_SIZE
+            self.written_pages.update(p * PAGE_SIZE for p in range(first, last + 1))
 
     def read(self, gpa: int, size: int) -> bytes:
         r = self.region_of(gpa, size)

@@ -124,7 +124,7 @@ class Partition:
         self._done = threading.Event()
         self._lock = threading.Lock()
         self.result: RunResult | None = None
-        self._resumed: str | None = None  # the snapshot directory it was resumed from
+        self._resumed: str | None = None  # what it was resumed from (Snapshot.origin)
         self.enforcement: list[str] = []  # what enforce.py applied, one note each
         self._shared_slots: dict[int, tuple[int, int]] = {}  # gpa -> (memslot, size)
         self.slots: Memslots | None = None
@@ -132,6 +132,7 @@ class Partition:
         self._slots_lock = threading.Lock()
         self._park_lock = threading.Lock()  # one parker at a time (paused, protect_pages)
         self.cpuids: list[list] = []  # the CPUID entries set on each vCPU
+        self.tsc_khz: list[int] = []  # each vCPU's TSC frequency (a migration's profile)
         self.devices: dict[str, object] = {}  # name -> a device model with state()/restore()
         # A resumed snapshot's state of the layers above (the hypercall monitor's) and
         # its images beside guest memory (channels): theirs to apply.
@@ -142,7 +143,7 @@ class Partition:
     def boot_log(self) -> tuple[str, ...]:
         """What the VMM adapted for this host (printed by the CLI, logged by ``up``)."""
         if self.boot is None and self._resumed is not None:
-            return (f"resumed the snapshot in {self._resumed}",)
+            return (f"resumed {self._resumed}",)
         return self.boot.notes if self.boot is not None else ()
 
     # -- the recipe ------------------------------------------------------------
@@ -233,6 +234,7 @@ class Partition:
                 cpuid = vcpu_cpuid(supported, apic_id, machine.vcpus, boot.cpuid_mask, deadline)
             vcpu = create_vcpu(vm, supported, apic_id, machine.vcpus, entry=entry, cpuid=cpuid)
             self.cpuids.append(cpuid)
+            self.tsc_khz.append(vcpu.tsc_khz())
             self.vcpus.append(vcpu)
             self.stats_readers.append(StatsReader(vcpu.stats_fd()))
             thread = VcpuThread(vcpu, index, self.pio, self.mmio, self)
@@ -242,7 +244,7 @@ class Partition:
             snapshot.apply(self, snap)
             self.snapshot_extra = snap.extra
             self.snapshot_images = snap.extra_images()
-            self._resumed = snap.directory
+            self._resumed = snap.origin
         return self
 
     # -- enforcement (osvmm/vmm/enforce.py) ---------------------------------------------
@@ -324,6 +326,22 @@ class Partition:
                 then()
             paused_ms = (time.perf_counter() - t0) * 1000
         return written, paused_ms
+
+    def track_dirty(self, on: bool) -> None:
+        """Start (or stop) tracking which guest pages change: KVM's dirty log for the
+        guest's writes, GuestMemory.written_pages for the VMM's (a migration)."""
+        with self._slots_lock:
+            self.slots.set_dirty_logging(on)
+            self.memory.written_pages = set() if on else None
+
+    def dirty_pages(self) -> list[int]:
+        """The guest-physical pages changed since the last call (sorted), and forget them."""
+        with self._slots_lock:
+            pages = set(self.slots.dirty_pages())
+            if self.memory.written_pages:
+                pages |= self.memory.written_pages
+                self.memory.written_pages = set()
+        return sorted(pages)
 
     def vcpu_tids(self) -> list[int | None]:
         """The host thread id of each vCPU (None before it started)."""

@@ -275,6 +275,7 @@ class Snapshot:
 
     def __init__(self, directory: str, state: dict, fds: dict[str, int]):
         self.directory = directory
+        self.origin = f"the snapshot in {directory}"  # what a resumed partition came from
         self.state = state
         self._fds = fds  # image name -> open file
         self.machine = machine_from_state(state["machine"])
@@ -292,7 +293,7 @@ class Snapshot:
             raise SnapshotError(f"{path}: {e.strerror}") from None
         state = fmt.decode(data, path)
         try:
-            _check_sections(state)
+            check_sections(state)
             machine_from_state(state["machine"])
         except (KeyError, TypeError, ValueError) as err:
             raise SnapshotError(f"{path}: malformed state ({err!r})") from None
@@ -372,10 +373,11 @@ class Snapshot:
         self._fds.clear()
 
 
-def _check_sections(state: dict) -> None:
+def check_sections(state: dict, with_images: bool = True) -> None:
     """Every section there, every KVM structure of its size (or a KeyError,
-    TypeError, ValueError or SnapshotError)."""
-    for key in ("machine", "vcpus", "vm", "devices", "images"):
+    TypeError, ValueError or SnapshotError). ``with_images``: and the memory image
+    (a migration's state comes without: its memory came as pages)."""
+    for key in ("machine", "vcpus", "vm", "devices", *(("images",) if with_images else ())):
         if key not in state:
             raise SnapshotError(f"no {key!r} section")
     machine = state["machine"]
@@ -399,6 +401,8 @@ def _check_sections(state: dict) -> None:
             int(index), int(value)
     for key, struct in _VM_BLOBS.items():
         _check_size(state["vm"][key], struct, key)
+    if not with_images:
+        return
     memory = state["images"][MEMORY_IMAGE]
     ram = sum(r["size"] for r in memory["regions"])
     if ram != machine["memory"] or memory["size"] != ram:
