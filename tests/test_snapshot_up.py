@@ -12,6 +12,7 @@ import time
 import pytest
 
 from osvmm.hypercall import abi
+from osvmm.kvm.exits import Interrupted
 from osvmm.plan.config import parse_plan
 from osvmm.plan.placement import place
 from osvmm.plan.topology import read_topology
@@ -75,6 +76,8 @@ def test_the_partition_beside_does_not_notice(tmp_path):
         while up.count("quiet") == 0 or up.count("busy") == 0:
             assert time.monotonic() < deadline
             time.sleep(0.02)
+        quiet_vcpu = up.part("quiet").threads[0]
+        kicks = quiet_vcpu.handled[Interrupted]
         samples, stop = [], threading.Event()
 
         def sample():
@@ -93,13 +96,16 @@ def test_the_partition_beside_does_not_notice(tmp_path):
         time.sleep(0.2)
         stop.set()
         sampler.join()
+        assert quiet_vcpu.handled[Interrupted] == kicks  # never kicked out of KVM_RUN
         pattern = up.part("quiet").read_guest(PATTERN_ADDR, PATTERN_SIZE)
         assert up.sup.partitions["quiet"].state == RUNNING
         assert up.sup.partitions["busy"].state == RUNNING
     finally:
         up.close()
-    assert len(samples) >= 6
-    assert all(b > a for a, b in zip(samples, samples[1:], strict=False)), samples
+    # It counted all along (on a loaded host a sample may find it not yet scheduled
+    # again; the kicks above show that the VMM never held it).
+    assert len(samples) >= 6 and samples[-1] > samples[0]
+    assert all(b >= a for a, b in zip(samples, samples[1:], strict=False)), samples
     assert (
         hashlib.sha256(pattern).digest()
         == hashlib.sha256(bytes((i * 7 + 1) & 0xFF for i in range(PATTERN_SIZE))).digest()

@@ -13,6 +13,15 @@ kind, an 8-byte little-endian payload length, then the payload:
     DONE  source -> dest  nothing more: build the partition and run it
     RUNS  dest -> source  JSON: the partition runs at the destination
 
+A takeover (a new VMM taking every partition of an old one on the same host,
+``osvmm up --takeover``) sends, per partition, between HELO and DONE:
+
+    PART  source -> dest  JSON: {"name": N}: the frames up to the next PART are N's
+    FDS   source -> dest  JSON: the RAM regions passed as file descriptors
+                          ({"regions": [{"gpa", "size", "fd": index}]}), the
+                          memfds themselves beside the frame (SCM_RIGHTS,
+                          Unix sockets only); pages of other regions follow
+
 A frame's payload is at most MAX_FRAME bytes; a peer sending more, or an
 unknown kind, ends the migration. No authentication: use a Unix socket
 (created mode 0600) or a trusted network.
@@ -30,7 +39,8 @@ from osvmm.errors import ConfigError, SnapshotError
 STREAM_VERSION = 1
 HEADER = struct.Struct("<4sQ")
 MAX_FRAME = 64 << 20
-KINDS = (b"HELO", b"OKAY", b"FAIL", b"PAGE", b"STAT", b"IMAG", b"DONE", b"RUNS")
+KINDS = (b"HELO", b"OKAY", b"FAIL", b"PAGE", b"STAT", b"IMAG", b"DONE", b"RUNS", b"PART", b"FDS ")
+MAX_FDS = 64  # file descriptors with one frame at most
 
 
 def parse_address(text: str) -> tuple[int, object]:
@@ -86,9 +96,35 @@ class Stream:
         self.sock = sock
         self.peer = peer
         self.sent = 0  # payload bytes sent
+        self.fds: list[int] = []  # received with the last frame header (SCM_RIGHTS), the caller's
 
     def _lost(self, err: OSError) -> SnapshotError:
+        reason = self._their_reason() if isinstance(err, ConnectionError) else None
+        if reason is not None:
+            return SnapshotError(f"the destination refused: {reason}")
         return SnapshotError(f"the connection to {self.peer} failed: {err.strerror or err}")
+
+    def _their_reason(self) -> str | None:
+        """The FAIL a peer sent before it closed the connection, if it is there."""
+        try:
+            self.sock.settimeout(1)
+            head = self.sock.recv(HEADER.size, socket.MSG_PEEK)
+            if len(head) < HEADER.size:
+                return None
+            kind, length = HEADER.unpack(self.sock.recv(HEADER.size))
+            if kind != b"FAIL" or length > 4096:
+                return None
+            body = self.sock.recv(length, socket.MSG_WAITALL)
+            return str(json.loads(body).get("error"))
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def fail(self, error: str) -> None:
+        """Tell the peer why, if it still listens (a failure after OKAY)."""
+        try:
+            self.send_json(b"FAIL", {"error": error})
+        except SnapshotError:
+            pass
 
     def send(self, kind: bytes, *parts) -> None:
         length = sum(len(p) for p in parts)
@@ -103,11 +139,41 @@ class Stream:
     def send_json(self, kind: bytes, obj: dict) -> None:
         self.send(kind, json.dumps(obj).encode())
 
+    def send_fds(self, kind: bytes, obj: dict, fds: list[int]) -> None:
+        """A JSON frame with file descriptors beside it (a Unix socket only)."""
+        if len(fds) > MAX_FDS:
+            raise SnapshotError(f"{len(fds)} file descriptors in one frame, at most {MAX_FDS}")
+        payload = json.dumps(obj).encode()
+        data = HEADER.pack(kind, len(payload)) + payload
+        try:
+            sent = socket.send_fds(self.sock, [data], fds)
+            if sent < len(data):
+                self.sock.sendall(data[sent:])
+        except OSError as e:
+            raise self._lost(e) from None
+        self.sent += len(payload)
+
     def send_pages(self, gpa: int, data) -> None:
         self.send(b"PAGE", struct.pack("<Q", gpa), data)
 
     def recv_header(self) -> tuple[bytes, int]:
-        kind, length = HEADER.unpack(self.recv_exact(HEADER.size))
+        """The next frame's kind and length; file descriptors sent with it land in
+        ``fds`` (on a Unix socket)."""
+        buf = bytearray()
+        self.fds = []
+        try:
+            while len(buf) < HEADER.size:
+                if self.sock.family == socket.AF_UNIX:
+                    data, fds, _, _ = socket.recv_fds(self.sock, HEADER.size - len(buf), MAX_FDS)
+                    self.fds.extend(fds)
+                else:
+                    data = self.sock.recv(HEADER.size - len(buf))
+                if not data:
+                    raise SnapshotError(f"{self.peer} closed the connection")
+                buf += data
+        except OSError as e:
+            raise self._lost(e) from None
+        kind, length = HEADER.unpack(bytes(buf))
         if kind not in KINDS or length > MAX_FRAME:
             raise SnapshotError(f"{self.peer} sent a bad frame ({kind!r}, {length} bytes)")
         return kind, length

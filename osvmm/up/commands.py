@@ -43,6 +43,12 @@ def add_up_parsers(sub) -> None:
         help="start no partition: accept live migrations of the plan's partitions at ADDR "
         "(unix:PATH or tcp:HOST:PORT)",
     )
+    p.add_argument(
+        "--takeover",
+        action="store_true",
+        help="take every running partition of the VMM on the plan's control socket, "
+        "memory handed over, not copied (a live upgrade); it ends, this one serves",
+    )
     p.set_defaults(func=cmd_up)
 
     def client(name: str, help_: str, with_name: str | None = None):
@@ -148,7 +154,7 @@ def socket_path(args) -> str:
 def cmd_up(args) -> int:
     from osvmm.up.daemon import up
 
-    return up(args.file, args.log_dir, args.detach, args.quiet, args.incoming)
+    return up(args.file, args.log_dir, args.detach, args.quiet, args.incoming, args.takeover)
 
 
 def cmd_ps(args) -> int:

@@ -31,7 +31,12 @@ def default_log_dir(plan_source: str) -> str:
 
 
 def up(
-    plan_file: str, log_dir: str | None, detach: bool, quiet: bool, incoming: str | None = None
+    plan_file: str,
+    log_dir: str | None,
+    detach: bool,
+    quiet: bool,
+    incoming: str | None = None,
+    takeover: bool = False,
 ) -> int:
     from osvmm.plan.config import load_plan
     from osvmm.plan.placement import place
@@ -46,7 +51,11 @@ def up(
     check_boot(assignment)  # every image loads and every boot prepares, before anything starts
     check_protection(assignment)  # every write-monitor range, symbol and grant resolves
     path = plan.vmm.control_socket
-    if is_listening(path):
+    if takeover and incoming is not None:
+        raise ControlError("--takeover and --incoming: one or the other")
+    if takeover and not is_listening(path):
+        raise ControlError(f"--takeover: no VMM is listening on {path}")
+    if not takeover and is_listening(path):
         raise ControlError(f"a VMM is already listening on {path} (osvmm down stops it)")
     log_dir = log_dir or plan.vmm.log_dir or default_log_dir(plan.source)
     if incoming is not None:
@@ -54,8 +63,10 @@ def up(
 
         parse_address(incoming)
     if detach:
-        return detached(lambda ready: serve(assignment, path, log_dir, True, ready, incoming))
-    return serve(assignment, path, log_dir, quiet, None, incoming)
+        return detached(
+            lambda ready: serve(assignment, path, log_dir, True, ready, incoming, takeover)
+        )
+    return serve(assignment, path, log_dir, quiet, None, incoming, takeover)
 
 
 def detached(serve_: Callable[[Callable[[str], None]], int]) -> int:
@@ -85,12 +96,16 @@ def detached(serve_: Callable[[Callable[[str], None]], int]) -> int:
     raise ControlError(line[len("error: ") :] if line.startswith("error: ") else "the VMM died")
 
 
-def serve(assignment, path: str, log_dir: str, quiet: bool, ready, incoming=None) -> int:
+def serve(
+    assignment, path: str, log_dir: str, quiet: bool, ready, incoming=None, takeover=False
+) -> int:
     """Run every partition and the control socket until ``down``, SIGTERM or Ctrl-C.
-    ``incoming``: start none, accept migrations of them at that address instead."""
+    ``incoming``: start none, accept migrations of them at that address instead.
+    ``takeover``: take every running partition of the VMM serving ``path`` (memory
+    handed over, not copied), then serve its control socket when it has gone."""
     from osvmm.up.consoles import LineEcho
     from osvmm.up.hypercalls import serve_supervisor
-    from osvmm.up.migrate import IncomingServer, MigrationService
+    from osvmm.up.migrate import IncomingServer, MigrationService, TakeoverService, take_over
     from osvmm.up.server import ControlServer
     from osvmm.up.snapshots import SnapshotService
     from osvmm.up.supervisor import Supervisor
@@ -118,11 +133,18 @@ def serve(assignment, path: str, log_dir: str, quiet: bool, ready, incoming=None
             **monitors.commands(),
             **snapshots.commands(),
             **MigrationService(sup, hypercalls).commands(),
+            **TakeoverService(sup, hypercalls, down.set).commands(),
         },
         stat_fields=(monitors.stat_fields,),
     )
     receiver = None
     try:
+        if takeover:
+            reply = take_over(path, sup)
+            sup.log(
+                f"up: took over {len(reply['partitions'])} partitions from pid {reply['pid']} "
+                f"(paused {reply['downtime_ms']:.1f} ms, {reply['bytes_copied']} bytes copied)"
+            )
         server.open()
         if incoming is not None:
             receiver = IncomingServer(incoming, sup, sup.kvm)
@@ -131,7 +153,7 @@ def serve(assignment, path: str, log_dir: str, quiet: bool, ready, incoming=None
         if receiver is not None:
             receiver.start()
             sup.log(f"up: waiting for incoming migrations at {incoming}")
-        else:
+        elif not takeover:
             sup.start_all()
         if ready is not None:
             ready(f"ready: {len(sup.partitions)} partitions up, control socket {path}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 
 from osvmm.arch.x86.layout import HUGEPAGE_MIN_RANGE
 from osvmm.errors import ConfigError, ControlError, OsvmmError, SnapshotError
@@ -141,53 +142,205 @@ class IncomingServer:
                 stream.close()
 
     def accept(self, name: str, profile: dict):
-        """The zeroed memory for partition ``name``, after checking it fits here."""
-        from osvmm.up.supervisor import FAILED, STOPPED
-        from osvmm.vmm import enforce, snapshot
-        from osvmm.vmm.memory import GuestMemory
-
-        entry = self.sup.entry(name)
-        if entry.want_running or entry.state not in (STOPPED, FAILED):
-            raise ConfigError(f"partition {name!r} is {entry.state} here")
-        machine = snapshot.machine_from_state(profile["machine"])
-        if machine != entry.machine:
-            raise SnapshotError(
-                f"partition {name!r} here has {entry.machine.memory >> 20} MiB and "
-                f"{entry.machine.vcpus} vCPUs (channel window "
-                f"{'yes' if entry.machine.reserved else 'no'}); the migrated one "
-                f"{machine.memory >> 20} MiB and {machine.vcpus}"
-                f"{' (another layout)' if machine.memory == entry.machine.memory else ''}"
-            )
-        snapshot.check_host(
-            self.kvm, profile, self.kvm.supported_cpuid(), snapshot.host_tsc_khz(self.kvm)
-        )
-        hugepages = entry.spec.hugepages
-        memory = GuestMemory([])
-        try:
-            for gpa, size in machine.ram_ranges:
-                huge = bool(hugepages or (hugepages is None and size >= HUGEPAGE_MIN_RANGE))
-                memory.add_region(gpa, size, enforce.ram_backing(huge))
-        except BaseException:
-            memory.close()
-            raise
-        return memory
+        return accept_partition(self.sup, self.kvm, name, profile)
 
     def _one(self, stream) -> None:
+        from osvmm.vmm import migration
+
+        try:
+            arrived = migration.receive(stream, self.accept)
+        except SnapshotError as err:
+            stream.fail(str(err))  # the source reports why, not only a broken pipe
+            raise
+        start_arrived(self.sup, stream, arrived)
+
+
+def accept_partition(sup, kvm, name: str, profile: dict):
+    """Check that partition ``name`` of this VMM can take the one arriving (not
+    running here, the same machine, vCPUs this host can run); the backing of its
+    new memory regions (``backing(size)``), or the error."""
+    from osvmm.up.supervisor import FAILED, STOPPED
+    from osvmm.vmm import enforce, snapshot
+
+    entry = sup.entry(name)
+    if entry.want_running or entry.state not in (STOPPED, FAILED):
+        raise ConfigError(f"partition {name!r} is {entry.state} here")
+    machine = snapshot.machine_from_state(profile["machine"])
+    if machine != entry.machine:
+        raise SnapshotError(
+            f"partition {name!r} here has {entry.machine.memory >> 20} MiB and "
+            f"{entry.machine.vcpus} vCPUs (channel window "
+            f"{'yes' if entry.machine.reserved else 'no'}); the migrated one "
+            f"{machine.memory >> 20} MiB and {machine.vcpus}"
+            f"{' (another layout)' if machine.memory == entry.machine.memory else ''}"
+        )
+    snapshot.check_host(kvm, profile, kvm.supported_cpuid(), snapshot.host_tsc_khz(kvm))
+    hugepages = entry.spec.hugepages
+
+    def backing(size: int) -> str:
+        huge = bool(hugepages or (hugepages is None and size >= HUGEPAGE_MIN_RANGE))
+        return enforce.ram_backing(huge)
+
+    return backing
+
+
+def start_arrived(sup, stream, arrived) -> None:
+    """Resume every partition that arrived and answer RUNS: all are built first,
+    then all run (``StartGate``); if one cannot be built, none runs, FAIL is
+    answered and the error raised."""
+    from osvmm.up.supervisor import RUNNING, StartGate
+
+    gate = StartGate(len(arrived))
+    asked = []
+    try:
+        for incoming in arrived:
+            sup.start(incoming.name, wait=False, restore=incoming, gate=gate)
+            asked.append(incoming.name)
+        failure = gate.wait_all()
+    except OsvmmError as err:
+        failure = str(err)
+    gate.count = len(asked)
+    if failure is None and len(asked) == len(arrived):
+        gate.decide(True)
+        states = {name: sup.wait_running(name) for name in asked}
+        failure = next(
+            (f"{n}: {sup.entry(n).reason or s}" for n, s in states.items() if s != RUNNING), None
+        )
+    else:
+        gate.decide(False)
+        gate.settle()  # no boot is still taking memory from what is closed below
+    for incoming in arrived:
+        incoming.close()  # what a partition did not take
+    if failure is not None:
+        stream.send_json(b"FAIL", {"error": failure})
+        raise SnapshotError(failure)
+    stream.send_json(b"RUNS", {"partitions": asked})
+    for name in asked:
+        sup.log(f"{name}: running, arrived from {stream.peer}")
+
+
+# -- a new VMM taking over an old one (osvmm up --takeover) -------------------------------------
+
+
+class TakeoverService:
+    """The control socket's ``handover`` request (the old VMM's side): every running
+    partition goes to the new VMM listening at ``to`` (vmm/migration.py
+    ``hand_over``: memfds passed, not copied); then this VMM ends."""
+
+    def __init__(self, supervisor, live, on_down):
+        self.sup = supervisor
+        self.live = live
+        self.on_down = on_down
+
+    def commands(self) -> dict:
+        return {"handover": self.handover}
+
+    def handover(self, msg: dict) -> dict:
+        from osvmm.up.snapshots import monitor_extra
         from osvmm.up.supervisor import RUNNING
         from osvmm.vmm import migration
 
-        incoming = migration.receive(stream, self.accept)
-        name = incoming.name
+        to = msg.get("to")
+        if not isinstance(to, str) or not to.startswith("unix:"):
+            raise ControlError("handover: needs the new VMM's Unix socket (to = unix:PATH)")
+        entries = [e for e in self.sup.partitions.values() if e.state == RUNNING and e.partition]
+        parts = [
+            (e.name, e.partition, lambda e=e: monitor_extra(self.live, e.index)) for e in entries
+        ]
+        reason = "handed over to a new VMM"
+
+        def then() -> None:  # all still paused: none runs here again
+            for e in entries:
+                self.sup.stop(e.name, wait=False, reason=reason)
+
+        stream = wire.Stream(wire.connect(to), to)
+        stream.sock.settimeout(120)
         try:
-            state = self.sup.start(name, restore=incoming)
-        except OsvmmError as err:
-            stream.send_json(b"FAIL", {"error": str(err)})
-            raise
+            report = migration.hand_over(parts, stream, then)
+        except SnapshotError as err:
+            self.sup.log(f"handover to {to} failed, every partition goes on here: {err}")
+            raise SnapshotError(f"handover to a new VMM failed: {err}") from None
         finally:
-            incoming.close()
-        if state != RUNNING:
-            reason = self.sup.entry(name).reason or state
-            stream.send_json(b"FAIL", {"error": f"partition {name!r} did not start: {reason}"})
-            raise SnapshotError(f"{name}: {reason}")
-        stream.send_json(b"RUNS", {"name": name})
-        self.sup.log(f"{name}: running, migrated from {stream.peer}")
+            stream.close()
+        for e in entries:
+            self.sup.wait_stopped(e.name)
+        self.sup.log(
+            f"handed over {len(entries)} partitions to a new VMM in {report.total_ms:.0f} ms "
+            f"(paused {report.downtime_ms:.1f} ms); this VMM ends"
+        )
+        threading.Timer(0.2, self.on_down).start()  # after this answer is sent
+        return {
+            "ok": True,
+            "partitions": [e.name for e in entries],
+            "pid": os.getpid(),
+            "total_ms": round(report.total_ms, 3),
+            "downtime_ms": round(report.downtime_ms, 3),
+            "bytes_copied": report.pages_sent * 4096,
+        }
+
+
+def take_over(path: str, sup, timeout: float = 300) -> dict:
+    """The new VMM's side: ask the VMM serving ``path`` to hand its running
+    partitions over, resume them here, and wait until it has gone; its answer."""
+    from osvmm.up.protocol import is_listening, request
+    from osvmm.vmm import migration
+
+    if not is_listening(path):
+        raise ControlError(f"--takeover: no VMM is listening on {path}")
+    addr = f"unix:{path}.takeover-{os.getpid()}"
+    listener = wire.listen(addr)
+    outcome: dict = {}
+
+    def receive() -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError as err:
+            outcome["error"] = SnapshotError(f"the old VMM never connected: {err}")
+            return
+        conn.settimeout(120)
+        stream = wire.Stream(conn, "the old VMM")
+        try:
+            arrived = migration.receive(stream, lambda n, p: accept_partition(sup, sup.kvm, n, p))
+            start_arrived(sup, stream, arrived)
+            outcome["names"] = [a.name for a in arrived]
+        except OsvmmError as err:
+            outcome["error"] = err
+        finally:
+            stream.close()
+
+    receiver = threading.Thread(target=receive, name="takeover", daemon=True)
+    receiver.start()
+    try:
+        reply = request(path, {"cmd": "handover", "to": addr}, timeout=timeout)
+    except OsvmmError as err:
+        failure = err
+    else:
+        failure = None
+    finally:
+        listener.close()
+        try:
+            os.unlink(addr[len("unix:") :])
+        except OSError:
+            pass
+    receiver.join(timeout if failure is None else 5)
+    if "error" in outcome:  # what went wrong here says more than the old VMM's answer
+        raise outcome["error"]
+    if failure is not None:
+        raise failure
+    # Gone, not only deaf: it removes its socket file on its way out, which must not
+    # be the one this VMM is about to bind.
+    deadline = time.monotonic() + 30
+    while is_listening(path) or _alive(reply["pid"]):
+        if time.monotonic() > deadline:
+            raise ControlError(f"--takeover: the old VMM (pid {reply['pid']}) did not end")
+        time.sleep(0.05)
+    return reply
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False

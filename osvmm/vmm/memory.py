@@ -86,6 +86,15 @@ class GuestMemory:
         mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         return self._add(Region(gpa, size, mem, "anonymous"))
 
+    def add_fd_region(self, gpa: int, size: int, fd: int) -> Region:
+        """``size`` bytes of the memfd ``fd`` (another VMM's guest RAM) at ``gpa``, mapped
+        shared: the same pages, nothing copied. The region owns ``fd``."""
+        self._check_new(gpa, size)
+        if os.fstat(fd).st_size < size:
+            raise GuestMemoryError(f"the memfd for {gpa:#x}+{size:#x} is smaller")
+        mem = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        return self._add(Region(gpa, size, mem, "memfd", fd))
+
     def add_file_region(self, gpa: int, size: int, fd: int, offset: int) -> Region:
         """``size`` bytes of the file ``fd`` from ``offset`` at ``gpa``, mapped private
         (copy-on-write: the file is never written). The region owns ``fd``."""

@@ -30,8 +30,10 @@ read from a directory (PartitionConfig.restore).
 
 from __future__ import annotations
 
+import os
 import struct
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 from osvmm.arch.x86.layout import PAGE_SIZE
@@ -172,6 +174,54 @@ def send(
     )
 
 
+def hand_over(parts, stream, then=None) -> Report:
+    """A takeover: every partition of ``parts`` ((name, Partition, extra) triples,
+    ``extra`` as in ``send``) to a new VMM on this host over ``stream`` (a Unix
+    socket). All are paused at once (partitions sharing a channel stay in step);
+    guest memory in memfds is passed as file descriptors, not copied (any other
+    region's pages are sent); the new VMM resumes them all and answers RUNS; then
+    ``then()`` runs, every partition still paused (it stops them for good). On
+    any failure before RUNS they all go on here as they were."""
+    t0 = time.perf_counter()
+    hello = {
+        "version": STREAM_VERSION,
+        "takeover": True,
+        "partitions": [{"name": name, "profile": profile(part)} for name, part, _ in parts],
+    }
+    stream.send(b"HELO", fmt.encode(hello))
+    stream.expect(b"OKAY")
+    pages = 0
+    with ExitStack() as paused:
+        for _, part, _ in parts:
+            paused.enter_context(part.paused())
+        t_stop = time.perf_counter()
+        for name, part, extra in parts:
+            if not part.running:
+                raise SnapshotError(f"partition {name!r} ended during the takeover")
+            stream.send_json(b"PART", {"name": name})
+            shared = [r for r in part.memory.regions if r.backing == "memfd"]
+            spec = [{"gpa": r.gpa, "size": r.size, "fd": i} for i, r in enumerate(shared)]
+            stream.send_fds(b"FDS ", {"regions": spec}, [r.fd for r in shared])
+            for region in part.memory.regions:
+                if region.backing != "memfd":  # anonymous or a snapshot's file: copied
+                    runs = memfile.nonzero_pages(region.mem, snapshot.region_candidates(region))
+                    pages += _send_runs(
+                        stream, part.memory, [(region.gpa + lo, hi - lo) for lo, hi in runs]
+                    )
+            state, images = extra() if extra is not None else ({}, {})
+            stream.send(b"STAT", fmt.encode(snapshot.collect(part, state)))
+            for image, buf in images.items():
+                key = image.encode()
+                stream.send(b"IMAG", struct.pack("<H", len(key)), key, memoryview(buf))
+        stream.send(b"DONE")
+        stream.expect(b"RUNS")
+        downtime = time.perf_counter() - t_stop
+        if then is not None:
+            then()
+    total = (time.perf_counter() - t0) * 1000
+    return Report(1, stream.sent, pages, pages, total, downtime * 1000)
+
+
 # -- the destination ------------------------------------------------------------------------
 
 
@@ -198,10 +248,10 @@ class IncomingSnapshot(snapshot.Snapshot):
         self._memory.close()  # what the partition did not take
 
 
-def receive(stream, accept) -> IncomingSnapshot:
-    """One migration's frames, HELO to DONE. ``accept(name, profile)`` checks that
-    this VMM can take the partition and returns its zeroed GuestMemory, or raises an
-    OsvmmError, sent back as FAIL (then this raises it too)."""
+def _hello(stream, accept) -> tuple[dict, list]:
+    """The HELO, each partition in it accepted (``accept(name, profile)`` returns
+    the backing of its new RAM regions: vmm/memory.py), then OKAY; or FAIL sent
+    back and the error raised."""
     kind, length = stream.recv_header()
     if kind != b"HELO":
         raise SnapshotError(f"{stream.peer} did not start with HELO")
@@ -212,50 +262,142 @@ def receive(stream, accept) -> IncomingSnapshot:
                 f"migration stream version {hello.get('version')}; this osvmm speaks "
                 f"{STREAM_VERSION}"
             )
-        memory = accept(hello["name"], hello["profile"])
+        wanted = hello["partitions"] if hello.get("takeover") else [hello]
+        backings = [accept(p["name"], p["profile"]) for p in wanted]
     except (KeyError, TypeError) as err:
         stream.send_json(b"FAIL", {"error": f"malformed HELO ({err!r})"})
         raise SnapshotError(f"{stream.peer} sent a malformed HELO") from None
     except OsvmmError as err:
         stream.send_json(b"FAIL", {"error": str(err)})
         raise
+    stream.send_json(b"OKAY", {})
+    return hello, [(p["name"], p["profile"], b) for p, b in zip(wanted, backings, strict=True)]
+
+
+class _Arriving:
+    """One partition's memory, state and images as its frames come in."""
+
+    def __init__(self, stream, name: str, profile: dict, backing):
+        from osvmm.vmm.memory import GuestMemory
+
+        self.stream = stream
+        self.name = name
+        self.ranges = snapshot.machine_from_state(profile["machine"]).ram_ranges
+        self.backing = backing
+        self.memory = GuestMemory([])
+        self.state = None
+        self.images: dict[str, bytearray] = {}
+
+    def allocate_rest(self) -> None:
+        """Zeroed regions for every RAM range no file descriptor brought."""
+        have = {r.gpa for r in self.memory.regions}
+        for gpa, size in self.ranges:
+            if gpa not in have:
+                self.memory.add_region(gpa, size, self.backing(size))
+
+    def adopt(self, spec: dict, fds: list[int]) -> None:
+        """FDS: the regions given as memfds (the very pages of the old VMM)."""
+        used = set()
+        try:
+            for reg in spec["regions"]:
+                if (reg["gpa"], reg["size"]) not in self.ranges:
+                    where = f"{reg['gpa']:#x}+{reg['size']:#x}"
+                    raise SnapshotError(f"a memfd for {where}: no such RAM range")
+                fd = fds[reg["fd"]]
+                self.memory.add_fd_region(reg["gpa"], reg["size"], fd)
+                used.add(fd)
+        finally:
+            for fd in fds:
+                if fd not in used:
+                    os.close(fd)
+        self.allocate_rest()
+
+    def frame(self, kind: bytes, length: int) -> None:
+        stream = self.stream
+        if kind == b"PAGE":
+            if not self.memory.regions:
+                self.allocate_rest()
+            (gpa,) = struct.unpack("<Q", stream.recv_exact(8))
+            size = length - 8
+            try:
+                if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
+                    raise GuestMemoryError(f"{size} bytes at {gpa:#x}")
+                view = self.memory.view(gpa, size)
+            except GuestMemoryError as err:
+                raise SnapshotError(f"{stream.peer} sent pages outside memory: {err}") from None
+            try:
+                stream.recv_into(view)
+            finally:
+                view.release()
+        elif kind == b"STAT":
+            state = fmt.decode(stream.recv_exact(length), "the migrated state")
+            try:
+                snapshot.check_sections(state, with_images=False)
+            except (KeyError, TypeError, ValueError) as err:
+                raise SnapshotError(f"the migrated state is malformed ({err!r})") from None
+            self.state = state
+        elif kind == b"IMAG":
+            (n,) = struct.unpack("<H", stream.recv_exact(2))
+            name = stream.recv_exact(n).decode("utf-8", "replace")
+            self.images[name] = bytearray(stream.recv_exact(length - 2 - n))
+        elif kind == b"FDS ":
+            fds, stream.fds = stream.fds, []
+            try:
+                spec = stream.recv_json(length)
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            if self.memory.regions:
+                for fd in fds:
+                    os.close(fd)
+                raise SnapshotError(f"{stream.peer} sent memfds after pages")
+            self.adopt(spec, fds)
+        else:
+            raise SnapshotError(f"{stream.peer} sent {kind.decode()} during the migration")
+
+    def done(self) -> IncomingSnapshot:
+        if self.state is None:
+            raise SnapshotError(f"{self.stream.peer} sent no state for {self.name!r}")
+        if not self.memory.regions:
+            self.allocate_rest()
+        incoming = IncomingSnapshot(self.stream.peer, self.state, self.memory, self.images)
+        incoming.name = self.name
+        return incoming
+
+
+def receive(stream, accept) -> list[IncomingSnapshot]:
+    """One migration's frames, HELO to DONE (or a takeover's, every partition's):
+    the partitions that arrived, to resume. ``accept(name, profile)`` checks that
+    this VMM can take a partition and returns the backing of its new memory, or
+    raises an OsvmmError, sent back as FAIL (then this raises it too)."""
+    hello, accepted = _hello(stream, accept)
+    arriving: list[_Arriving] = []
     try:
-        stream.send_json(b"OKAY", {})
-        state, images = None, {}
+        if not hello.get("takeover"):
+            arriving.append(_Arriving(stream, *accepted[0]))
+        by_name = {name: (name, profile, backing) for name, profile, backing in accepted}
         while True:
             kind, length = stream.recv_header()
-            if kind == b"PAGE":
-                (gpa,) = struct.unpack("<Q", stream.recv_exact(8))
-                size = length - 8
-                try:
-                    if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE:
-                        raise GuestMemoryError(f"{size} bytes at {gpa:#x}")
-                    view = memory.view(gpa, size)
-                except GuestMemoryError as err:
-                    raise SnapshotError(f"{stream.peer} sent pages outside memory: {err}") from None
-                try:
-                    stream.recv_into(view)
-                finally:
-                    view.release()
-            elif kind == b"STAT":
-                state = fmt.decode(stream.recv_exact(length), "the migrated state")
-                try:
-                    snapshot.check_sections(state, with_images=False)
-                except (KeyError, TypeError, ValueError) as err:
-                    raise SnapshotError(f"the migrated state is malformed ({err!r})") from None
-            elif kind == b"IMAG":
-                (n,) = struct.unpack("<H", stream.recv_exact(2))
-                name = stream.recv_exact(n).decode("utf-8", "replace")
-                images[name] = bytearray(stream.recv_exact(length - 2 - n))
-            elif kind == b"DONE":
+            if kind != b"FDS ":
+                for fd in stream.fds:  # file descriptors only come with FDS
+                    os.close(fd)
+                stream.fds = []
+            if kind == b"DONE":
                 break
-            else:
-                raise SnapshotError(f"{stream.peer} sent {kind.decode()} during the migration")
-        if state is None:
-            raise SnapshotError(f"{stream.peer} finished without the partition's state")
-        incoming = IncomingSnapshot(stream.peer, state, memory, images)
-        incoming.name = hello["name"]
-        return incoming
+            if kind == b"PART":
+                name = stream.recv_json(length).get("name")
+                if name not in by_name or any(a.name == name for a in arriving):
+                    raise SnapshotError(f"{stream.peer} sent partition {name!r} unannounced")
+                arriving.append(_Arriving(stream, *by_name[name]))
+                continue
+            if not arriving:
+                raise SnapshotError(f"{stream.peer} sent {kind.decode()} before a PART")
+            arriving[-1].frame(kind, length)
+        if len(arriving) != len(accepted):
+            raise SnapshotError(f"{stream.peer} sent {len(arriving)} of {len(accepted)} partitions")
+        return [a.done() for a in arriving]
     except BaseException:
-        memory.close()
+        for a in arriving:
+            a.memory.close()
         raise
