@@ -13,6 +13,11 @@ Baseline for the downtime, same run: moving the same partition offline with a
 snapshot, the partition paused while it is written (``Partition.snapshot``) and
 then restored in the destination's process until it runs again
 (``Partition.build`` + ``start``); what a migration saves is that second half.
+
+Live upgrade: ``osvmm up -d --takeover`` of an ``osvmm up -d`` running both
+guests; the figure is the pause the new VMM logs (from pausing every partition
+in the old VMM to all running in the new one) and the guest memory copied (0:
+memfds are handed over), against the memtouch migration's downtime above.
 """
 
 from __future__ import annotations
@@ -137,6 +142,57 @@ def run(repeats: int = 3) -> list[Figure]:
                     Sample.of([a["total_ms"] for a in answers]),
                 )
             )
+        figures.append(run_takeover(tmp, repeats, [a["downtime_ms"] for a in answers]))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return figures
+
+
+def takeover_once(tmp: Path) -> dict:
+    """``osvmm up -d --takeover`` of a running ``osvmm up -d`` with the two guests;
+    what the new VMM logged: paused ms, bytes copied."""
+    import re
+    import subprocess
+
+    from bench.common import env, osvmm_cmd
+
+    parts = "".join(
+        f'[[partition]]\nname = "p{i}"\ncpus = "floating"\nmemory = "64M"\n'
+        f'image = "{image}"\ncmdline = "{cmdline}"\n'
+        for i, (image, cmdline) in enumerate(GUESTS.values())
+    )
+    plan = tmp / "plan.toml"
+    plan.write_text(f'[vmm]\ncontrol_socket = "{tmp}/up.sock"\nlog_dir = "{tmp}/logs"\n{parts}')
+    run = dict(capture_output=True, env=env(), timeout=120, stdin=subprocess.DEVNULL)
+    subprocess.run(osvmm_cmd("up", "-d", str(plan)), check=True, **run)
+    try:
+        time.sleep(1)
+        t0 = time.perf_counter()
+        subprocess.run(osvmm_cmd("up", "-d", str(plan), "--takeover"), check=True, **run)
+        wall = (time.perf_counter() - t0) * 1000
+    finally:
+        subprocess.run(osvmm_cmd("down", "--socket", f"{tmp}/up.sock"), **run)
+    log = (tmp / "logs" / "osvmm.log").read_text()
+    m = re.search(r"took over (\d+) partitions .*\(paused ([\d.]+) ms, (\d+) bytes copied\)", log)
+    shutil.rmtree(tmp / "logs")
+    return {
+        "partitions": int(m.group(1)),
+        "paused_ms": float(m.group(2)),
+        "copied": int(m.group(3)),
+        "wall_ms": wall,
+    }
+
+
+def run_takeover(tmp: Path, repeats: int, migrations: list[float]) -> Figure:
+    takes = [takeover_once(tmp) for _ in range(repeats)]
+    return Figure(
+        "live upgrade (osvmm up --takeover) of 2 partitions of 64 MiB: paused",
+        "ms",
+        Sample.of([t["paused_ms"] for t in takes]),
+        "migration downtime of the memtouch one alone (memory copied)",
+        Sample.of(migrations),
+        notes=f"{takes[-1]['copied']} bytes of guest memory copied; the whole command "
+        f"{Sample.of([t['wall_ms'] for t in takes]).median:.0f} ms (a new Python process, "
+        "the plan checked, the old VMM gone)",
+        extra={"takeovers": takes},
+    )
