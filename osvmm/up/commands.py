@@ -224,6 +224,9 @@ def cmd_snapshot(args) -> int:
 
 
 def cmd_migrate(args) -> int:
+    from osvmm.snapshot.stream import parse_address
+
+    parse_address(args.to)  # a typo is told here, before the VMM is asked
     msg = {"cmd": "migrate", "name": args.name, "to": args.to, "downtime_ms": args.downtime_ms}
     reply = request(socket_path(args), msg, timeout=SNAPSHOT_TIMEOUT_S)
     if args.json:
