@@ -32,14 +32,29 @@ def add_run_parser(sub) -> None:
     p.add_argument("--kernel", "-kernel", help="Linux kernel: bzImage or vmlinux")
     p.add_argument("--initrd", "-initrd", help="initial ramdisk for --kernel")
     p.add_argument("--append", "-append", default="", help="kernel command line")
-    p.add_argument("--memory", "-m", default="64M", help="guest memory, K/M/G suffix (64M)")
-    p.add_argument("--cpus", "-smp", default="1", help="number of vCPUs (1)")
-    p.add_argument("--numa", type=int, default=1, help="NUMA nodes to split the guest into (1)")
+    p.add_argument("--memory", "-m", help="guest memory, K/M/G suffix (64M)")
+    p.add_argument("--cpus", "-smp", help="number of vCPUs (1)")
+    p.add_argument("--numa", type=int, help="NUMA nodes to split the guest into (1)")
     p.add_argument("--stats", action="store_true", help="print exit statistics at the end")
     p.add_argument(
         "--serial-input",
         action="store_true",
         help="forward stdin to the guest even when it is not a terminal",
+    )
+    snap = p.add_argument_group("snapshots (docs/snapshots.md)")
+    snap.add_argument(
+        "--restore",
+        metavar="DIR",
+        help="resume the snapshot in DIR instead of booting (its memory is mapped from "
+        "the snapshot, copy-on-write); no IMAGE, --memory, --cpus or --numa",
+    )
+    snap.add_argument(
+        "--snapshot",
+        metavar="DIR",
+        help="on SIGUSR2, pause the guest, write a snapshot into DIR and go on",
+    )
+    snap.add_argument(
+        "--snapshot-stop", action="store_true", help="stop after that snapshot (status 0)"
     )
     p.set_defaults(func=cmd_run)
 
@@ -54,28 +69,68 @@ def _parse_count(text: str, option: str) -> int:
     return n
 
 
-def cmd_run(args) -> int:
-    from osvmm.guests import resolve_image
+def _run_machine(args):
+    """The Machine of ``osvmm run``: from --memory, --cpus and --numa."""
     from osvmm.machine import MAX_VCPUS, Machine
     from osvmm.plan.config import parse_size
+
+    memory = "64M" if args.memory is None else args.memory
+    cpus_text = "1" if args.cpus is None else args.cpus
+    numa = 1 if args.numa is None else args.numa
+    cpus = _parse_count(cpus_text, "--cpus")
+    if cpus > MAX_VCPUS:
+        raise ConfigError(f"--cpus {cpus}: a partition has at most {MAX_VCPUS} vCPUs")
+    try:
+        return Machine.build(parse_size(memory, "--memory"), cpus, numa)
+    except ConfigError as err:
+        raise ConfigError(f"--memory {memory} --cpus {cpus} --numa {numa}: {err}") from None
+
+
+def _restore_source(args):
+    """The snapshot ``--restore`` names, read and checked whole."""
+    from osvmm.vmm.snapshot import Snapshot
+
+    given = [
+        opt
+        for opt, value in (
+            ("IMAGE", args.image),
+            ("--kernel", args.kernel),
+            ("--initrd", args.initrd),
+            ("--append", args.append),
+            ("--memory", args.memory),
+            ("--cpus", args.cpus),
+            ("--numa", args.numa),
+        )
+        if value is not None and value != ""
+    ]
+    if given:
+        raise ConfigError(
+            f"--restore resumes the snapshot's guest and machine: leave out {', '.join(given)}"
+        )
+    return Snapshot.read(args.restore)
+
+
+def cmd_run(args) -> int:
+    from osvmm.guests import resolve_image
     from osvmm.up.locks import free_cpus
     from osvmm.vmm.console import StdinForwarder, fd_writer
     from osvmm.vmm.exit_stats import format_exit_stats
     from osvmm.vmm.partition import Partition, PartitionConfig
 
-    if args.image and args.kernel:
-        raise ConfigError("give either IMAGE or --kernel, not both")
-    if not args.image and not args.kernel:
-        raise ConfigError("nothing to boot: give an IMAGE (or guests:NAME) or --kernel")
-    cpus = _parse_count(args.cpus, "--cpus")
-    if cpus > MAX_VCPUS:
-        raise ConfigError(f"--cpus {cpus}: a partition has at most {MAX_VCPUS} vCPUs")
-    try:
-        machine = Machine.build(parse_size(args.memory, "--memory"), cpus, args.numa)
-    except ConfigError as err:
-        raise ConfigError(
-            f"--memory {args.memory} --cpus {cpus} --numa {args.numa}: {err}"
-        ) from None
+    if args.snapshot_stop and not args.snapshot:
+        raise ConfigError("--snapshot-stop: only with --snapshot DIR")
+    # First thing: a SIGUSR2 while the partition is still being built must not end us.
+    snapshot_wanted = _snapshot_signal() if args.snapshot else None
+    snap = None
+    if args.restore:
+        snap = _restore_source(args)
+        machine = snap.machine
+    else:
+        if args.image and args.kernel:
+            raise ConfigError("give either IMAGE or --kernel, not both")
+        if not args.image and not args.kernel:
+            raise ConfigError("nothing to boot: give an IMAGE (or guests:NAME) or --kernel")
+        machine = _run_machine(args)
 
     def stdout_closed() -> None:  # on a vCPU thread: the run ends, then the process
         part.stop(0, STDOUT_GONE)
@@ -85,9 +140,15 @@ def cmd_run(args) -> int:
         image=resolve_image(args.image) if args.image else None,
         kernel=args.kernel,
         initrd=args.initrd,
-        cmdline=args.append,
+        cmdline=args.append or "",
         console=fd_writer(sys.stdout.fileno(), on_closed=stdout_closed),
+        restore=snap,
     )
+    if snap is not None:
+        config.name = snap.state.get("name") or config.name
+        boot = snap.state.get("boot") or {}
+        config.image, config.kernel = boot.get("image"), boot.get("kernel")
+        config.cmdline = boot.get("cmdline") or ""
     # Off the CPUs other VMMs dedicate to their partitions (osvmm/up/locks.py).
     allowed = os.sched_getaffinity(0)
     free = set(free_cpus(sorted(allowed), "osvmm run"))
@@ -101,6 +162,8 @@ def cmd_run(args) -> int:
     forwarder = None
     try:
         part.build()
+        if snap is not None:
+            snap.close()
         for line in part.boot_log:
             say(f"osvmm: {line}")
         with _ending_signals(lambda signum: interrupt(_signal_name(signum))):
@@ -110,7 +173,12 @@ def cmd_run(args) -> int:
                 forwarder = StdinForwarder(part.serial, on_quit=lambda: interrupt("quit"))
                 forwarder.start()
             try:
-                result = part.wait()
+                result = None
+                while result is None:
+                    result = part.wait(0.05 if snapshot_wanted else None)
+                    if snapshot_wanted is not None and snapshot_wanted.is_set():
+                        snapshot_wanted.clear()
+                        _snapshot_now(part, args.snapshot, args.snapshot_stop)
             except KeyboardInterrupt:
                 interrupt("interrupted")
                 result = part.wait()
@@ -130,10 +198,41 @@ def cmd_run(args) -> int:
         if forwarder:
             forwarder.stop()
         part.close()
+        if snap is not None:
+            snap.close()
 
 
 STDOUT_GONE = "the reader of stdout is gone (EPIPE)"
 ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+def _snapshot_signal():
+    """An Event set by each SIGUSR2 (``--snapshot``)."""
+    import signal
+    import threading
+
+    wanted = threading.Event()
+    signal.signal(signal.SIGUSR2, lambda signum, frame: wanted.set())
+    return wanted
+
+
+def _snapshot_now(part, directory: str, stop: bool) -> None:
+    """``--snapshot``: write one, print one line; a failure is printed and the guest
+    goes on."""
+    then = (lambda: part.stop(0, f"stopped after a snapshot to {directory}")) if stop else None
+    try:
+        written, paused_ms = part.snapshot(directory, then=then)
+    except OsvmmError as err:
+        say(f"osvmm: snapshot failed: {err}")
+        return
+    say(f"osvmm: {describe_snapshot(written, paused_ms)}")
+
+
+def describe_snapshot(written, paused_ms: float) -> str:
+    return (
+        f"snapshot in {written.directory}: {written.bytes_stored >> 10} KiB of "
+        f"{written.memory_size >> 20} MiB memory stored, paused {paused_ms:.1f} ms"
+    )
 
 
 def _signal_name(signum: int) -> str:
@@ -220,7 +319,10 @@ EXTRA_COMMANDS = [
     (
         "osvmm.up.commands",
         "add_up_parsers",
-        ("up", "ps", "start", "stop", "restart", "console", "stat", "down"),
+        (
+            *("up", "ps", "start", "stop", "restart", "console", "stat", "down"),
+            *("snapshot", "migrate"),
+        ),
     ),
 ]
 

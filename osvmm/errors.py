@@ -76,6 +76,11 @@ class ControlError(OsvmmError):
     """The control socket of ``osvmm up`` cannot be reached or answered an error."""
 
 
+class SnapshotError(OsvmmError):
+    """A snapshot that cannot be read or restored here (truncated, corrupt, another
+    version, another machine, an incompatible host), or a migration that failed."""
+
+
 class VmmBug(OsvmmError):
     """An unexpected exception inside the VMM (a bug, not the user's or the guest's
     doing): reported in one line, the traceback kept in the partition's log."""

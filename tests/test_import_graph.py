@@ -97,6 +97,14 @@ def test_layers_point_down():
                 d for d in deps if d.startswith(("osvmm.up", "osvmm.hypercall", "osvmm.writemon"))
             }
             assert not bad, f"{name} (one partition) imports {bad}"
+        if name.startswith("osvmm.snapshot"):
+            # the snapshot format and memory images: pure, below vmm/
+            bad = {
+                d
+                for d in deps
+                if not d.startswith(("osvmm.snapshot", "osvmm.errors", "osvmm.arch"))
+            }
+            assert not bad, f"{name} (the snapshot format) imports {bad}"
         if name.startswith("osvmm.kvm"):
             bad = {d for d in deps if not d.startswith(("osvmm.kvm", "osvmm.errors"))}
             assert not bad, f"{name} (the KVM binding) imports {bad}"

@@ -43,6 +43,19 @@ MIRRORS = {
     s.kvm_stats_header: "kvm_stats_header",
     s.kvm_stats_desc: "kvm_stats_desc",
     s.kvm_run: "kvm_run",
+    # vCPU and VM state (snapshots)
+    s.kvm_fpu: "kvm_fpu",
+    s.kvm_xsave: "kvm_xsave",
+    s.kvm_xcr: "kvm_xcr",
+    s.kvm_xcrs: "kvm_xcrs",
+    s.kvm_msr_entry: "kvm_msr_entry",
+    s.kvm_msrs_header: "kvm_msrs",
+    s.kvm_msr_list_header: "kvm_msr_list",
+    s.kvm_debugregs: "kvm_debugregs",
+    s.kvm_irqchip: "kvm_irqchip",
+    s.kvm_pit_channel_state: "kvm_pit_channel_state",
+    s.kvm_pit_state2: "kvm_pit_state2",
+    s.kvm_clock_data: "kvm_clock_data",
 }
 
 # Python field paths whose C spelling differs: the kvm_run exit union is anonymous in C.
@@ -110,6 +123,9 @@ def _expected() -> dict[str, int]:
     exp["offsetof kvm_cpuid2.entries"] = ctypes.sizeof(s.kvm_cpuid2_header)
     exp["offsetof kvm_irq_routing.entries"] = ctypes.sizeof(s.kvm_irq_routing_header)
     exp["offsetof kvm_stats_desc.name"] = ctypes.sizeof(s.kvm_stats_desc)
+    exp["offsetof kvm_msrs.entries"] = ctypes.sizeof(s.kvm_msrs_header)
+    exp["offsetof kvm_msr_list.indices"] = ctypes.sizeof(s.kvm_msr_list_header)
+    exp["offsetof kvm_xsave.extra"] = ctypes.sizeof(s.kvm_xsave)
     return exp
 
 

@@ -214,15 +214,69 @@ def test_host_refusing_the_memory_is_a_one_line_input_error(monkeypatch):
     real = mmap_module.mmap
     made = []
 
-    def fake_mmap(fd, size, **kw):
+    def fake_mmap(fd, size, *args, **kw):
         if size > 0x10000:
             raise OSError(errno.ENOMEM, "Cannot allocate memory")
-        made.append(real(fd, size, **kw))
+        made.append(real(fd, size, *args, **kw))
         return made[-1]
 
     monkeypatch.setattr(memory_module.mmap, "mmap", fake_mmap)
     with pytest.raises(EnforceError) as exc:
-        GuestMemory([(0, 0x1000), (1 << 32, 1 << 40)])
-    assert "the host cannot give that much guest memory: mmap of 1024 GiB" in str(exc.value)
+        GuestMemory([(0, 0x1000), (1 << 32, 1 << 30)])
+    assert "the host cannot give that much guest memory: 1 GiB at 0x100000000" in str(exc.value)
     assert exc.value.exit_status == EXIT_USAGE
     assert made and made[0].closed
+
+
+def test_more_than_the_host_has_is_refused_before_mapping():
+    """A shared memfd is not held to the overcommit limit: the size is checked first."""
+    from osvmm.errors import EnforceError
+
+    with pytest.raises(EnforceError, match="more than its RAM and swap together"):
+        GuestMemory([(0, 0x1000), (1 << 32, 1 << 50)])
+
+
+# -- what backs a region ---------------------------------------------------------------
+
+
+def test_memory_is_a_memfd_another_mapping_of_which_sees_the_same_bytes():
+    import mmap
+    import os
+
+    m = GuestMemory([(0, MiB)])
+    try:
+        region = m.regions[0]
+        assert region.backing == "memfd" and region.fd is not None
+        assert os.readlink(f"/proc/self/fd/{region.fd}").startswith("/memfd:osvmm-ram")
+        other = mmap.mmap(region.fd, MiB, mmap.MAP_SHARED)  # as another process would map it
+        m.write(0x1000, b"same pages")
+        assert other[0x1000:0x100A] == b"same pages"
+        other[0x2000:0x2004] = b"back"
+        assert m.read(0x2000, 4) == b"back"
+        other.close()
+    finally:
+        m.close()
+    assert region.fd is None  # closed with the memory
+
+
+def test_anonymous_backing_has_no_fd():
+    m = GuestMemory([(0, MiB)], backing="anonymous")
+    assert m.regions[0].backing == "anonymous" and m.regions[0].fd is None
+    m.close()
+
+
+def test_a_file_region_is_copy_on_write_and_never_writes_the_file(tmp_path):
+    import os
+
+    path = tmp_path / "ram"
+    path.write_bytes(b"\x00" * PAGE_SIZE + b"snapshot" + b"\x00" * (PAGE_SIZE - 8))
+    m = GuestMemory([])
+    m.add_file_region(0x10000, 2 * PAGE_SIZE, os.open(path, os.O_RDONLY), 0)
+    try:
+        assert m.read(0x10000 + PAGE_SIZE, 8) == b"snapshot"
+        m.write(0x10000 + PAGE_SIZE, b"guest!")
+        assert m.read(0x10000 + PAGE_SIZE, 8) == b"guest!ot"
+        assert path.read_bytes()[PAGE_SIZE : PAGE_SIZE + 8] == b"snapshot"
+        assert m.regions[0].backing == "file"
+    finally:
+        m.close()

@@ -41,6 +41,13 @@ class PmTimer:
     def write(self, offset: int, value: int) -> None:
         pass
 
+    # -- snapshots: the count goes on from where it was, as the guest's TSC does ------
+    def state(self) -> dict:
+        return {"elapsed_ns": self._clock() - self._start}
+
+    def restore(self, state: dict) -> None:
+        self._start = self._clock() - int(state["elapsed_ns"])
+
 
 def register_pm_timer(bus, monotonic_ns: Callable[[], int]) -> PmTimer:
     timer = PmTimer(monotonic_ns)

@@ -41,6 +41,12 @@ class Pm1Event:
         shift = 8 * (offset - pm.PM1_STS_LEN)
         self.enable = (self.enable & ~(0xFF << shift)) | ((value & 0xFF) << shift)
 
+    def state(self) -> dict:
+        return {"enable": self.enable}
+
+    def restore(self, state: dict) -> None:
+        self.enable = int(state["enable"]) & 0xFFFF
+
 
 class Pm1Control:
     def __init__(self, on_poweroff: Callable[[], None]):
@@ -57,6 +63,12 @@ class Pm1Control:
             self.value &= ~pm.SLP_EN
             self._on_poweroff()
 
+    def state(self) -> dict:
+        return {"value": self.value}
+
+    def restore(self, state: dict) -> None:
+        self.value = int(state["value"]) & 0xFFFF
+
 
 class ResetControl:
     def __init__(self, on_reset: Callable[[], None]):
@@ -71,6 +83,12 @@ class ResetControl:
         if pm.is_reset(pm.RESET_PORT, value):
             self._on_reset()
 
+    def state(self) -> dict:
+        return {"value": self.value}
+
+    def restore(self, state: dict) -> None:
+        self.value = int(state["value"]) & 0xFF
+
 
 class I8042Reset:
     def __init__(self, on_reset: Callable[[], None]):
@@ -84,8 +102,15 @@ class I8042Reset:
             self._on_reset()
 
 
-def register_power_devices(bus, on_poweroff, on_reset) -> None:
-    bus.register(pm.PM1A_EVT_PORT, pm.PM1_EVT_LEN, Pm1Event())
-    bus.register(pm.PM1A_CNT_PORT, pm.PM1_CNT_LEN, Pm1Control(on_poweroff))
-    bus.register(pm.RESET_PORT, 1, ResetControl(on_reset))
+def register_power_devices(bus, on_poweroff, on_reset) -> dict:
+    """Register the power devices; returns those with state, by name (snapshots)."""
+    devices = {
+        "pm1_event": Pm1Event(),
+        "pm1_control": Pm1Control(on_poweroff),
+        "reset_control": ResetControl(on_reset),
+    }
+    bus.register(pm.PM1A_EVT_PORT, pm.PM1_EVT_LEN, devices["pm1_event"])
+    bus.register(pm.PM1A_CNT_PORT, pm.PM1_CNT_LEN, devices["pm1_control"])
+    bus.register(pm.RESET_PORT, 1, devices["reset_control"])
     bus.register(I8042_COMMAND_PORT, 1, I8042Reset(on_reset))
+    return devices

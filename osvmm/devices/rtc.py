@@ -142,6 +142,20 @@ class Rtc:
         else:
             self.cmos[reg] = value
 
+    # -- snapshots ---------------------------------------------------------------------
+    def state(self) -> dict:
+        """The CMOS bytes, the selected register and the guest's offset from the host's
+        clock (so a restored guest's clock keeps the wall time, offset as it was)."""
+        return {"cmos": bytes(self.cmos), "index": self.index, "offset": self.offset}
+
+    def restore(self, state: dict) -> None:
+        cmos = bytes(state["cmos"])
+        if len(cmos) != CMOS_SIZE:
+            raise ValueError(f"CMOS of {len(cmos)} bytes")
+        self.cmos = bytearray(cmos)
+        self.index = int(state["index"]) & RTC_INDEX_MASK
+        self.offset = int(state["offset"])
+
     # -- the clock ---------------------------------------------------------------------
     def _setting(self) -> bool:
         return bool(self.cmos[RTC_REG_B] & RTC_SET)

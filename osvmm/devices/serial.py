@@ -195,6 +195,34 @@ class Serial:
     def fifo_len(self) -> int:
         return len(self._fifo)
 
+    # -- snapshots (pure: plain values in, plain values out) --------------------------
+    def state(self) -> dict:
+        """The registers, the receive FIFO and the pending THRE interrupt."""
+        with self._lock:
+            return {
+                "ier": self.ier,
+                "lcr": self.lcr,
+                "mcr": self.mcr,
+                "msr": self.msr,
+                "scr": self.scr,
+                "fcr": self.fcr,
+                "dll": self.dll,
+                "dlm": self.dlm,
+                "rx_fifo": bytes(self._fifo),
+                "thr_empty_pending": self._thr_empty_pending,
+            }
+
+    def restore(self, state: dict) -> None:
+        """Take the registers and FIFO of ``state()``; the interrupt line is raised
+        anew if an interrupt is pending (the line starts low in a new VM)."""
+        with self._lock:
+            for reg in ("ier", "lcr", "mcr", "msr", "scr", "fcr", "dll", "dlm"):
+                setattr(self, reg, int(state[reg]) & 0xFF)
+            self._fifo = deque(bytes(state["rx_fifo"])[:FIFO_CAPACITY])
+            self._thr_empty_pending = bool(state["thr_empty_pending"])
+            self._line = 0
+            self._update_irq()
+
     @property
     def irq_level(self) -> int:
         return self._line

@@ -74,6 +74,10 @@ GUESTS: dict[str, GuestSpec] = {
     "triplefault": GuestSpec(("triplefault.c",), "pvh_entry", True),
     "hello64": GuestSpec(("hello64.c",), "entry64", False),
     "counter": GuestSpec(("counter.c",), "pvh_entry", True),
+    # Every vCPU counting at CPL3, the PIT and the LAPIC timer interrupting (snapshots).
+    "ticker": GuestSpec(("ticker.c", "ap_tramp.S", "hcirq.c"), "pvh_entry", True),
+    # Memory rewritten pass after pass, each page checked (snapshots, migrations).
+    "memtouch": GuestSpec(("memtouch.c",), "pvh_entry", True),
     # The PC platform as the tables describe it (TSC-deadline CPUID, PIT on pin 2).
     "platform": GuestSpec(("platform.c", "hcirq.c"), "pvh_entry", True),
     # Hypercall guests (docs/hypercalls.md); hcirq.c: doorbell interrupts.

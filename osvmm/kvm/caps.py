@@ -28,6 +28,12 @@ USES = {
     "KVM_CAP_TSC_CONTROL": ("TSC scaling (migration between hosts)", False),
     "KVM_CAP_DIRTY_LOG_RING": ("dirty tracking for live migration", False),
     "KVM_CAP_NESTED_STATE": ("nested virtualization state", False),
+    "KVM_CAP_XSAVE": ("snapshots: the XSAVE state (else the legacy FPU state)", False),
+    "KVM_CAP_XSAVE2": ("snapshots: an XSAVE area over 4 KiB (AMX)", False),
+    "KVM_CAP_XCRS": ("snapshots: XCR0", False),
+    "KVM_CAP_VCPU_EVENTS": ("snapshots: pending exceptions, interrupts, NMIs", False),
+    "KVM_CAP_DEBUGREGS": ("snapshots: debug registers", False),
+    "KVM_CAP_ADJUST_CLOCK": ("snapshots: the KVM clock", False),
 }
 
 

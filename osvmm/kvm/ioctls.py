@@ -66,6 +66,30 @@ KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, s.kvm_cpuid2_header)
 KVM_GET_MP_STATE = _IOR(KVMIO, 0x98, s.kvm_mp_state)
 KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, s.kvm_mp_state)
 
+# vCPU and VM state: what a snapshot saves and restores (vmm/snapshot.py)
+KVM_GET_MSR_INDEX_LIST = _IOWR(KVMIO, 0x02, s.kvm_msr_list_header)  # /dev/kvm
+KVM_GET_CLOCK = _IOR(KVMIO, 0x7C, s.kvm_clock_data)  # VM
+KVM_SET_CLOCK = _IOW(KVMIO, 0x7B, s.kvm_clock_data)
+KVM_GET_IRQCHIP = _IOWR(KVMIO, 0x62, s.kvm_irqchip)
+KVM_SET_IRQCHIP = _IOR(KVMIO, 0x63, s.kvm_irqchip)  # _IOR in the header, as here
+KVM_GET_PIT2 = _IOR(KVMIO, 0x9F, s.kvm_pit_state2)
+KVM_SET_PIT2 = _IOW(KVMIO, 0xA0, s.kvm_pit_state2)
+KVM_GET_MSRS = _IOWR(KVMIO, 0x88, s.kvm_msrs_header)  # vCPU
+KVM_SET_MSRS = _IOW(KVMIO, 0x89, s.kvm_msrs_header)
+KVM_GET_FPU = _IOR(KVMIO, 0x8C, s.kvm_fpu)
+KVM_SET_FPU = _IOW(KVMIO, 0x8D, s.kvm_fpu)
+KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9F, s.kvm_vcpu_events)
+KVM_SET_VCPU_EVENTS = _IOW(KVMIO, 0xA0, s.kvm_vcpu_events)
+KVM_GET_DEBUGREGS = _IOR(KVMIO, 0xA1, s.kvm_debugregs)
+KVM_SET_DEBUGREGS = _IOW(KVMIO, 0xA2, s.kvm_debugregs)
+KVM_GET_XSAVE = _IOR(KVMIO, 0xA4, s.kvm_xsave)
+KVM_SET_XSAVE = _IOW(KVMIO, 0xA5, s.kvm_xsave)
+KVM_GET_XCRS = _IOR(KVMIO, 0xA6, s.kvm_xcrs)
+KVM_SET_XCRS = _IOW(KVMIO, 0xA7, s.kvm_xcrs)
+KVM_SET_TSC_KHZ = _IO(KVMIO, 0xA2)
+KVM_GET_TSC_KHZ = _IO(KVMIO, 0xA3)
+KVM_GET_XSAVE2 = _IOR(KVMIO, 0xCF, s.kvm_xsave)
+
 NAMES = {
     value: name
     for name, value in dict(globals()).items()
@@ -100,6 +124,13 @@ KVM_CAP_X86_DISABLE_EXITS = 143
 KVM_CAP_NESTED_STATE = 157
 KVM_CAP_DIRTY_LOG_RING = 192
 KVM_CAP_BINARY_STATS_FD = 203
+# snapshots (vmm/snapshot.py)
+KVM_CAP_DEBUGREGS = 50
+KVM_CAP_XSAVE = 55
+KVM_CAP_XCRS = 56
+KVM_CAP_ADJUST_CLOCK = 39
+KVM_CAP_VCPU_EVENTS = 41
+KVM_CAP_XSAVE2 = 208
 
 CAPS = {name: value for name, value in dict(globals()).items() if name.startswith("KVM_CAP_")}
 

@@ -454,3 +454,192 @@ EXIT_REASON_NAMES = {
     for name, value in dict(globals()).items()
     if name.startswith("KVM_EXIT_") and not name.startswith("KVM_EXIT_IO_")
 }
+
+# -- vCPU and VM state: what a snapshot saves and restores (vmm/snapshot.py) -----------------
+# KVM_GET/SET_FPU, _XSAVE, _XCRS, _MSRS, _VCPU_EVENTS (kvm_vcpu_events above, kept
+# whole), _DEBUGREGS, _LAPIC and _MP_STATE (above) on a vCPU; KVM_GET/SET_IRQCHIP,
+# _PIT2 and _CLOCK on the VM.
+
+
+class kvm_fpu(ctypes.Structure):
+    _fields_ = [
+        ("fpr", c_uint8 * 16 * 8),
+        ("fcw", c_uint16),
+        ("fsw", c_uint16),
+        ("ftwx", c_uint8),
+        ("pad1", c_uint8),
+        ("last_opcode", c_uint16),
+        ("last_ip", c_uint64),
+        ("last_dp", c_uint64),
+        ("xmm", c_uint8 * 16 * 16),
+        ("mxcsr", c_uint32),
+        ("pad2", c_uint32),
+    ]
+
+
+assert ctypes.sizeof(kvm_fpu) == 416
+
+
+class kvm_xsave(ctypes.Structure):
+    """The legacy 4 KiB XSAVE area (KVM_GET_XSAVE); KVM_GET_XSAVE2 may need more
+    (``kvm_xsave2(size)``, size from KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2))."""
+
+    _fields_ = [("region", c_uint32 * 1024)]
+
+
+assert ctypes.sizeof(kvm_xsave) == 4096
+
+
+def kvm_xsave2(size: int) -> type[ctypes.Structure]:
+    """struct kvm_xsave with its flexible ``extra`` array: ``size`` bytes in all."""
+
+    class _kvm_xsave(ctypes.Structure):
+        _fields_ = [("region", c_uint32 * (max(size, 4096) // 4))]
+
+    return _kvm_xsave
+
+
+KVM_MAX_XCRS = 16
+
+
+class kvm_xcr(ctypes.Structure):
+    _fields_ = [("xcr", c_uint32), ("reserved", c_uint32), ("value", c_uint64)]
+
+
+assert ctypes.sizeof(kvm_xcr) == 16
+
+
+class kvm_xcrs(ctypes.Structure):
+    _fields_ = [
+        ("nr_xcrs", c_uint32),
+        ("flags", c_uint32),
+        ("xcrs", kvm_xcr * KVM_MAX_XCRS),
+        ("padding", c_uint64 * 16),
+    ]
+
+
+assert ctypes.sizeof(kvm_xcrs) == 392
+
+
+class kvm_msr_entry(ctypes.Structure):
+    _fields_ = [("index", c_uint32), ("reserved", c_uint32), ("data", c_uint64)]
+
+
+assert ctypes.sizeof(kvm_msr_entry) == 16
+
+
+class kvm_msrs_header(ctypes.Structure):
+    """struct kvm_msrs without its flexible array of entries."""
+
+    _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32)]
+
+
+assert ctypes.sizeof(kvm_msrs_header) == 8
+
+
+def kvm_msrs(n: int) -> type[ctypes.Structure]:
+    """struct kvm_msrs with room for ``n`` entries."""
+
+    class _kvm_msrs(ctypes.Structure):
+        _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32), ("entries", kvm_msr_entry * n)]
+
+    return _kvm_msrs
+
+
+class kvm_msr_list_header(ctypes.Structure):
+    """struct kvm_msr_list without its flexible array of indices."""
+
+    _fields_ = [("nmsrs", c_uint32)]
+
+
+assert ctypes.sizeof(kvm_msr_list_header) == 4
+
+
+def kvm_msr_list(n: int) -> type[ctypes.Structure]:
+    class _kvm_msr_list(ctypes.Structure):
+        _fields_ = [("nmsrs", c_uint32), ("indices", c_uint32 * n)]
+
+    return _kvm_msr_list
+
+
+class kvm_debugregs(ctypes.Structure):
+    _fields_ = [
+        ("db", c_uint64 * 4),
+        ("dr6", c_uint64),
+        ("dr7", c_uint64),
+        ("flags", c_uint64),
+        ("reserved", c_uint64 * 9),
+    ]
+
+
+assert ctypes.sizeof(kvm_debugregs) == 128
+
+KVM_VCPUEVENT_VALID_NMI_PENDING = 0x00000001
+KVM_VCPUEVENT_VALID_SIPI_VECTOR = 0x00000002
+KVM_VCPUEVENT_VALID_SHADOW = 0x00000004
+KVM_VCPUEVENT_VALID_SMM = 0x00000008
+
+
+class kvm_irqchip_chip(ctypes.Union):
+    """The irqchip union: the PIC's or the I/O APIC's state, kept as its bytes."""
+
+    _fields_ = [("dummy", ctypes.c_char * 512)]
+
+
+class kvm_irqchip(ctypes.Structure):
+    _fields_ = [("chip_id", c_uint32), ("pad", c_uint32), ("chip", kvm_irqchip_chip)]
+
+
+assert ctypes.sizeof(kvm_irqchip) == 520
+
+KVM_IRQCHIP_PIC_MASTER = 0
+KVM_IRQCHIP_PIC_SLAVE = 1
+KVM_IRQCHIP_IOAPIC = 2
+
+
+class kvm_pit_channel_state(ctypes.Structure):
+    _fields_ = [
+        ("count", c_uint32),
+        ("latched_count", c_uint16),
+        ("count_latched", c_uint8),
+        ("status_latched", c_uint8),
+        ("status", c_uint8),
+        ("read_state", c_uint8),
+        ("write_state", c_uint8),
+        ("write_latch", c_uint8),
+        ("rw_mode", c_uint8),
+        ("mode", c_uint8),
+        ("bcd", c_uint8),
+        ("gate", c_uint8),
+        ("count_load_time", ctypes.c_int64),
+    ]
+
+
+assert ctypes.sizeof(kvm_pit_channel_state) == 24
+
+
+class kvm_pit_state2(ctypes.Structure):
+    _fields_ = [
+        ("channels", kvm_pit_channel_state * 3),
+        ("flags", c_uint32),
+        ("reserved", c_uint32 * 9),
+    ]
+
+
+assert ctypes.sizeof(kvm_pit_state2) == 112
+
+
+class kvm_clock_data(ctypes.Structure):
+    _fields_ = [
+        ("clock", c_uint64),
+        ("flags", c_uint32),
+        ("pad0", c_uint32),
+        ("realtime", c_uint64),
+        ("host_tsc", c_uint64),
+        ("pad", c_uint32 * 4),
+    ]
+
+
+assert ctypes.sizeof(kvm_clock_data) == 48
+
+KVM_CLOCK_TSC_STABLE = 2

@@ -97,6 +97,21 @@ class Kvm:
             os.close(self.fd)
             self.fd = -1
 
+    # -- state for snapshots (vmm/snapshot.py) ------------------------------------
+    def msr_index_list(self) -> list[int]:
+        """The MSRs KVM saves and restores for a vCPU (KVM_GET_MSR_INDEX_LIST)."""
+        n = 64
+        while True:
+            lst = s.kvm_msr_list(n)(nmsrs=n)
+            try:
+                _ioctl(self.fd, io.KVM_GET_MSR_INDEX_LIST, lst)
+            except KvmError as err:
+                if err.errno == errno.E2BIG and lst.nmsrs > n:
+                    n = lst.nmsrs
+                    continue
+                raise
+            return list(lst.indices[: lst.nmsrs])
+
 
 class Vm:
     """A VM file descriptor: memory slots, the in-kernel irqchip and PIT, vCPUs."""
@@ -170,6 +185,40 @@ class Vm:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    # -- state for snapshots (vmm/snapshot.py) ------------------------------------
+    def get_irqchip(self, chip_id: int) -> s.kvm_irqchip:
+        """A PIC's (KVM_IRQCHIP_PIC_MASTER/SLAVE) or the I/O APIC's state."""
+        chip = s.kvm_irqchip(chip_id=chip_id)
+        _ioctl(self.fd, io.KVM_GET_IRQCHIP, chip)
+        return chip
+
+    def set_irqchip(self, chip: s.kvm_irqchip) -> None:
+        _ioctl(self.fd, io.KVM_SET_IRQCHIP, chip)
+
+    def get_pit2(self) -> s.kvm_pit_state2:
+        pit = s.kvm_pit_state2()
+        _ioctl(self.fd, io.KVM_GET_PIT2, pit)
+        return pit
+
+    def set_pit2(self, pit: s.kvm_pit_state2) -> None:
+        _ioctl(self.fd, io.KVM_SET_PIT2, pit)
+
+    def get_clock(self) -> s.kvm_clock_data:
+        clock = s.kvm_clock_data()
+        _ioctl(self.fd, io.KVM_GET_CLOCK, clock)
+        return clock
+
+    def set_clock(self, clock: s.kvm_clock_data) -> None:
+        """Set the KVM clock (only ``clock`` is given: no realtime adjustment)."""
+        _ioctl(self.fd, io.KVM_SET_CLOCK, s.kvm_clock_data(clock=clock.clock))
+
+    def get_dirty_log(self, slot: int, pages: int) -> bytearray:
+        """The dirty bitmap of memslot ``slot`` (``pages`` pages, one bit each), and
+        clear it (KVM_GET_DIRTY_LOG; the slot has KVM_MEM_LOG_DIRTY_PAGES)."""
+        bitmap = (ctypes.c_uint64 * ((pages + 63) // 64))()
+        _ioctl(self.fd, io.KVM_GET_DIRTY_LOG, s.kvm_dirty_log(slot, 0, ctypes.addressof(bitmap)))
+        return bytearray(bitmap)
 
 
 class Vcpu:
@@ -255,3 +304,79 @@ class Vcpu:
             self.run_mmap.close()
             os.close(self.fd)
             self.fd = -1
+
+    # -- state for snapshots (vmm/snapshot.py) ------------------------------------
+    def _get(self, request: int, struct_type):
+        value = struct_type()
+        _ioctl(self.fd, request, value)
+        return value
+
+    def get_fpu(self) -> s.kvm_fpu:
+        return self._get(io.KVM_GET_FPU, s.kvm_fpu)
+
+    def set_fpu(self, fpu: s.kvm_fpu) -> None:
+        _ioctl(self.fd, io.KVM_SET_FPU, fpu)
+
+    def get_xsave(self, size: int = 4096):
+        """The XSAVE area: KVM_GET_XSAVE, or KVM_GET_XSAVE2 for ``size`` over 4 KiB
+        (KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) on the VM gives it)."""
+        if size > ctypes.sizeof(s.kvm_xsave):
+            return self._get(io.KVM_GET_XSAVE2, s.kvm_xsave2(size))
+        return self._get(io.KVM_GET_XSAVE, s.kvm_xsave)
+
+    def set_xsave(self, xsave) -> None:
+        _ioctl(self.fd, io.KVM_SET_XSAVE, xsave)
+
+    def get_xcrs(self) -> s.kvm_xcrs:
+        return self._get(io.KVM_GET_XCRS, s.kvm_xcrs)
+
+    def set_xcrs(self, xcrs: s.kvm_xcrs) -> None:
+        _ioctl(self.fd, io.KVM_SET_XCRS, xcrs)
+
+    def get_msrs(self, indices: list[int]) -> list[tuple[int, int]]:
+        """(index, value) of the leading MSRs of ``indices`` KVM could read: KVM stops
+        at the first one it cannot, so fewer than asked means that one failed."""
+        msrs = s.kvm_msrs(len(indices))(nmsrs=len(indices))
+        for entry, index in zip(msrs.entries, indices, strict=True):
+            entry.index = index
+        n = _ioctl(self.fd, io.KVM_GET_MSRS, msrs)
+        return [(e.index, e.data) for e in msrs.entries[:n]]
+
+    def set_msrs(self, values: list[tuple[int, int]]) -> int:
+        """Write (index, value) pairs; returns how many KVM took (it stops at the
+        first it refuses)."""
+        msrs = s.kvm_msrs(len(values))(nmsrs=len(values))
+        for entry, (index, data) in zip(msrs.entries, values, strict=True):
+            entry.index, entry.data = index, data
+        return _ioctl(self.fd, io.KVM_SET_MSRS, msrs)
+
+    def get_vcpu_events(self) -> s.kvm_vcpu_events:
+        return self._get(io.KVM_GET_VCPU_EVENTS, s.kvm_vcpu_events)
+
+    def set_vcpu_events(self, events: s.kvm_vcpu_events) -> None:
+        _ioctl(self.fd, io.KVM_SET_VCPU_EVENTS, events)
+
+    def get_debugregs(self) -> s.kvm_debugregs:
+        return self._get(io.KVM_GET_DEBUGREGS, s.kvm_debugregs)
+
+    def set_debugregs(self, dregs: s.kvm_debugregs) -> None:
+        _ioctl(self.fd, io.KVM_SET_DEBUGREGS, dregs)
+
+    def get_lapic(self) -> s.kvm_lapic_state:
+        return self._get(io.KVM_GET_LAPIC, s.kvm_lapic_state)
+
+    def set_lapic(self, lapic: s.kvm_lapic_state) -> None:
+        _ioctl(self.fd, io.KVM_SET_LAPIC, lapic)
+
+    def get_mp_state(self) -> int:
+        return self._get(io.KVM_GET_MP_STATE, s.kvm_mp_state).mp_state
+
+    def set_mp_state(self, mp_state: int) -> None:
+        _ioctl(self.fd, io.KVM_SET_MP_STATE, s.kvm_mp_state(mp_state))
+
+    def tsc_khz(self) -> int:
+        """The guest TSC frequency in kHz (KVM_GET_TSC_KHZ)."""
+        return _ioctl(self.fd, io.KVM_GET_TSC_KHZ)
+
+    def set_tsc_khz(self, khz: int) -> None:
+        _ioctl(self.fd, io.KVM_SET_TSC_KHZ, khz)

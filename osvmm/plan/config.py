@@ -65,6 +65,7 @@ PARTITION_KEYS = (
     "privileged",
     "doorbells",
     "protect",
+    "restore",
 )
 CHANNEL_KEYS = ("name", "size", "members")
 TOP_KEYS = ("vmm", "partition", "channel")
@@ -202,6 +203,7 @@ class PartitionSpec:
     privileged: bool = False
     doorbells: tuple[str, ...] = ()
     protect: ProtectSpec | None = None  # [partition.protect]: the write monitor
+    restore: str | None = None  # a snapshot directory its first boot resumes (docs/snapshots.md)
 
     @property
     def cpu_mode(self) -> str:
@@ -524,6 +526,11 @@ def _parse_partition(table: dict[str, Any], index: int, base: Path) -> Partition
             raise ConfigError(f"{where}: initrd: only with kernel")
         fields["initrd"] = _path(initrd, base)
     fields["cmdline"] = _get(table, "cmdline", str, where)
+    restore = _get(table, "restore", str, where)
+    if restore is not None:
+        if not restore:
+            raise ConfigError(f"{where}: restore: must not be empty")
+        fields["restore"] = _path(restore, base)
 
     restart = _get(table, "restart", str, where, "stop")
     if restart not in RESTART_POLICIES:

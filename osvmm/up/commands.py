@@ -38,6 +38,18 @@ def add_up_parsers(sub) -> None:
     p.add_argument("--detach", "-d", action="store_true", help="run in the background")
     p.add_argument("--log-dir", metavar="DIR", help="console and event logs (default below)")
     p.add_argument("--quiet", "-q", action="store_true", help="do not print the consoles")
+    p.add_argument(
+        "--incoming",
+        metavar="ADDR",
+        help="start no partition: accept live migrations of the plan's partitions at ADDR "
+        "(unix:PATH or tcp:HOST:PORT)",
+    )
+    p.add_argument(
+        "--takeover",
+        action="store_true",
+        help="take every running partition of the VMM on the plan's control socket, "
+        "memory handed over, not copied (a live upgrade); it ends, this one serves",
+    )
     p.set_defaults(func=cmd_up)
 
     def client(name: str, help_: str, with_name: str | None = None):
@@ -67,6 +79,30 @@ def add_up_parsers(sub) -> None:
     c.set_defaults(func=cmd_stat)
     client("down", "stop every partition and end the VMM").set_defaults(func=cmd_down)
     add_writemon_parsers(client)
+    c = client(
+        "snapshot",
+        "pause a partition, write a snapshot of it into DIR, and let it go on (docs/snapshots.md)",
+        "required",
+    )
+    c.add_argument("dir", metavar="DIR", help="the snapshot directory (created if needed)")
+    c.add_argument("--stop", action="store_true", help="stop the partition after it")
+    c.add_argument("--json", action="store_true", help="print the VMM's JSON answer")
+    c.set_defaults(func=cmd_snapshot)
+    c = client(
+        "migrate",
+        "move a running partition live to the VMM at ADDR (osvmm up --incoming ADDR)",
+        "required",
+    )
+    c.add_argument("--to", required=True, metavar="ADDR", help="unix:PATH or tcp:HOST:PORT")
+    c.add_argument(
+        "--downtime-ms",
+        type=float,
+        default=300,
+        metavar="MS",
+        help="stop and copy once what is left fits this pause (300)",
+    )
+    c.add_argument("--json", action="store_true", help="print the VMM's JSON answer")
+    c.set_defaults(func=cmd_migrate)
 
 
 def add_writemon_parsers(client) -> None:
@@ -119,7 +155,7 @@ def socket_path(args) -> str:
 def cmd_up(args) -> int:
     from osvmm.up.daemon import up
 
-    return up(args.file, args.log_dir, args.detach, args.quiet)
+    return up(args.file, args.log_dir, args.detach, args.quiet, args.incoming, args.takeover)
 
 
 def cmd_ps(args) -> int:
@@ -171,6 +207,44 @@ def cmd_console(args) -> int:
     from osvmm.up.console_client import attach
 
     return attach(socket_path(args), args.name)
+
+
+SNAPSHOT_TIMEOUT_S = 600  # a large partition's memory takes a while to write
+
+
+def cmd_snapshot(args) -> int:
+    import os
+
+    msg = {"cmd": "snapshot", "name": args.name, "dir": os.path.abspath(args.dir)}
+    if args.stop:
+        msg["stop"] = True
+    reply = request(socket_path(args), msg, timeout=SNAPSHOT_TIMEOUT_S)
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return 0
+    print(
+        f"{args.name}: snapshot in {reply['dir']}: {reply['stored'] >> 10} KiB of "
+        f"{reply['memory'] >> 20} MiB memory stored, paused {reply['paused_ms']:.1f} ms; "
+        f"{reply['state']}"
+    )
+    return 0
+
+
+def cmd_migrate(args) -> int:
+    from osvmm.snapshot.stream import parse_address
+
+    parse_address(args.to)  # a typo is told here, before the VMM is asked
+    msg = {"cmd": "migrate", "name": args.name, "to": args.to, "downtime_ms": args.downtime_ms}
+    reply = request(socket_path(args), msg, timeout=SNAPSHOT_TIMEOUT_S)
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return 0
+    print(
+        f"{args.name}: migrated to {reply['to']} in {reply['rounds']} rounds, "
+        f"{reply['bytes'] / (1 << 20):.1f} MiB sent, {reply['total_ms']:.0f} ms, "
+        f"downtime {reply['downtime_ms']:.1f} ms; here {reply['state']}"
+    )
+    return 0
 
 
 def _named_ranges(pairs: list[str], option: str) -> dict[str, list[str]]:

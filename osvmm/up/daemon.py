@@ -39,11 +39,19 @@ def default_log_dir(plan_source: str) -> str:
     return os.path.join(state, "osvmm", stem)
 
 
-def up(plan_file: str, log_dir: str | None, detach: bool, quiet: bool) -> int:
+def up(
+    plan_file: str,
+    log_dir: str | None,
+    detach: bool,
+    quiet: bool,
+    incoming: str | None = None,
+    takeover: bool = False,
+) -> int:
     from osvmm.plan.config import load_plan
     from osvmm.plan.placement import place
     from osvmm.plan.topology import read_topology
     from osvmm.up.partition_config import check_boot
+    from osvmm.up.protocol import is_listening
     from osvmm.up.writemon import check_protection
 
     plan = load_plan(plan_file)
@@ -53,10 +61,20 @@ def up(plan_file: str, log_dir: str | None, detach: bool, quiet: bool) -> int:
     check_boot(assignment)  # every image loads and every boot prepares, before anything starts
     check_protection(assignment)  # every write-monitor range, symbol and grant resolves
     path = plan.vmm.control_socket
+    if takeover and incoming is not None:
+        raise ControlError("--takeover and --incoming: one or the other")
+    if takeover and not is_listening(path):
+        raise ControlError(f"--takeover: no VMM is listening on {path}")
     log_dir = log_dir or plan.vmm.log_dir or default_log_dir(plan.source)
+    if incoming is not None:
+        from osvmm.snapshot.stream import parse_address
+
+        parse_address(incoming)
     if detach:
-        return detached(lambda ready: serve(assignment, path, log_dir, True, ready))
-    return serve(assignment, path, log_dir, quiet, None)
+        return detached(
+            lambda ready: serve(assignment, path, log_dir, True, ready, incoming, takeover)
+        )
+    return serve(assignment, path, log_dir, quiet, None, incoming, takeover)
 
 
 def detached(serve_: Callable[[Callable[[str], None]], int]) -> int:
@@ -103,13 +121,20 @@ def detached(serve_: Callable[[Callable[[str], None]], int]) -> int:
     raise ControlError(line[len("error: ") :] if line.startswith("error: ") else "the VMM died")
 
 
-def serve(assignment, path: str, log_dir: str, quiet: bool, ready) -> int:
+def serve(
+    assignment, path: str, log_dir: str, quiet: bool, ready, incoming=None, takeover=False
+) -> int:
     """Run every partition and the control socket until ``down``, SIGTERM, SIGHUP,
-    SIGQUIT (0) or Ctrl-C (130)."""
+    SIGQUIT (0) or Ctrl-C (130). ``incoming``: start none, accept migrations of them
+    at that address instead. ``takeover``: take every running partition of the VMM
+    serving ``path`` (memory handed over, not copied), then claim its control socket
+    and its CPUs once it has gone."""
     from osvmm.up.consoles import ECHO_SPOOL, LineEcho, Spool, fd_sink
     from osvmm.up.hypercalls import serve_supervisor
     from osvmm.up.locks import free_cpus, reserve_cpus
+    from osvmm.up.migrate import IncomingServer, MigrationService, TakeoverService, take_over
     from osvmm.up.server import ControlServer
+    from osvmm.up.snapshots import SnapshotService
     from osvmm.up.supervisor import Supervisor
     from osvmm.up.writemon import WriteMonitors
 
@@ -117,12 +142,14 @@ def serve(assignment, path: str, log_dir: str, quiet: bool, ready) -> int:
     for signum in ENDING_SIGNALS:  # from now on they end the VMM in order, as down does
         signal.signal(signum, lambda signum, frame: down.set())
     server = ControlServer(path, None, on_down=down.set)
-    server.open()  # first: a second VMM on this socket stops here, before any log is opened
+    if not takeover:  # a takeover claims the socket once the old VMM has gone
+        server.open()  # first: a second VMM on this socket stops here, before any log is opened
     cleanup: list[Callable[[], None]] = [server.close]
     status = 0
     try:
         dedicated = [c for p in assignment.partitions for c in p.cpus]
-        cleanup.insert(0, reserve_cpus(dedicated).release)
+        if not takeover:
+            cleanup.insert(0, reserve_cpus(dedicated).release)
         if any(not p.cpus for p in assignment.partitions):  # floating partitions share the pool
             pool = free_cpus(assignment.pool, "the pool")
             assignment = dataclasses.replace(assignment, pool=pool)
@@ -152,13 +179,36 @@ def serve(assignment, path: str, log_dir: str, quiet: bool, ready) -> int:
         hypercalls = serve_supervisor(sup)  # the six hypercalls, channels and doorbells
         cleanup.insert(1, hypercalls.close)
         monitors = WriteMonitors(sup)  # write monitoring (docs/write-monitor.md)
-        server.commands.update(monitors.commands())
-        server.requests.update(monitors.requests())
+        snapshots = SnapshotService(sup, hypercalls)  # snapshots (docs/snapshots.md)
+        for service in (
+            monitors,
+            snapshots,
+            MigrationService(sup, hypercalls),
+            TakeoverService(sup, hypercalls, down.set),
+        ):
+            server.commands.update(service.commands())
+            server.requests.update(service.requests())
         server.stat_fields = (monitors.stat_fields,)
         server.sup = sup
+        if takeover:
+            reply = take_over(path, sup)
+            sup.log(
+                f"up: took over {len(reply['partitions'])} partitions from pid {reply['pid']} "
+                f"(paused {reply['downtime_ms']:.1f} ms, {reply['bytes_copied']} bytes copied)"
+            )
+            server.open()
+            cleanup.insert(0, reserve_cpus(dedicated).release)
+        receiver = None
+        if incoming is not None:
+            receiver = IncomingServer(incoming, sup, sup.kvm)
+            cleanup.insert(0, receiver.close)
         server.start()
         sup.log(f"up: {len(sup.partitions)} partitions, control socket {path}, logs in {log_dir}")
-        sup.start_all()
+        if receiver is not None:
+            receiver.start()
+            sup.log(f"up: waiting for incoming migrations at {incoming}")
+        elif not takeover:
+            sup.start_all()
         if ready is not None:
             ready(f"ready: {len(sup.partitions)} partitions up, control socket {path}")
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from osvmm.errors import OsvmmError, VmmBug
 from osvmm.hypercall.abi import ControlOp
 from osvmm.hypercall.live import LiveMonitor, monitor_config
+from osvmm.up.snapshots import reattach
 
 
 def serve_supervisor(supervisor, check: bool = False) -> LiveMonitor:
@@ -43,6 +44,7 @@ def serve_supervisor(supervisor, check: bool = False) -> LiveMonitor:
 
     def on_build(entry, partition) -> None:  # booting: "running" for the monitor
         live.bind(entry.index, partition)
+        reattach(live, entry.index, partition)  # a resumed snapshot's channels
 
     def on_end(entry, partition) -> None:
         # Stopped outside the ABI (power-off, fault, the control socket): it loses

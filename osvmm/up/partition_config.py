@@ -36,7 +36,10 @@ def partition_config(
     placement: PartitionAssignment,
     machine: Machine,
     console: Callable[[bytes], None],
+    restore: bool = False,
 ) -> PartitionConfig:
+    """``restore``: resume the plan's ``restore`` snapshot (its memory copied into the
+    partition's own, bound to its node) instead of booting its image."""
     spec = placement.spec
     return PartitionConfig(
         machine=machine,
@@ -52,12 +55,17 @@ def partition_config(
         hugepages=spec.hugepages,
         prefault=spec.prefault,
         disable_exits=bool(placement.cpus),
+        restore=spec.restore if restore else None,
+        restore_lazy=False,
     )
 
 
 def check_boot(assignment: Assignment) -> dict[str, Machine]:
     """Every partition's Machine, after checking that each one's boot prepares (its
-    image, kernel, initrd and command line); the first failure as a ConfigError."""
+    image, kernel, initrd and command line) and that its ``restore`` snapshot reads
+    whole and fits it; the first failure as a ConfigError."""
+    from osvmm.vmm.snapshot import Snapshot
+
     machines = {}
     for placement in assignment.partitions:
         machine = machine_of(assignment, placement)
@@ -65,6 +73,12 @@ def check_boot(assignment: Assignment) -> dict[str, Machine]:
         try:
             source = read_boot_source(config.image, config.kernel, config.initrd)
             prepare(source, machine, config.cmdline, NO_QUIRKS)
+            if placement.spec.restore:
+                snap = Snapshot.read(placement.spec.restore)
+                try:
+                    snap.check_machine(machine, "restore")
+                finally:
+                    snap.close()
         except OsvmmError as err:
             raise ConfigError(f"partition {placement.name!r}: {err}") from None
         machines[placement.name] = machine

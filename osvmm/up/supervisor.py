@@ -61,6 +61,51 @@ def backoff_ms(base_ms: int, restarts: int) -> int:
 # -- partitions ----------------------------------------------------------------------------------
 
 
+class StartGate:
+    """Partitions built first and then run all together, or none (a takeover: none
+    may touch memory it shares with the old VMM unless every one of them can run).
+    Each boot ``arrive``s once built (or failed); the one who made the gate waits
+    with ``wait_all``, then ``decide``s; the boots go on or stop accordingly."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self._cond = threading.Condition()
+        self.built = 0
+        self.failures: list[str] = []
+        self.go: bool | None = None
+
+    def arrive(self, ok: bool, reason: str = "") -> None:
+        with self._cond:
+            if ok:
+                self.built += 1
+            else:
+                self.failures.append(reason)
+            self._cond.notify_all()
+
+    def wait_all(self, timeout: float = 60) -> str | None:
+        """None once every partition is built; else the first failure."""
+        with self._cond:
+            done = self._cond.wait_for(lambda: self.failures or self.built == self.count, timeout)
+            if self.failures:
+                return self.failures[0]
+            return None if done else f"not built within {timeout:.0f} s"
+
+    def settle(self, timeout: float = 60) -> None:
+        """Wait until every boot has arrived, built or failed."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.built + len(self.failures) >= self.count, timeout)
+
+    def decide(self, go: bool) -> None:
+        with self._cond:
+            self.go = go
+            self._cond.notify_all()
+
+    def wait_decision(self) -> bool:
+        with self._cond:
+            self._cond.wait_for(lambda: self.go is not None)
+            return self.go
+
+
 @dataclass
 class PartitionEntry:
     """One partition of the plan and what the supervisor knows of it."""
@@ -82,6 +127,8 @@ class PartitionEntry:
     want_running: bool = False
     user_stop: bool = False
     user_restart: bool = False
+    restore_next: object = None  # a snapshot the next boot resumes (a migration's)
+    gate: StartGate | None = None  # the next boot waits there once built (a takeover)
     thread: threading.Thread | None = None
 
     @property
@@ -214,12 +261,19 @@ class Supervisor:
         for name in self.partitions:
             self.start(name, wait=False)
 
-    def start(self, name: str, wait: bool = True, timeout: float = 30) -> str:
-        """Boot a stopped partition; returns its state (running, or why not)."""
+    def start(
+        self, name: str, wait: bool = True, timeout: float = 30, restore=None, gate=None
+    ) -> str:
+        """Boot a stopped partition; returns its state (running, or why not).
+        ``restore``: resume this snapshot (a vmm.snapshot.Snapshot, or what a
+        migration delivered) instead of booting, this once. ``gate``: a StartGate
+        the built partition waits at before it runs."""
         entry = self.entry(name)
         with self._cond:
             if entry.want_running:
                 raise ConfigError(f"partition {name!r} is already {entry.state}")
+            entry.restore_next = restore
+            entry.gate = gate
             entry.want_running = True
             entry.restarts = 0
             entry.state = BOOTING
@@ -229,7 +283,9 @@ class Supervisor:
                 self._cond.wait_for(lambda: entry.state in (RUNNING, STOPPED, FAILED), timeout)
             return entry.state
 
-    def stop(self, name: str, wait: bool = True, timeout: float = 30) -> str:
+    def stop(
+        self, name: str, wait: bool = True, timeout: float = 30, reason: str = "stopped by the VMM"
+    ) -> str:
         """Stop a partition (a running one, or one waiting to be restarted)."""
         entry = self.entry(name)
         with self._cond:
@@ -240,10 +296,24 @@ class Supervisor:
             part = entry.partition
             self._cond.notify_all()
         if part is not None:
-            part.stop(0, "stopped by the VMM")
+            part.stop(0, reason)
         with self._cond:
             if wait:
                 self._cond.wait_for(lambda: entry.state in (STOPPED, FAILED), timeout)
+            return entry.state
+
+    def wait_running(self, name: str, timeout: float = 30) -> str:
+        """Wait until a booting partition runs (or stopped, or failed); its state."""
+        entry = self.entry(name)
+        with self._cond:
+            self._cond.wait_for(lambda: entry.state in (RUNNING, STOPPED, FAILED), timeout)
+            return entry.state
+
+    def wait_stopped(self, name: str, timeout: float = 30) -> str:
+        """Wait until a stopping partition is stopped (or failed); its state."""
+        entry = self.entry(name)
+        with self._cond:
+            self._cond.wait_for(lambda: entry.state in (STOPPED, FAILED), timeout)
             return entry.state
 
     def restart(self, name: str, wait: bool = True, timeout: float = 30) -> str:
@@ -459,6 +529,7 @@ class Supervisor:
         """Build, start and wait for one run; returns (reason, faulted, reset)."""
         self._set_state(entry, BOOTING)
         part = None
+        gate, entry.gate = entry.gate, None
         try:
             part = Partition(self._config(entry), kvm=self.kvm)
             part.build()
@@ -470,16 +541,31 @@ class Supervisor:
             if part is not None:
                 part.close()
             reason = f"cannot boot: {err}"
+            if gate is not None:  # an arrival that failed stays stopped: no policy
+                with self._cond:
+                    entry.want_running = False
+                gate.arrive(False, f"{entry.name}: {reason}")
             self.log(f"{entry.name}: {reason}")
             if isinstance(err, VmmBug):
                 self.log(err.traceback_text.rstrip("\n"))
             entry.console.note(reason)
             return reason, True, False
+        cancelled = False
+        if gate is not None:
+            gate.arrive(True)
+            cancelled = not gate.wait_decision()
         with self._cond:
+            if cancelled:
+                entry.want_running = False
             entry.partition = part
             entry.boots += 1
             entry.started_at = time.monotonic()
-            run_now = entry.want_running and not self._closing and not entry.user_restart
+            run_now = (
+                entry.want_running
+                and not self._closing
+                and not entry.user_restart
+                and not cancelled
+            )
             if run_now:
                 part.start()
                 entry.state = RUNNING
@@ -490,7 +576,7 @@ class Supervisor:
                 self.log(f"{entry.name}: {note}")
             result = part.wait()
         else:
-            part.stop(0, "stopped before it started")
+            part.stop(0, "its arrival failed" if cancelled else "stopped before it started")
             result = part.result
         try:
             entry.last_stats = part.exit_stats()
@@ -512,6 +598,12 @@ class Supervisor:
         return reason, faulted, bool(result and result.reset)
 
     def _config(self, entry: PartitionEntry) -> PartitionConfig:
-        return partition_config(
-            self.assignment, entry.placement, entry.machine, entry.console.write
+        # A plan's ``restore`` snapshot is resumed by the first boot; later boots
+        # (a restart, a start) boot the image afresh.
+        first = entry.boots == 0
+        config = partition_config(
+            self.assignment, entry.placement, entry.machine, entry.console.write, restore=first
         )
+        if entry.restore_next is not None:
+            config.restore, entry.restore_next = entry.restore_next, None
+        return config

@@ -43,14 +43,16 @@ def create_vcpu(
     cpuid_mask: tuple[str, ...] = (),
     entry: EntryState | None = None,
     tsc_deadline: bool = False,
+    cpuid=None,
 ):
     """A vCPU with APIC ID ``apic_id`` of ``vcpus``; ``entry``: the boot processor's
-    registers at entry (the others wait for INIT/SIPI in their LAPIC)."""
+    registers at entry (the others wait for INIT/SIPI in their LAPIC). ``cpuid``:
+    these CPUID entries instead (a restored vCPU keeps the ones it had)."""
     vcpu = vm.create_vcpu(apic_id)
     try:
-        vcpu.set_cpuid(
-            x86_cpuid.vcpu_cpuid(supported_cpuid, apic_id, vcpus, cpuid_mask, tsc_deadline)
-        )
+        if cpuid is None:
+            cpuid = x86_cpuid.vcpu_cpuid(supported_cpuid, apic_id, vcpus, cpuid_mask, tsc_deadline)
+        vcpu.set_cpuid(cpuid)
         if entry is not None:
             sregs, regs = vcpu.get_sregs(), vcpu.get_regs()
             regs.__init__()  # all general registers zero but what the entry sets

@@ -14,7 +14,10 @@ a short note of what it did, for ``Partition.enforcement``:
   with a note.
 - ``advise_huge(mem, ...)``: madvise(MADV_HUGEPAGE) when the host's THP mode
   is ``madvise`` or ``always`` (under ``always`` it is implied but harmless);
-  under ``never`` nothing, with a note.
+  under ``never`` nothing, with a note. Shared memory (a memfd, what guest RAM
+  is by default) has a THP mode of its own (``shmem_thp_mode``);
+  ``ram_backing(want_huge)`` picks anonymous memory where only it gets huge
+  pages.
 - ``prefault(mem)``: MADV_POPULATE_WRITE (Linux 5.14+), else one write per page.
 - ``lock(addr, size)``: mlock(2), so the memory is never swapped out.
 - ``disable_exits(vm)``: KVM_CAP_X86_DISABLE_EXITS with HLT|PAUSE, before
@@ -46,6 +49,8 @@ MADV_POPULATE_WRITE = 23
 PR_SET_NAME = 15
 
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
+THP_SHMEM_ENABLED = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
+SHMEM_THP_OFF = ("never", "deny")  # shmem_enabled modes under which no memfd gets huge pages
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -124,16 +129,34 @@ def thp_mode(path: str = THP_ENABLED) -> str:
     return text[start + 1 : end] if 0 <= start < end else "never"
 
 
-def advise_huge(mem: mmap.mmap, mode: str | None = None) -> str:
-    """madvise(MADV_HUGEPAGE) when THP is ``madvise`` or ``always``; returns a note."""
-    mode = thp_mode() if mode is None else mode
-    if mode == "never":
-        return "4K pages: transparent huge pages are disabled on this host"
+def shmem_thp_mode(path: str = THP_SHMEM_ENABLED) -> str:
+    """The host's THP mode for shared memory (memfd, tmpfs): ``always``,
+    ``within_size``, ``advise``, ``never``, ``deny`` or ``force`` (``never`` if unknown)."""
+    return thp_mode(path)
+
+
+def ram_backing(want_huge: bool) -> str:
+    """What backs a RAM region (vmm/memory.py): a memfd, which another process can
+    map, unless huge pages are wanted and this host gives them to anonymous memory
+    only (shmem_enabled ``never`` or ``deny``, THP ``madvise`` or ``always``)."""
+    if want_huge and shmem_thp_mode() in SHMEM_THP_OFF and thp_mode() != "never":
+        return "anonymous"
+    return "memfd"
+
+
+def advise_huge(mem: mmap.mmap, mode: str | None = None, shared: bool = False) -> str:
+    """madvise(MADV_HUGEPAGE) when THP is ``madvise`` or ``always``; returns a note.
+    ``shared``: ``mem`` is a memfd mapping, under the shared-memory THP mode."""
+    if mode is None:
+        mode = shmem_thp_mode() if shared else thp_mode()
+    what = "shmem THP" if shared else "THP"
+    if mode in SHMEM_THP_OFF:
+        return f"4K pages: transparent huge pages are disabled on this host ({what} {mode})"
     try:
         mem.madvise(MADV_HUGEPAGE)
     except OSError as e:
         return f"4K pages: madvise(MADV_HUGEPAGE) failed: {e.strerror}"
-    return f"transparent huge pages (THP {mode})"
+    return f"transparent huge pages ({what} {mode})"
 
 
 def prefault(mem: mmap.mmap) -> str:
@@ -165,7 +188,8 @@ def mapping_flags(pid: int, addr: int) -> dict[str, object]:
     """What /proc says about the mapping of ``pid`` that holds ``addr`` (adjacent
     mappings alike in every flag are one VMA to the kernel): ``start``, ``end``,
     ``policy`` (numa_maps, e.g. ``bind:0``), ``vmflags`` (smaps VmFlags: ``hg`` =
-    MADV_HUGEPAGE, ``lo`` = locked), ``rss_kb``, ``anon_huge_kb``, ``locked_kb``."""
+    MADV_HUGEPAGE, ``lo`` = locked), ``rss_kb``, ``anon_huge_kb``, ``shmem_huge_kb``
+    (huge pages of a memfd mapping), ``locked_kb``."""
     out: dict[str, object] = {}
     with open(f"/proc/{pid}/smaps") as f:
         inside = False
@@ -188,6 +212,8 @@ def mapping_flags(pid: int, addr: int) -> dict[str, object]:
                 out["rss_kb"] = int(value.split()[0])
             elif name == "AnonHugePages":
                 out["anon_huge_kb"] = int(value.split()[0])
+            elif name == "ShmemPmdMapped":
+                out["shmem_huge_kb"] = int(value.split()[0])
             elif name == "Locked":
                 out["locked_kb"] = int(value.split()[0])
     if not out:

@@ -1,9 +1,23 @@
-"""Guest memory: anonymous host mappings placed at guest-physical addresses.
+"""Guest memory: host mappings placed at guest-physical addresses.
 
 One interface reaches guest memory: ``GuestMemory.read`` / ``write`` /
 ``view``, with a typed error (GuestMemoryError) for any address or range not
 wholly inside one region. Regions never overlap. RAM above the 32-bit MMIO
 hole is split as real firmware does (see ``layout.ram_regions``).
+
+What backs a region (``Region.backing``):
+
+- ``memfd`` (the default): a memfd mapped shared. Its file descriptor
+  (``Region.fd``) lets another process map the very same memory (a VMM that
+  takes over a partition), and the kernel tracks which pages were ever
+  touched (SEEK_DATA/SEEK_HOLE: a snapshot skips the rest without reading it).
+- ``anonymous``: a private anonymous mapping, for the one case memfd memory
+  loses something: huge pages wanted where the host gives transparent huge
+  pages to anonymous memory but not to shared memory (shmem_enabled
+  ``never``); the partition chooses (vmm/partition.py).
+- ``file``: a snapshot's memory file mapped private (copy-on-write): pages
+  are read from the file when the guest first touches them, and a guest
+  write copies the page; the file is never written (vmm/snapshot.py).
 """
 
 from __future__ import annotations
@@ -11,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
+import os
 from dataclasses import dataclass, field
 
 from osvmm.arch.x86.layout import PAGE_SIZE
@@ -27,6 +42,9 @@ class Region:
     gpa: int
     size: int
     mem: mmap.mmap = field(repr=False)
+    backing: str = "anonymous"  # "memfd", "anonymous" or "file" (above)
+    fd: int | None = None  # the memfd or the snapshot file (owned: closed with the region)
+    fd_offset: int = 0  # where the region starts in ``fd``
 
     @property
     def end(self) -> int:
@@ -44,13 +62,70 @@ class Region:
 class GuestMemory:
     """The guest-physical address space of one partition."""
 
-    def __init__(self, ranges: list[tuple[int, int]]):
+    def __init__(self, ranges: list[tuple[int, int]], backing: str = "memfd"):
         """``ranges``: (guest-physical start, size) pairs, page aligned, disjoint."""
         self.regions: list[Region] = []
+        # While a migration tracks dirty memory: the pages ``write`` wrote (the VMM's own
+        # writes, which KVM's dirty log does not see), by guest-physical page address.
+        self.written_pages: set[int] | None = None
         for gpa, size in ranges:
-            self.add_region(gpa, size)
+            self.add_region(gpa, size, backing)
 
-    def add_region(self, gpa: int, size: int) -> Region:
+    def add_region(self, gpa: int, size: int, backing: str = "memfd") -> Region:
+        """A new zeroed region: ``backing`` ``memfd`` or ``anonymous``. More than the
+        host has (RAM and swap: a shared memfd is not held to the overcommit limit,
+        so this is checked here) or an mmap the host refuses (ENOMEM) is a one-line
+        EnforceError, with the regions mapped so far unmapped."""
+        self._check_new(gpa, size)
+        if backing not in ("memfd", "anonymous"):
+            raise ValueError(f"unknown backing {backing!r}")
+        if size > _host_memory():
+            self._refuse(gpa, size, "more than its RAM and swap together")
+        if backing == "memfd":
+            fd = os.memfd_create(f"osvmm-ram-{gpa:#x}", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, size)
+                mem = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError as e:
+                os.close(fd)
+                if e.errno == errno.ENOMEM:
+                    self._refuse(gpa, size, "mmap failed with ENOMEM")
+                raise GuestMemoryError(
+                    f"cannot map {size >> 10} KiB of guest memory: {e.strerror}"
+                ) from None
+            return self._add(Region(gpa, size, mem, "memfd", fd))
+        try:
+            mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        except OSError as e:
+            if e.errno != errno.ENOMEM:
+                raise
+            self._refuse(gpa, size, "mmap failed with ENOMEM")
+        return self._add(Region(gpa, size, mem, "anonymous"))
+
+    def _refuse(self, gpa: int, size: int, why: str):
+        self.close()  # the regions mapped so far
+        raise EnforceError(
+            f"the host cannot give that much guest memory: {format_bytes(size)} at {gpa:#x}, "
+            f"{why} (its free memory or overcommit limit)"
+        )
+
+    def add_fd_region(self, gpa: int, size: int, fd: int) -> Region:
+        """``size`` bytes of the memfd ``fd`` (another VMM's guest RAM) at ``gpa``, mapped
+        shared: the same pages, nothing copied. The region owns ``fd``."""
+        self._check_new(gpa, size)
+        if os.fstat(fd).st_size < size:
+            raise GuestMemoryError(f"the memfd for {gpa:#x}+{size:#x} is smaller")
+        mem = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        return self._add(Region(gpa, size, mem, "memfd", fd))
+
+    def add_file_region(self, gpa: int, size: int, fd: int, offset: int) -> Region:
+        """``size`` bytes of the file ``fd`` from ``offset`` at ``gpa``, mapped private
+        (copy-on-write: the file is never written). The region owns ``fd``."""
+        self._check_new(gpa, size)
+        mem = mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        return self._add(Region(gpa, size, mem, "file", fd, offset))
+
+    def _check_new(self, gpa: int, size: int) -> None:
         if size <= 0 or gpa < 0 or gpa % PAGE_SIZE or size % PAGE_SIZE:
             raise GuestMemoryError(f"region {gpa:#x}+{size:#x} is not page aligned and non-empty")
         for r in self.regions:
@@ -58,17 +133,8 @@ class GuestMemory:
                 raise GuestMemoryError(
                     f"region {gpa:#x}+{size:#x} overlaps region {r.gpa:#x}+{r.size:#x}"
                 )
-        try:
-            mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        except OSError as e:
-            if e.errno != errno.ENOMEM:
-                raise
-            self.close()  # the regions mapped so far
-            raise EnforceError(
-                f"the host cannot give that much guest memory: mmap of {format_bytes(size)} "
-                f"at {gpa:#x} failed with ENOMEM (its free memory or overcommit limit)"
-            ) from None
-        region = Region(gpa, size, mem)
+
+    def _add(self, region: Region) -> Region:
         self.regions.append(region)
         self.regions.sort(key=lambda r: r.gpa)
         return region
@@ -96,6 +162,9 @@ class GuestMemory:
         r = self.region_of(gpa, len(data))
         off = gpa - r.gpa
         r.mem[off : off + len(data)] = data
+        if self.written_pages is not None and len(data):
+            first, last = gpa // PAGE_SIZE, (gpa + len(data) - 1) // PAGE_SIZE
+            self.written_pages.update(p * PAGE_SIZE for p in range(first, last + 1))
 
     def read(self, gpa: int, size: int) -> bytes:
         r = self.region_of(gpa, size)
@@ -120,4 +189,21 @@ class GuestMemory:
     def close(self) -> None:
         for r in self.regions:
             r.mem.close()
+            if r.fd is not None:
+                os.close(r.fd)
+                r.fd = None
         self.regions.clear()
+
+
+def _host_memory() -> int:
+    """Bytes of RAM and swap on this host (/proc/meminfo), or no limit if unknown."""
+    total = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("MemTotal", "SwapTotal"):
+                    total += int(rest.split()[0]) * 1024
+    except (OSError, ValueError):
+        return 1 << 64
+    return total or 1 << 64

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from osvmm.arch.x86.layout import PAGE_SIZE
 from osvmm.errors import GuestMemoryError
-from osvmm.kvm.structs import KVM_MEM_READONLY
+from osvmm.kvm.structs import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,44 @@ class Memslots:
         self._ram: dict[int, list[tuple[int, Slot]]] = {
             r.gpa: [(i, Slot(r.gpa, r.size, 0, False))] for i, r in enumerate(self.regions)
         }
+        self.log_dirty = False  # KVM_MEM_LOG_DIRTY_PAGES on every RAM slot (a migration)
+        self._reslotted: list[tuple[int, int]] = []  # regions re-slotted while logging
+
+    def _flags(self, slot: Slot) -> int:
+        return (KVM_MEM_READONLY if slot.readonly else 0) | (
+            KVM_MEM_LOG_DIRTY_PAGES if self.log_dirty else 0
+        )
+
+    def set_dirty_logging(self, on: bool) -> None:
+        """Turn KVM's dirty log of guest RAM on or off (the slots stay in place: KVM
+        lets a slot's LOG_DIRTY_PAGES flag change, unlike READONLY)."""
+        self.log_dirty = on
+        self._reslotted = []
+        for region in self.regions:
+            for n, slot in self._ram[region.gpa]:
+                self.vm.set_user_memory_region(
+                    n, slot.gpa, slot.size, region.host_addr + slot.host_offset, self._flags(slot)
+                )
+
+    def dirty_pages(self) -> list[int]:
+        """The guest-physical pages the guest wrote since the last call (or since the
+        log was turned on), and clear the log. A region re-slotted meanwhile lost its
+        log: all its pages count as written."""
+        pages: list[int] = []
+        for gpa, size in self._reslotted:
+            pages.extend(range(gpa, gpa + size, PAGE_SIZE))
+        self._reslotted = []
+        for slots in self._ram.values():
+            for n, slot in slots:
+                bitmap = self.vm.get_dirty_log(n, slot.size // PAGE_SIZE)
+                words = memoryview(bitmap).cast("Q")
+                for w, word in enumerate(words):
+                    while word:
+                        low = word & -word
+                        pages.append(slot.gpa + (w * 64 + low.bit_length() - 1) * PAGE_SIZE)
+                        word ^= low
+                words.release()
+        return pages
 
     def take(self) -> int:
         n = 0
@@ -132,9 +170,10 @@ class Memslots:
             self._ram[region.gpa] = []
             for slot in layout[region.gpa]:
                 n = self.take()
-                flags = KVM_MEM_READONLY if slot.readonly else 0
                 self.vm.set_user_memory_region(
-                    n, slot.gpa, slot.size, region.host_addr + slot.host_offset, flags
+                    n, slot.gpa, slot.size, region.host_addr + slot.host_offset, self._flags(slot)
                 )
                 self._ram[region.gpa].append((n, slot))
+            if self.log_dirty:
+                self._reslotted.append((region.gpa, region.size))
         return len(changed)

@@ -6,7 +6,9 @@ and the whole boot image prepared, so a bad image, initrd or command line is
 reported before /dev/kvm is touched.
 
     1. inputs     the image (or kernel and initrd) read; the host's quirks for
-                  it; the boot image prepared (osvmm.boot.prepare: pure)
+                  it; the boot image prepared (osvmm.boot.prepare: pure); or, to
+                  resume a snapshot, the snapshot read and checked whole
+                  (vmm/snapshot.py)
     2. memory     guest RAM mapped on the host at the Machine's RAM ranges,
                   bound to its NUMA node, huge pages advised, optionally
                   prefaulted and locked (enforce.py)
@@ -18,6 +20,13 @@ reported before /dev/kvm is touched.
     5. image      the boot image written into guest memory
     6. vcpus      created with their CPUID; the BSP gets the entry registers,
                   the APs wait for INIT/SIPI in the in-kernel LAPIC
+
+A partition resumed from a snapshot (``PartitionConfig.restore``) takes its
+memory from the snapshot in step 2 (mapped copy-on-write, or copied), skips
+step 5, creates its vCPUs with the CPUID they had, and then gets every vCPU's,
+the VM's and the devices' state back (vmm/snapshot.py ``apply``).
+``snapshot`` writes one of a running partition with its vCPUs parked
+(``paused``).
 
 ``start`` runs one thread per vCPU, each first pinning itself to its host
 CPU (dedicated) or to the pool (floating); ``wait`` returns a RunResult when the
@@ -34,8 +43,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from osvmm.arch.x86.cpuid import vcpu_cpuid
 from osvmm.arch.x86.layout import HUGEPAGE_MIN_RANGE
 from osvmm.boot.image import BootImage, read_boot_source
 from osvmm.boot.prepare import prepare
@@ -83,6 +94,11 @@ class PartitionConfig:
     hugepages: bool | None = False
     prefault: bool = False  # populate all guest memory at build and mlock it
     disable_exits: bool = False  # KVM_CAP_X86_DISABLE_EXITS HLT|PAUSE (dedicated cores)
+    # Resume a snapshot (a directory, or a vmm.snapshot.Snapshot already read) instead
+    # of booting; its memory mapped from the snapshot copy-on-write (``restore_lazy``)
+    # or copied into the partition's own memory.
+    restore: object = None
+    restore_lazy: bool = True
 
 
 @dataclass
@@ -108,15 +124,26 @@ class Partition:
         self._done = threading.Event()
         self._lock = threading.Lock()
         self.result: RunResult | None = None
+        self._resumed: str | None = None  # what it was resumed from (Snapshot.origin)
         self.enforcement: list[str] = []  # what enforce.py applied, one note each
         self._shared_slots: dict[int, tuple[int, int]] = {}  # gpa -> (memslot, size)
         self.slots: Memslots | None = None
         self._sync_regs = False
         self._slots_lock = threading.Lock()
+        self._park_lock = threading.Lock()  # one parker at a time (paused, protect_pages)
+        self.cpuids: list[list] = []  # the CPUID entries set on each vCPU
+        self.tsc_khz: list[int] = []  # each vCPU's TSC frequency (a migration's profile)
+        self.devices: dict[str, object] = {}  # name -> a device model with state()/restore()
+        # A resumed snapshot's state of the layers above (the hypercall monitor's) and
+        # its images beside guest memory (channels): theirs to apply.
+        self.snapshot_extra: dict | None = None
+        self.snapshot_images: dict[str, bytearray] = {}
 
     @property
     def boot_log(self) -> tuple[str, ...]:
         """What the VMM adapted for this host (printed by the CLI, logged by ``up``)."""
+        if self.boot is None and self._resumed is not None:
+            return (f"resumed {self._resumed}",)
         return self.boot.notes if self.boot is not None else ()
 
     # -- the recipe ------------------------------------------------------------
@@ -127,15 +154,45 @@ class Partition:
                 f"partition {cfg.name!r}: {len(cfg.host_cpus)} host CPUs for {machine.vcpus} vCPUs"
             )
         # 1. inputs
-        source = read_boot_source(cfg.image, cfg.kernel, cfg.initrd)
-        self.boot = boot = prepare(source, machine, cfg.cmdline, quirks_for(source))
+        snap = None
+        if cfg.restore is not None:
+            snap = self._read_snapshot()
+        else:
+            source = read_boot_source(cfg.image, cfg.kernel, cfg.initrd)
+            self.boot = prepare(source, machine, cfg.cmdline, quirks_for(source))
+        try:
+            return self._build(snap)
+        finally:
+            if snap is not None and snap is not cfg.restore:
+                snap.close()  # read here; one given by the caller is the caller's to close
+
+    def _read_snapshot(self):
+        from osvmm.vmm.snapshot import Snapshot
+
+        cfg = self.config
+        snap = cfg.restore if isinstance(cfg.restore, Snapshot) else Snapshot.read(cfg.restore)
+        try:
+            snap.check_machine(self.machine, f"partition {cfg.name!r}")
+        except BaseException:
+            if snap is not cfg.restore:
+                snap.close()
+            raise
+        return snap
+
+    def _build(self, snap) -> Partition:
+        cfg, machine, boot = self.config, self.machine, self.boot
         if self.kvm is None:
             self.kvm = Kvm()
         max_vcpus = self.kvm.max_vcpus()
         if machine.vcpus > max_vcpus:
             raise ConfigError(f"--cpus {machine.vcpus}: this host's KVM allows at most {max_vcpus}")
         # 2. memory
-        self.memory = GuestMemory(machine.ram_ranges)
+        self.memory = GuestMemory([])
+        if snap is not None:
+            snap.map_memory(self.memory, cfg.restore_lazy, self._ram_backing)
+        else:
+            for gpa, size in machine.ram_ranges:
+                self.memory.add_region(gpa, size, self._ram_backing(size))
         self._enforce_memory()
         # 3. vm
         vm = self.vm = create_vm(self.kvm, self.memory)
@@ -147,41 +204,67 @@ class Partition:
         self.pio = PortBus()
         self.pio.register(COM1_PORT, 8, self.serial)
         self.pio.register(DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit))
-        register_power_devices(
-            self.pio,
-            on_poweroff=lambda: self.finish(0, "the guest powered off"),
-            on_reset=lambda: self.reset(-1),
+        self.devices = {"serial": self.serial}
+        self.devices.update(
+            register_power_devices(
+                self.pio,
+                on_poweroff=lambda: self.finish(0, "the guest powered off"),
+                on_reset=lambda: self.reset(-1),
+            )
         )
-        register_rtc(self.pio, now=time.time)
-        register_pm_timer(self.pio, monotonic_ns=time.monotonic_ns)
+        self.devices["rtc"] = register_rtc(self.pio, now=time.time)
+        self.devices["pm_timer"] = register_pm_timer(self.pio, monotonic_ns=time.monotonic_ns)
         self.mmio = MmioBus()
         # 5. image and boot interface
-        boot.write_to(self.memory)
+        if boot is not None:
+            boot.write_to(self.memory)
         # 6. vcpus
         supported = self.kvm.supported_cpuid()
         deadline = self.kvm.tsc_deadline_timer()
         vm.set_boot_cpu_id(machine.bsp_apic_id)
+        if snap is not None:
+            from osvmm.vmm import snapshot
+
+            snapshot.check_host(self.kvm, snapshot.vcpu_profile(snap.state), supported)
         for index, apic_id in enumerate(machine.apic_ids):
-            entry = boot.entry if index == 0 else None
-            vcpu = create_vcpu(
-                vm, supported, apic_id, machine.vcpus, boot.cpuid_mask, entry, deadline
-            )
+            if snap is not None:  # the CPUID the vCPU had
+                entry, cpuid = None, snapshot.vcpu_cpuid_entries(snap.state, index)
+            else:
+                entry = boot.entry if index == 0 else None
+                cpuid = vcpu_cpuid(supported, apic_id, machine.vcpus, boot.cpuid_mask, deadline)
+            vcpu = create_vcpu(vm, supported, apic_id, machine.vcpus, entry=entry, cpuid=cpuid)
+            self.cpuids.append(cpuid)
+            self.tsc_khz.append(vcpu.tsc_khz())
             self.vcpus.append(vcpu)
             self.stats_readers.append(StatsReader(vcpu.stats_fd()))
             thread = VcpuThread(vcpu, index, self.pio, self.mmio, self)
             thread.on_start = self._vcpu_on_start(thread)
             self.threads.append(thread)
+        if snap is not None:
+            snapshot.apply(self, snap)
+            self.snapshot_extra = snap.extra
+            self.snapshot_images = snap.extra_images()
+            self._resumed = snap.origin
         return self
 
     # -- enforcement (osvmm/vmm/enforce.py) ---------------------------------------------
+    def _ram_backing(self, size: int) -> str:
+        return enforce.ram_backing(self._wants_huge(size))
+
+    def _wants_huge(self, size: int) -> bool:
+        hugepages = self.config.hugepages
+        return bool(hugepages or (hugepages is None and size >= HUGEPAGE_MIN_RANGE))
+
     def _enforce_memory(self) -> None:
         cfg = self.config
         for region in self.memory.regions:
             notes = []
+            if region.backing == "anonymous":
+                notes.append("anonymous memory (this host gives shared memory no huge pages)")
             if cfg.node is not None:
                 notes.append(enforce.bind_memory(region.host_addr, region.size, cfg.node))
-            if cfg.hugepages or (cfg.hugepages is None and region.size >= HUGEPAGE_MIN_RANGE):
-                notes.append(enforce.advise_huge(region.mem))
+            if self._wants_huge(region.size):
+                notes.append(enforce.advise_huge(region.mem, shared=region.backing == "memfd"))
             if cfg.prefault:
                 notes.append(enforce.prefault(region.mem))
                 notes.append(enforce.lock(region.host_addr, region.size))
@@ -205,6 +288,60 @@ class Partition:
                     self.fault(err)
 
         return on_start
+
+    # -- pausing and snapshots (vmm/snapshot.py) --------------------------------------
+    @contextmanager
+    def paused(self):
+        """Every running vCPU held out of KVM_RUN for the block (VcpuThread.park: each
+        leaves through the interrupted-exit path, its last exit completed), then let
+        go. One pauser at a time; vCPUs not started, or stopping, are left alone."""
+        with self._park_lock:
+            parked = []
+            try:
+                for t in self.threads:
+                    if t.park():
+                        parked.append(t)
+                yield
+            finally:
+                for t in parked:
+                    t.unpark()
+
+    def snapshot(self, directory: str, extra=None, then=None):
+        """Write a snapshot of the running partition into ``directory`` with its vCPUs
+        paused; returns (vmm.snapshot.Written, milliseconds paused). ``extra()``, called
+        while paused, gives the layers above's (state, images); ``then()`` runs before
+        the vCPUs go on (a stop: they never do)."""
+        from osvmm.errors import SnapshotError
+        from osvmm.vmm import snapshot
+
+        if not self.running:
+            raise SnapshotError(f"partition {self.config.name!r} is not running")
+        t0 = time.perf_counter()
+        with self.paused():
+            if not self.running:
+                raise SnapshotError(f"partition {self.config.name!r} ended")
+            state, images = extra() if extra is not None else ({}, {})
+            written = snapshot.write(self, directory, state, images)
+            if then is not None:
+                then()
+            paused_ms = (time.perf_counter() - t0) * 1000
+        return written, paused_ms
+
+    def track_dirty(self, on: bool) -> None:
+        """Start (or stop) tracking which guest pages change: KVM's dirty log for the
+        guest's writes, GuestMemory.written_pages for the VMM's (a migration)."""
+        with self._slots_lock:
+            self.slots.set_dirty_logging(on)
+            self.memory.written_pages = set() if on else None
+
+    def dirty_pages(self) -> list[int]:
+        """The guest-physical pages changed since the last call (sorted), and forget them."""
+        with self._slots_lock:
+            pages = set(self.slots.dirty_pages())
+            if self.memory.written_pages:
+                pages |= self.memory.written_pages
+                self.memory.written_pages = set()
+        return sorted(pages)
 
     def vcpu_tids(self) -> list[int | None]:
         """The host thread id of each vCPU (None before it started)."""
@@ -328,13 +465,10 @@ class Partition:
         of RAM writable. Running vCPUs are parked while the memslots change."""
         if ranges and any(t.ram_write is None for t in self.threads):
             raise ValueError("protect_pages without a RAM write handler")
-        with self._slots_lock:
-            parked = [t for t in self.threads if t.park()]
-            try:
-                self.slots.set_readonly(ranges)
-            finally:
-                for t in parked:
-                    t.unpark()
+        # Parked first, the slots lock taken after: a vCPU in a hypercall that maps a
+        # channel (map_shared) takes that lock before it can park.
+        with self.paused(), self._slots_lock:
+            self.slots.set_readonly(ranges)
 
     def protected_pages(self) -> tuple[tuple[int, int], ...]:
         """The guest-physical RAM ranges mapped read-only now."""

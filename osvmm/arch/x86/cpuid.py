@@ -57,3 +57,37 @@ def vcpu_cpuid(
 
 
 assert ctypes.sizeof(kvm_cpuid_entry2) == 40
+
+
+# (leaf, subleaf, register) whose bits are CPU features: a vCPU restored on another
+# host needs each of its bits there too (vmm/snapshot.py).
+FEATURE_REGISTERS = (
+    (0x1, 0, "ecx"),
+    (0x1, 0, "edx"),
+    (0x7, 0, "ebx"),
+    (0x7, 0, "ecx"),
+    (0x7, 0, "edx"),
+    (0x7, 1, "eax"),
+    (0xD, 1, "eax"),
+    (0x80000001, 0, "ecx"),
+    (0x80000001, 0, "edx"),
+)
+
+
+def missing_features(wanted: list[kvm_cpuid_entry2], offered: list[kvm_cpuid_entry2]) -> list[str]:
+    """The feature bits ``wanted`` (a vCPU's CPUID) sets that ``offered`` (what this
+    host would give the same vCPU) lacks, as ``"leaf 0x7.0 ebx 0x..."``; empty when
+    every one is there."""
+
+    def reg(entries, leaf, sub, name) -> int:
+        for e in entries:
+            if e.function == leaf and (e.index == sub or not e.flags & 1):
+                return getattr(e, name)
+        return 0
+
+    out = []
+    for leaf, sub, name in FEATURE_REGISTERS:
+        lack = reg(wanted, leaf, sub, name) & ~reg(offered, leaf, sub, name)
+        if lack:
+            out.append(f"leaf {leaf:#x}.{sub} {name} {lack:#x}")
+    return out
