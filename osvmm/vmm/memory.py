@@ -90,10 +90,15 @@ class GuestMemory:
                 os.close(fd)
                 if e.errno == errno.ENOMEM:
                     self._refuse(gpa, size, "mmap failed with ENOMEM")
-                raise GuestMemoryError(
-                    f"cannot map {size >> 10} KiB of guest memory: {e.strerror}"
-                ) from None
-            return self._add(Region(gpa, size, mem, "memfd", fd))
+                if e.errno != errno.EFBIG:
+                    raise GuestMemoryError(
+                        f"cannot map {size >> 10} KiB of guest memory: {e.strerror}"
+                    ) from None
+                # A file-size limit (RLIMIT_FSIZE) binds a memfd too: the memory is
+                # anonymous then, as it would be without the memfd (it still works;
+                # only a live upgrade cannot hand it over without copying).
+            else:
+                return self._add(Region(gpa, size, mem, "memfd", fd))
         try:
             mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         except OSError as e:
