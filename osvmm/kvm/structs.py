@@ -167,6 +167,31 @@ def kvm_cpuid2(nent: int) -> type[ctypes.Structure]:
     return _kvm_cpuid2
 
 
+class kvm_msr_entry(ctypes.Structure):
+    _fields_ = [("index", c_uint32), ("reserved", c_uint32), ("data", c_uint64)]
+
+
+assert ctypes.sizeof(kvm_msr_entry) == 16
+
+
+class kvm_msrs_header(ctypes.Structure):
+    """struct kvm_msrs without its flexible array of entries (the ioctl's size)."""
+
+    _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32)]
+
+
+assert ctypes.sizeof(kvm_msrs_header) == 8
+
+
+def kvm_msrs(nmsrs: int) -> type[ctypes.Structure]:
+    """struct kvm_msrs with room for ``nmsrs`` entries."""
+
+    class _kvm_msrs(ctypes.Structure):
+        _fields_ = [("nmsrs", c_uint32), ("pad", c_uint32), ("entries", kvm_msr_entry * nmsrs)]
+
+    return _kvm_msrs
+
+
 # -- interrupts and devices ----------------------------------------------------------
 
 

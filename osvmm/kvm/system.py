@@ -239,6 +239,21 @@ class Vcpu:
             cpuid.entries[i] = e
         _ioctl(self.fd, io.KVM_SET_CPUID2, cpuid)
 
+    def set_msrs(self, msrs: dict[int, int]) -> None:
+        """Write model-specific registers {index: value}; KvmError(EINVAL) naming the
+        first one KVM refused (KVM_SET_MSRS stops there and returns how many it set)."""
+        buf = _msr_buffer(msrs)
+        done = _ioctl(self.fd, io.KVM_SET_MSRS, buf)
+        if done != len(msrs):
+            index = buf.entries[done].index
+            raise KvmError(errno.EINVAL, f"KVM_SET_MSRS (MSR {index:#x} refused)")
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        """Read model-specific registers; {index: value} for those KVM returned."""
+        buf = _msr_buffer(dict.fromkeys(indices, 0))
+        done = _ioctl(self.fd, io.KVM_GET_MSRS, buf)
+        return {buf.entries[i].index: buf.entries[i].data for i in range(done)}
+
     def stats_fd(self) -> int:
         return _ioctl(self.fd, io.KVM_GET_STATS_FD)
 
@@ -248,3 +263,12 @@ class Vcpu:
             self.run_mmap.close()
             os.close(self.fd)
             self.fd = -1
+
+
+def _msr_buffer(msrs: dict[int, int]):
+    buf = s.kvm_msrs(len(msrs))()
+    buf.nmsrs = len(msrs)
+    for i, (index, value) in enumerate(msrs.items()):
+        buf.entries[i].index = index
+        buf.entries[i].data = value
+    return buf
