@@ -39,6 +39,8 @@ MIRRORS = {
     s.kvm_msi: "kvm_msi",
     s.kvm_mp_state: "kvm_mp_state",
     s.kvm_lapic_state: "kvm_lapic_state",
+    s.kvm_msr_entry: "kvm_msr_entry",
+    s.kvm_msrs_header: "kvm_msrs",
     s.kvm_enable_cap: "kvm_enable_cap",
     s.kvm_stats_header: "kvm_stats_header",
     s.kvm_stats_desc: "kvm_stats_desc",

@@ -6,6 +6,9 @@
   GSI 0 to pin 0, and Linux's timer check fails ("APIC timer disabled due to
   verification failure"), its clock then stands still.
 - The TSC-deadline timer is announced in CPUID where KVM emulates it.
+- Every vCPU starts with the MTRRs enabled, write-back by default, as firmware
+  leaves them: KVM starts with IA32_MTRR_DEF_TYPE 0, and Linux then turns PAT
+  off too ("x86/PAT: MTRRs disabled, skipping PAT initialization too.").
 """
 
 from __future__ import annotations
@@ -89,3 +92,33 @@ def test_the_pit_interrupts_on_pin_2_and_tsc_deadline_is_announced():
         f"platform: tsc_deadline={int(deadline)}\nplatform: pit on pin 2: yes\n"
     ), r.stderr
     assert r.returncode == 1
+
+
+def test_boot_msrs_enable_the_mtrrs_write_back():
+    from osvmm.arch.x86 import msr
+
+    assert msr.boot_msrs() == {0x2FF: 0x806}  # E (bit 11) | type 6, write-back
+
+
+@pytest.mark.kvm
+def test_every_vcpu_starts_with_the_mtrrs_enabled_write_back():
+    from osvmm.arch.x86.msr import IA32_MTRR_DEF_TYPE
+    from osvmm.kvm import Kvm
+    from osvmm.vmm.bringup import create_vcpu, create_vm
+    from osvmm.vmm.memory import GuestMemory
+
+    kvm = Kvm()
+    mem = GuestMemory([(0, 2 << 20)])
+    vm = create_vm(kvm, mem, pit=False)
+    vcpus = []
+    try:
+        supported = kvm.supported_cpuid()
+        vcpus = [create_vcpu(vm, supported, i, 2) for i in range(2)]
+        for vcpu in vcpus:
+            assert dict(vcpu.get_msrs([IA32_MTRR_DEF_TYPE])) == {IA32_MTRR_DEF_TYPE: 0x806}
+    finally:
+        for vcpu in vcpus:
+            vcpu.close()
+        vm.close()
+        mem.close()
+        kvm.close()

@@ -5,16 +5,20 @@ identity map, where layout.py puts them), the in-kernel irqchip (LAPICs, I/O
 APIC, PIC) with the PC's interrupt wiring that the MP table and MADT describe
 (arch/x86/irq.py: the PIT's GSI 0 on I/O APIC pin 2), optionally the PIT, and
 registers guest memory as memslots 0..n-1. ``create_vcpu`` makes one vCPU
-with its CPUID (TSC-deadline announced where KVM emulates it) and, for the
+with its CPUID (TSC-deadline announced where KVM emulates it), the MSRs
+firmware would leave (arch/x86/msr.py: MTRRs on, write-back) and, for the
 boot processor, the entry registers. A partition (partition.py) and the host probe
 (host_quirks.py) both bring up their VMs through these.
 """
 
 from __future__ import annotations
 
+import errno
+
 from osvmm.arch.x86 import cpuid as x86_cpuid
-from osvmm.arch.x86 import irq, layout
+from osvmm.arch.x86 import irq, layout, msr
 from osvmm.arch.x86.regs import EntryState, apply_entry_state
+from osvmm.errors import KvmError
 
 
 def create_vm(kvm, memory, pit: bool = True):
@@ -53,6 +57,7 @@ def create_vcpu(
         if cpuid is None:
             cpuid = x86_cpuid.vcpu_cpuid(supported_cpuid, apic_id, vcpus, cpuid_mask, tsc_deadline)
         vcpu.set_cpuid(cpuid)
+        set_boot_msrs(vcpu)  # after CPUID: KVM checks MSRs against it
         if entry is not None:
             sregs, regs = vcpu.get_sregs(), vcpu.get_regs()
             regs.__init__()  # all general registers zero but what the entry sets
@@ -63,3 +68,12 @@ def create_vcpu(
         vcpu.close()
         raise
     return vcpu
+
+
+def set_boot_msrs(vcpu) -> None:
+    """The MSRs a vCPU starts with (arch/x86/msr.py: the MTRRs enabled, write-back),
+    as firmware leaves them; KvmError naming the first MSR KVM refused."""
+    values = list(msr.boot_msrs().items())
+    done = vcpu.set_msrs(values)
+    if done != len(values):
+        raise KvmError(errno.EINVAL, f"KVM_SET_MSRS (MSR {values[done][0]:#x} refused)")
