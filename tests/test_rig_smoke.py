@@ -37,3 +37,14 @@ def test_hello_guest_runs():
     assert r.stdout == b"Hello from osvmm guest\n"
     assert r.returncode == 1  # debug-exit value 0 -> (0 << 1) | 1
     assert r.stderr == b""
+
+
+def test_a_triple_fault_says_kvm_on_amd_lost_its_registers():
+    # kvm_amd INITs a vCPU at a shutdown before KVM_RUN returns (the VMCB is undefined
+    # after one): the registers osvmm reads are the reset state, rip 0xfff0.
+    r = run_osvmm("run", "guests:triplefault", timeout=600)
+    assert r.returncode == 4
+    assert r.stderr.decode().splitlines()[-1] == (
+        "osvmm: guest fault on vcpu 0 at rip 0xfff0: triple fault (shutdown; KVM reset "
+        "the vCPU before reporting it, as it does on AMD: the registers at the fault are lost)"
+    )

@@ -69,11 +69,20 @@ class ScriptedVcpu:
     def complete_mmio_read(self, data):
         self.io_in.append(data)
 
+    rip, cs_base = 0x1234, 0
+
     def get_regs(self):
         class R:
-            rip = 0x1234
+            rip = self.rip
 
         return R()
+
+    def get_sregs(self):
+        class S:
+            class cs:
+                base = self.cs_base
+
+        return S()
 
     def set_immediate_exit(self, value):
         pass
@@ -95,13 +104,14 @@ class Machine:
         self.resets.append(index)
 
 
-def run_script(script):
+def run_script(script, rip=0x1234, cs_base=0):
     bus = PortBus()
     dev = Recorder()
     bus.register(0x3F8, 8, dev)
     machine = Machine()
     box = [None]
     vcpu = ScriptedVcpu(script, box)
+    vcpu.rip, vcpu.cs_base = rip, cs_base
     t = VcpuThread(vcpu, 0, bus, MmioBus(), machine)
     box[0] = t
     t._main()  # run on this thread
@@ -157,6 +167,20 @@ def test_faults_are_reported_with_vcpu_and_rip(ex, text):
     assert fault.vcpu == 0 and fault.rip == 0x1234
     assert text in str(fault)
     assert t.state == VcpuThread.FINISHED
+
+
+def test_a_triple_fault_reported_in_the_reset_state_says_the_registers_are_lost():
+    # KVM on AMD INITs the vCPU before it returns KVM_EXIT_SHUTDOWN: rip 0xfff0 then
+    # is the reset vector, not where the guest faulted.
+    _, _, machine, _ = run_script([exits.Shutdown()], rip=0xFFF0, cs_base=0xFFFF0000)
+    (fault,) = machine.faults
+    assert str(fault) == (
+        "guest fault on vcpu 0 at rip 0xfff0: triple fault (shutdown; KVM reset the vCPU "
+        "before reporting it, as it does on AMD: the registers at the fault are lost)"
+    )
+    # Real mode code that faults at 0xfff0 with another CS is reported plainly.
+    _, _, machine, _ = run_script([exits.Shutdown()], rip=0xFFF0, cs_base=0xF0000)
+    assert str(machine.faults[0]).endswith("at rip 0xfff0: triple fault (shutdown)")
 
 
 def test_handled_exits_are_counted_by_kind():

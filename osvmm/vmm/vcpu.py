@@ -43,6 +43,12 @@ from osvmm.kvm.exits import (
 from osvmm.kvm.structs import KVM_EXIT_INTR, KVM_EXIT_IO, KVM_SYSTEM_EVENT_RESET
 
 KICK_SIGNAL = signal.SIGUSR1
+# The state INIT leaves a vCPU in: what KVM on AMD reports after a triple fault.
+RESET_RIP, RESET_CS_BASE = 0xFFF0, 0xFFFF0000
+SHUTDOWN_RESET_REASON = (
+    "triple fault (shutdown; KVM reset the vCPU before reporting it, as it does on AMD: "
+    "the registers at the fault are lost)"
+)
 _kick_installed = False
 
 
@@ -206,7 +212,7 @@ class VcpuThread:
         elif kind is MmioRead:
             self.vcpu.complete_mmio_read(self.mmio.read(ex.addr, ex.length))
         elif kind is Shutdown:
-            raise self._fault("triple fault (shutdown)")
+            raise self._shutdown_fault()
         elif kind is InternalError:
             raise self._fault(ex.describe())
         elif kind is FailEntry:
@@ -238,3 +244,16 @@ class VcpuThread:
         except KvmError:
             rip = 0
         return GuestFault(self.index, rip, reason)
+
+    def _shutdown_fault(self) -> GuestFault:
+        """A triple fault. KVM on AMD puts the vCPU through INIT before it reports the
+        shutdown (the VMCB is undefined after one), so the registers read then are the
+        reset state, rip 0xfff0 with CS base 0xffff0000: say so, not blame 0xfff0."""
+        fault = self._fault("triple fault (shutdown)")
+        try:
+            cs_base = self.vcpu.get_sregs().cs.base
+        except KvmError:
+            return fault
+        if fault.rip == RESET_RIP and cs_base == RESET_CS_BASE:
+            return GuestFault(self.index, fault.rip, SHUTDOWN_RESET_REASON)
+        return fault
