@@ -119,6 +119,7 @@ class Vm:
     def __init__(self, kvm: Kvm, fd: int):
         self.kvm = kvm
         self.fd = fd
+        self._sync_regs: bool | None = None
 
     def check_extension(self, cap: int) -> int:
         return _ioctl(self.fd, io.KVM_CHECK_EXTENSION, cap)
@@ -167,8 +168,12 @@ class Vm:
         _ioctl(self.fd, io.KVM_ENABLE_CAP, ec)
 
     def supports_sync_regs(self) -> bool:
-        """Whether KVM keeps the general registers in kvm_run (exits.SyncRegs)."""
-        return bool(self.check_extension(io.KVM_CAP_SYNC_REGS) & s.KVM_SYNC_X86_REGS)
+        """Whether KVM keeps the general registers in kvm_run (exits.SyncRegs); asked
+        once per VM (every boot of a partition kept built asks again)."""
+        if self._sync_regs is None:
+            cap = self.check_extension(io.KVM_CAP_SYNC_REGS)
+            self._sync_regs = bool(cap & s.KVM_SYNC_X86_REGS)
+        return self._sync_regs
 
     def disable_exits(self, bits: int) -> int:
         """Disable the exits named by ``bits`` (KVM_X86_DISABLE_EXITS_*) if KVM offers
@@ -263,6 +268,19 @@ class Vcpu:
 
     def set_immediate_exit(self, value: bool) -> None:
         exits.set_immediate_exit(self.run_mmap, value)
+
+    def complete_pending(self) -> None:
+        """Finish an exit KVM still owes the guest (the data of an ``in`` or an MMIO
+        read, registers marked dirty) without entering it: KVM_RUN with immediate_exit
+        set, as the KVM API asks before a vCPU's state is read or replaced."""
+        self.set_immediate_exit(True)
+        try:
+            fcntl.ioctl(self.fd, io.KVM_RUN, 0)
+        except OSError as e:
+            if e.errno not in (errno.EINTR, errno.EAGAIN):
+                raise KvmError(e.errno, "KVM_RUN") from None
+        finally:
+            self.set_immediate_exit(False)
 
     # -- state -----------------------------------------------------------------
     def get_regs(self) -> s.kvm_regs:
