@@ -370,3 +370,25 @@ def test_states_are_values(s0):
     b = call(s0, A, abi.CHANNEL_ATTACH, 0, 0).state
     assert a == b and hash(a) == hash(b) and a != s0
     assert s0.attachments == frozenset()  # the old state is untouched
+
+
+def test_dispatch_is_step_for_the_live_vmms_arguments():
+    """The live VMM calls ``dispatch`` with four u64s unpacked from registers: the
+    same outcome as ``step``, as a plain tuple; ``step`` alone checks arguments."""
+    import itertools
+
+    from osvmm.hypercall.monitor import StepResult, dispatch
+
+    s = MonitorState.from_config(config())
+    values = (0, 1, 64, 0x1000, WIN, U64_MAX)
+    for caller, nr in itertools.product((A, B, 3), (*range(len(abi.HYPERCALLS)), 99)):
+        for args in itertools.product(values, repeat=2):
+            full = (*args, 0, 0)
+            out = dispatch(s, caller, nr, full)
+            assert type(out) is tuple and step(s, caller, nr, full) == StepResult._make(out)
+    # Arguments step refuses: EINVAL, after the caller's and the call's own errors.
+    assert step(s, A, abi.CONSOLE_WRITE, (1 << 64, 0)).result == -EINVAL
+    assert step(s, A, abi.CONSOLE_WRITE, [0, 0, 0, 0, 0]).result == -EINVAL
+    assert step(s, A, 99, (-1,)).result == -ENOSYS
+    assert step(s, 7, abi.CONSOLE_WRITE, (-1,)).result == -ESRCH
+    assert isinstance(step(s, A, abi.CONSOLE_WRITE, (0, 0)), StepResult)

@@ -243,3 +243,19 @@ def test_stats_reader_with_no_descriptors(tmp_path):
     reader = StatsReader(os.open(path, os.O_RDONLY))
     assert reader.read() == {}
     reader.close()
+
+
+def test_sync_regs_first_and_return_rax_use_the_kvm_run_layout():
+    buf, run = run_image(s.KVM_EXIT_IO)
+    regs = run.s.regs.regs
+    regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi = 1, 2, 3, 4, 5, 6
+    regs.rip = 0x1000
+    sync = exits.SyncRegs(buf)
+    assert sync.first() == (1, 2, 3, 4, 5, 6)
+    sync.return_rax((1 << 64) - 22)
+    assert regs.rax == (1 << 64) - 22 and regs.rbx == 2 and regs.rip == 0x1000
+    assert run.kvm_dirty_regs == s.KVM_SYNC_X86_REGS
+    sync.enable()
+    assert run.kvm_valid_regs == s.KVM_SYNC_X86_REGS
+    sync.disable()
+    assert run.kvm_valid_regs == 0 and run.kvm_dirty_regs == 0

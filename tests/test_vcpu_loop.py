@@ -104,7 +104,7 @@ class Machine:
         self.resets.append(index)
 
 
-def run_script(script, rip=0x1234, cs_base=0):
+def run_script(script, rip=0x1234, cs_base=0, hooks=None):
     bus = PortBus()
     dev = Recorder()
     bus.register(0x3F8, 8, dev)
@@ -113,9 +113,31 @@ def run_script(script, rip=0x1234, cs_base=0):
     vcpu = ScriptedVcpu(script, box)
     vcpu.rip, vcpu.cs_base = rip, cs_base
     t = VcpuThread(vcpu, 0, bus, MmioBus(), machine)
+    t.port_hooks.update(hooks or {})
     box[0] = t
     t._main()  # run on this thread
     return dev, vcpu, machine, t
+
+
+def test_a_hooked_port_sees_single_word_and_dword_accesses_on_the_fast_path():
+    seen = []
+
+    def hook(vcpu, direction, size, data_offset):
+        seen.append((direction, size, data_offset))
+
+    script = [exits.IoOut(0x510, 4, b"\1\0\0\0"), exits.IoIn(0x510, 2, 1, 0)]
+    _, vcpu, machine, t = run_script(script, hooks={0x510: hook})
+    assert seen == [(1, 4, vcpu.DATA_OFF), (0, 2, vcpu.DATA_OFF)]
+    assert t.io_counts == [1, 1] and not machine.faults
+    assert t.handled_counts() == {"Interrupted": 1, "IoIn": 1, "IoOut": 1}
+
+
+def test_byte_and_string_accesses_to_a_hooked_port_go_to_the_port_bus():
+    seen = []
+    script = [exits.IoOut(0x510, 1, b"\1"), exits.IoOut(0x510, 4, b"\1\0\0\0" * 2)]
+    _, _, _, t = run_script(script, hooks={0x510: lambda *a: seen.append(a)})
+    assert seen == []
+    assert t.pio.unclaimed[0x510] == 3  # one byte, then two dwords of a rep outsl
 
 
 def test_rep_outs_writes_every_byte_to_the_same_port():

@@ -76,11 +76,14 @@ from osvmm.hypercall.monitor import (
     PartitionConfig,
     PartitionLifecycle,
     RaiseInterrupt,
+    StepResult,
     UnmapChannel,
     WriteGuest,
 )
 from osvmm.hypercall.spec import Spec
-from osvmm.kvm.exits import IoOut
+from osvmm.kvm.exits import IoIn
+
+U64_MAX = abi.U64_MAX
 
 
 def monitor_config(plan, machines) -> MonitorConfig:
@@ -121,11 +124,25 @@ class ChannelMemory:
             self.mem = None
 
 
+# The ABI's call numbers are 0..n-1: each is counted in a list slot (an exit's
+# cheapest increment), any other number in a Counter.
+_KNOWN_CALLS = len(abi.HYPERCALLS)
+assert sorted(c.nr for c in abi.HYPERCALLS) == list(range(_KNOWN_CALLS))
+
+
 @dataclass
 class LiveStats:
-    calls: Counter = field(default_factory=Counter)  # call number -> calls
+    known: list[int] = field(default_factory=lambda: [0] * _KNOWN_CALLS)  # by call number
+    other: Counter = field(default_factory=Counter)  # numbers the ABI does not define
     errors: Counter = field(default_factory=Counter)  # -errno -> calls that failed with it
     window_writes: Counter = field(default_factory=Counter)  # partition id -> dropped writes
+
+    @property
+    def calls(self) -> Counter:
+        """Call number -> calls made with it."""
+        out = Counter(self.other)
+        out.update({nr: n for nr, n in enumerate(self.known) if n})
+        return out
 
 
 class LiveMonitor:
@@ -159,6 +176,8 @@ class LiveMonitor:
         # Nothing is bound yet: every partition is "stopped" until its first bind.
         self.state = replace(self.state, lifecycle=(STOPPED,) * len(self.topology.partitions))
         self.stats = LiveStats()
+        self._known_calls = self.stats.known  # the per-call path: no attribute chains
+        self._reader = self._read_guest
         self.violations: list[str] = []
         self._console_partial: dict[int, bool] = {}
 
@@ -195,6 +214,8 @@ class LiveMonitor:
     def _set_lifecycle(self, pid: int, life: str) -> None:
         with self.lock:
             held = self.state.attached(pid)
+            if not held and self.state.lifecycle[pid] == life:
+                return  # nothing to change (bind after partition_stopped)
             for a in held:
                 self._unmap(pid, self.topology.channels[a.channel].gpa)
             lifecycle = list(self.state.lifecycle)
@@ -206,53 +227,59 @@ class LiveMonitor:
             )
 
     # -- the exit handlers -----------------------------------------------------
+    # A hook runs on the vCPU loop's fast path for every single 2- or 4-byte access
+    # to the hypercall port (osvmm/vmm/vcpu.py): ``hook(vcpu, direction, size,
+    # data_offset)``. The call number is EAX, the value the ``out`` wrote.
     def _sync_hook(self, pid: int):
         call = self.call
 
-        def hook(vcpu, ex) -> None:
-            if type(ex) is not IoOut or ex.size != 4:
-                _complete_other(vcpu, ex)
+        def hook(vcpu, direction, size, data_offset) -> None:
+            if not direction or size != 4:
+                _complete_other(vcpu, direction, size, data_offset)
                 return
             sync = vcpu.sync
-            regs = sync.regs
-            nr = int.from_bytes(ex.data, "little")
-            regs.rax = call(pid, nr, (regs.rdi, regs.rsi, regs.rbx, regs.rcx)) & abi.U64_MAX
-            sync.mark_dirty()
+            rax, rbx, rcx, _, rsi, rdi = sync.first()
+            sync.return_rax(call(pid, rax & 0xFFFFFFFF, (rdi, rsi, rbx, rcx)) & U64_MAX)
 
         return hook
 
     def _ioctl_hook(self, pid: int):
         call = self.call
 
-        def hook(vcpu, ex) -> None:
-            if type(ex) is not IoOut or ex.size != 4:
-                _complete_other(vcpu, ex)
+        def hook(vcpu, direction, size, data_offset) -> None:
+            if not direction or size != 4:
+                _complete_other(vcpu, direction, size, data_offset)
                 return
             regs = vcpu.get_regs()
-            nr = int.from_bytes(ex.data, "little")
-            regs.rax = call(pid, nr, (regs.rdi, regs.rsi, regs.rbx, regs.rcx)) & abi.U64_MAX
+            nr = regs.rax & 0xFFFFFFFF
+            regs.rax = call(pid, nr, (regs.rdi, regs.rsi, regs.rbx, regs.rcx)) & U64_MAX
             vcpu.set_regs(regs)
 
         return hook
 
     # -- one call ----------------------------------------------------------------
     def call(self, pid: int, nr: int, args: tuple[int, ...]) -> int:
-        """Run one hypercall of partition ``pid`` and apply its effects; its result."""
-        lifecycle_ops = ()
+        """Run one hypercall of partition ``pid`` and apply its effects; its result.
+        ``args``: a0..a3, four unsigned 64-bit integers (as the hooks unpack them:
+        ``monitor.dispatch`` takes them unchecked)."""
         with self.lock:
             src = self.state
-            res = monitor.step(src, pid, nr, args, self._read_guest)
-            self.state = res.state
-            self.stats.calls[nr] += 1
-            if res.result < 0:
-                self.stats.errors[res.result] += 1
-            if res.effects:
-                lifecycle_ops = self._apply(res.effects)
+            state, result, effects = monitor.dispatch(src, pid, nr, args, self._reader)
+            self.state = state
+            if nr < _KNOWN_CALLS:
+                self._known_calls[nr] += 1
+            else:
+                self.stats.other[nr] += 1
+            if result < 0:
+                self.stats.errors[result] += 1
+            if effects:
+                later = self._apply(effects)
             if self.check:
-                self._check(src, pid, nr, args, res)
-        for effect in lifecycle_ops:
-            self._lifecycle(pid, effect)
-        return res.result
+                self._check(src, pid, nr, args, StepResult(state, result, effects))
+        if effects:
+            for effect in later:
+                self._lifecycle(pid, effect)
+        return result
 
     def _apply(self, effects) -> tuple[PartitionLifecycle, ...]:
         later = []
@@ -338,7 +365,7 @@ class LiveMonitor:
             mem.close()
 
 
-def _complete_other(vcpu, ex) -> None:
+def _complete_other(vcpu, direction: int, size: int, data_offset: int) -> None:
     """Anything but a 4-byte out on the hypercall port: ignored, an ``in`` reads ones."""
-    if type(ex) is not IoOut:
-        vcpu.complete_io_in(ex, b"\xff" * (ex.size * ex.count))
+    if not direction:
+        vcpu.complete_io_in(IoIn(HYPERCALL_PORT, size, 1, data_offset), b"\xff" * size)

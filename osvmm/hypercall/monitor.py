@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from osvmm.arch.x86 import layout
 from osvmm.arch.x86.layout import PAGE_SIZE
@@ -44,6 +45,7 @@ from osvmm.hypercall.abi import (
 )
 
 U64_MAX = abi.U64_MAX
+_NUM_ARGS = abi.NUM_ARGS
 
 RUNNING = "running"
 STOPPED = "stopped"
@@ -277,8 +279,11 @@ class PartitionLifecycle:
 Effect = MapChannel | UnmapChannel | RaiseInterrupt | ConsoleWrite | WriteGuest | PartitionLifecycle
 
 
-@dataclass(frozen=True)
-class StepResult:
+class StepResult(NamedTuple):
+    """What one call did, as ``step`` returns it. The handlers and ``dispatch`` return
+    the same three values as a plain tuple (an ``Outcome``): the live VMM unpacks one
+    per hypercall, and a plain tuple costs it nothing to make."""
+
     state: MonitorState
     result: int  # >= 0 success, -errno failure
     effects: tuple[Effect, ...] = ()
@@ -289,8 +294,12 @@ class StepResult:
         return abi.encode_result(self.result)
 
 
-def _fail(state: MonitorState, err: int) -> StepResult:
-    return StepResult(state, -err)
+# (state, result, effects): a StepResult's fields, as the handlers return them.
+Outcome = tuple[MonitorState, int, tuple[Effect, ...]]
+
+
+def _fail(state: MonitorState, err: int) -> Outcome:
+    return state, -err, ()
 
 
 # ---------------------------------------------------------------------------
@@ -305,6 +314,36 @@ def step(
     memory_reader: MemoryReader | None = None,
 ) -> StepResult:
     """Run one hypercall of ``caller_id``; ``args`` are a0..a3 (missing ones are 0)."""
+    # The live VMM's case first: a tuple of NUM_ARGS plain ints, used as it is.
+    if type(args) is tuple and len(args) == _NUM_ARGS:
+        for a in args:
+            if type(a) is not int or a < 0 or a > U64_MAX:
+                break
+        else:
+            return StepResult._make(dispatch(state, caller_id, call_nr, args, memory_reader))
+    refused = _refusal(state, caller_id, call_nr)
+    if refused is not None:
+        return StepResult._make(refused)
+    if not isinstance(args, tuple | list) or len(args) > _NUM_ARGS:
+        return StepResult._make(_fail(state, EINVAL))
+    for a in args:
+        if not isinstance(a, int) or not 0 <= a <= U64_MAX:
+            return StepResult._make(_fail(state, EINVAL))
+    full = tuple(int(a) for a in args) + (0,) * (_NUM_ARGS - len(args))
+    return StepResult._make(_HANDLERS[call_nr](state, caller_id, full, memory_reader))
+
+
+def dispatch(
+    state: MonitorState,
+    caller_id: int,
+    call_nr: int,
+    args: tuple[int, int, int, int],
+    memory_reader: MemoryReader | None = None,
+) -> Outcome:
+    """``step`` for arguments known to be NUM_ARGS unsigned 64-bit ints (those the
+    live VMM unpacks from the caller's registers can be nothing else), its result
+    as a plain ``(state, result, effects)`` tuple: the caller and call checks of
+    ``_refusal``, inline, then the handler from the table."""
     partitions = state.topology.partitions
     if type(caller_id) is not int or not 0 <= caller_id < len(partitions):
         return _fail(state, ESRCH)
@@ -313,17 +352,24 @@ def step(
     handler = _HANDLERS.get(call_nr) if type(call_nr) is int else None
     if handler is None:
         return _fail(state, ENOSYS)
-    if not isinstance(args, tuple | list) or len(args) > abi.NUM_ARGS:
-        return _fail(state, EINVAL)
-    for a in args:
-        if not isinstance(a, int) or not 0 <= a <= U64_MAX:
-            return _fail(state, EINVAL)
-    full = tuple(int(a) for a in args) + (0,) * (abi.NUM_ARGS - len(args))
-    return handler(state, caller_id, full, memory_reader)
+    return handler(state, caller_id, args, memory_reader)
+
+
+def _refusal(state: MonitorState, caller_id: int, call_nr: int) -> Outcome | None:
+    """The errors that come before any argument's (docs/hypercalls.md): an unknown or
+    stopped caller (ESRCH), an unknown call (ENOSYS); None when neither."""
+    partitions = state.topology.partitions
+    if type(caller_id) is not int or not 0 <= caller_id < len(partitions):
+        return _fail(state, ESRCH)
+    if state.lifecycle[caller_id] != RUNNING:
+        return _fail(state, ESRCH)
+    if type(call_nr) is not int or call_nr not in _HANDLERS:
+        return _fail(state, ENOSYS)
+    return None
 
 
 # ---------------------------------------------------------------------------
-# The six handlers: (state, caller, (a0, a1, a2, a3), memory_reader) -> StepResult.
+# The six handlers: (state, caller, (a0, a1, a2, a3), memory_reader) -> Outcome.
 # Each checks its errors in the order docs/hypercalls.md lists them.
 
 
@@ -355,7 +401,7 @@ def partition_info_bytes(state: MonitorState, partition: int) -> bytes:
     return bytes(out)
 
 
-def partition_info(state, caller, args, memory_reader) -> StepResult:
+def partition_info(state, caller, args, memory_reader) -> Outcome:
     buf_gpa, buf_len = args[0], args[1]
     if buf_gpa % abi.PARTITION_INFO_ALIGN:
         return _fail(state, EINVAL)
@@ -364,17 +410,17 @@ def partition_info(state, caller, args, memory_reader) -> StepResult:
     data = partition_info_bytes(state, caller)
     if len(data) > buf_len:
         return _fail(state, ENOSPC)
-    return StepResult(state, len(data), (WriteGuest(caller, buf_gpa, data),))
+    return state, len(data), (WriteGuest(caller, buf_gpa, data),)
 
 
-def console_write(state, caller, args, memory_reader) -> StepResult:
+def console_write(state, caller, args, memory_reader) -> Outcome:
     gpa, length = args[0], args[1]
     if length > abi.CONSOLE_WRITE_MAX:
         return _fail(state, EINVAL)
     if not state.topology.partitions[caller].ram_contains(gpa, length):
         return _fail(state, EFAULT)
     if length == 0:
-        return StepResult(state, 0)
+        return state, 0, ()
     data = None
     if memory_reader is not None:
         try:
@@ -383,10 +429,10 @@ def console_write(state, caller, args, memory_reader) -> StepResult:
             return _fail(state, EFAULT)
         if len(data) != length:
             return _fail(state, EFAULT)
-    return StepResult(state, length, (ConsoleWrite(caller, gpa, length, data),))
+    return state, length, (ConsoleWrite(caller, gpa, length, data),)
 
 
-def doorbell(state, caller, args, memory_reader) -> StepResult:
+def doorbell(state, caller, args, memory_reader) -> Outcome:
     target, vcpu, vector = args[0], args[1], args[2]
     partitions = state.topology.partitions
     if target >= len(partitions):
@@ -399,10 +445,10 @@ def doorbell(state, caller, args, memory_reader) -> StepResult:
         return _fail(state, EINVAL)
     if state.lifecycle[target] != RUNNING:
         return _fail(state, EBUSY)
-    return StepResult(state, 0, (RaiseInterrupt(target, vcpu, vector),))
+    return state, 0, (RaiseInterrupt(target, vcpu, vector),)
 
 
-def channel_attach(state, caller, args, memory_reader) -> StepResult:
+def channel_attach(state, caller, args, memory_reader) -> Outcome:
     channel_id, flags = args[0], args[1]
     channels = state.topology.channels
     if channel_id >= len(channels):
@@ -416,10 +462,10 @@ def channel_attach(state, caller, args, memory_reader) -> StepResult:
         return _fail(state, EBUSY)
     writable = chan.members[caller] and not flags & abi.ATTACH_READONLY
     new = replace(state, attachments=state.attachments | {Attachment(caller, chan.id, writable)})
-    return StepResult(new, chan.gpa, (MapChannel(caller, chan.id, chan.gpa, chan.size, writable),))
+    return new, chan.gpa, (MapChannel(caller, chan.id, chan.gpa, chan.size, writable),)
 
 
-def channel_detach(state, caller, args, memory_reader) -> StepResult:
+def channel_detach(state, caller, args, memory_reader) -> Outcome:
     channel_id = args[0]
     channels = state.topology.channels
     if channel_id >= len(channels):
@@ -429,10 +475,10 @@ def channel_detach(state, caller, args, memory_reader) -> StepResult:
         return _fail(state, EINVAL)
     chan = channels[channel_id]
     new = replace(state, attachments=state.attachments - {held})
-    return StepResult(new, 0, (UnmapChannel(caller, chan.id, chan.gpa, chan.size),))
+    return new, 0, (UnmapChannel(caller, chan.id, chan.gpa, chan.size),)
 
 
-def partition_control(state, caller, args, memory_reader) -> StepResult:
+def partition_control(state, caller, args, memory_reader) -> Outcome:
     target, op = args[0], args[1]
     partitions = state.topology.partitions
     if target >= len(partitions):
@@ -463,9 +509,9 @@ def partition_control(state, caller, args, memory_reader) -> StepResult:
     lifecycle = list(state.lifecycle)
     lifecycle[target] = RUNNING if op in abi.BOOT_OPS else STOPPED
     new = MonitorState(state.topology, tuple(lifecycle), state.attachments - frozenset(released))
-    return StepResult(new, 0, tuple(effects))
+    return new, 0, tuple(effects)
 
 
-_HANDLERS: dict[int, Callable[..., StepResult]] = {
+_HANDLERS: dict[int, Callable[..., Outcome]] = {
     call.nr: globals()[call.handler] for call in abi.HYPERCALLS
 }

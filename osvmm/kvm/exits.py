@@ -15,6 +15,7 @@ registers in kvm_run itself, read and written without an ioctl).
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import NamedTuple
 
@@ -180,19 +181,45 @@ def set_immediate_exit(mm, value: bool) -> None:
     mm[_IMMEDIATE_EXIT_OFF] = 1 if value else 0
 
 
+# The hypercall path's view of the synchronized registers: the first six of
+# kvm_regs (rax, rbx, rcx, rdx, rsi, rdi) in one unpack, and RAX written together
+# with the dirty mark in one pack (kvm_dirty_regs is the u64 right before s.regs).
+_FIRST_REGS = struct.Struct("<6Q")
+_DIRTY_AND_RAX = struct.Struct("<QQ")
+assert _DIRTY_REGS_OFF + 8 == _SYNC_REGS_OFF and s.kvm_regs.rax.offset == 0
+assert s.kvm_regs.rdi.offset == 40
+
+
 class SyncRegs:
     """The general registers KVM keeps in kvm_run (KVM_SYNC_X86_REGS).
 
     ``enable()`` asks KVM to store them at every exit; ``regs`` is a live
     ``kvm_regs`` view of them; after changing any, ``mark_dirty()`` makes KVM
-    load them at the next KVM_RUN (it clears the mark itself)."""
+    load them at the next KVM_RUN (it clears the mark itself). The hot path
+    (a hypercall) uses ``first()`` and ``return_rax(value)``: one unpack, one
+    pack, no ctypes field access."""
 
     def __init__(self, mm):
         self._mm = mm
         self.regs = s.kvm_regs.from_buffer(mm, _SYNC_REGS_OFF)
+        # The hot path's two accessors, bound to this mapping: C callables, no
+        # Python frame of their own (after an exit, every frame runs with cold caches).
+        self.first = functools.partial(_FIRST_REGS.unpack_from, mm, _SYNC_REGS_OFF)
+        self.return_rax = functools.partial(
+            _DIRTY_AND_RAX.pack_into, mm, _DIRTY_REGS_OFF, s.KVM_SYNC_X86_REGS
+        )
 
     def enable(self) -> None:
         _U64.pack_into(self._mm, _VALID_REGS_OFF, s.KVM_SYNC_X86_REGS)
 
+    def disable(self) -> None:
+        """Neither store nor load them any more (a partition made ready for a new boot)."""
+        _U64.pack_into(self._mm, _VALID_REGS_OFF, 0)
+        _U64.pack_into(self._mm, _DIRTY_REGS_OFF, 0)
+
     def mark_dirty(self) -> None:
         self._mm[_DIRTY_REGS_OFF : _DIRTY_REGS_OFF + 8] = _DIRTY_REGS
+
+    # first() -> (rax, rbx, rcx, rdx, rsi, rdi) as KVM stored them at this exit;
+    # return_rax(value): RAX set (0 <= value < 2**64) and the registers marked dirty,
+    # in one write. Both are set per mapping in __init__.

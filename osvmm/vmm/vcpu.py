@@ -4,6 +4,11 @@ States (the terminal one is marked *):
 
     CREATED --start()--> RUNNING --guest stops / VMM stops it--> FINISHED*
 
+``start(gate)`` starts the host thread at once but holds it before its first
+KVM_RUN until the gate (a threading.Event) is set: a partition kept ready for
+its next boot has its vCPU threads made, named and pinned ahead of the start.
+A stop of a vCPU held at its gate takes effect when the gate opens.
+
 Every exit is handled on the vCPU's own thread; the port-I/O path is kept
 short because on a real host it is the VMM's whole per-exit cost. Stopping a
 vCPU from another thread sets ``immediate_exit`` in its kvm_run and sends the
@@ -74,8 +79,11 @@ class VcpuThread:
         self.state = self.CREATED
         self.handled = Counter()  # exits the VMM handled on the slow path, by kind
         self.io_counts = [0, 0]  # fast-path port I/O exits: [in, out]
-        # port -> fn(vcpu, exit): exits that need the vCPU itself (its
-        # registers), e.g. the hypercall port; consulted before the port bus.
+        # port -> fn(vcpu, direction, size, data_offset): single 2- or 4-byte
+        # accesses to ``port`` that need the vCPU itself (its registers: the
+        # hypercall port), on the fast path beside single-byte port I/O. The hook
+        # completes an ``in`` itself (the data goes to the kvm_run mapping at
+        # data_offset). Byte and string accesses to the port go to the port bus.
         self.port_hooks: dict = {}
         # fn(thread, addr, data) -> bool: writes into read-only guest RAM (see above).
         self.ram_write = None
@@ -85,9 +93,14 @@ class VcpuThread:
         self._release = threading.Event()
         self._thread = threading.Thread(target=self._main, name=f"vcpu{index}", daemon=True)
         self.on_start = None  # optional callable run first on the thread (pinning)
+        self._gate: threading.Event | None = None
 
-    def start(self) -> None:
+    def start(self, gate: threading.Event | None = None) -> None:
+        """Start the thread; with ``gate``, it runs ``on_start`` and then waits for the
+        gate to open before it enters the guest (a partition made ready ahead of
+        its start: opening the gate is all that start has left to do)."""
         self.state = self.RUNNING
+        self._gate = gate
         self._thread.start()
 
     def kick(self) -> None:
@@ -98,9 +111,11 @@ class VcpuThread:
 
     def park(self, timeout: float = 10) -> bool:
         """Hold the running vCPU out of KVM_RUN (from another thread); returns once
-        it is held, False when it is not running (nothing to hold)."""
-        if not self._thread.is_alive() or self.stop_requested:
-            return False
+        it is held, False when it is not running (nothing to hold: not started yet,
+        held at its gate, or ended)."""
+        held = self._gate is not None and not self._gate.is_set()
+        if held or not self._thread.is_alive() or self.stop_requested:
+            return False  # held at its gate, not started, or ended: not in KVM_RUN
         self._parked.clear()
         self._release.clear()
         self._park_wanted = True
@@ -148,6 +163,8 @@ class VcpuThread:
         try:
             if self.on_start is not None:
                 self.on_start()
+            if self._gate is not None:
+                self._gate.wait()
             self._loop()
         except GuestFault as fault:
             self.machine.fault(fault)
@@ -160,30 +177,39 @@ class VcpuThread:
 
     def _loop(self) -> None:
         # The fast path handles single-byte port I/O, most of what a bare-metal or
-        # booting guest exits for, from one unpack of kvm_run and one dict lookup;
-        # every other exit is decoded by exits.decode_exit and handled below.
+        # booting guest exits for, from one unpack of kvm_run and one dict lookup,
+        # and single accesses to a hooked port (the hypercall port: one more dict
+        # lookup and the hook); every other exit is decoded by exits.decode_exit
+        # and handled below.
         vcpu = self.vcpu
         run_header = vcpu.run_header
         mm = vcpu.run_mmap
         ports = self.pio.byte_handlers()
         unclaimed = self.pio.unclaimed
         io_counts = self.io_counts
+        hooks = self.port_hooks
         while not self.stop_requested:
             reason, direction, size, port, count, off = run_header()
-            if reason == KVM_EXIT_IO and size == 1 and count == 1:
-                io_counts[direction] += 1
-                entry = ports.get(port)
-                if direction:  # out
-                    if entry is None:
+            if reason == KVM_EXIT_IO and count == 1:
+                if size == 1:
+                    io_counts[direction] += 1
+                    entry = ports.get(port)
+                    if direction:  # out
+                        if entry is None:
+                            unclaimed[port] += 1
+                        else:
+                            entry[0](entry[2], mm[off])
+                    elif entry is None:
                         unclaimed[port] += 1
+                        mm[off] = 0xFF
                     else:
-                        entry[0](entry[2], mm[off])
-                elif entry is None:
-                    unclaimed[port] += 1
-                    mm[off] = 0xFF
-                else:
-                    mm[off] = entry[1](entry[2])
-                continue
+                        mm[off] = entry[1](entry[2])
+                    continue
+                hook = hooks.get(port)
+                if hook is not None:
+                    io_counts[direction] += 1
+                    hook(vcpu, direction, size, off)
+                    continue
             if reason == KVM_EXIT_INTR:
                 self.handled[Interrupted] += 1
                 if self._park_wanted:
@@ -194,10 +220,7 @@ class VcpuThread:
     def _slow_exit(self, ex) -> None:
         kind = type(ex)
         self.handled[kind] += 1
-        hook = self.port_hooks.get(ex.port) if kind is IoOut or kind is IoIn else None
-        if hook is not None:
-            hook(self.vcpu, ex)
-        elif kind is IoOut:
+        if kind is IoOut:
             if len(ex.data) == ex.size:
                 self.pio.write(ex.port, ex.data)
             else:  # rep outs: count accesses, all to the same port
