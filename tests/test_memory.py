@@ -280,3 +280,31 @@ def test_a_file_region_is_copy_on_write_and_never_writes_the_file(tmp_path):
         assert m.regions[0].backing == "file"
     finally:
         m.close()
+
+
+@pytest.mark.parametrize("backing", ["memfd", "anonymous"])
+def test_zero_gives_guest_memory_back_as_zeros(backing):
+    import os
+
+    m = GuestMemory([(0, 2 << 20)], backing)
+    try:
+        m.write(0x1000, b"left behind")
+        m.write(0x1F_F000, b"x")
+        m.zero()
+        assert m.read(0x1000, 11) == bytes(11) and m.read(0x1F_F000, 1) == b"\0"
+        if backing == "memfd":  # the file itself, as another mapping would read it
+            assert os.pread(m.regions[0].fd, 11, 0x1000) == bytes(11)
+    finally:
+        m.close()
+
+
+def test_memory_handed_to_another_process_is_never_zeroed():
+    m = GuestMemory([(0, 1 << 20)])
+    try:
+        m.write(0, b"theirs")
+        m.regions[0].shared_out = True
+        with pytest.raises(GuestMemoryError, match="handed to another process: not zeroed"):
+            m.zero()
+        assert m.read(0, 6) == b"theirs"
+    finally:
+        m.close()

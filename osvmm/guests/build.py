@@ -87,6 +87,8 @@ GUESTS: dict[str, GuestSpec] = {
     "intruder": GuestSpec(("intruder.c",), "pvh_entry", True),
     "hcfuzz": GuestSpec(("hcfuzz.c",), "pvh_entry", True),
     "hcloop": GuestSpec(("hcloop.c",), "pvh_entry", True),
+    # What an earlier boot of a partition kept built left behind (vmm/reset.py).
+    "leftover": GuestSpec(("leftover.c",), "pvh_entry", True),
     # The write monitor's kernel with a driver (docs/write-monitor.md).
     "wmkernel": GuestSpec(("wmkernel.c",), "pvh_entry", True),
 }

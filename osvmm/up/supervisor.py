@@ -14,8 +14,14 @@ restart policy. The states of an entry (terminal ones need a user's start):
                   backoff (restart_backoff_ms, doubled each time) --> booting
               otherwise: stopped* (ended by itself) or failed* (it faulted)
 
-A restart is a fresh Partition of the same spec: a new VM, new vCPUs, new
-guest memory; nothing of the old run survives. A guest's own reset request
+A stopped partition is kept built (``PartitionEntry.ready``): when a run
+ends, its Partition is recycled (osvmm/vmm/partition.py ``recycle``: memory
+zeroed and the image written again, vCPUs, LAPICs, I/O APIC, PICs, PIT and
+kvmclock put back as captured before its first run, devices new, the vCPU
+threads made and held), so the next start or restart only lets the vCPUs go;
+nothing of the old run survives. A run that ended in a VMM bug or a KVM
+error, a recycle that fails, and boot inputs changed on disk since the
+build (``inputs_changed``) give a fresh build instead. A guest's own reset request
 reboots it at once whatever the policy (as hardware would), without counting
 against the limit. ``start``/``restart`` by a user reset the restart count.
 Every end is logged with its reason, to the event log (stderr in the
@@ -38,7 +44,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from osvmm.errors import ConfigError, OsvmmError, VmmBug
+from osvmm.errors import ConfigError, KvmError, OsvmmError, VmmBug
 from osvmm.machine import Machine
 from osvmm.plan.config import DEFAULT_LOG_MAX, PartitionSpec
 from osvmm.plan.placement import Assignment, PartitionAssignment
@@ -116,6 +122,7 @@ class PartitionEntry:
     machine: Machine  # derived once (partition_config.machine_of); every boot reads it
     console: ConsoleHub
     partition: Partition | None = None  # the running one (None when stopped)
+    ready: Partition | None = None  # kept built for the next boot (the entry's thread's)
     state: str = STOPPED
     reason: str = ""  # why the last run ended (or the build failed)
     restarts: int = 0  # automatic restarts since a user last started it
@@ -352,6 +359,9 @@ class Supervisor:
         for e in self.partitions.values():
             if e.thread is not None:
                 e.thread.join(timeout)
+            if e.ready is not None and (e.thread is None or not e.thread.is_alive()):
+                e.ready.close()
+                e.ready = None
             e.console.close()
         if self._own_kvm:
             self.kvm.close()
@@ -448,7 +458,9 @@ class Supervisor:
                 bug = VmmBug.from_exception(f"supervising {entry.name}", err)
                 with self._cond:
                     part, entry.partition = entry.partition, None
+                    kept, entry.ready = entry.ready, None
                 self._discard(part)
+                self._discard(kept)
                 with self._cond:
                     entry.want_running = False
                     entry.user_stop = entry.user_restart = False
@@ -527,12 +539,14 @@ class Supervisor:
 
     def _boot_and_run(self, entry: PartitionEntry) -> tuple[str, bool, bool]:
         """Build, start and wait for one run; returns (reason, faulted, reset)."""
-        self._set_state(entry, BOOTING)
-        part = None
+        if entry.state != BOOTING:  # start() has set it already: no one to wake
+            self._set_state(entry, BOOTING)
         gate, entry.gate = entry.gate, None
+        part = self._take_ready(entry)
         try:
-            part = Partition(self._config(entry), kvm=self.kvm)
-            part.build()
+            if part is None:
+                part = Partition(self._config(entry), kvm=self.kvm)
+                part.build()
             for hook in self.on_build:
                 hook(entry, part)
         except Exception as err:  # noqa: BLE001 - any failure ends this boot, never the thread
@@ -588,7 +602,7 @@ class Supervisor:
         with self._cond:
             entry.partition = None
             entry.started_at = None
-        part.close()
+        self._keep(entry, part, result)
         reason = result.reason if result else "stopped"
         faulted = result is not None and result.fault is not None
         if faulted and isinstance(result.fault, VmmBug):
@@ -606,4 +620,39 @@ class Supervisor:
         )
         if entry.restore_next is not None:
             config.restore, entry.restore_next = entry.restore_next, None
+        # Kept built between runs (_keep); a resumed snapshot is not a build to go back to.
+        config.reusable = config.restore is None
         return config
+
+    # -- partitions kept built -----------------------------------------------------------
+    def _take_ready(self, entry: PartitionEntry) -> Partition | None:
+        """The entry's kept partition for this boot, unless the boot resumes a snapshot
+        or the boot inputs changed on disk (then it is closed)."""
+        part, entry.ready = entry.ready, None
+        if part is None:
+            return None
+        if entry.restore_next is not None:
+            part.close()
+            return None
+        if part.inputs_changed():
+            self.log(f"{entry.name}: its image changed on disk: building it anew")
+            part.close()
+            return None
+        return part
+
+    def _keep(self, entry: PartitionEntry, part: Partition, result) -> None:
+        """After a run: recycle ``part`` for the entry's next boot, or close it."""
+        fault = result.fault if result is not None else None
+        reusable = part.config.reusable
+        if self._closing or not reusable or isinstance(fault, VmmBug | KvmError):
+            part.close()  # a VMM bug or a KVM error: the next boot starts from scratch
+            return
+        try:
+            part.recycle()
+        except Exception as err:  # noqa: BLE001 - a fresh build next time instead
+            if not isinstance(err, OsvmmError):
+                err = VmmBug.from_exception(f"recycling {entry.name}", err)
+            self.log(f"{entry.name}: not kept built: {err}")
+            part.close()
+            return
+        entry.ready = part

@@ -14,6 +14,8 @@ boot processor, the entry registers. A partition (partition.py) and the host pro
 from __future__ import annotations
 
 import errno
+import threading
+from collections.abc import Callable
 
 from osvmm.arch.x86 import cpuid as x86_cpuid
 from osvmm.arch.x86 import irq, layout, msr
@@ -21,8 +23,9 @@ from osvmm.arch.x86.regs import EntryState, apply_entry_state
 from osvmm.errors import KvmError
 
 
-def create_vm(kvm, memory, pit: bool = True):
-    """A VM with its irqchip (and PIT) and ``memory``'s regions as memslots 0..n-1."""
+def create_vm(kvm, memory, pit: bool = True, register_memory: bool = True):
+    """A VM with its irqchip (and PIT) and ``memory``'s regions as memslots 0..n-1
+    (with ``register_memory=False``, none yet: ``register_memory_in_background``)."""
     vm = kvm.create_vm()
     try:
         vm.set_tss_addr(layout.KVM_TSS_ADDR)
@@ -31,12 +34,38 @@ def create_vm(kvm, memory, pit: bool = True):
         vm.set_gsi_routing(irq.gsi_routes())
         if pit:
             vm.create_pit2()
-        for slot, region in enumerate(memory.regions):
-            vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
+        if register_memory:
+            for slot, region in enumerate(memory.regions):
+                vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
     except BaseException:
         vm.close()
         raise
     return vm
+
+
+def register_memory_in_background(vm, memory) -> Callable[[], None]:
+    """Register ``memory``'s regions as memslots 0..n-1 on a thread of its own, and
+    return the function that waits for it and raises what it raised. Each
+    registration waits for an RCU grace period (milliseconds on a nested host, the
+    VMM idle), time the caller spends building the rest (devices, image, vCPUs)."""
+    failed: list[BaseException] = []
+
+    def register() -> None:
+        try:
+            for slot, region in enumerate(memory.regions):
+                vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
+        except BaseException as err:  # noqa: BLE001 - raised again by wait()
+            failed.append(err)
+
+    thread = threading.Thread(target=register, name="memslots", daemon=True)
+    thread.start()
+
+    def wait() -> None:
+        thread.join()
+        if failed:
+            raise failed[0]
+
+    return wait
 
 
 def create_vcpu(

@@ -45,6 +45,9 @@ class Region:
     backing: str = "anonymous"  # "memfd", "anonymous" or "file" (above)
     fd: int | None = None  # the memfd or the snapshot file (owned: closed with the region)
     fd_offset: int = 0  # where the region starts in ``fd``
+    # Its fd was passed to another process (a takeover, vmm/migration.py): its pages
+    # are no longer this VMM's alone, and ``zero`` refuses them.
+    shared_out: bool = False
 
     @property
     def end(self) -> int:
@@ -190,6 +193,34 @@ class GuestMemory:
         for at in range(off, off + size, FILL_CHUNK):
             n = min(FILL_CHUNK, off + size - at)
             r.mem[at : at + n] = chunk[:n] if n < len(chunk) else chunk
+
+    def check_own(self, what: str) -> None:
+        """GuestMemoryError when a region's pages were handed to another process
+        (``Region.shared_out``): they are not this VMM's to be ``what``."""
+        for r in self.regions:
+            if r.shared_out:
+                raise GuestMemoryError(
+                    f"guest memory at {r.gpa:#x} was handed to another process: not {what} here"
+                )
+
+    def zero(self) -> None:
+        """Make all of guest memory read as zeros, as a fresh region does. Its pages
+        are given back: a memfd's by MADV_REMOVE (the file's pages freed: what any
+        mapping of it reads next is zero), anonymous memory's by MADV_DONTNEED (the
+        next touch gets a zero page); the mapping's NUMA policy and huge-page advice
+        stay. Where the kernel refuses (locked memory), and for a snapshot's file
+        mapped copy-on-write (dropping its pages would bring the file's back), the
+        bytes are overwritten with zeros in place. Memory handed to another process
+        is refused (``check_own``)."""
+        self.check_own("zeroed")
+        for r in self.regions:
+            advice = {"memfd": mmap.MADV_REMOVE, "anonymous": mmap.MADV_DONTNEED}.get(r.backing)
+            try:
+                if advice is None:
+                    raise OSError(errno.EINVAL, "not a region whose pages can be given back")
+                r.mem.madvise(advice)
+            except OSError:
+                ctypes.memset(r.host_addr, 0, r.size)
 
     def close(self) -> None:
         for r in self.regions:

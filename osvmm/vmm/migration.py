@@ -202,6 +202,8 @@ def hand_over(parts, stream, then=None) -> Report:
             shared = [r for r in part.memory.regions if r.backing == "memfd"]
             spec = [{"gpa": r.gpa, "size": r.size, "fd": i} for i, r in enumerate(shared)]
             stream.send_fds(b"FDS ", {"regions": spec}, [r.fd for r in shared])
+            for r in shared:
+                r.shared_out = True  # the new VMM's pages too: never zeroed here
             for region in part.memory.regions:
                 if region.backing != "memfd":  # anonymous or a snapshot's file: copied
                     runs = memfile.nonzero_pages(region.mem, snapshot.region_candidates(region))

@@ -13,8 +13,8 @@ reported before /dev/kvm is touched.
                   bound to its NUMA node, huge pages advised, optionally
                   prefaulted and locked (enforce.py)
     3. vm         the KVM VM with its in-kernel LAPICs, I/O APIC, PIC and PIT,
-                  guest RAM as memslots (bringup.py); HLT/PAUSE exits disabled
-                  on dedicated cores
+                  guest RAM as memslots (bringup.py: registered on a thread while
+                  steps 4-6 go on); HLT/PAUSE exits disabled on dedicated cores
     4. devices    COM1 (8250), isa-debug-exit, the power ports, the CMOS RTC and
                   the ACPI PM timer on the port bus
     5. image      the boot image written into guest memory
@@ -32,6 +32,12 @@ the VM's and the devices' state back (vmm/snapshot.py ``apply``).
 CPU (dedicated) or to the pool (floating); ``wait`` returns a RunResult when the
 guest ends (debug exit, power-off, fault) or ``stop`` is called.
 
+Kept built (``osvmm up``): a partition built ``reusable`` captures its reset
+image (vmm/reset.py) before its first run; after a run ``recycle`` makes it as
+built again (vCPU, interrupt controller, PIT and clock state put back, memory
+zeroed and the boot image written again, devices new, its vCPU threads made and
+held at a gate), and the next ``start`` only opens the gate.
+
 The partitioning layer (osvmm.hypercall.live, osvmm.writemon) reaches a
 partition only through the small interface at the end of this class: port
 hooks, MMIO devices, shared memory slots, read-only RAM pages and the handler
@@ -40,6 +46,7 @@ of writes into them, MSIs, guest memory and the console.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -48,7 +55,7 @@ from dataclasses import dataclass, field
 
 from osvmm.arch.x86.cpuid import vcpu_cpuid
 from osvmm.arch.x86.layout import HUGEPAGE_MIN_RANGE
-from osvmm.boot.image import BootImage, read_boot_source
+from osvmm.boot.image import NO_QUIRKS, BootImage, read_boot_source
 from osvmm.boot.prepare import prepare
 from osvmm.devices.bus import PortBus
 from osvmm.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit, exit_status
@@ -57,15 +64,13 @@ from osvmm.devices.pm_timer import register_pm_timer
 from osvmm.devices.power import register_power_devices
 from osvmm.devices.rtc import register_rtc
 from osvmm.devices.serial import COM1_IRQ, COM1_PORT, Serial
-from osvmm.errors import ConfigError, OsvmmError
+from osvmm.errors import ConfigError, OsvmmError, VmmBug
 from osvmm.kvm import Kvm
 from osvmm.kvm.ioctls import KVM_CAP_NR_MEMSLOTS
-from osvmm.kvm.stats import StatsReader
 from osvmm.kvm.structs import KVM_MEM_READONLY
 from osvmm.machine import Machine
 from osvmm.vmm import enforce
-from osvmm.vmm.bringup import create_vcpu, create_vm
-from osvmm.vmm.host_quirks import quirks_for
+from osvmm.vmm.bringup import create_vcpu, create_vm, register_memory_in_background
 from osvmm.vmm.memory import GuestMemory
 from osvmm.vmm.memslots import Memslots
 from osvmm.vmm.vcpu import VcpuThread, install_kick_handler
@@ -99,10 +104,40 @@ class PartitionConfig:
     # or copied into the partition's own memory.
     restore: object = None
     restore_lazy: bool = True
+    # Capture the reset image at build (vmm/reset.py), so that ``recycle`` can make
+    # the partition ready for another boot (osvmm up); ``osvmm run`` boots once.
+    reusable: bool = False
+
+
+def input_stamps(config: PartitionConfig) -> tuple:
+    """(path, inode, size, mtime) of each boot input, or the error reading it gave."""
+    out = []
+    for path in (config.image, config.kernel, config.initrd):
+        if path is None:
+            continue
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            out.append((path, e.errno))
+        else:
+            out.append((path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def _quirks_for(source):
+    """The host's quirks for ``source`` (vmm/host_quirks.py probes the host, for Linux
+    only: its module is imported only then, start-up time)."""
+    if not source.linux:
+        return NO_QUIRKS
+    from osvmm.vmm.host_quirks import quirks_for
+
+    return quirks_for(source)
 
 
 @dataclass
 class RunResult:
+    """How a run ended."""
+
     status: int  # the osvmm process exit status this run stands for
     reason: str
     fault: OsvmmError | None = None
@@ -120,7 +155,8 @@ class Partition:
         self.boot: BootImage | None = None
         self.vcpus = []
         self.threads: list[VcpuThread] = []
-        self.stats_readers: list[StatsReader] = []
+        self._stats_fds: list[int] = []  # each vCPU's KVM statistics fd (from build)
+        self.stats_readers: list = []  # kvm/stats.py StatsReader per vCPU, made when asked
         self._done = threading.Event()
         self._lock = threading.Lock()
         self.result: RunResult | None = None
@@ -138,6 +174,12 @@ class Partition:
         # its images beside guest memory (channels): theirs to apply.
         self.snapshot_extra: dict | None = None
         self.snapshot_images: dict[str, bytearray] = {}
+        self._reset = None  # vmm/reset.py ResetImage, captured at build when config.reusable
+        self._recycled = False  # made ready by recycle(), not started since
+        self._gate = threading.Event()  # opened by start(): the vCPU threads run
+        self._armed = False  # the vCPU threads are started, held at the gate
+        self._inputs: tuple = ()  # what the boot inputs were when build read them
+        self._stats_base: list[dict[str, int]] = []  # KVM's counts at the last recycle
 
     @property
     def boot_log(self) -> tuple[str, ...]:
@@ -158,8 +200,9 @@ class Partition:
         if cfg.restore is not None:
             snap = self._read_snapshot()
         else:
+            self._inputs = input_stamps(cfg)
             source = read_boot_source(cfg.image, cfg.kernel, cfg.initrd)
-            self.boot = prepare(source, machine, cfg.cmdline, quirks_for(source))
+            self.boot = prepare(source, machine, cfg.cmdline, _quirks_for(source))
         try:
             return self._build(snap)
         finally:
@@ -194,13 +237,63 @@ class Partition:
             for gpa, size in machine.ram_ranges:
                 self.memory.add_region(gpa, size, self._ram_backing(size))
         self._enforce_memory()
-        # 3. vm
-        vm = self.vm = create_vm(self.kvm, self.memory)
-        self.slots = Memslots(vm, self.memory.regions, vm.check_extension(KVM_CAP_NR_MEMSLOTS))
-        if cfg.disable_exits:
-            self.enforcement.append(enforce.disable_exits(vm))
-        # 4. devices
-        self.serial = Serial(cfg.console, irq=lambda level: vm.irq_line(COM1_IRQ, level))
+        # 3. vm (its memory registered meanwhile, on a thread: waited for below)
+        vm = self.vm = create_vm(self.kvm, self.memory, register_memory=False)
+        memory_registered = register_memory_in_background(vm, self.memory)
+        try:
+            self.slots = Memslots(vm, self.memory.regions, vm.check_extension(KVM_CAP_NR_MEMSLOTS))
+            if cfg.disable_exits:
+                self.enforcement.append(enforce.disable_exits(vm))
+            # 4. devices
+            self._make_devices()
+            self.mmio = MmioBus()
+            # 5. image and boot interface
+            if boot is not None:
+                boot.write_to(self.memory)
+            # 6. vcpus
+            supported = self.kvm.supported_cpuid()
+            deadline = self.kvm.tsc_deadline_timer()
+            vm.set_boot_cpu_id(machine.bsp_apic_id)
+            if snap is not None:
+                from osvmm.vmm import snapshot
+
+                snapshot.check_host(self.kvm, snapshot.vcpu_profile(snap.state), supported)
+            for index, apic_id in enumerate(machine.apic_ids):
+                if snap is not None:  # the CPUID the vCPU had
+                    entry, cpuid = None, snapshot.vcpu_cpuid_entries(snap.state, index)
+                else:
+                    entry = boot.entry if index == 0 else None
+                    cpuid = vcpu_cpuid(supported, apic_id, machine.vcpus, boot.cpuid_mask, deadline)
+                vcpu = create_vcpu(vm, supported, apic_id, machine.vcpus, entry=entry, cpuid=cpuid)
+                self.cpuids.append(cpuid)
+                self.tsc_khz.append(vcpu.tsc_khz())
+                self.vcpus.append(vcpu)
+                # Its statistics fd now: KVM_GET_STATS_FD waits for the vCPU's lock,
+                # which a running vCPU holds. Read only when asked (_kvm_exit_counts).
+                self._stats_fds.append(vcpu.stats_fd())
+        except BaseException:
+            try:
+                memory_registered()
+            except Exception:  # noqa: BLE001, S110 - the first failure is the one reported
+                pass
+            raise
+        memory_registered()  # raises what the registration raised
+        self._make_threads()
+        if snap is not None:
+            snapshot.apply(self, snap)
+            self.snapshot_extra = snap.extra
+            self.snapshot_images = snap.extra_images()
+            self._resumed = snap.origin
+        elif cfg.reusable:
+            from osvmm.vmm.reset import ResetImage
+
+            self._reset = ResetImage.capture(self.kvm, vm, self.vcpus)
+        return self
+
+    def _make_devices(self) -> None:
+        """The port devices, as new (build, and again for every later boot)."""
+        vm = self.vm
+        self.serial = Serial(self.config.console, irq=lambda level: vm.irq_line(COM1_IRQ, level))
         self.pio = PortBus()
         self.pio.register(COM1_PORT, 8, self.serial)
         self.pio.register(DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit))
@@ -214,38 +307,79 @@ class Partition:
         )
         self.devices["rtc"] = register_rtc(self.pio, now=time.time)
         self.devices["pm_timer"] = register_pm_timer(self.pio, monotonic_ns=time.monotonic_ns)
-        self.mmio = MmioBus()
-        # 5. image and boot interface
-        if boot is not None:
-            boot.write_to(self.memory)
-        # 6. vcpus
-        supported = self.kvm.supported_cpuid()
-        deadline = self.kvm.tsc_deadline_timer()
-        vm.set_boot_cpu_id(machine.bsp_apic_id)
-        if snap is not None:
-            from osvmm.vmm import snapshot
 
-            snapshot.check_host(self.kvm, snapshot.vcpu_profile(snap.state), supported)
-        for index, apic_id in enumerate(machine.apic_ids):
-            if snap is not None:  # the CPUID the vCPU had
-                entry, cpuid = None, snapshot.vcpu_cpuid_entries(snap.state, index)
-            else:
-                entry = boot.entry if index == 0 else None
-                cpuid = vcpu_cpuid(supported, apic_id, machine.vcpus, boot.cpuid_mask, deadline)
-            vcpu = create_vcpu(vm, supported, apic_id, machine.vcpus, entry=entry, cpuid=cpuid)
-            self.cpuids.append(cpuid)
-            self.tsc_khz.append(vcpu.tsc_khz())
-            self.vcpus.append(vcpu)
-            self.stats_readers.append(StatsReader(vcpu.stats_fd()))
+    def _make_threads(self) -> None:
+        self.threads = []
+        self._gate = threading.Event()
+        self._armed = False
+        for index, vcpu in enumerate(self.vcpus):
             thread = VcpuThread(vcpu, index, self.pio, self.mmio, self)
             thread.on_start = self._vcpu_on_start(thread)
             self.threads.append(thread)
-        if snap is not None:
-            snapshot.apply(self, snap)
-            self.snapshot_extra = snap.extra
-            self.snapshot_images = snap.extra_images()
-            self._resumed = snap.origin
-        return self
+
+    def _arm_threads(self) -> None:
+        """Start the vCPU threads held at the gate (named and pinned, not yet running)."""
+        for t in self.threads:
+            t.start(self._gate)
+        self._armed = True
+
+    def _end_threads(self, timeout: float = 5) -> None:
+        """Stop every vCPU thread, a held one included, and wait for it."""
+        for t in self.threads:
+            if t.alive:
+                t.kick()
+        self._gate.set()  # a thread held at the gate sees the stop and ends
+        for t in self.threads:
+            t.join(timeout)
+
+    # -- kept built (osvmm up) -----------------------------------------------------
+    def recycle(self) -> None:
+        """Make a partition whose run has ended ready for its next ``start``, as
+        ``build`` left it: the vCPUs, interrupt controllers, PIT and kvmclock as
+        captured before the first run (vmm/reset.py), guest memory zeroed and the
+        boot image written again, the port devices new, no shared or read-only
+        memslots, the COM1 line low, no run result, and the vCPU threads made and
+        held at their gate, so that ``start`` has only to open it. Needs
+        ``config.reusable``; the boot inputs stay those ``build`` read
+        (``inputs_changed`` tells when they changed on disk)."""
+        name = self.config.name
+        if self._reset is None:
+            raise VmmBug(f"partition {name!r} was not built reusable")
+        if self.result is None and self._armed and self._gate.is_set():
+            raise VmmBug(f"partition {name!r} is running: stop it before recycling it")
+        self.memory.check_own("recycled")  # a takeover's memory is the new VMM's
+        self._end_threads()  # held at the gate when it was stopped before it started
+        if any(t.alive for t in self.threads):
+            raise VmmBug(f"partition {name!r}: a vCPU thread did not end")
+        for vcpu in self.vcpus:
+            vcpu.complete_pending()  # an exit KVM still owes is finished before the reset
+            vcpu.sync.disable()
+        self._sync_regs = False
+        for gpa in list(self._shared_slots):
+            self.unmap_shared(gpa)
+        if self.slots.readonly:
+            self.slots.set_readonly(())
+        if self.slots.log_dirty:  # a migration's
+            self.slots.set_dirty_logging(False)
+        self.memory.written_pages = None
+        self.vm.irq_line(COM1_IRQ, 0)
+        # The PIT and the LAPIC timers stop here: nothing raises an interrupt after it.
+        self._reset.apply(self.vm, self.vcpus)
+        self.memory.zero()
+        self.boot.write_to(self.memory)
+        self._make_devices()
+        self.mmio.unclaimed.clear()
+        self._make_threads()
+        self._arm_threads()
+        self._stats_base = self._kvm_exit_counts()
+        self._done.clear()
+        self.result = None
+        self._recycled = True
+
+    def inputs_changed(self) -> bool:
+        """Whether the image, kernel or initrd on disk differ from what ``build`` read
+        (then a kept partition is closed and a new one built)."""
+        return input_stamps(self.config) != self._inputs
 
     # -- enforcement (osvmm/vmm/enforce.py) ---------------------------------------------
     def _ram_backing(self, size: int) -> str:
@@ -349,9 +483,12 @@ class Partition:
 
     # -- running -----------------------------------------------------------------
     def start(self) -> None:
+        """Run the vCPUs: their threads made ahead by ``recycle`` (or now) are let go."""
         install_kick_handler()
-        for t in self.threads:
-            t.start()
+        if not self._armed:
+            self._arm_threads()
+        self._recycled = False
+        self._gate.set()
 
     def wait(self, timeout: float | None = None) -> RunResult | None:
         if not self._done.wait(timeout):
@@ -389,21 +526,30 @@ class Partition:
     # -- statistics ----------------------------------------------------------------
     def exit_stats(self) -> list[dict]:
         """Per vCPU: KVM's exit statistics and the exits the VMM handled, by kind."""
-        from osvmm.kvm.stats import exit_counts
-
         out = []
-        for t, reader in zip(self.threads, self.stats_readers, strict=True):
-            handled = t.handled_counts()
-            out.append({"vcpu": t.index, "kvm": exit_counts(reader.read()), "vmm": handled})
+        for i, (t, kvm) in enumerate(zip(self.threads, self._kvm_exit_counts(), strict=True)):
+            if self._stats_base:  # a recycled partition counts this boot's exits only
+                base = self._stats_base[i]
+                kvm = {k: n - base.get(k, 0) for k, n in kvm.items()}
+            out.append({"vcpu": t.index, "kvm": kvm, "vmm": t.handled_counts()})
         return out
 
+    def _kvm_exit_counts(self) -> list[dict[str, int]]:
+        """KVM's exit counts of each vCPU since it was created. The statistics files'
+        schemas are read at the first call (``osvmm run`` without --stats never asks)."""
+        from osvmm.kvm.stats import StatsReader, exit_counts
+
+        with self._lock:
+            if not self.stats_readers:
+                self.stats_readers = [StatsReader(fd) for fd in self._stats_fds]
+        return [exit_counts(r.read()) for r in self.stats_readers]
+
     def close(self) -> None:
-        for t in self.threads:
-            if t.alive:
-                t.kick()
-                t.join(5)
-        for r in self.stats_readers:
-            r.close()
+        self._end_threads()
+        for fd in self._stats_fds:  # StatsReader owns its fd: closed here once for all
+            os.close(fd)
+        self._stats_fds = []
+        self.stats_readers = []
         for v in self.vcpus:
             v.close()
         if self.vm is not None:
@@ -416,8 +562,10 @@ class Partition:
     # -- the interface of the partitioning layer (osvmm.hypercall.live) -----------
     @property
     def running(self) -> bool:
-        """Built, not closed, and its run not ended."""
-        return self.vm is not None and self.vm.fd >= 0 and self.result is None
+        """Built, not closed, and its run not ended (a recycled partition: once started)."""
+        return (
+            self.vm is not None and self.vm.fd >= 0 and self.result is None and not self._recycled
+        )
 
     def add_port_hook(self, port: int, fn) -> None:
         """Route exits on ``port`` to ``fn(vcpu, exit)`` on every vCPU, on that vCPU's
