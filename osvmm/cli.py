@@ -72,7 +72,7 @@ def _parse_count(text: str, option: str) -> int:
 def _run_machine(args):
     """The Machine of ``osvmm run``: from --memory, --cpus and --numa."""
     from osvmm.machine import MAX_VCPUS, Machine
-    from osvmm.plan.config import parse_size
+    from osvmm.plan.sizes import parse_size
 
     memory = "64M" if args.memory is None else args.memory
     cpus_text = "1" if args.cpus is None else args.cpus
@@ -197,7 +197,8 @@ def cmd_run(args) -> int:
     finally:
         if forwarder:
             forwarder.stop()
-        part.close()
+        if not getattr(args, "process_ends", False):
+            part.close()  # else the kernel reclaims the VM and its memory as the process ends
         if snap is not None:
             snap.close()
 
@@ -327,11 +328,13 @@ EXTRA_COMMANDS = [
 ]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, process_ends: bool = False) -> int:
     """The command; its status never depends on whether a message could be written
-    (osvmm/stdio.py), and a reader of stdout that went away ends it as SIGPIPE would."""
+    (osvmm/stdio.py), and a reader of stdout that went away ends it as SIGPIPE would.
+    ``process_ends``: the process ends right after (``entry``), so what the command
+    holds need not be torn down first."""
     ensure_std_fds()
-    status = _main(argv)
+    status = _main(argv, process_ends)
     settle()
     if status == EXIT_SIGPIPE:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -339,10 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-def _main(argv: list[str] | None) -> int:
+def _main(argv: list[str] | None, process_ends: bool = False) -> int:
     try:
         argv = sys.argv[1:] if argv is None else argv
         args = build_parser(argv).parse_args(argv)
+        args.process_ends = process_ends
         return args.func(args)
     except OsvmmError as err:
         say(f"osvmm: error: {err}")
@@ -361,5 +365,13 @@ def _main(argv: list[str] | None) -> int:
         return EXIT_INTERNAL
 
 
+def entry() -> None:
+    """The ``osvmm`` command (the console script, ``python3 -m osvmm.cli``): ``main``,
+    then the process ends at once: the interpreter's finalization and the teardown
+    of a VM the kernel reclaims anyway are not waited for (start-up and end are part
+    of every command's cost)."""
+    os._exit(main(process_ends=True))  # main has flushed stdout and stderr (settle)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

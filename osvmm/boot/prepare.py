@@ -22,16 +22,13 @@ from __future__ import annotations
 
 from osvmm.arch.x86 import gdt, layout, paging
 from osvmm.arch.x86.regs import long64_entry, pvh_entry
-from osvmm.boot.bootparams import build_zero_page
 from osvmm.boot.e820 import e820_map
 from osvmm.boot.image import NO_QUIRKS, BootImage, BootSource, Quirks, StagedMemory, is_bzimage
 from osvmm.boot.pvh import build_start_info
 from osvmm.boot.tables import build_boot_tables
 from osvmm.errors import ConfigError, ImageError
-from osvmm.loader.bzimage import load_bzimage
 from osvmm.loader.cmdline import Cmdline, split_init_args
 from osvmm.loader.elf import load_elf
-from osvmm.loader.initrd import place_initrd
 from osvmm.loader.result import KIND_ELF64, KIND_LINUX64, KIND_PVH, LoadedImage
 from osvmm.machine import Machine
 
@@ -65,6 +62,10 @@ def prepare(
 def _prepare_linux(
     source: BootSource, machine: Machine, cmdline: str, quirks: Quirks, mem: StagedMemory
 ) -> BootImage:
+    # Linux's own loaders and tables, imported for a Linux kernel only (start-up time).
+    from osvmm.boot.bootparams import build_zero_page
+    from osvmm.loader.initrd import place_initrd
+
     # 1. kernel
     image = _load_kernel(source, mem)
     hdr = image.setup_header
@@ -102,6 +103,8 @@ def _prepare_linux(
 
 def _load_kernel(source: BootSource, mem: StagedMemory) -> LoadedImage:
     if is_bzimage(source.data):
+        from osvmm.loader.bzimage import load_bzimage
+
         return load_bzimage(source.data, mem, source.name)
     image = load_elf(source.data, mem, source.name)
     if image.kind != KIND_LINUX64:

@@ -37,7 +37,6 @@ rtc_lock), as it must on hardware, where the index is shared too.
 
 from __future__ import annotations
 
-import calendar
 import math
 import time
 from collections.abc import Callable
@@ -189,6 +188,8 @@ class Rtc:
         month = self._from_reg(c[RTC_MONTH])
         if not (1 <= month <= 12 and 1 <= year <= 9999):
             return
+        import calendar  # only when the guest sets the clock (start-up time)
+
         seconds = calendar.timegm(
             (
                 year,

@@ -16,6 +16,8 @@ from osvmm.kvm import structs as s
 
 @dataclass(frozen=True)
 class StatDesc:
+    """One statistic's descriptor: where its value is in the data block."""
+
     name: str
     kind: int  # KVM_STATS_TYPE_*
     offset: int  # byte offset within the data block

@@ -4,11 +4,34 @@ Each loader is one function from image bytes and guest memory to a
 ``LoadedImage`` (kind, entry, extent, and the Linux setup header when there is one).
 """
 
-from osvmm.loader.bzimage import extract_vmlinux, load_bzimage, parse_setup_header
-from osvmm.loader.cmdline import Cmdline
-from osvmm.loader.elf import load_elf, load_vmlinux
-from osvmm.loader.initrd import place_initrd
-from osvmm.loader.result import KIND_ELF64, KIND_LINUX64, KIND_PVH, LoadedImage, read_image
+import importlib
+
+# Each name is imported from its module when first used (PEP 562): importing one
+# loader (``osvmm.loader.elf``) does not import the others (start-up time).
+_HOMES = {
+    "extract_vmlinux": "bzimage",
+    "load_bzimage": "bzimage",
+    "parse_setup_header": "bzimage",
+    "Cmdline": "cmdline",
+    "load_elf": "elf",
+    "load_vmlinux": "elf",
+    "place_initrd": "initrd",
+    "KIND_ELF64": "result",
+    "KIND_LINUX64": "result",
+    "KIND_PVH": "result",
+    "LoadedImage": "result",
+    "read_image": "result",
+}
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "KIND_ELF64",

@@ -180,6 +180,8 @@ assert ctypes.sizeof(Elf_Nhdr) == 12
 
 @dataclass(frozen=True)
 class Note:
+    """One ELF note: name, type, descriptor."""
+
     name: bytes  # without the terminating NUL
     type: int
     desc: bytes

@@ -18,16 +18,18 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from osvmm.arch.x86.layout import CHANNEL_WINDOW_SIZE, MIN_MEMORY, PAGE_SIZE
+from osvmm.arch.x86.layout import CHANNEL_WINDOW_SIZE, MIN_MEMORY
 from osvmm.errors import ConfigError
 from osvmm.files import read_input
 from osvmm.guests import bundled_name
 from osvmm.hypercall.abi import MAX_CHANNELS, MAX_PARTITIONS
 from osvmm.machine import MAX_VCPUS
+from osvmm.plan.sizes import MAX_SIZE_TEXT, format_size, parse_size  # noqa: F401 - re-exported
+from osvmm.plan.sizes import clip as _clip
+from osvmm.plan.sizes import show_value as _show
 from osvmm.writemon.spec import ProtectSpec, parse_protect
 
 NAME_RE = re.compile(r"[a-z0-9_-]{1,32}")
@@ -39,10 +41,7 @@ MAX_PLAN_SIZE = 1 << 20  # a plan file larger than 1 MiB is not one
 MAX_CPU_ID = 8191
 MAX_CPU_LIST = MAX_CPU_ID + 1
 MAX_RESTART_BACKOFF_MS = 86_400_000  # a day: a wait the host's clock can express
-MAX_SIZE_TEXT = 40  # characters of a size string: '1073741824', '1.5G', '64 MiB'
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
 
 VMM_KEYS = ("control_socket", "log_dir", "console_log_max")
 DEFAULT_LOG_MAX = 64 << 20  # console_log_max: a log rotates past this size
@@ -71,45 +70,7 @@ CHANNEL_KEYS = ("name", "size", "members")
 TOP_KEYS = ("vmm", "partition", "channel")
 
 
-# --- shared value parsers ------------------------------------------------------------------
-
-
-def parse_size(value: str | int, what: str = "size", multiple: int = PAGE_SIZE) -> int:
-    """Bytes from ``"64M"``, ``"1G"``, ``"65536K"``, ``"1.5G"`` or a plain integer.
-
-    Suffixes are binary (K = 1024) and case-insensitive; ``"64MiB"`` and
-    ``"64MB"`` mean the same. A decimal is accepted when it comes to a whole
-    number of bytes. The result must be positive and a multiple of
-    ``multiple`` (the 4 KiB page by default). ``what`` prefixes the message.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ConfigError(f"{what}: expected a size such as '64M', got {_show(value)}")
-    if isinstance(value, int):
-        n = value
-    else:
-        m = _SIZE_RE.fullmatch(value.strip()) if len(value) <= MAX_SIZE_TEXT else None
-        if not m:
-            raise ConfigError(f"{what}: {_clip(value)!r} is not a size (use K, M or G: '512M')")
-        exact = Fraction(m.group(1)) * _UNITS[m.group(2).upper()]
-        if exact.denominator != 1:
-            raise ConfigError(f"{what}: {_show(value)} is not a whole number of bytes")
-        n = int(exact)
-    if n <= 0:
-        raise ConfigError(f"{what}: {_show(value)} must be more than 0 bytes")
-    if n % multiple:
-        raise ConfigError(
-            f"{what}: {_show(value)} is not a multiple of {format_size(multiple)} ({n} bytes)"
-        )
-    return n
-
-
-def format_size(n: int) -> str:
-    """The shortest exact K/M/G spelling of ``n`` bytes: 512M, 1536M, 8G, 4100K, 100."""
-    for suffix in ("T", "G", "M", "K"):
-        unit = _UNITS[suffix]
-        if n and n % unit == 0:
-            return f"{n // unit}{suffix}"
-    return str(n)
+# --- shared value parsers (sizes: osvmm/plan/sizes.py) -------------------------------------
 
 
 def parse_cpu_list(text: str, what: str = "cpus", limit: int = MAX_CPU_LIST) -> list[int]:
@@ -362,21 +323,6 @@ def default_control_socket() -> str:
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-def _clip(text: str, n: int = 60) -> str:
-    """``text``, cut to ``n`` characters for a one-line message."""
-    return text if len(text) <= n else text[: n - 3] + "..."
-
-
-def _show(value: Any) -> str:
-    """A value for a one-line message: TOML's spelling of booleans, a repr cut short."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    try:
-        return _clip(repr(value))
-    except RecursionError:
-        return "(a value nested too deeply)"
 
 
 def _check_keys(table: dict[str, Any], known: tuple[str, ...], where: str) -> None:

@@ -13,10 +13,8 @@ from __future__ import annotations
 import os
 import select
 import sys
-import termios
 import threading
 import time
-import tty
 from collections.abc import Callable
 
 from osvmm.vmm.escape import ConsoleEscape
@@ -77,7 +75,10 @@ class StdinForwarder:
         self._thread = threading.Thread(target=self._run, name="console-in", daemon=True)
 
     def start(self) -> None:
-        if os.isatty(self.fd):
+        if os.isatty(self.fd):  # the terminal modules only for a terminal (start-up time)
+            import termios
+            import tty
+
             self._saved = termios.tcgetattr(self.fd)
             tty.setraw(self.fd)
         self._thread.start()
@@ -87,6 +88,8 @@ class StdinForwarder:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(1.0)  # select() wakes within 0.2 s
         if self._saved is not None:
+            import termios
+
             termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
             self._saved = None
 

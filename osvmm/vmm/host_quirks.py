@@ -56,6 +56,8 @@ def _xrstor_code() -> bytes:
 
 @dataclass(frozen=True)
 class ProbeResult:
+    """What one probe of the host found."""
+
     name: str
     needed: bool
     detail: str

@@ -30,6 +30,8 @@ RFLAGS_RESERVED = 1 << 1
 
 @dataclass(frozen=True)
 class EntryState:
+    """The registers a guest is entered with (its entry convention's)."""
+
     mode: str  # "pvh32" or "long64"
     rip: int
     rsp: int = 0
