@@ -27,6 +27,7 @@ from osvmm.files import read_input
 from osvmm.guests import bundled_name
 from osvmm.hypercall.abi import MAX_CHANNELS, MAX_PARTITIONS
 from osvmm.machine import MAX_VCPUS
+from osvmm.plan.paths import default_control_socket  # noqa: F401 - re-exported
 from osvmm.plan.sizes import MAX_SIZE_TEXT, format_size, parse_size  # noqa: F401 - re-exported
 from osvmm.plan.sizes import clip as _clip
 from osvmm.plan.sizes import show_value as _show
@@ -305,21 +306,6 @@ def parse_plan(text: str, base_dir: str | os.PathLike[str], source: str = "<plan
             if target == spec.name:
                 raise ConfigError(f"{where}: a partition does not ring its own doorbell")
     return Plan(vmm, tuple(partitions), tuple(channels), str(base), source)
-
-
-def default_control_socket() -> str:
-    """``<run dir>/osvmm.sock``; the run directory is one only its user may write
-    (osvmm/up/hostfiles.py creates it 0700 and refuses it otherwise):
-    /run/osvmm for root, else $XDG_RUNTIME_DIR/osvmm, else /tmp/osvmm-<uid>."""
-    uid = os.geteuid()
-    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
-    if uid == 0:
-        run_dir = "/run/osvmm"
-    elif os.path.isabs(runtime):
-        run_dir = os.path.join(runtime, "osvmm")
-    else:
-        run_dir = f"/tmp/osvmm-{uid}"
-    return os.path.join(run_dir, "osvmm.sock")
 
 
 # --- helpers -------------------------------------------------------------------------------

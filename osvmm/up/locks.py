@@ -23,12 +23,11 @@ import fcntl
 import os
 
 from osvmm.errors import ConfigError, EnforceError
-from osvmm.plan.config import format_cpu_list
 from osvmm.up.hostfiles import open_private, private_dir
 
 
 def run_dir() -> str:
-    from osvmm.plan.config import default_control_socket
+    from osvmm.plan.paths import default_control_socket
 
     return os.path.dirname(default_control_socket())
 
@@ -183,6 +182,8 @@ def free_cpus(candidates, what: str) -> tuple[int, ...]:
     held = others_cpus()
     free = tuple(c for c in candidates if c not in held)
     if not free:
+        from osvmm.plan.config import format_cpu_list  # the plan's parser: off `osvmm run`'s path
+
         taken = ", ".join(f"CPU {c}: pid {held[c]}" for c in sorted(held) if c in candidates)
         raise EnforceError(
             f"{what}: every CPU ({format_cpu_list(list(candidates))}) is dedicated to "
