@@ -8,7 +8,8 @@
 # Installs: the compiler and headers the bundled guests and the KVM floor
 # program build with, QEMU (the reference for differential tests and
 # benchmarks), acpica-tools (iasl validates our ACPI tables), busybox-static
-# and cpio tools (initramfs), spin; Python test tools; osvmm itself (editable);
+# and cpio tools (initramfs), spin, tmux (drives `osvmm top` in its test);
+# Python test tools; osvmm itself (editable, with prometheus_client);
 # and Debian's stock kernel for the Linux boot test, with its modules for the
 # hardware-virtualization rig (scripts/fetch-debian-kernel --modules; the rig is
 # scripts/hwvirt-rig, docs/testing.md).
@@ -28,6 +29,7 @@ APT_PACKAGES=(
   busybox-static cpio libarchive-tools
   spin
   xz-utils
+  tmux
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

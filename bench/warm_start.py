@@ -122,11 +122,11 @@ def qemu_first_byte(image: str) -> float:
 
 
 def _wait_state(sock: str, name: str, state: str, timeout: float = 20) -> None:
-    from osvmm.up.protocol import request
+    from osvmm.up.protocol import call
 
     deadline = time.monotonic() + timeout
     while True:
-        parts = {p["name"]: p for p in request(sock, {"cmd": "ps"})["partitions"]}
+        parts = {p["name"]: p for p in call(sock, "GET", "/v1/partitions")["partitions"]}
         if parts[name]["state"] == state:
             return
         if time.monotonic() > deadline:
@@ -139,7 +139,7 @@ def supervisor_runs(image: str, repeats: int) -> tuple[list[float], list[float]]
     hello guest's first byte on an attached console connection: (requests on a
     control connection held open, requests each on a new connection), alternating."""
     from bench.cold_start import child_env
-    from osvmm.up.protocol import connect, exchange, read_line, request, send
+    from osvmm.up.protocol import attach, call, connect, exchange
 
     with tempfile.TemporaryDirectory(prefix="osvmm-bench-", dir="/tmp") as tmp:
         sock = f"{tmp}/ctl.sock"
@@ -163,10 +163,7 @@ def supervisor_runs(image: str, repeats: int) -> tuple[list[float], list[float]]
                     raise RuntimeError(f"osvmm up did not start: {proc.stderr.read()[-300:]}")
                 time.sleep(0.02)
             _wait_state(sock, "hello", "stopped")  # its first boot at `up` has ended
-            console = connect(sock)
-            buf = bytearray()
-            send(console, {"cmd": "console", "name": "hello"})
-            read_line(console, buf)
+            console, _ = attach(sock, "hello")
             seen = FirstByte()
             armed = threading.Event()
 
@@ -190,9 +187,9 @@ def supervisor_runs(image: str, repeats: int) -> tuple[list[float], list[float]]
                 armed.set()
                 t0 = time.perf_counter()
                 if i % 2:
-                    request(sock, {"cmd": "start", "name": "hello"})
+                    call(sock, "POST", "/v1/partitions/hello/start")
                 else:
-                    exchange(control, {"cmd": "start", "name": "hello"})
+                    exchange(control, "POST", "/v1/partitions/hello/start")
                 if not seen.event.wait(10):
                     raise RuntimeError("no console byte after osvmm start")
                 armed.clear()

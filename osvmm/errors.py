@@ -76,6 +76,15 @@ class ControlError(OsvmmError):
     """The control socket of ``osvmm up`` cannot be reached or answered an error."""
 
 
+class NoSuchPartition(ConfigError):
+    """A request names a partition the VMM does not have (the API's 404)."""
+
+
+class WrongState(ConfigError):
+    """A request that the partition's state forbids now: start a running partition,
+    stop a stopped one, snapshot one not running (the API's 409)."""
+
+
 class SnapshotError(OsvmmError):
     """A snapshot that cannot be read or restored here (truncated, corrupt, another
     version, another machine, an incompatible host), or a migration that failed."""

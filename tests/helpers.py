@@ -36,3 +36,38 @@ def run_qemu(image: str, *extra: str, timeout: float = 120):
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+class UnixHTTPConnection:
+    """An HTTP client over a Unix socket from the standard library (http.client),
+    independent of osvmm's own client: what the tests drive the control API with."""
+
+    def __new__(cls, path: str, timeout: float = 30):
+        import http.client
+        import socket
+
+        class Conn(http.client.HTTPConnection):
+            def connect(self):
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.settimeout(timeout)
+                self.sock.connect(path)
+
+        return Conn("localhost", timeout=timeout)
+
+
+def api(path: str, method: str, target: str, body=None, timeout: float = 30):
+    """One request with http.client: (status, headers, the parsed JSON body or text)."""
+    import json
+
+    conn = UnixHTTPConnection(path, timeout)
+    try:
+        data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body))
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        conn.request(method, target, body=data, headers=headers)
+        r = conn.getresponse()
+        raw = r.read()
+        ctype = r.getheader("Content-Type", "")
+        value = json.loads(raw) if ctype.startswith("application/json") else raw.decode()
+        return r.status, dict(r.getheaders()), value
+    finally:
+        conn.close()

@@ -1,5 +1,7 @@
-"""The control protocol over a real Unix socket, against a scripted supervisor
-(no /dev/kvm): framing, errors, stale sockets, console streaming."""
+"""The control API over a real Unix socket, against a scripted supervisor
+(no /dev/kvm): HTTP framing and its limits, routes, errors and their statuses,
+stale sockets, console streaming through an upgrade. The requests are made with
+http.client (tests/helpers.py), osvmm's own client where it is under test."""
 
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from osvmm.errors import ConfigError
+from osvmm.errors import NoSuchPartition, WrongState
 from osvmm.up.consoles import ConsoleHub
-from osvmm.up.protocol import ControlError, connect, exchange, request
+from osvmm.up.http import MAX_BODY, MAX_HEAD
+from osvmm.up.protocol import ControlError, attach, call, connect, exchange
 from osvmm.up.server import ControlServer
+from tests.helpers import UnixHTTPConnection, api
 
 
 class FakeSupervisor:
@@ -44,19 +48,21 @@ class FakeSupervisor:
 
     def entry(self, name):
         if name not in self.partitions:
-            raise ConfigError(f"no partition named {name!r} (partitions: a)")
+            raise NoSuchPartition(f"no partition named {name!r} (partitions: a)")
         return self.partitions[name]
 
     def describe(self, entry):
         return {"name": entry.name, "state": entry.state}
 
     def stop(self, name):
+        if self.entry(name).state != "running":
+            raise WrongState(f"partition {name!r} is not running (stopped)")
         self.calls.append(("stop", name))
         self.entry(name).state = "stopped"
         return "stopped"
 
     def start(self, name):
-        raise ConfigError(f"partition {name!r} is already running")
+        raise WrongState(f"partition {name!r} is already running")
 
     restart = stop
 
@@ -79,34 +85,70 @@ def server():
 
 def test_requests_and_answers(server):
     srv, sup, downs = server
-    reply = request(srv.path, {"cmd": "ps"})
-    assert reply["ok"] and reply["pid"] == os.getpid() and reply["version"] == 1
+    status, headers, reply = api(srv.path, "GET", "/v1/vmm")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert reply["pid"] == os.getpid() and reply["version"] == 1
     assert reply["partitions"] == [{"name": "a", "state": "running"}]
-    assert request(srv.path, {"cmd": "stop", "name": "a"})["state"] == "stopped"
+    assert api(srv.path, "GET", "/v1/partitions")[2] == {"partitions": reply["partitions"]}
+    assert api(srv.path, "GET", "/v1/partitions/a")[2] == {"name": "a", "state": "running"}
+    assert api(srv.path, "POST", "/v1/partitions/a/stop")[2]["state"] == "stopped"
     assert sup.calls == [("stop", "a")]
-    assert request(srv.path, {"cmd": "stat"})["partitions"][0]["name"] == "a"
-    assert request(srv.path, {"cmd": "down"}) == {"ok": True}
+    assert api(srv.path, "GET", "/v1/stat")[2]["partitions"][0]["name"] == "a"
+    assert api(srv.path, "GET", "/v1/partitions/a/stat")[2]["name"] == "a"
+    assert call(srv.path, "POST", "/v1/down") == {}
     time.sleep(0.05)
     assert downs == [1]
 
 
-def test_errors_are_answers_and_the_connection_stays_open(server):
+@pytest.mark.parametrize(
+    "method, target, body, status, error",
+    [
+        ("GET", "/v1/dance", None, 404, "no route '/v1/dance' (docs/openapi.yaml lists them)"),
+        ("GET", "/", None, 404, "no route '/'"),
+        ("GET", "/v1/partitions/b", None, 404, "no partition named 'b' (partitions: a)"),
+        ("POST", "/v1/partitions/b/stop", None, 404, "no partition named 'b'"),
+        ("POST", "/v1/partitions/a/start", None, 409, "partition 'a' is already running"),
+        ("DELETE", "/v1/partitions/a", None, 405, "/v1/partitions/a takes GET, not 'DELETE'"),
+        ("GET", "/v1/down", None, 405, "/v1/down takes POST, not 'GET'"),
+        ("POST", "/v1/partitions/a/stop", b"not json", 400, "stopPartition: a request body is"),
+        ("POST", "/v1/partitions/a/stop", b"[1]", 400, "stopPartition: a request body is one"),
+        ("POST", "/v1/partitions/a/stop", {"force": True}, 400, "stopPartition: unknown field"),
+        ("GET", "/v1/vmm?x=1", None, 400, "getVmm: unknown parameter 'x' (parameters: none)"),
+        ("GET", "/v1/partitions/%ff", None, 400, "getPartition: a partition name is UTF-8"),
+        ("GET", "/v1/partitions/" + "x" * 65, None, 400, "getPartition: name 'xxxx"),
+    ],
+)
+def test_errors_have_their_status_and_the_connection_stays_open(
+    server, method, target, body, status, error
+):
+    srv, sup, _ = server
+    conn = UnixHTTPConnection(srv.path)
+    try:
+        data = body if body is None or isinstance(body, bytes) else json.dumps(body)
+        conn.request(method, target, body=data)
+        r = conn.getresponse()
+        answer = json.loads(r.read())
+        assert r.status == status and r.getheader("Content-Type") == "application/json"
+        assert list(answer) == ["error"] and answer["error"].startswith(error), answer
+        assert "\n" not in answer["error"] and len(answer["error"]) < 200
+        if status == 405:
+            assert r.getheader("Allow") in ("GET", "POST")
+        conn.request("GET", "/v1/vmm")  # the same connection still serves
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["pid"] == os.getpid()
+    finally:
+        conn.close()
+    assert sup.calls == []
+
+
+def test_the_client_says_the_error_in_one_line(server):
     srv, _, _ = server
     with connect(srv.path) as sock:
-        sock.sendall(b"not json\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            buf += sock.recv(4096)
-        assert json.loads(buf) == {"ok": False, "error": "a request is one JSON object per line"}
-        with pytest.raises(ControlError, match=r"^unknown command 'dance' \(ps, start"):
-            exchange(sock, {"cmd": "dance"})
-        with pytest.raises(ControlError, match="^stop: needs a partition name$"):
-            exchange(sock, {"cmd": "stop"})
         with pytest.raises(ControlError, match="^no partition named 'b' "):
-            exchange(sock, {"cmd": "stop", "name": "b"})
+            exchange(sock, "POST", "/v1/partitions/b/stop")
         with pytest.raises(ControlError, match="already running"):
-            exchange(sock, {"cmd": "start", "name": "a"})
-        assert exchange(sock, {"cmd": "ps"})["ok"]  # still usable
+            exchange(sock, "POST", "/v1/partitions/a/start")
+        assert exchange(sock, "GET", "/v1/vmm")["pid"] == os.getpid()  # still usable
 
 
 def test_no_listener_and_stale_or_foreign_paths():
@@ -114,15 +156,16 @@ def test_no_listener_and_stale_or_foreign_paths():
     try:
         path = os.path.join(d, "s")
         with pytest.raises(ControlError, match=f"^no VMM is listening on {path}: start one"):
-            request(path, {"cmd": "ps"})
+            call(path, "GET", "/v1/vmm")
         stale = socket.socket(socket.AF_UNIX)
         stale.bind(path)
         stale.close()  # a socket file nobody listens on
         with pytest.raises(ControlError, match="no VMM is listening"):
-            request(path, {"cmd": "ps"})
+            call(path, "GET", "/v1/vmm")
         srv = ControlServer(path, FakeSupervisor(), on_down=lambda: None)
         srv.open()  # replaces the stale file
         srv.start()
+        assert os.stat(path).st_mode & 0o777 == 0o600
         other = ControlServer(path, FakeSupervisor(), on_down=lambda: None)
         held = rf"^a VMM \(pid {os.getpid()}\) already serves {path} "
         with pytest.raises(ControlError, match=held):
@@ -137,15 +180,23 @@ def test_no_listener_and_stale_or_foreign_paths():
         shutil.rmtree(d, ignore_errors=True)
 
 
+def test_an_unknown_group_is_one_line():
+    d = tempfile.mkdtemp(prefix="osvmm-c-", dir="/tmp")
+    try:
+        srv = ControlServer(os.path.join(d, "s"), FakeSupervisor(), lambda: None, group="no-such")
+        with pytest.raises(ControlError, match="^control socket group 'no-such': no such group$"):
+            srv.open()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def test_console_replays_history_streams_and_takes_input(server):
     srv, sup, _ = server
     hub = sup.partitions["a"].console
     hub.write(b"before attach\n")
-    with connect(srv.path, timeout=5) as sock:
-        buf = bytearray()
-        reply = exchange(sock, {"cmd": "console", "name": "a"}, buf)
-        assert reply["name"] == "a"
-        got = bytes(buf)
+    sock, first = attach(srv.path, "a", timeout=5)
+    with sock:
+        got = first
         threading.Timer(0.1, hub.write, args=(b"after\n",)).start()
         while b"after\n" not in got:
             got += sock.recv(4096)
@@ -161,69 +212,221 @@ def test_console_replays_history_streams_and_takes_input(server):
         time.sleep(0.01)
 
 
-def _answer(sock: socket.socket) -> dict:
-    buf = b""
-    while not buf.endswith(b"\n"):
+def test_the_upgrade_answer_and_bytes_sent_with_the_request(server):
+    srv, sup, _ = server
+    with connect(srv.path, timeout=5) as sock:
+        sock.sendall(
+            b"POST /v1/partitions/a/console HTTP/1.1\r\nHost: x\r\n"
+            b"Connection: Upgrade\r\nUpgrade: tcp\r\n\r\nearly"
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)
+        lines = head.decode().split("\r\n")
+        assert lines[0] == "HTTP/1.1 101 Switching Protocols"
+        assert {"Upgrade: tcp", "Connection: Upgrade", "Osvmm-State: running"} <= set(lines)
+        deadline = time.monotonic() + 5
+        while bytes(sup.serial_in) != b"early":  # sent before the answer: not lost
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+
+def test_a_console_without_the_upgrade_is_refused_and_the_connection_goes_on(server):
+    srv, _, _ = server
+    with connect(srv.path, timeout=5) as sock:
+        with pytest.raises(ControlError, match="^attachConsole: needs Connection: Upgrade and "):
+            exchange(sock, "POST", "/v1/partitions/a/console")
+        assert exchange(sock, "GET", "/v1/vmm")["version"] == 1
+    with pytest.raises(ControlError, match="^no partition named 'zz'"):
+        attach(srv.path, "zz")
+
+
+def _answer(sock: socket.socket, buf: bytearray | None = None) -> tuple[int, dict, bytes]:
+    """A response read by hand: status, headers, body (by Content-Length); ``buf``
+    keeps what came after it (pipelined answers)."""
+    buf = bytearray() if buf is None else buf
+    while b"\r\n\r\n" not in buf:
         chunk = sock.recv(65536)
-        assert chunk, "the VMM closed the connection without an answer"
+        assert chunk, f"the VMM closed the connection without an answer: {buf!r}"
         buf += chunk
-    return json.loads(buf)
+    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    length = int(headers["Content-Length"])
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        assert chunk
+        rest += chunk
+    buf[:] = rest[length:]
+    return int(lines[0].split()[1]), headers, rest[:length]
+
+
+def _closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:  # closed with our unread bytes in it
+        return True
+
+
+def _post(target: str, body: bytes) -> bytes:
+    return (
+        f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+    )
 
 
 @pytest.mark.parametrize(
-    "line, error",
+    "body, error",
     [
-        (b'{"cmd":"stat","name":[1]}', "stat: name must be a string or null, not an array"),
-        (b'{"cmd":"stop","name":{"a":1}}', "stop: name must be a string, not an object"),
-        (b'{"cmd":"start","name":7}', "start: name must be a string, not a number"),
-        (b'{"cmd":"console","name":null}', "console: name must be a string, not null"),
-        (b'{"cmd":["ps"]}', 'a request needs "cmd", a string (ps, start, stop, restart, stat, '),
-        (b'{"name":"a"}', 'a request needs "cmd", a string'),
-        (b'{"cmd":"ps","extra":1}', "ps: unknown field 'extra' (fields: none)"),
-        (b'{"cmd":"stop","name":"a","force":true}', "stop: unknown field 'force' (fields: name)"),
-        (b"[" * 30000 + b"]" * 30000, "a request is one JSON object per line"),
-        (b'{"cmd":' * 5000 + b"1" + b"}" * 5000, "a request is one JSON object per line"),
-        (b'{"cmd":"\xff\xfe"}', "a request is one JSON object per line"),
-        (b'{"cmd":"ps","n":' + b"9" * 5000 + b"}", "a request is one JSON object per line"),
-        (b'{"cmd":"stop","name":"' + b"x" * 100 + b'"}', "stop: name 'xxxx"),
+        (b'{"dir":[1]}', "snapshotPartition: dir must be a string, not an array"),
+        (b'{"dir":{"a":1}}', "snapshotPartition: dir must be a string, not an object"),
+        (b'{"dir":7}', "snapshotPartition: dir must be a string, not a number"),
+        (b'{"dir":null}', "snapshotPartition: dir must be a string, not null"),
+        (b'{"dir":"/x","stop":1}', "snapshotPartition: stop must be true or false, not a number"),
+        (b"{}", "snapshotPartition: needs dir"),
+        (b'{"dir":"/x","extra":1}', "snapshotPartition: unknown field 'extra' (fields: dir, stop)"),
+        (b"[" * 30000 + b"]" * 30000, "snapshotPartition: a request body is one JSON object"),
+        (b'{"a":' * 5000 + b"1" + b"}" * 5000, "snapshotPartition: a request body is one JSON"),
+        (b'{"dir":"\xff\xfe"}', "snapshotPartition: a request body is one JSON object"),
+        (b'{"dir":' + b"9" * 5000 + b"}", "snapshotPartition: a request body is one JSON object"),
     ],
     ids=lambda v: v[:24].decode("latin-1") if isinstance(v, bytes) else None,
 )
-def test_a_request_of_the_wrong_shape_is_answered_in_one_line(server, line, error):
+def test_a_body_of_the_wrong_shape_is_answered_400_in_one_line(server, body, error):
+    from osvmm.up.api import NAME, Route
+
     srv, sup, _ = server
+    done = []
+    srv.add_routes(
+        [
+            Route(
+                "POST",
+                "/v1/partitions/{name}/snapshot",
+                "snapshotPartition",
+                done.append,
+                {"dir": NAME, "stop": ((bool,), False)},
+            )
+        ]
+    )
     with connect(srv.path, timeout=10) as sock:
-        sock.sendall(line + b"\n")
-        reply = _answer(sock)
-        assert reply["ok"] is False and reply["error"].startswith(error), reply
+        sock.sendall(_post("/v1/partitions/a/snapshot", body))
+        status, _, raw = _answer(sock)
+        reply = json.loads(raw)
+        assert status == 400 and reply["error"].startswith(error), reply
         assert "\n" not in reply["error"] and len(reply["error"]) < 200
-        assert exchange(sock, {"cmd": "ps"})["ok"]  # the connection still serves
-    assert sup.calls == []
+        assert exchange(sock, "GET", "/v1/vmm")["version"] == 1  # the connection still serves
+    assert sup.calls == [] and done == []
 
 
-def test_a_line_over_the_limit_is_answered_then_closed(server):
+@pytest.mark.parametrize(
+    "request_bytes, status, error",
+    [
+        (b"GET /v1/vmm\r\n\r\n", 400, "a malformed request line"),
+        (b"GET  /v1/vmm HTTP/1.1\r\n\r\n", 400, "a malformed request line"),
+        (b"G(T /v1/vmm HTTP/1.1\r\n\r\n", 400, "a malformed request line"),
+        (b"GET /v1/vmm HTTP/2.0\r\n\r\n", 505, "only HTTP/1.1 and HTTP/1.0 are spoken here"),
+        (b"GET v1/vmm HTTP/1.1\r\n\r\n", 400, "a request target is an absolute path"),
+        (b"GET /v1/\xffvmm HTTP/1.1\r\n\r\n", 400, "a request target is an absolute path"),
+        (b"GET /v1/vmm HTTP/1.1\r\nNo colon\r\n\r\n", 400, "a malformed header field"),
+        (b"GET /v1/vmm HTTP/1.1\r\n folded: x\r\n\r\n", 400, "a malformed header field"),
+        (b"GET /v1/vmm HTTP/1.1\r\nA: \xe9\r\n\r\n", 400, "a header field that is not ASCII"),
+        (
+            b"POST /v1/down HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            400,
+            "header field content-length given twice",
+        ),
+        (
+            b"POST /v1/down HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            400,
+            "Content-Length is not a number",
+        ),
+        (
+            b"POST /v1/down HTTP/1.1\r\nContent-Length: 1e3\r\n\r\n",
+            400,
+            "Content-Length is not a number",
+        ),
+        (
+            b"POST /v1/down HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            501,
+            "a body in a transfer coding: send it with Content-Length",
+        ),
+        (
+            b"POST /v1/down HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1),
+            413,
+            f"a request body over {MAX_BODY} bytes",
+        ),
+        (
+            b"GET /v1/vmm HTTP/1.1\r\n" + b"A: b\r\n" * 65 + b"\r\n",
+            431,
+            "more than 64 header fields",
+        ),
+        (
+            b"GET /v1/vmm HTTP/1.1\r\nA: " + b"b" * MAX_HEAD,
+            431,
+            f"a request head over {MAX_HEAD} bytes",
+        ),
+    ],
+    ids=lambda v: v[:28].decode("latin-1") if isinstance(v, bytes) else None,
+)
+def test_a_request_that_is_not_http_is_answered_then_closed(server, request_bytes, status, error):
+    srv, _, downs = server
+    with connect(srv.path, timeout=10) as sock:
+        try:
+            sock.sendall(request_bytes)
+        except OSError:
+            pass
+        got, headers, raw = _answer(sock)
+        assert (got, json.loads(raw)) == (status, {"error": error})
+        assert headers["Connection"] == "close"
+        assert _closed(sock)
+    assert downs == []
+    assert call(srv.path, "GET", "/v1/vmm")["version"] == 1
+
+
+def test_a_body_over_the_limit_is_answered_then_closed(server):
     srv, _, _ = server
     with connect(srv.path, timeout=10) as sock:
         try:
-            sock.sendall(b"x" * (200 << 10))
+            sock.sendall(_post("/v1/down", b"x" * (200 << 10)))
         except OSError:
             pass
-        assert _answer(sock) == {"ok": False, "error": "a request line over 65536 bytes"}
-        try:
-            assert sock.recv(1) == b""
-        except ConnectionResetError:  # closed with our unread bytes in it
-            pass
-    assert request(srv.path, {"cmd": "ps"})["ok"]
+        status, _, raw = _answer(sock)
+        assert (status, json.loads(raw)) == (413, {"error": "a request body over 65536 bytes"})
+        assert _closed(sock)
+    assert call(srv.path, "GET", "/v1/vmm")["version"] == 1
 
 
-def test_a_bug_in_a_handler_is_one_line_and_logged(server):
+def test_pipelined_requests_are_answered_in_order_and_connection_close_is_honoured(server):
+    srv, _, _ = server
+    with connect(srv.path, timeout=10) as sock:
+        sock.sendall(
+            b"GET /v1/partitions/a HTTP/1.1\r\n\r\nGET /v1/nope HTTP/1.1\r\n\r\n"
+            b"GET /v1/partitions HTTP/1.1\r\nConnection: close\r\n\r\n"
+        )
+        buf = bytearray()
+        assert _answer(sock, buf)[0] == 200
+        assert _answer(sock, buf)[0] == 404
+        status, headers, raw = _answer(sock, buf)
+        assert status == 200 and headers["Connection"] == "close" and b"partitions" in raw
+        assert _closed(sock)
+    with connect(srv.path, timeout=10) as sock:  # HTTP/1.0: one request unless kept alive
+        sock.sendall(b"GET /v1/vmm HTTP/1.0\r\n\r\n")
+        assert _answer(sock)[0] == 200 and _closed(sock)
+
+
+def test_a_bug_in_a_handler_is_a_500_in_one_line_and_logged(server):
     srv, sup, _ = server
     logged = []
     sup.log = logged.append
     sup.stats = lambda entry: 1 / 0
-    with pytest.raises(ControlError, match=r"^internal error in the VMM \(answering stat\): Zero"):
-        request(srv.path, {"cmd": "stat"})
+    status, _, reply = api(srv.path, "GET", "/v1/stat")
+    assert status == 500
+    assert reply["error"].startswith("internal error in the VMM (answering getStat): Zero")
     assert "Traceback" in logged[1]
-    assert request(srv.path, {"cmd": "ps"})["ok"]
+    with pytest.raises(
+        ControlError, match=r"^internal error in the VMM \(answering getPartitionStat\): Zero"
+    ):
+        call(srv.path, "GET", "/v1/partitions/a/stat")
+    assert call(srv.path, "GET", "/v1/vmm")["version"] == 1
 
 
 def test_many_clients_at_once_are_all_answered(server):
@@ -234,7 +437,7 @@ def test_many_clients_at_once_are_all_answered(server):
     def one():
         gate.wait()
         try:
-            answers.append(request(srv.path, {"cmd": "ps"}, timeout=30)["ok"])
+            answers.append(call(srv.path, "GET", "/v1/vmm", timeout=30)["version"])
         except ControlError as err:
             errors.append(str(err))
 
@@ -243,7 +446,7 @@ def test_many_clients_at_once_are_all_answered(server):
         t.start()
     for t in threads:
         t.join(60)
-    assert errors == [] and answers == [True] * 200
+    assert errors == [] and answers == [1] * 200
 
 
 def test_idle_clients_are_timed_out_and_do_not_hold_the_server(server, monkeypatch):
@@ -253,33 +456,61 @@ def test_idle_clients_are_timed_out_and_do_not_hold_the_server(server, monkeypat
     monkeypatch.setattr(server_module, "IDLE_TIMEOUT_S", 0.5)
     idle = [connect(srv.path, timeout=10) for _ in range(server_module.MAX_CONNECTIONS)]
     slow = idle[0]
-    slow.sendall(b'{"cmd":')  # half a request, never finished
+    slow.sendall(b"GET /v1/vmm HTTP/1.1\r\nHost:")  # half a request, never finished
     try:
+        status, headers, raw = _answer(slow)
+        assert (status, json.loads(raw)) == (408, {"error": "a request not whole in time"})
         for sock in idle:
-            assert sock.recv(1) == b""  # closed by the VMM after the idle time
-        assert request(srv.path, {"cmd": "ps"})["ok"]
+            assert _closed(sock)  # closed by the VMM after the idle time
+        assert call(srv.path, "GET", "/v1/vmm")["version"] == 1
     finally:
         for sock in idle:
             sock.close()
 
 
-def test_one_connection_over_the_limit_is_refused_in_one_line(server):
+def test_a_client_that_does_not_read_its_answers_holds_no_one_else(server, monkeypatch):
+    from osvmm.up import server as server_module
+
+    srv, _, _ = server
+    monkeypatch.setattr(server_module, "SEND_TIMEOUT_S", 0.5)
+    greedy = connect(srv.path, timeout=10)
+    greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        for _ in range(2000):  # many answers asked for, none read
+            greedy.sendall(b"GET /v1/vmm HTTP/1.1\r\n\r\n")
+    except OSError:
+        pass
+    t = time.monotonic()
+    assert call(srv.path, "GET", "/v1/vmm", timeout=10)["version"] == 1
+    assert time.monotonic() - t < 2
+    greedy.close()
+
+
+def test_one_connection_over_the_limit_is_refused_with_503(server):
     from osvmm.up.server import MAX_CONNECTIONS
 
     srv, _, _ = server
     held = [connect(srv.path, timeout=10) for _ in range(MAX_CONNECTIONS)]
     try:
         for sock in held:  # each is being served
-            assert exchange(sock, {"cmd": "ps"})["ok"]
+            assert exchange(sock, "GET", "/v1/vmm")["version"] == 1
+        with connect(srv.path, timeout=10) as sock:
+            try:
+                sock.sendall(b"GET /v1/vmm HTTP/1.1\r\n\r\n")
+            except BrokenPipeError:  # refused before it was sent: the answer waits
+                pass
+            status, headers, raw = _answer(sock)
+        assert status == 503 and headers["Connection"] == "close"
+        assert json.loads(raw) == {"error": f"the VMM serves at most {MAX_CONNECTIONS} connections"}
         with pytest.raises(ControlError, match=f"^the VMM serves at most {MAX_CONNECTIONS} "):
-            request(srv.path, {"cmd": "ps"})
+            call(srv.path, "GET", "/v1/vmm")
     finally:
         for sock in held:
             sock.close()
     deadline = time.monotonic() + 5
     while True:
         try:
-            assert request(srv.path, {"cmd": "ps"})["ok"]
+            assert call(srv.path, "GET", "/v1/vmm")["version"] == 1
             break
         except ControlError:
             assert time.monotonic() < deadline
@@ -303,7 +534,7 @@ def test_the_client_refuses_a_vmm_of_another_user():
                 os.setresuid(NOBODY, NOBODY, NOBODY)
                 srv.listen(4)
                 conn, _ = srv.accept()
-                conn.sendall(b'{"ok": true, "partitions": []}\n')
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
                 time.sleep(2)
             finally:
                 os._exit(0)
@@ -313,14 +544,14 @@ def test_the_client_refuses_a_vmm_of_another_user():
             time.sleep(0.01)
         time.sleep(0.2)
         with pytest.raises(ControlError, match=f"is served by uid {NOBODY}, not by you or root"):
-            request(path, {"cmd": "ps"})
+            call(path, "GET", "/v1/vmm")
         os.waitpid(pid, 0)
         os.unlink(path)
         s = socket.socket(socket.AF_UNIX)
         s.bind(path)
         os.chown(path, NOBODY, NOBODY)
         with pytest.raises(ControlError, match=f"belongs to uid {NOBODY}, not to you or root"):
-            request(path, {"cmd": "ps"})
+            call(path, "GET", "/v1/vmm")
         s.close()
     finally:
         shutil.rmtree(d, ignore_errors=True)
@@ -339,7 +570,7 @@ def test_the_vmm_refuses_a_client_of_another_user(server):
             s = socket.socket(socket.AF_UNIX)
             s.connect(srv.path)
             try:
-                s.sendall(b'{"cmd":"stop","name":"a"}\n')
+                s.sendall(b"POST /v1/partitions/a/stop HTTP/1.1\r\n\r\n")
             except BrokenPipeError:  # refused before it was sent: the answer waits
                 pass
             os.write(w, s.recv(4096))
@@ -351,15 +582,23 @@ def test_the_vmm_refuses_a_client_of_another_user(server):
     with os.fdopen(r, "rb") as f:
         answer = f.read()
     os.waitpid(pid, 0)
-    assert answer.startswith(b"{"), answer
-    assert json.loads(answer) == {
-        "ok": False,
+    assert answer.startswith(b"HTTP/1.1 403 Forbidden\r\n"), answer
+    assert json.loads(answer.partition(b"\r\n\r\n")[2]) == {
         "error": f"uid {NOBODY} may not use this VMM (it runs as uid 0)",
     }
     assert sup.calls == []
 
 
-@pytest.mark.parametrize("answer", [b"[1]\n", b'{"error": "x"}\n', b'{"ok": false, "error": 5}\n'])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"[1]\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n[1]",
+        b'HTTP/1.1 400 Bad Request\r\nContent-Length: 11\r\n\r\n{"error":5}',
+        b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n{}",
+        b"HTTP/1.1 abc OK\r\n\r\n",
+    ],
+)
 def test_a_malformed_answer_is_one_line_for_the_client(answer):
     d = tempfile.mkdtemp(prefix="osvmm-c-", dir="/tmp")
     path = os.path.join(d, "s")
@@ -375,8 +614,8 @@ def test_a_malformed_answer_is_one_line_for_the_client(answer):
 
     threading.Thread(target=answer_once, daemon=True).start()
     try:
-        with pytest.raises(ControlError, match="^the VMM (sent a malformed answer|refused)"):
-            request(path, {"cmd": "ps"})
+        with pytest.raises(ControlError, match="^the VMM (sent a malformed answer|refused|closed)"):
+            call(path, "GET", "/v1/vmm")
     finally:
         srv.close()
         shutil.rmtree(d, ignore_errors=True)

@@ -17,7 +17,7 @@ from osvmm.errors import ControlError
 from osvmm.plan.config import parse_plan
 from osvmm.plan.placement import place
 from osvmm.plan.topology import read_topology
-from osvmm.up.protocol import request
+from osvmm.up.protocol import call
 from osvmm.up.supervisor import FAILED, RUNNING, Supervisor
 from osvmm.up.writemon import WriteMonitors
 from tests import wmkernel as wk
@@ -112,7 +112,7 @@ cmdline = "mode=work iters=0x4000000000000000 every=2000000 target=0x400200"
     try:
         up.wait_for(lambda p: p["worker"]["state"] == "running")
         with pytest.raises(ControlError, match="nothing to protect"):
-            request(up.sock, {"cmd": "protect", "name": "worker", "arm": True})
+            call(up.sock, "POST", "/v1/partitions/worker/protection", {"arm": True})
         r = up.cli(
             "protect", "worker", "--range", "0x400200+4", "--policy", "log", "--arm", "--json"
         )
@@ -122,7 +122,7 @@ cmdline = "mode=work iters=0x4000000000000000 every=2000000 target=0x400200"
         assert reply["monitor"]["armed"] and reply["monitor"]["pages"] == 1
 
         def counts():  # straight over the socket (the CLI's text is tested above)
-            return request(up.sock, {"cmd": "violations", "name": "worker"})
+            return call(up.sock, "GET", "/v1/partitions/worker/violations")
 
         deadline = time.monotonic() + 20
         while (first := counts())["counts"]["logged"] < 3:
@@ -136,9 +136,10 @@ cmdline = "mode=work iters=0x4000000000000000 every=2000000 target=0x400200"
         settled = counts()["counts"]
         time.sleep(0.3)
         assert counts()["counts"] == settled
-        assert request(up.sock, {"cmd": "ps"})["partitions"][0]["state"] == "running"
+        assert call(up.sock, "GET", "/v1/vmm")["partitions"][0]["state"] == "running"
         with pytest.raises(ControlError, match="grants: no domain is named 'nobody'"):
-            request(up.sock, {"cmd": "protect", "name": "worker", "grants": {"nobody": ["0+4"]}})
+            body = {"grants": {"nobody": ["0+4"]}}
+            call(up.sock, "POST", "/v1/partitions/worker/protection", body)
     finally:
         up.close()
 

@@ -136,6 +136,8 @@ class LiveStats:
     other: Counter = field(default_factory=Counter)  # numbers the ABI does not define
     errors: Counter = field(default_factory=Counter)  # -errno -> calls that failed with it
     window_writes: Counter = field(default_factory=Counter)  # partition id -> dropped writes
+    # (partition id, call number, result: 0 for any success, else the -errno) -> calls
+    by_partition: dict = field(default_factory=dict)
 
     @property
     def calls(self) -> Counter:
@@ -177,6 +179,7 @@ class LiveMonitor:
         self.state = replace(self.state, lifecycle=(STOPPED,) * len(self.topology.partitions))
         self.stats = LiveStats()
         self._known_calls = self.stats.known  # the per-call path: no attribute chains
+        self._by_partition = self.stats.by_partition
         self._reader = self._read_guest
         self.violations: list[str] = []
         self._console_partial: dict[int, bool] = {}
@@ -272,6 +275,8 @@ class LiveMonitor:
                 self.stats.other[nr] += 1
             if result < 0:
                 self.stats.errors[result] += 1
+            key = (pid, nr, result if result < 0 else 0)
+            self._by_partition[key] = self._by_partition.get(key, 0) + 1
             if effects:
                 later = self._apply(effects)
             if self.check:

@@ -4,6 +4,7 @@
     osvmm ps | stat [NAME] | start NAME | stop NAME | restart NAME | console NAME | down
     osvmm protect NAME [--arm | --disarm] [--policy P] [--range R] [--domain D=R] [--grant D=R]
     osvmm violations NAME [--last N]
+    osvmm snapshot NAME DIR | migrate NAME --to ADDR
 
 The CLI wires them with one call: ``add_up_parsers(subparsers)``. Every
 client command finds the VMM by ``--socket PATH``, else by the
@@ -12,7 +13,8 @@ client command finds the VMM by ``--socket PATH``, else by the
 
 Each command here is thin: ``up`` hands over to osvmm/up/daemon.py, ``console``
 to osvmm/up/console_client.py; the others send one request and print the
-answer (osvmm/up/tables.py draws ``ps`` and ``stat``).
+answer (osvmm/up/tables.py draws ``ps`` and ``stat``). Each is a client of
+the HTTP API (docs/api.md).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 import time
 
 from osvmm.stdio import say
-from osvmm.up.protocol import is_listening, request
+from osvmm.up.protocol import call, is_listening, partition_path
 
 
 def add_up_parsers(sub) -> None:
@@ -49,6 +51,11 @@ def add_up_parsers(sub) -> None:
         action="store_true",
         help="take every running partition of the VMM on the plan's control socket, "
         "memory handed over, not copied (a live upgrade); it ends, this one serves",
+    )
+    p.add_argument(
+        "--group",
+        metavar="GROUP",
+        help="give the control socket to GROUP too (mode 0660): its members may drive the VMM",
     )
     p.set_defaults(func=cmd_up)
 
@@ -155,11 +162,13 @@ def socket_path(args) -> str:
 def cmd_up(args) -> int:
     from osvmm.up.daemon import up
 
-    return up(args.file, args.log_dir, args.detach, args.quiet, args.incoming, args.takeover)
+    return up(
+        args.file, args.log_dir, args.detach, args.quiet, args.incoming, args.takeover, args.group
+    )
 
 
 def cmd_ps(args) -> int:
-    reply = request(socket_path(args), {"cmd": "ps"})
+    reply = call(socket_path(args), "GET", "/v1/vmm")
     if args.json:
         print(json.dumps(reply, indent=2))
         return 0
@@ -170,14 +179,17 @@ def cmd_ps(args) -> int:
 
 
 def cmd_lifecycle(args) -> int:
-    reply = request(socket_path(args), {"cmd": args.command, "name": args.name})
+    reply = call(socket_path(args), "POST", partition_path(args.name, args.command))
     detail = f" ({reply['reason']})" if reply["state"] != "running" and reply["reason"] else ""
     print(f"{args.name}: {reply['state']}{detail}")
     return 0
 
 
 def cmd_stat(args) -> int:
-    reply = request(socket_path(args), {"cmd": "stat", "name": args.name})
+    if args.name is None:
+        reply = call(socket_path(args), "GET", "/v1/stat")
+    else:
+        reply = {"partitions": [call(socket_path(args), "GET", partition_path(args.name, "stat"))]}
     if args.json:
         print(json.dumps(reply, indent=2))
         return 0
@@ -193,7 +205,7 @@ def cmd_down(args) -> int:
     from osvmm.up.locks import holder
 
     path = socket_path(args)
-    request(path, {"cmd": "down"})
+    call(path, "POST", "/v1/down")
     deadline = time.monotonic() + 60
     while (holder(path + ".lock") is not None or is_listening(path)) and (
         time.monotonic() < deadline
@@ -215,10 +227,11 @@ SNAPSHOT_TIMEOUT_S = 600  # a large partition's memory takes a while to write
 def cmd_snapshot(args) -> int:
     import os
 
-    msg = {"cmd": "snapshot", "name": args.name, "dir": os.path.abspath(args.dir)}
+    msg = {"dir": os.path.abspath(args.dir)}
     if args.stop:
         msg["stop"] = True
-    reply = request(socket_path(args), msg, timeout=SNAPSHOT_TIMEOUT_S)
+    target = partition_path(args.name, "snapshot")
+    reply = call(socket_path(args), "POST", target, msg, timeout=SNAPSHOT_TIMEOUT_S)
     if args.json:
         print(json.dumps(reply, indent=2))
         return 0
@@ -234,8 +247,9 @@ def cmd_migrate(args) -> int:
     from osvmm.snapshot.stream import parse_address
 
     parse_address(args.to)  # a typo is told here, before the VMM is asked
-    msg = {"cmd": "migrate", "name": args.name, "to": args.to, "downtime_ms": args.downtime_ms}
-    reply = request(socket_path(args), msg, timeout=SNAPSHOT_TIMEOUT_S)
+    msg = {"to": args.to, "downtime_ms": args.downtime_ms}
+    target = partition_path(args.name, "migrate")
+    reply = call(socket_path(args), "POST", target, msg, timeout=SNAPSHOT_TIMEOUT_S)
     if args.json:
         print(json.dumps(reply, indent=2))
         return 0
@@ -260,7 +274,7 @@ def _named_ranges(pairs: list[str], option: str) -> dict[str, list[str]]:
 
 
 def cmd_protect(args) -> int:
-    msg: dict = {"cmd": "protect", "name": args.name}
+    msg: dict = {}
     if args.arm is not None:
         msg["arm"] = args.arm
     if args.policy:
@@ -271,7 +285,9 @@ def cmd_protect(args) -> int:
         msg["domains"] = _named_ranges(args.domain, "--domain")
     if args.grant:
         msg["grants"] = _named_ranges(args.grant, "--grant")
-    reply = request(socket_path(args), msg)
+    target = partition_path(args.name, "protection")
+    path = socket_path(args)
+    reply = call(path, "POST", target, msg) if msg else call(path, "GET", target)
     if args.json:
         print(json.dumps(reply, indent=2))
         return 0
@@ -282,10 +298,8 @@ def cmd_protect(args) -> int:
 
 
 def cmd_violations(args) -> int:
-    msg = {"cmd": "violations", "name": args.name, "last": args.last}
-    if args.since is not None:
-        msg["since"] = args.since
-    reply = request(socket_path(args), msg)
+    query = f"?last={args.last}" + (f"&since={args.since}" if args.since is not None else "")
+    reply = call(socket_path(args), "GET", partition_path(args.name, "violations") + query)
     if args.json:
         print(json.dumps(reply, indent=2))
         return 0

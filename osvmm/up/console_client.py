@@ -1,7 +1,8 @@
 """``osvmm console NAME``: a partition's serial console on this terminal.
 
-The terminal goes raw; one thread copies the console's bytes from the control
-socket to stdout, the caller's thread copies stdin to the socket until
+The control connection is upgraded to a raw stream (``101 Switching
+Protocols``, docs/api.md). The terminal goes raw; one thread copies the console's
+bytes from the control socket to stdout, the caller's thread copies stdin to the socket until
 Ctrl-A x (osvmm/vmm/escape.py) detaches or the VMM closes the console. At
 stdin's end of file the output keeps flowing until the VMM closes it (or
 Ctrl-C). The terminal's settings are restored however it ends.
@@ -16,7 +17,7 @@ import threading
 
 from osvmm.errors import EXIT_INTERRUPTED
 from osvmm.stdio import say
-from osvmm.up.protocol import connect, exchange
+from osvmm.up.protocol import attach as open_console
 from osvmm.vmm.escape import ConsoleEscape
 
 
@@ -24,9 +25,11 @@ def attach(path: str, name: str) -> int:
     import termios
     import tty
 
-    sock = connect(path, timeout=30)
-    exchange(sock, {"cmd": "console", "name": name})
+    sock, first = open_console(path, name)
     sock.settimeout(None)
+    if first:
+        sys.stdout.buffer.write(first)
+        sys.stdout.buffer.flush()
     stdin = sys.stdin.fileno()
     saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
     say(f"osvmm: console of {name} (Ctrl-A x detaches)")

@@ -46,6 +46,7 @@ def up(
     quiet: bool,
     incoming: str | None = None,
     takeover: bool = False,
+    group: str | None = None,
 ) -> int:
     from osvmm.plan.config import load_plan
     from osvmm.plan.placement import place
@@ -72,9 +73,9 @@ def up(
         parse_address(incoming)
     if detach:
         return detached(
-            lambda ready: serve(assignment, path, log_dir, True, ready, incoming, takeover)
+            lambda ready: serve(assignment, path, log_dir, True, ready, incoming, takeover, group)
         )
-    return serve(assignment, path, log_dir, quiet, None, incoming, takeover)
+    return serve(assignment, path, log_dir, quiet, None, incoming, takeover, group)
 
 
 def detached(serve_: Callable[[Callable[[str], None]], int]) -> int:
@@ -122,7 +123,14 @@ def detached(serve_: Callable[[Callable[[str], None]], int]) -> int:
 
 
 def serve(
-    assignment, path: str, log_dir: str, quiet: bool, ready, incoming=None, takeover=False
+    assignment,
+    path: str,
+    log_dir: str,
+    quiet: bool,
+    ready,
+    incoming=None,
+    takeover=False,
+    group: str | None = None,
 ) -> int:
     """Run every partition and the control socket until ``down``, SIGTERM, SIGHUP,
     SIGQUIT (0) or Ctrl-C (130). ``incoming``: start none, accept migrations of them
@@ -132,16 +140,14 @@ def serve(
     from osvmm.up.consoles import ECHO_SPOOL, LineEcho, Spool, fd_sink
     from osvmm.up.hypercalls import serve_supervisor
     from osvmm.up.locks import free_cpus, reserve_cpus
-    from osvmm.up.migrate import IncomingServer, MigrationService, TakeoverService, take_over
+    from osvmm.up.migrate import IncomingServer, take_over
     from osvmm.up.server import ControlServer
-    from osvmm.up.snapshots import SnapshotService
     from osvmm.up.supervisor import Supervisor
-    from osvmm.up.writemon import WriteMonitors
 
     down = threading.Event()
     for signum in ENDING_SIGNALS:  # from now on they end the VMM in order, as down does
         signal.signal(signum, lambda signum, frame: down.set())
-    server = ControlServer(path, None, on_down=down.set)
+    server = ControlServer(path, None, on_down=down.set, group=group)
     if not takeover:  # a takeover claims the socket once the old VMM has gone
         server.open()  # first: a second VMM on this socket stops here, before any log is opened
     cleanup: list[Callable[[], None]] = [server.close]
@@ -178,17 +184,7 @@ def serve(
         cleanup.append(lambda: setattr(threading, "excepthook", threading.__excepthook__))
         hypercalls = serve_supervisor(sup)  # the six hypercalls, channels and doorbells
         cleanup.insert(1, hypercalls.close)
-        monitors = WriteMonitors(sup)  # write monitoring (docs/write-monitor.md)
-        snapshots = SnapshotService(sup, hypercalls)  # snapshots (docs/snapshots.md)
-        for service in (
-            monitors,
-            snapshots,
-            MigrationService(sup, hypercalls),
-            TakeoverService(sup, hypercalls, down.set),
-        ):
-            server.commands.update(service.commands())
-            server.requests.update(service.requests())
-        server.stat_fields = (monitors.stat_fields,)
+        api_services(server, sup, hypercalls, down.set)
         server.sup = sup
         if takeover:
             reply = take_over(path, sup)
@@ -225,6 +221,29 @@ def serve(
             except Exception as err:  # noqa: BLE001 - every step is tried
                 say(f"osvmm: internal error while stopping: {type(err).__name__}: {err}")
     return status
+
+
+def api_services(server, sup, hypercalls, on_down: Callable[[], None]) -> None:
+    """What the services beside the supervisor add to the control API: their routes
+    (write monitoring, snapshots, migration, the live upgrade's handover), the
+    fields they add to a partition's statistics, their metrics."""
+    from osvmm.up.hypercalls import hypercall_counts
+    from osvmm.up.metrics import hypercall_metrics, service_metrics
+    from osvmm.up.migrate import MigrationService, TakeoverService
+    from osvmm.up.snapshots import SnapshotService
+    from osvmm.up.writemon import WriteMonitors
+
+    monitors = WriteMonitors(sup)  # write monitoring (docs/write-monitor.md)
+    snapshots = SnapshotService(sup, hypercalls)  # snapshots (docs/snapshots.md)
+    migrations = MigrationService(sup, hypercalls)
+    takeovers = TakeoverService(sup, hypercalls, on_down)
+    for service in (monitors, snapshots, migrations, takeovers):
+        server.add_routes(service.routes())
+    server.stat_fields = (monitors.stat_fields, hypercall_counts(hypercalls))
+    server.metric_sources = [
+        lambda: hypercall_metrics(hypercalls, sup),
+        lambda: service_metrics(snapshots, migrations, monitors),
+    ]
 
 
 def _log_thread_bug(sup) -> Callable:

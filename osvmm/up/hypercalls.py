@@ -55,3 +55,20 @@ def serve_supervisor(supervisor, check: bool = False) -> LiveMonitor:
     supervisor.on_build.append(on_build)
     supervisor.on_end.append(on_end)
     return live
+
+
+def hypercall_counts(live):
+    """A ``stat_fields`` callable (osvmm/up/server.py): the ``hypercalls`` a partition
+    made, by call name and result (``0`` for success, else ``-ENAME``)."""
+    from osvmm.hypercall import abi
+
+    def fields(entry) -> dict:
+        with live.lock:
+            mine = [(k, n) for k, n in live.stats.by_partition.items() if k[0] == entry.index]
+        out: dict[str, dict[str, int]] = {}
+        for (_, nr, result), n in sorted(mine):
+            call = abi.BY_NUMBER[nr].name if nr in abi.BY_NUMBER else str(nr)
+            out.setdefault(call, {})[abi.result_name(result)] = n
+        return {"hypercalls": out}
+
+    return fields

@@ -1,7 +1,7 @@
 """Live migration under ``osvmm up`` (docs/snapshots.md).
 
-Source: ``MigrationService`` answers the control socket's
-``{"cmd": "migrate", "name": N, "to": ADDR, "downtime_ms": 300}``: it connects
+Source: ``MigrationService`` answers the control API's ``POST
+/v1/partitions/{name}/migrate`` with ``{"to": ADDR, "downtime_ms": 300}``: it connects
 to the destination and runs vmm/migration.py's ``send`` on the partition, with
 the hypercall monitor's part (up/snapshots.py ``monitor_extra``); once the
 destination runs it, the partition is stopped here as by ``osvmm stop``, with
@@ -27,7 +27,7 @@ import threading
 import time
 
 from osvmm.arch.x86.layout import HUGEPAGE_MIN_RANGE
-from osvmm.errors import ConfigError, ControlError, OsvmmError, SnapshotError
+from osvmm.errors import ConfigError, ControlError, OsvmmError, SnapshotError, WrongState
 from osvmm.snapshot import stream as wire
 
 
@@ -35,22 +35,21 @@ class MigrationService:
     """The ``migrate`` request of the control socket (the source's side)."""
 
     def __init__(self, supervisor, live):
+        from collections import Counter
+
         self.sup = supervisor
         self.live = live
+        self.sent: Counter = Counter()  # partition -> migrations out (``/metrics``)
+        self.failed: Counter = Counter()  # partition -> migrations that failed
 
-    def commands(self) -> dict:
-        return {"migrate": self.migrate}
+    def routes(self) -> list:
+        """``POST /v1/partitions/{name}/migrate`` (docs/openapi.yaml)."""
+        from osvmm.up.api import Route
 
-    @staticmethod
-    def requests() -> dict:
-        """The control server's row for ``migrate`` (up/server.py REQUESTS)."""
-        return {
-            "migrate": {
-                "name": ((str,), True),
-                "to": ((str,), True),
-                "downtime_ms": ((int, float), False),
-            }
-        }
+        body = {"to": ((str,), True), "downtime_ms": ((int, float), False)}
+        return [
+            Route("POST", "/v1/partitions/{name}/migrate", "migratePartition", self.migrate, body)
+        ]
 
     def migrate(self, msg: dict) -> dict:
         from osvmm.up.snapshots import monitor_extra
@@ -69,7 +68,7 @@ class MigrationService:
         entry = self.sup.entry(name)
         part = entry.partition
         if part is None or entry.state != RUNNING:
-            raise ConfigError(f"partition {name!r} is not running ({entry.state})")
+            raise WrongState(f"partition {name!r} is not running ({entry.state})")
         stream = wire.Stream(wire.connect(to), to)
         stream.sock.settimeout(60)
         reason = f"migrated to {to}"
@@ -83,6 +82,7 @@ class MigrationService:
                 then=lambda: self.sup.stop(name, wait=False, reason=reason),
             )
         except SnapshotError as err:
+            self.failed[name] += 1
             self.sup.log(f"{name}: migration to {to} failed, it goes on here: {err}")
             raise SnapshotError(f"migration of {name!r} to {to} failed: {err}") from None
         finally:
@@ -91,8 +91,8 @@ class MigrationService:
             f"{name}: {reason} in {report.rounds} rounds, {report.bytes_sent >> 10} KiB, "
             f"{report.total_ms:.0f} ms, downtime {report.downtime_ms:.1f} ms"
         )
+        self.sent[name] += 1
         return {
-            "ok": True,
             "name": name,
             "to": to,
             "state": self.sup.wait_stopped(name),
@@ -234,7 +234,7 @@ def start_arrived(sup, stream, arrived) -> None:
 
 
 class TakeoverService:
-    """The control socket's ``handover`` request (the old VMM's side): every running
+    """The control API's ``POST /v1/handover`` (the old VMM's side): every running
     partition goes to the new VMM listening at ``to`` (vmm/migration.py
     ``hand_over``: memfds passed, not copied); then this VMM ends."""
 
@@ -243,13 +243,11 @@ class TakeoverService:
         self.live = live
         self.on_down = on_down
 
-    def commands(self) -> dict:
-        return {"handover": self.handover}
+    def routes(self) -> list:
+        """``POST /v1/handover`` (docs/openapi.yaml)."""
+        from osvmm.up.api import Route
 
-    @staticmethod
-    def requests() -> dict:
-        """The control server's row for ``handover`` (up/server.py REQUESTS)."""
-        return {"handover": {"to": ((str,), True)}}
+        return [Route("POST", "/v1/handover", "handover", self.handover, {"to": ((str,), True)})]
 
     def handover(self, msg: dict) -> dict:
         from osvmm.up.snapshots import monitor_extra
@@ -286,7 +284,6 @@ class TakeoverService:
         )
         threading.Timer(0.2, self.on_down).start()  # after this answer is sent
         return {
-            "ok": True,
             "partitions": [e.name for e in entries],
             "pid": os.getpid(),
             "total_ms": round(report.total_ms, 3),
@@ -298,7 +295,7 @@ class TakeoverService:
 def take_over(path: str, sup, timeout: float = 300) -> dict:
     """The new VMM's side: ask the VMM serving ``path`` to hand its running
     partitions over, resume them here, and wait until it has gone; its answer."""
-    from osvmm.up.protocol import is_listening, request
+    from osvmm.up.protocol import call, is_listening
     from osvmm.vmm import migration
 
     if not is_listening(path):
@@ -327,7 +324,7 @@ def take_over(path: str, sup, timeout: float = 300) -> dict:
     receiver = threading.Thread(target=receive, name="takeover", daemon=True)
     receiver.start()
     try:
-        reply = request(path, {"cmd": "handover", "to": addr}, timeout=timeout)
+        reply = call(path, "POST", "/v1/handover", {"to": addr}, timeout=timeout)
     except OsvmmError as err:
         failure = err
     else:

@@ -1,12 +1,12 @@
-"""The control socket's framing and its client: JSON over a Unix stream
-socket, one request and one response per line (docs/control-socket.md is the
-protocol; osvmm/up/server.py is the VMM's side).
+"""The control API's client: HTTP/1.1 with JSON over the VMM's Unix socket
+(docs/api.md is the API, docs/openapi.yaml its contract; osvmm/up/server.py
+is the VMM's side, osvmm/up/http.py the framing both sides share).
 
-``request(path, msg)`` is the client: it sends one request and returns the
-response, raising ControlError (a one-line message, status 2) when no VMM is
-listening or the VMM answers ``{"ok": false, "error": ...}``. ``connect``,
-``send``, ``read_line`` and ``exchange`` are its parts, for a client that keeps
-its connection (``console`` turns it into a raw byte stream once answered).
+``call(path, method, target, body)`` is the client: one request on a fresh
+connection, its JSON answer; ControlError (a one-line message, status 2) when
+no VMM is listening or the VMM answers an error (``{"error": ...}`` with a
+status of 400 or more). ``connect`` and ``exchange`` are its parts, for a
+client that keeps its connection; ``attach`` upgrades one to a console stream.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ import socket
 import stat
 import struct
 import time
+from urllib.parse import quote
 
 from osvmm.errors import ControlError
-
-PROTOCOL_VERSION = 1
-MAX_LINE = 64 << 10  # a request line longer than this is refused
+from osvmm.up import http
 
 
 def not_listening(path: str) -> ControlError:
@@ -46,8 +45,11 @@ def connect(path: str, timeout: float | None = 30) -> socket.socket:
         raise ControlError(f"cannot connect to {path}: {e.strerror}") from None
     if not stat.S_ISSOCK(st.st_mode):
         raise ControlError(f"{path} is not a socket")
-    if st.st_uid not in (os.geteuid(), 0):
-        raise ControlError(f"{path} belongs to uid {st.st_uid}, not to you or root: not used")
+    owners = (os.geteuid(), 0)
+    if st.st_uid not in owners:
+        if not _group_socket(path, st):
+            raise ControlError(f"{path} belongs to uid {st.st_uid}, not to you or root: not used")
+        owners = (st.st_uid, 0)  # a VMM of another user that gave its socket to our group
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -70,10 +72,23 @@ def connect(path: str, timeout: float | None = 30) -> socket.socket:
     except OSError as e:
         sock.close()
         raise ControlError(f"cannot connect to {path}: {e.strerror}") from None
-    if uid not in (os.geteuid(), 0):
+    if uid not in owners:
         sock.close()
         raise ControlError(f"{path} is served by uid {uid}, not by you or root: not a VMM to trust")
     return sock
+
+
+def _group_socket(path: str, st: os.stat_result) -> bool:
+    """Whether ``path`` is another user's VMM socket given to one of our groups
+    (``osvmm up --group``): mode 0660, in a directory of that user's (or root's)
+    that no one else can write, so no one else could have put it there."""
+    if st.st_gid not in (os.getegid(), *os.getgroups()) or (st.st_mode & 0o060) != 0o060:
+        return False
+    try:
+        d = os.stat(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return False
+    return d.st_uid in (st.st_uid, 0) and not d.st_mode & 0o022
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -82,56 +97,107 @@ def peer_uid(sock: socket.socket) -> int:
     return struct.unpack("3i", creds)[1]
 
 
-def send(sock: socket.socket, msg: dict) -> None:
-    sock.sendall(json.dumps(msg).encode() + b"\n")
+def peer_groups(sock: socket.socket) -> set[int]:
+    """The groups of the process at the other end (its primary and supplementary
+    groups, from /proc/PID/status: SO_PEERCRED gives the primary one only)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, _, gid = struct.unpack("3i", creds)
+    groups = {gid}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Groups:"):
+                groups.update(int(g) for g in line.split()[1:])
+    return groups
 
 
-def read_line(sock: socket.socket, buf: bytearray) -> bytes | None:
-    """The next line from ``sock`` (without the newline); None at EOF. ``buf``
-    keeps what was read beyond the line (it belongs to the next read)."""
-    while b"\n" not in buf:
-        if len(buf) > MAX_LINE:
-            raise ControlError(f"a control line over {MAX_LINE} bytes")
-        chunk = sock.recv(4096)
-        if not chunk:
-            return None
-        buf += chunk
-    line, _, rest = bytes(buf).partition(b"\n")
-    buf[:] = rest
-    return line
+def partition_path(name: str, what: str = "") -> str:
+    """The API path of partition ``name`` (and of ``what`` under it)."""
+    return f"/v1/partitions/{quote(name, safe='')}" + (f"/{what}" if what else "")
 
 
-def exchange(sock: socket.socket, msg: dict, buf: bytearray | None = None) -> dict:
-    """Send ``msg`` and return the response; ControlError if it says ``ok: false``."""
+def exchange(
+    sock: socket.socket,
+    method: str,
+    target: str,
+    body: dict | None = None,
+    buf: bytearray | None = None,
+) -> dict:
+    """Send one request and return its JSON answer; ControlError for an error answer."""
     buf = bytearray() if buf is None else buf
+    data = None if body is None else json.dumps(body).encode()
     try:
         try:
-            send(sock, msg)
+            sock.sendall(http.request_bytes(method, target, data))
         except (BrokenPipeError, ConnectionResetError):
             pass  # it may have answered before closing (a refusal): that answer is read
-        line = read_line(sock, buf)
+        answer = http.read_response(sock, buf)
     except TimeoutError:
-        raise ControlError(f"the VMM did not answer {msg.get('cmd')!r} in time") from None
+        raise ControlError(f"the VMM did not answer {method} {target} in time") from None
+    except ValueError:
+        raise ControlError("the VMM sent a malformed answer") from None
     except OSError as e:
+        if isinstance(e, ConnectionError) and not e.strerror:
+            raise ControlError(str(e)) from None
         raise ControlError(f"control connection failed: {e.strerror or e}") from None
-    if line is None:
-        raise ControlError("the VMM closed the control connection without an answer")
+    return _json_of(answer)
+
+
+def _json_of(answer: http.Response) -> dict:
     try:
-        reply = json.loads(line)
+        value = json.loads(answer.body)
     except (ValueError, RecursionError):
-        reply = None
-    if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
+        value = None
+    if not isinstance(value, dict):
         raise ControlError("the VMM sent a malformed answer")
-    if not reply["ok"]:
-        error = reply.get("error")
+    if answer.status >= 400:
+        error = value.get("error")
         raise ControlError(error if isinstance(error, str) else "the VMM refused the request")
-    return reply
+    if answer.status != 200:
+        raise ControlError(f"the VMM answered with status {answer.status}")
+    return value
 
 
-def request(path: str, msg: dict, timeout: float = 60) -> dict:
-    """One request on a fresh connection; the response (``ok`` is true)."""
+def call(path: str, method: str, target: str, body: dict | None = None, timeout=60) -> dict:
+    """One request on a fresh connection; its JSON answer (a status of 200)."""
     with connect(path, timeout) as sock:
-        return exchange(sock, msg)
+        return exchange(sock, method, target, body)
+
+
+def get_raw(path: str, target: str, timeout: float = 60) -> bytes:
+    """The body of a GET whose answer is not JSON (``/metrics``)."""
+    with connect(path, timeout) as sock:
+        try:
+            sock.sendall(http.request_bytes("GET", target))
+            answer = http.read_response(sock, bytearray())
+        except (ValueError, OSError) as e:
+            raise ControlError(f"control connection failed: {e}") from None
+    if answer.status != 200:
+        _json_of(answer)
+    return answer.body
+
+
+def attach(path: str, name: str, timeout: float = 30) -> tuple[socket.socket, bytes]:
+    """A connection upgraded to partition ``name``'s console stream, and the
+    console bytes that came with the upgrade."""
+    sock = connect(path, timeout)
+    buf = bytearray()
+    try:
+        sock.sendall(
+            http.request_bytes(
+                "POST",
+                partition_path(name, "console"),
+                extra=(("Connection", "Upgrade"), ("Upgrade", "tcp")),
+            )
+        )
+        answer = http.read_response(sock, buf)
+    except (ValueError, OSError) as e:
+        sock.close()
+        raise ControlError(f"control connection failed: {e}") from None
+    if answer.status != 101:
+        sock.close()
+        _json_of(answer)
+        raise ControlError(f"the VMM answered the console with status {answer.status}")
+    return sock, bytes(buf)
 
 
 def is_listening(path: str) -> bool:

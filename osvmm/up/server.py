@@ -1,30 +1,34 @@
-"""The VMM's side of the control socket (docs/control-socket.md).
+"""The VMM's side of the control socket: HTTP/1.1 with JSON (docs/api.md; the
+routes are osvmm/up/api.py's ``Route``s, the framing osvmm/up/http.py's).
 
-``ControlServer(path, supervisor, on_down)`` answers ``ps``, ``start``,
-``stop``, ``restart``, ``stat``, ``console`` and ``down``, one thread per
-connection; the framing is osvmm/up/protocol.py's.
+``ControlServer(path, supervisor, on_down)`` serves ``CORE_ROUTES`` (the VMM,
+the partitions, their lifecycle and statistics, the console, ``down`` and
+``/metrics``), plus the ``routes`` other services add (snapshots, migration,
+the write monitor), one thread per connection.
 
-Every request is checked against ``REQUESTS`` (each command, its fields and
-their JSON types) before anything acts on it; anything else is answered with
-a one-line error, and nothing a client sends can end a connection's thread
-other than by closing it: malformed JSON, deep nesting, invalid UTF-8, a line
-over ``MAX_LINE`` (answered, then closed), a client that sends nothing for
-``IDLE_TIMEOUT_S`` (closed). At most ``MAX_CONNECTIONS`` are served at once;
-one more is told so and closed.
+Every request is checked against its route (path, method, body fields and
+their JSON types, query parameters) before anything acts on it; anything else
+is answered with a status and a one-line JSON error, and nothing a client
+sends can end a connection's thread other than by closing it: malformed HTTP
+or JSON, deep nesting, invalid UTF-8, a head over ``http.MAX_HEAD`` or a body
+over ``http.MAX_BODY`` (answered, then closed), a request not whole within
+``IDLE_TIMEOUT_S`` of the last answer (closed; 408 if it had begun). At most
+``MAX_CONNECTIONS`` are served at once; one more is answered 503 and closed.
+An answer the client does not take within ``SEND_TIMEOUT_S`` ends its
+connection, never another's.
 
-``console`` turns its connection into a raw byte stream once answered: the
-partition's output flows to the client, what the client sends goes to the
-partition's UART; the client detaches by closing the connection.
+The console route upgrades its connection (``101 Switching Protocols``,
+``Upgrade: tcp``, as Docker's attach) to a raw byte stream: the partition's
+output flows to the client, what the client sends goes to the partition's
+UART; the client detaches by closing the connection.
 
-``commands`` adds requests served elsewhere (name -> fn(request) -> answer:
-the write monitor's ``protect`` and ``violations``); each ``stat_fields``
-callable adds fields to a partition's ``stat`` object.
+``stat_fields`` callables add fields to a partition's statistics object;
+``metric_sources`` add metric families to ``/metrics`` (osvmm/up/metrics.py).
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import socket
 import stat
@@ -33,9 +37,11 @@ import time
 from collections.abc import Callable
 
 from osvmm.errors import ControlError, OsvmmError, VmmBug
+from osvmm.up import http
+from osvmm.up.api import API_VERSION, ApiError, Raw, Route, check, match, status_of
 from osvmm.up.hostfiles import private_dir
 from osvmm.up.locks import Held, LockFile
-from osvmm.up.protocol import MAX_LINE, PROTOCOL_VERSION, peer_uid, send
+from osvmm.up.protocol import peer_uid
 from osvmm.vmm.console import feed_uart
 
 MAX_CONNECTIONS = 64  # served at once; one more is answered with an error and closed
@@ -44,96 +50,49 @@ SEND_TIMEOUT_S = 10.0  # an answer the client does not take in this time ends th
 CONSOLE_POLL_S = 0.5  # how often a console connection's threads look whether it ended
 ACCEPT_RETRY_S = 0.1  # after accept failed for want of a resource (file descriptors, memory)
 
-# The requests: command -> {field: (JSON types allowed, required)}. Nothing else is
-# accepted: an unknown command or field, or a field of another type, is an error.
-_NAME = ((str,), True)
-REQUESTS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
-    "ps": {},
-    "start": {"name": _NAME},
-    "stop": {"name": _NAME},
-    "restart": {"name": _NAME},
-    "stat": {"name": ((str, type(None)), False)},
-    "console": {"name": _NAME},
-    "down": {},
-}
-MAX_NAME = 64  # a partition name is at most 32 characters (docs/config.md)
-_JSON_TYPES = {
-    str: "a string",
-    int: "a number",
-    float: "a number",
-    bool: "true or false",
-    list: "an array",
-    dict: "an object",
-    type(None): "null",
-}
+CONSOLE_UPGRADE = "tcp"  # the Upgrade protocol of a console stream (as Docker's attach)
 
 
-def _json_type(value) -> str:
-    return _JSON_TYPES.get(type(value), type(value).__name__)
-
-
-def _short(text: str, limit: int = 40) -> str:
-    r = repr(text)
-    return r if len(r) <= limit else r[: limit - 4] + "...'"
-
-
-def parse_request(line: bytes, requests: dict | None = None) -> dict:
-    """One request line to a checked request (``cmd`` and its fields, each of the
-    type ``requests`` gives; REQUESTS by default), or ControlError with the
-    one-line answer."""
-    requests = REQUESTS if requests is None else requests
-    try:
-        msg = json.loads(line)
-    except (ValueError, RecursionError):  # bad JSON or UTF-8, too deep, too many digits
-        msg = None
-    if not isinstance(msg, dict):
-        raise ControlError("a request is one JSON object per line")
-    commands = ", ".join(requests)
-    cmd = msg.get("cmd")
-    if not isinstance(cmd, str):
-        got = "none" if "cmd" not in msg else _json_type(cmd)
-        raise ControlError(f'a request needs "cmd", a string ({commands}); got {got}')
-    if cmd not in requests:
-        raise ControlError(f"unknown command {_short(cmd)} ({commands})")
-    fields = requests[cmd]
-    for key, value in msg.items():
-        if key == "cmd":
-            continue
-        if key not in fields:
-            known = ", ".join(fields) or "none"
-            raise ControlError(f"{cmd}: unknown field {_short(key)} (fields: {known})")
-        types, _ = fields[key]
-        if type(value) not in types:
-            want = " or ".join(_JSON_TYPES[t] for t in types)
-            raise ControlError(f"{cmd}: {key} must be {want}, not {_json_type(value)}")
-    for key, (_, required) in fields.items():
-        if required and key not in msg:
-            raise ControlError(f"{cmd}: needs " + ("a partition name" if key == "name" else key))
-    name = msg.get("name")
-    if isinstance(name, str) and len(name) > MAX_NAME:
-        raise ControlError(f"{cmd}: name {_short(name)} is longer than {MAX_NAME} characters")
-    return msg
+def core_routes(server: ControlServer) -> list[Route]:
+    """The routes the control server answers itself (docs/openapi.yaml)."""
+    p = "/v1/partitions/{name}"
+    return [
+        Route("GET", "/v1/vmm", "getVmm", server.vmm),
+        Route("GET", "/v1/partitions", "listPartitions", server.list_partitions),
+        Route("GET", p, "getPartition", server.get_partition),
+        Route("POST", p + "/start", "startPartition", server.lifecycle("start")),
+        Route("POST", p + "/stop", "stopPartition", server.lifecycle("stop")),
+        Route("POST", p + "/restart", "restartPartition", server.lifecycle("restart")),
+        Route("GET", "/v1/stat", "getStat", server.stat),
+        Route("GET", p + "/stat", "getPartitionStat", server.stat),
+        Route("POST", p + "/console", "attachConsole"),
+        Route("POST", "/v1/down", "down", lambda msg: {}),
+        Route("GET", "/metrics", "getMetrics", server.metrics),
+    ]
 
 
 class ControlServer:
-    """Serves the control protocol for ``supervisor`` on the Unix socket ``path``."""
+    """Serves the control API for ``supervisor`` on the Unix socket ``path``."""
 
     def __init__(
         self,
         path: str,
         supervisor,
         on_down: Callable[[], None],
-        commands: dict[str, Callable[[dict], dict]] | None = None,
+        routes: list[Route] | None = None,
         stat_fields: tuple[Callable[[object], dict], ...] = (),
-        requests: dict | None = None,
+        group: str | None = None,
     ):
         """``supervisor`` may be set later (``server.sup``), before ``start``;
-        ``requests`` adds the rows of ``commands`` to REQUESTS (fields and types)."""
+        ``routes`` adds to the core routes (``add_routes`` too). ``group``: the
+        socket is this group's too (mode 0660), and its members may use it."""
         self.path = path
         self.sup = supervisor
         self.on_down = on_down
-        self.commands = dict(commands or {})
         self.stat_fields = stat_fields
+        self.metric_sources: list[Callable[[], list]] = []
+        self.group = group
+        self._gid: int | None = None
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -141,9 +100,15 @@ class ControlServer:
         self._connections = 0
         self._lock: LockFile | None = None
         self._dir_fd: int | None = None
-        # The commands served and their fields: a command added to the protocol
-        # adds its row here (and its handling to ``handle``).
-        self.requests = dict(REQUESTS) | dict(requests or {})
+        self.routes: list[Route] = core_routes(self)
+        self.add_routes(routes or [])
+
+    def add_routes(self, routes: list[Route]) -> None:
+        for route in routes:
+            clash = [r for r in self.routes if (r.method, r.path) == (route.method, route.path)]
+            if clash:
+                raise VmmBug(f"route {route.method} {route.path} served twice")
+            self.routes.append(route)
 
     def open(self) -> None:
         """Claim ``path`` and bind it. The directory must be one only its owner can
@@ -186,15 +151,34 @@ class ControlServer:
                     f"control_socket: {path} belongs to uid {st.st_uid}: not replaced"
                 )
             os.unlink(base, dir_fd=dir_fd)  # we hold the lock: nobody serves it
+        gid = self._group_id()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(path)
             os.chmod(path, 0o600)
+            if gid is not None:  # the group's too: the socket, and a way through its directory
+                os.chown(path, -1, gid)
+                os.chmod(path, 0o660)
+                st = os.fstat(dir_fd)
+                if st.st_uid == os.geteuid() and (st.st_gid != gid or not st.st_mode & 0o010):
+                    os.fchown(dir_fd, -1, gid)
+                    os.fchmod(dir_fd, stat.S_IMODE(st.st_mode) | 0o010)
         except OSError as e:
             sock.close()
             raise ControlError(f"control_socket: cannot bind {path}: {e.strerror}") from None
+        self._gid = gid
         sock.listen(socket.SOMAXCONN)  # a burst of clients waits, not fails
         self._sock = sock
+
+    def _group_id(self) -> int | None:
+        if self.group is None:
+            return None
+        import grp
+
+        try:
+            return grp.getgrnam(self.group).gr_gid
+        except KeyError:
+            raise ControlError(f"control socket group {self.group!r}: no such group") from None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._accept, name="control", daemon=True)
@@ -238,7 +222,7 @@ class ControlServer:
                 if not full:
                     self._connections += 1
             if full:
-                self._refuse(conn, f"the VMM serves at most {MAX_CONNECTIONS} connections")
+                self._refuse(conn, 503, f"the VMM serves at most {MAX_CONNECTIONS} connections")
                 continue
             try:
                 threading.Thread(
@@ -246,13 +230,13 @@ class ControlServer:
                 ).start()
             except RuntimeError:  # no thread to be had: this client is refused
                 self._release()
-                self._refuse(conn, "the VMM cannot serve another connection now")
+                self._refuse(conn, 503, "the VMM cannot serve another connection now")
 
-    def _refuse(self, conn: socket.socket, why: str) -> None:
+    def _refuse(self, conn: socket.socket, status: int, why: str) -> None:
         with conn:
             try:
                 conn.setblocking(False)
-                send(conn, {"ok": False, "error": why})
+                conn.sendall(http.error_response(status, why, close=True))
             except OSError:
                 pass
 
@@ -271,57 +255,81 @@ class ControlServer:
             self._release()
 
     def _peer_allowed(self, conn: socket.socket) -> bool:
-        """Only this VMM's user and root may drive it (SO_PEERCRED of the client)."""
+        """Only this VMM's user, root, and the members of ``group`` may drive it
+        (SO_PEERCRED of the client; its supplementary groups from /proc)."""
         try:
             uid = peer_uid(conn)
         except OSError:
             return False
-        if uid in (os.geteuid(), 0):
+        if uid in (os.geteuid(), 0) or (self._gid is not None and self._in_group(conn)):
             return True
-        self._refuse(conn, f"uid {uid} may not use this VMM (it runs as uid {os.geteuid()})")
+        self._refuse(conn, 403, f"uid {uid} may not use this VMM (it runs as uid {os.geteuid()})")
         return False
+
+    def _in_group(self, conn: socket.socket) -> bool:
+        from osvmm.up.protocol import peer_groups
+
+        try:
+            return self._gid in peer_groups(conn)
+        except OSError:
+            return False
 
     def _serve_requests(self, conn: socket.socket) -> None:
         buf = bytearray()
         while True:
             try:
-                line = _read_line(conn, buf, time.monotonic() + IDLE_TIMEOUT_S)
-            except _LineTooLong:
-                self._reply(conn, {"ok": False, "error": f"a request line over {MAX_LINE} bytes"})
+                req = http.read_request(conn, buf, time.monotonic() + IDLE_TIMEOUT_S)
+            except http.HttpError as err:  # its framing is lost: answered, then closed
+                self._send(conn, http.error_response(err.status, str(err), close=True))
                 return
-            except OSError:  # the client went away, or sent no whole line in time
+            except TimeoutError:
+                if buf:  # a request begun and not finished in time
+                    self._send(conn, http.error_response(408, "a request not whole in time", True))
                 return
-            if line is None:
+            except OSError:  # the client went away
                 return
+            if req is None:
+                return
+            keep = req.keep_alive
+            route = None
             try:
-                msg = parse_request(line, self.requests)
-            except ControlError as err:
-                if not self._reply(conn, {"ok": False, "error": str(err)}):
-                    return
-                continue
-            cmd = msg["cmd"]
-            if cmd == "console":
-                if self._console(conn, msg, buf):
-                    return  # it was a console stream until one side closed it
-                continue  # refused: the connection serves requests still
-            try:
-                reply = self.handle(msg)
+                route, params = match(self.routes, req.method, req.path)
+                msg = check(route, params, req.body, req.query)
+                if route.operation == "attachConsole":
+                    if self._console(conn, req, msg, buf):
+                        return  # it was a console stream until one side closed it
+                    continue
+                answer = self._answer(route.handler(msg), close=not keep)
             except OsvmmError as err:
-                reply = {"ok": False, "error": str(err)}
+                extra = (("Allow", err.allow),) if getattr(err, "allow", None) else ()
+                answer = http.error_response(status_of(err), str(err), not keep, extra)
             except Exception as err:  # noqa: BLE001 - a bug: one line to the client, logged
-                bug = self._log_bug(f"answering {cmd}", err)
-                reply = {"ok": False, "error": str(bug)}
-            if not self._reply(conn, reply):
+                what = route.operation if route is not None else req.path
+                bug = self._log_bug(f"answering {what}", err)
+                answer = http.error_response(500, str(bug), not keep)
+            if not self._send(conn, answer):
                 return
-            if cmd == "down":
+            if (
+                route is not None
+                and route.operation == "down"
+                and answer.startswith(b"HTTP/1.1 200")
+            ):
                 self.on_down()
                 return
+            if not keep:
+                return
 
-    def _reply(self, conn: socket.socket, reply: dict) -> bool:
+    @staticmethod
+    def _answer(result, close: bool) -> bytes:
+        if isinstance(result, Raw):
+            return http.response(200, result.body, result.content_type, close)
+        return http.json_response(200, result, close)
+
+    def _send(self, conn: socket.socket, data: bytes) -> bool:
         """Send one answer; False when the client did not take it (gone, or not reading)."""
         try:
             conn.settimeout(SEND_TIMEOUT_S)
-            send(conn, reply)
+            conn.sendall(data)
             return True
         except OSError:
             return False
@@ -337,49 +345,71 @@ class ControlServer:
                 pass
         return bug
 
-    def handle(self, msg: dict) -> dict:
-        """One request to its response (``console`` aside)."""
+    # -- the core routes --------------------------------------------------------------------
+    def vmm(self, msg: dict) -> dict:
         sup = self.sup
-        cmd = msg["cmd"]
-        name = msg.get("name")
-        if cmd == "ps":
-            losses = getattr(sup, "losses", None)
-            return {
-                "ok": True,
-                "version": PROTOCOL_VERSION,
-                "pid": os.getpid(),
-                "plan": sup.plan.source,
-                "log_dir": sup.log_dir,
-                "partitions": [sup.describe(e) for e in sup.partitions.values()],
-                "lost": losses() if losses is not None else {},
-            }
-        if cmd in ("start", "stop", "restart"):
-            state = getattr(sup, cmd)(name)
-            return {"ok": True, "name": name, "state": state, "reason": sup.entry(name).reason}
-        if cmd == "stat":
-            entries = [sup.entry(name)] if name else list(sup.partitions.values())
-            stats = []
-            for e in entries:
-                fields = sup.stats(e)
-                for extra in self.stat_fields:
-                    fields.update(extra(e))
-                stats.append(fields)
-            return {"ok": True, "partitions": stats}
-        if cmd == "down":
-            return {"ok": True}
-        if cmd in self.commands:
-            return self.commands[cmd](msg)
-        raise ControlError(f"{cmd}: not a request for handle()")
+        losses = getattr(sup, "losses", None)
+        return {
+            "version": API_VERSION,
+            "pid": os.getpid(),
+            "plan": sup.plan.source,
+            "log_dir": sup.log_dir,
+            "partitions": [sup.describe(e) for e in sup.partitions.values()],
+            "lost": losses() if losses is not None else {},
+        }
 
-    def _console(self, conn: socket.socket, msg: dict, buf: bytearray) -> bool:
-        """Answer ``console`` and stream; False when refused (the connection goes on)."""
-        try:
-            entry = self.sup.entry(msg["name"])
-        except OsvmmError as err:
-            return not self._reply(conn, {"ok": False, "error": str(err)})
+    def list_partitions(self, msg: dict) -> dict:
+        return {"partitions": [self.sup.describe(e) for e in self.sup.partitions.values()]}
+
+    def get_partition(self, msg: dict) -> dict:
+        return self.sup.describe(self.sup.entry(msg["name"]))
+
+    def lifecycle(self, verb: str) -> Callable[[dict], dict]:
+        def act(msg: dict) -> dict:
+            name = msg["name"]
+            state = getattr(self.sup, verb)(name)
+            return {"name": name, "state": state, "reason": self.sup.entry(name).reason}
+
+        return act
+
+    def stat(self, msg: dict) -> dict:
+        sup = self.sup
+        name = msg.get("name")
+        entries = [sup.entry(name)] if name is not None else list(sup.partitions.values())
+        stats = []
+        for e in entries:
+            fields = sup.stats(e)
+            for extra in self.stat_fields:
+                fields.update(extra(e))
+            stats.append(fields)
+        return stats[0] if name is not None else {"partitions": stats}
+
+    def metrics(self, msg: dict) -> Raw:
+        from osvmm.up.metrics import CONTENT_TYPE, render
+
+        return Raw(CONTENT_TYPE, render(self.sup, self.stat_fields, self.metric_sources))
+
+    # -- the console ------------------------------------------------------------------------
+    def _console(self, conn: socket.socket, req, msg: dict, buf: bytearray) -> bool:
+        """Upgrade to a console stream; False when refused (the connection goes on)."""
+        if req.upgrade() != CONSOLE_UPGRADE:
+            raise ApiError(
+                400,
+                f"attachConsole: needs Connection: Upgrade and Upgrade: {CONSOLE_UPGRADE}",
+            )
+        entry = self.sup.entry(msg["name"])
         client = entry.console.attach()
         try:
-            if not self._reply(conn, {"ok": True, "name": entry.name, "state": entry.state}):
+            head = http.response(
+                101,
+                extra=(
+                    ("Connection", "Upgrade"),
+                    ("Upgrade", CONSOLE_UPGRADE),
+                    ("Osvmm-Partition", entry.name),
+                    ("Osvmm-State", entry.state),
+                ),
+            )
+            if not self._send(conn, head):
                 return True
             # Both directions share the socket: short timeouts, each side loops on them.
             conn.settimeout(CONSOLE_POLL_S)
@@ -425,28 +455,3 @@ class ControlServer:
             pass
         finally:
             client.close()
-
-
-class _LineTooLong(Exception):
-    pass
-
-
-def _read_line(conn: socket.socket, buf: bytearray, deadline: float) -> bytes | None:
-    """The next line (without its newline), None at end of file; the line must be
-    whole by ``deadline`` (TimeoutError) and at most MAX_LINE bytes (_LineTooLong)."""
-    while True:
-        end = buf.find(b"\n")
-        if end >= 0:
-            line = bytes(buf[:end])
-            del buf[: end + 1]
-            return line
-        if len(buf) > MAX_LINE:
-            raise _LineTooLong
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        conn.settimeout(left)
-        chunk = conn.recv(65536)
-        if not chunk:
-            return None
-        buf += chunk

@@ -1,11 +1,12 @@
-"""Snapshots under ``osvmm up``: the control socket's ``snapshot`` request, and the
+"""Snapshots under ``osvmm up``: the control API's snapshot route, and the
 hypercall monitor's part of a snapshot (docs/snapshots.md).
 
-``SnapshotService(supervisor, live)`` answers ``{"cmd": "snapshot", "name": N,
-"dir": D, "stop": false}``: the partition is paused, written with the state of
-the hypercall monitor that concerns it (``monitor_extra``: the channels it has
-attached, and their memory as images), and then goes on, or is stopped for
-good (a user stop: the restart policy does not apply).
+``SnapshotService(supervisor, live)`` answers ``POST
+/v1/partitions/{name}/snapshot`` with ``{"dir": D, "stop": false}``: the
+partition is paused, written with the state of the hypercall monitor that
+concerns it (``monitor_extra``: the channels it has attached, and their
+memory as images), and then goes on, or is stopped for good (a user stop: the
+restart policy does not apply).
 
 ``reattach(live, pid, partition)`` is the other half, run when a partition
 resumed from a snapshot is bound (up/hypercalls.py): each channel it had
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import os
 
-from osvmm.errors import ConfigError, ControlError, SnapshotError
+from osvmm.errors import ControlError, SnapshotError, WrongState
 from osvmm.hypercall import abi
 
 STATE_KEY = "hypercall"
@@ -77,18 +78,22 @@ class SnapshotService:
     """The ``snapshot`` request of the control socket."""
 
     def __init__(self, supervisor, live):
+        from collections import Counter
+
         self.sup = supervisor
         self.live = live
+        self.taken: Counter = Counter()  # partition -> snapshots written (``/metrics``)
 
-    def commands(self) -> dict:
-        return {"snapshot": self.snapshot}
+    def routes(self) -> list:
+        """``POST /v1/partitions/{name}/snapshot`` (docs/openapi.yaml)."""
+        from osvmm.up.api import NAME, Route
 
-    @staticmethod
-    def requests() -> dict:
-        """The control server's row for ``snapshot`` (up/server.py REQUESTS)."""
-        return {
-            "snapshot": {"name": ((str,), True), "dir": ((str,), True), "stop": ((bool,), False)}
-        }
+        body = {"dir": NAME, "stop": ((bool,), False)}
+        return [
+            Route(
+                "POST", "/v1/partitions/{name}/snapshot", "snapshotPartition", self.snapshot, body
+            )
+        ]
 
     def snapshot(self, msg: dict) -> dict:
         from osvmm.up.supervisor import RUNNING
@@ -102,7 +107,7 @@ class SnapshotService:
         entry = self.sup.entry(name)
         part = entry.partition
         if part is None or entry.state != RUNNING:
-            raise ConfigError(f"partition {name!r} is not running ({entry.state})")
+            raise WrongState(f"partition {name!r} is not running ({entry.state})")
         reason = f"stopped after a snapshot to {directory}"
 
         def then() -> None:  # still paused: its vCPUs never run again
@@ -118,8 +123,8 @@ class SnapshotService:
             f"paused {paused_ms:.1f} ms" + (", stopped" if stop else "")
         )
         state = self.sup.wait_stopped(name) if stop else entry.state
+        self.taken[name] += 1
         return {
-            "ok": True,
             "name": name,
             "dir": directory,
             "state": state,

@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from osvmm.errors import ConfigError, KvmError, OsvmmError, VmmBug
+from osvmm.errors import KvmError, NoSuchPartition, OsvmmError, VmmBug, WrongState
 from osvmm.machine import Machine
 from osvmm.plan.config import DEFAULT_LOG_MAX, PartitionSpec
 from osvmm.plan.placement import Assignment, PartitionAssignment
@@ -262,7 +262,7 @@ class Supervisor:
             return self.partitions[name]
         except KeyError:
             known = ", ".join(self.partitions)
-            raise ConfigError(f"no partition named {name!r} (partitions: {known})") from None
+            raise NoSuchPartition(f"no partition named {name!r} (partitions: {known})") from None
 
     def start_all(self) -> None:
         for name in self.partitions:
@@ -278,7 +278,7 @@ class Supervisor:
         entry = self.entry(name)
         with self._cond:
             if entry.want_running:
-                raise ConfigError(f"partition {name!r} is already {entry.state}")
+                raise WrongState(f"partition {name!r} is already {entry.state}")
             entry.restore_next = restore
             entry.gate = gate
             entry.want_running = True
@@ -297,7 +297,7 @@ class Supervisor:
         entry = self.entry(name)
         with self._cond:
             if not entry.want_running:
-                raise ConfigError(f"partition {name!r} is not running ({entry.state})")
+                raise WrongState(f"partition {name!r} is not running ({entry.state})")
             entry.want_running = False
             entry.user_stop = True
             part = entry.partition

@@ -22,7 +22,7 @@ import os
 import threading
 from functools import lru_cache
 
-from osvmm.errors import ConfigError, ControlError, ImageError, OsvmmError
+from osvmm.errors import ConfigError, ControlError, ImageError, OsvmmError, WrongState
 from osvmm.writemon.monitor import WriteMonitor
 from osvmm.writemon.records import ViolationLog
 from osvmm.writemon.rules import Rules, resolve
@@ -136,25 +136,29 @@ class WriteMonitors:
             state.monitor = None
 
     # -- the control socket ------------------------------------------------------------------
-    def commands(self) -> dict:
-        return {"protect": self.protect, "violations": self.violations}
+    def routes(self) -> list:
+        """The protection and violations of a partition (docs/openapi.yaml)."""
+        from osvmm.up.api import Route
 
-    @staticmethod
-    def requests() -> dict:
-        """The control server's rows for ``commands``: each field, its JSON types and
-        whether it is required (up/server.py REQUESTS)."""
-        name = ((str,), True)
-        return {
-            "protect": {
-                "name": name,
-                "arm": ((bool,), False),
-                "policy": ((str,), False),
-                "ranges": ((list,), False),
-                "domains": ((dict,), False),
-                "grants": ((dict,), False),
-            },
-            "violations": {"name": name, "last": ((int,), False), "since": ((int,), False)},
+        p = "/v1/partitions/{name}"
+        body = {
+            "arm": ((bool,), False),
+            "policy": ((str,), False),
+            "ranges": ((list,), False),
+            "domains": ((dict,), False),
+            "grants": ((dict,), False),
         }
+        return [
+            Route("GET", p + "/protection", "getProtection", self.protect),
+            Route("POST", p + "/protection", "protectPartition", self.protect, body),
+            Route(
+                "GET",
+                p + "/violations",
+                "getViolations",
+                self.violations,
+                query={"last": int, "since": int},
+            ),
+        ]
 
     def _state(self, msg: dict) -> tuple[str, _State]:
         name = msg.get("name")
@@ -186,7 +190,7 @@ class WriteMonitors:
             monitor = state.monitor
             if arm is not None:
                 if monitor is None:
-                    raise ControlError(f"partition {name!r} is not running ({entry.state})")
+                    raise WrongState(f"partition {name!r} is not running ({entry.state})")
                 if arm and not monitor.rules.protected:
                     raise ControlError(f"partition {name!r}: nothing to protect (no ranges)")
                 if arm:
@@ -195,7 +199,6 @@ class WriteMonitors:
                     monitor.disarm()
                 self.sup.log(f"{name}: {describe(monitor)}")
             return {
-                "ok": True,
                 "name": name,
                 "running": monitor is not None,
                 "arm": state.spec.arm if state.spec else None,
@@ -218,7 +221,7 @@ class WriteMonitors:
             record = v.to_json()
             record["seq"] = seq
             records.append(record)
-        return {"ok": True, "name": name, "counts": state.log.counts(), "violations": records}
+        return {"name": name, "counts": state.log.counts(), "violations": records}
 
     def stat_fields(self, entry) -> dict:
         """``write_monitor`` for ``stat``: live, else as at the end of the last run."""
