@@ -38,7 +38,7 @@ def total(samples: dict, name: str, **labels) -> float:
 def test_no_command_imports_prometheus_client_until_a_scrape():
     code = (
         "import sys, osvmm.cli, osvmm.up.daemon, osvmm.up.server, osvmm.up.commands, "
-        "osvmm.up.metrics\n"
+        "osvmm.up.top, osvmm.up.metrics\n"
         "assert 'prometheus_client' not in sys.modules, 'imported'\n"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=60)

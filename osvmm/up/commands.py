@@ -4,7 +4,7 @@
     osvmm ps | stat [NAME] | start NAME | stop NAME | restart NAME | console NAME | down
     osvmm protect NAME [--arm | --disarm] [--policy P] [--range R] [--domain D=R] [--grant D=R]
     osvmm violations NAME [--last N]
-    osvmm snapshot NAME DIR | migrate NAME --to ADDR
+    osvmm snapshot NAME DIR | migrate NAME --to ADDR | top
 
 The CLI wires them with one call: ``add_up_parsers(subparsers)``. Every
 client command finds the VMM by ``--socket PATH``, else by the
@@ -13,8 +13,8 @@ client command finds the VMM by ``--socket PATH``, else by the
 
 Each command here is thin: ``up`` hands over to osvmm/up/daemon.py, ``console``
 to osvmm/up/console_client.py; the others send one request and print the
-answer (osvmm/up/tables.py draws ``ps`` and ``stat``). Each is a client of
-the HTTP API (docs/api.md).
+answer (osvmm/up/tables.py draws ``ps`` and ``stat``); ``top`` is
+osvmm/up/top.py. Each is a client of the HTTP API (docs/api.md).
 """
 
 from __future__ import annotations
@@ -110,6 +110,12 @@ def add_up_parsers(sub) -> None:
     )
     c.add_argument("--json", action="store_true", help="print the VMM's JSON answer")
     c.set_defaults(func=cmd_migrate)
+    c = client("top", "a live view of the partitions: state, CPUs, exits/s, hypercalls/s (q quits)")
+    c.add_argument(
+        "--interval", type=float, default=1.0, metavar="S", help="seconds between refreshes (1)"
+    )
+    c.add_argument("--once", action="store_true", help="print one frame and end")
+    c.set_defaults(func=cmd_top)
 
 
 def add_writemon_parsers(client) -> None:
@@ -307,3 +313,9 @@ def cmd_violations(args) -> int:
 
     sys.stdout.write(format_violations(reply))
     return 0
+
+
+def cmd_top(args) -> int:
+    from osvmm.up.top import top
+
+    return top(socket_path(args), args.interval, args.once)
