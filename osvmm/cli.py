@@ -322,7 +322,7 @@ EXTRA_COMMANDS = [
         "add_up_parsers",
         (
             *("up", "ps", "start", "stop", "restart", "console", "stat", "down"),
-            *("snapshot", "migrate", "protect", "violations", "top"),
+            *("snapshot", "migrate", "protect", "violations", "top", "metrics"),
         ),
     ),
 ]

@@ -117,6 +117,55 @@ def test_a_scrape_parses_and_its_values_move(tmp_path):
         fourth = scrape(up.sock)
         assert value(fourth, "osvmm_partition_state", partition="counter", state="stopped") == 1
         assert value(fourth, "osvmm_partition_uptime_seconds", partition="counter") == 0
+        # osvmm metrics: the same text on stdout, or served for Prometheus
+        r = up.cli("metrics")
+        assert r.returncode == 0, r.stderr
+        families = {f.name for f in text_string_to_metric_families(r.stdout.decode())}
+        assert {"osvmm_partition_state", "osvmm_vcpu_exits", "osvmm_hypercalls"} <= families
+        exporter_serves_only_metrics(up.sock)
     finally:
         status, _, err = up.close()
     assert "Traceback" not in err, err
+
+
+def exporter_serves_only_metrics(sock: str) -> None:
+    import os
+    import socket
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    argv = [sys.executable, "-m", "osvmm.cli", "metrics", "--socket", sock]
+    proc = subprocess.Popen(
+        [*argv, "--listen", f"127.0.0.1:{port}"], stderr=subprocess.PIPE, env=env
+    )
+    try:
+        assert proc.stderr.readline().decode().startswith("osvmm: serving the metrics of ")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            text = r.read().decode()
+        names = {f.name for f in text_string_to_metric_families(text)}
+        assert "osvmm_partition_state" in names
+        for path in ("/v1/vmm", "/v1/down"):  # nothing of the control API
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10)
+            assert e.value.code == 404
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/down", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=10)
+        assert e.value.code == 501
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stderr.close()
+
+
+def test_a_bad_listen_address_is_one_line():
+    from tests.helpers import run_osvmm
+
+    r = run_osvmm("metrics", "--socket", "/nonexistent/s", "--listen", "nowhere")
+    assert r.returncode == 2
+    assert r.stderr == b"osvmm: error: --listen 'nowhere': write HOST:PORT (127.0.0.1:9464)\n"

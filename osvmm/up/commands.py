@@ -116,6 +116,13 @@ def add_up_parsers(sub) -> None:
     )
     c.add_argument("--once", action="store_true", help="print one frame and end")
     c.set_defaults(func=cmd_top)
+    c = client("metrics", "the VMM's metrics in Prometheus's text format, or served for scrapes")
+    c.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="serve GET /metrics (only) there, for a Prometheus server (docs/operations.md)",
+    )
+    c.set_defaults(func=cmd_metrics)
 
 
 def add_writemon_parsers(client) -> None:
@@ -319,3 +326,9 @@ def cmd_top(args) -> int:
     from osvmm.up.top import top
 
     return top(socket_path(args), args.interval, args.once)
+
+
+def cmd_metrics(args) -> int:
+    from osvmm.up.exporter import metrics
+
+    return metrics(socket_path(args), args.listen)
