@@ -108,7 +108,7 @@ def test_requests_and_answers(server):
         ("GET", "/v1/partitions/b", None, 404, "no partition named 'b' (partitions: a)"),
         ("POST", "/v1/partitions/b/stop", None, 404, "no partition named 'b'"),
         ("POST", "/v1/partitions/a/start", None, 409, "partition 'a' is already running"),
-        ("DELETE", "/v1/partitions/a", None, 405, "/v1/partitions/a takes GET, not 'DELETE'"),
+        ("PUT", "/v1/partitions/a", None, 405, "/v1/partitions/a takes GET, not 'PUT'"),
         ("GET", "/v1/down", None, 405, "/v1/down takes POST, not 'GET'"),
         ("POST", "/v1/partitions/a/stop", b"not json", 400, "stopPartition: a request body is"),
         ("POST", "/v1/partitions/a/stop", b"[1]", 400, "stopPartition: a request body is one"),
@@ -554,6 +554,93 @@ def test_the_client_refuses_a_vmm_of_another_user():
             call(path, "GET", "/v1/vmm")
         s.close()
     finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+VMM_UID = 23456  # a user of no other test: the VMM's, when it is not root's
+
+
+def _child(fn) -> tuple[int, int]:
+    """Run ``fn()`` in a forked child; (its pid, the read end of what it writes)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.write(w, fn().encode())
+        except BaseException as e:  # noqa: BLE001 - shown by the assertion that reads it
+            os.write(w, f"{type(e).__name__}: {e}".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    return pid, r
+
+
+def _read(pid: int, r: int) -> str:
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    os.waitpid(pid, 0)
+    return out
+
+
+@as_root
+def test_a_group_given_the_socket_may_use_it():
+    """A VMM of a user that is not root gives its socket to a group (--group):
+    a member of that group, another user, is trusted by its client and served."""
+    import grp
+
+    gid = grp.getgrnam("nogroup").gr_gid
+    d = tempfile.mkdtemp(prefix="osvmm-c-", dir="/tmp")
+    os.chmod(d, 0o711)
+    run = os.path.join(d, "run")
+    os.mkdir(run, 0o700)
+    os.chown(run, VMM_UID, VMM_UID)
+    path = os.path.join(run, "s")
+    ready_r, ready_w = os.pipe()
+
+    def vmm() -> str:
+        os.setgroups([gid])
+        os.setresgid(VMM_UID, VMM_UID, VMM_UID)
+        os.setresuid(VMM_UID, VMM_UID, VMM_UID)
+        srv = ControlServer(path, FakeSupervisor(), lambda: None, group="nogroup")
+        srv.open()
+        srv.start()
+        os.write(ready_w, b"x")
+        time.sleep(5)
+        srv.close()
+        return ""
+
+    server_pid, server_out = _child(vmm)
+    try:
+        os.close(ready_w)
+        assert os.read(ready_r, 1) == b"x", _read(server_pid, server_out)
+        st, dst = os.stat(path), os.stat(run)
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (VMM_UID, gid, 0o660)
+        assert (dst.st_gid, dst.st_mode & 0o777) == (gid, 0o710)
+
+        def member() -> str:
+            os.setgroups([gid])
+            os.setresgid(NOBODY, NOBODY, NOBODY)
+            os.setresuid(NOBODY, NOBODY, NOBODY)
+            return json.dumps(call(path, "GET", "/v1/vmm"))
+
+        assert json.loads(_read(*_child(member)))["version"] == 1
+
+        def stranger() -> str:  # nobody, in no group of the VMM's (nogroup is 65534 too)
+            os.setgroups([])
+            os.setresgid(VMM_UID + 1, VMM_UID + 1, VMM_UID + 1)
+            os.setresuid(NOBODY, NOBODY, NOBODY)
+            try:
+                call(path, "GET", "/v1/vmm")
+            except ControlError as err:
+                return str(err)
+            return "served"
+
+        assert _read(*_child(stranger)) == f"cannot connect to {path}: Permission denied"
+    finally:
+        os.close(ready_r)
+        os.kill(server_pid, 9)
+        _read(server_pid, server_out)
         shutil.rmtree(d, ignore_errors=True)
 
 
