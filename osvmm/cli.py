@@ -323,6 +323,7 @@ EXTRA_COMMANDS = [
         (
             *("up", "ps", "start", "stop", "restart", "console", "stat", "down"),
             *("snapshot", "migrate", "protect", "violations", "top", "metrics"),
+            *("create", "destroy"),
         ),
     ),
 ]

@@ -268,6 +268,18 @@ def test_every_route_answers_as_the_document_says(tmp_path):
         check("migratePartition", "counter", {"to": f"unix:{tmp_path}/none.sock"}, status=500)
         check("migratePartition", "counter", {"to": "nowhere"}, status=400)
         check("handover", body={"to": "tcp:127.0.0.1:1"}, status=400)
+        # partitions created and destroyed at run time
+        extra = '[[partition]]\nname = "extra"\ncpus = "floating"\nmemory = "4M"\n'
+        extra += 'image = "guests:hello"\n'
+        made = check("createPartitions", body={"plan": extra, "start": False})
+        assert [p["name"] for p in made["partitions"]] == ["extra"]
+        check("createPartitions", body={"plan": extra}, status=409)
+        check("createPartitions", body={"plan": "[[partition]]\nname = 1\n"}, status=400)
+        assert check("destroyPartition", "extra") == {
+            "name": "extra",
+            "cpus": "",
+            "memory": 4 << 20,
+        }
         # the console: an upgrade
         upgrade = {"Connection": "Upgrade", "Upgrade": "tcp"}
         check("attachConsole", "counter", status=101, headers=upgrade)
@@ -295,7 +307,7 @@ def test_every_route_answers_as_the_document_says(tmp_path):
         for op_id, (method, path, op) in check.ops.items():
             if "requestBody" in op:
                 check(op_id, "counter", body={"zz": 1}, status=400)
-            other = "DELETE"
+            other = "PUT"
             got, headers, value = api(up.sock, other, path.replace("{name}", "counter"))
             assert got == 405 and method in headers["Allow"].split(", "), (op_id, got)
             check.check(op_id, got, headers, value)

@@ -4,7 +4,8 @@
     osvmm ps | stat [NAME] | start NAME | stop NAME | restart NAME | console NAME | down
     osvmm protect NAME [--arm | --disarm] [--policy P] [--range R] [--domain D=R] [--grant D=R]
     osvmm violations NAME [--last N]
-    osvmm snapshot NAME DIR | migrate NAME --to ADDR | top
+    osvmm snapshot NAME DIR | migrate NAME --to ADDR | top | metrics
+    osvmm create FRAGMENT | destroy NAME
 
 The CLI wires them with one call: ``add_up_parsers(subparsers)``. Every
 client command finds the VMM by ``--socket PATH``, else by the
@@ -110,6 +111,16 @@ def add_up_parsers(sub) -> None:
     )
     c.add_argument("--json", action="store_true", help="print the VMM's JSON answer")
     c.set_defaults(func=cmd_migrate)
+    c = client(
+        "create",
+        "add the partitions of a plan fragment to the running VMM, and start them",
+    )
+    c.add_argument("fragment", metavar="FRAGMENT", help="plan text with [[partition]] tables")
+    c.add_argument("--no-start", action="store_true", help="make them, leave them stopped")
+    c.set_defaults(func=cmd_create)
+    client(
+        "destroy", "stop a partition and remove it from the VMM, freeing its CPUs", "required"
+    ).set_defaults(func=cmd_destroy)
     c = client("top", "a live view of the partitions: state, CPUs, exits/s, hypercalls/s (q quits)")
     c.add_argument(
         "--interval", type=float, default=1.0, metavar="S", help="seconds between refreshes (1)"
@@ -332,3 +343,32 @@ def cmd_metrics(args) -> int:
     from osvmm.up.exporter import metrics
 
     return metrics(socket_path(args), args.listen)
+
+
+def cmd_create(args) -> int:
+    import os
+
+    from osvmm.errors import ConfigError
+    from osvmm.files import read_input
+    from osvmm.up.runtime import MAX_FRAGMENT
+
+    data = read_input(args.fragment, f"fragment {args.fragment}", MAX_FRAGMENT, ConfigError)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"fragment {args.fragment}: not UTF-8 text") from None
+    base = os.path.dirname(os.path.abspath(args.fragment))
+    body = {"plan": text, "base_dir": base, "start": not args.no_start}
+    reply = call(socket_path(args), "POST", "/v1/partitions", body)
+    for p in reply["partitions"]:
+        detail = f" ({p['reason']})" if p["state"] != "running" and p["reason"] else ""
+        cpus = p["cpus"] if p["cpus"] != "floating" else f"floating({p['pool']})"
+        print(f"{p['name']}: {p['state']}{detail} on CPUs {cpus}, node {p['node']}")
+    return 0
+
+
+def cmd_destroy(args) -> int:
+    reply = call(socket_path(args), "DELETE", partition_path(args.name))
+    freed = f"CPUs {reply['cpus']} and " if reply["cpus"] else ""
+    print(f"{args.name}: destroyed; {freed}{reply['memory'] >> 20} MiB of memory freed")
+    return 0

@@ -151,11 +151,13 @@ def serve(
     if not takeover:  # a takeover claims the socket once the old VMM has gone
         server.open()  # first: a second VMM on this socket stops here, before any log is opened
     cleanup: list[Callable[[], None]] = [server.close]
+    reservations = []  # the dedicated CPUs held (osvmm/up/locks.py)
     status = 0
     try:
         dedicated = [c for p in assignment.partitions for c in p.cpus]
         if not takeover:
-            cleanup.insert(0, reserve_cpus(dedicated).release)
+            reservations.append(reserve_cpus(dedicated))
+            cleanup.insert(0, reservations[-1].release)
         if any(not p.cpus for p in assignment.partitions):  # floating partitions share the pool
             pool = free_cpus(assignment.pool, "the pool")
             assignment = dataclasses.replace(assignment, pool=pool)
@@ -177,6 +179,7 @@ def serve(
         )
         cleanup.insert(0, sup.close)
         sup.streams = streams
+        sup.reservations = reservations  # a plan partition destroyed gives its CPUs back
         streams["stderr"].report = sup.log_file_only  # stderr's own failures: the log only
         if "stdout" in streams:
             streams["stdout"].report = sup.log
@@ -184,7 +187,8 @@ def serve(
         cleanup.append(lambda: setattr(threading, "excepthook", threading.__excepthook__))
         hypercalls = serve_supervisor(sup)  # the six hypercalls, channels and doorbells
         cleanup.insert(1, hypercalls.close)
-        api_services(server, sup, hypercalls, down.set)
+        release = api_services(server, sup, hypercalls, down.set)
+        cleanup.insert(cleanup.index(sup.close) + 1, release)  # once the partitions stopped
         server.sup = sup
         if takeover:
             reply = take_over(path, sup)
@@ -193,7 +197,8 @@ def serve(
                 f"(paused {reply['downtime_ms']:.1f} ms, {reply['bytes_copied']} bytes copied)"
             )
             server.open()
-            cleanup.insert(0, reserve_cpus(dedicated).release)
+            reservations.append(reserve_cpus(dedicated))
+            cleanup.insert(0, reservations[-1].release)
         receiver = None
         if incoming is not None:
             receiver = IncomingServer(incoming, sup, sup.kvm)
@@ -223,13 +228,15 @@ def serve(
     return status
 
 
-def api_services(server, sup, hypercalls, on_down: Callable[[], None]) -> None:
+def api_services(server, sup, hypercalls, on_down: Callable[[], None]) -> Callable[[], None]:
     """What the services beside the supervisor add to the control API: their routes
-    (write monitoring, snapshots, migration, the live upgrade's handover), the
-    fields they add to a partition's statistics, their metrics."""
+    (partitions created and destroyed at run time, write monitoring, snapshots,
+    migration, the live upgrade's handover), the fields they add to a partition's
+    statistics, their metrics. Returns what releases what they hold."""
     from osvmm.up.hypercalls import hypercall_counts
     from osvmm.up.metrics import hypercall_metrics, service_metrics
     from osvmm.up.migrate import MigrationService, TakeoverService
+    from osvmm.up.runtime import RuntimePartitions
     from osvmm.up.snapshots import SnapshotService
     from osvmm.up.writemon import WriteMonitors
 
@@ -237,13 +244,15 @@ def api_services(server, sup, hypercalls, on_down: Callable[[], None]) -> None:
     snapshots = SnapshotService(sup, hypercalls)  # snapshots (docs/snapshots.md)
     migrations = MigrationService(sup, hypercalls)
     takeovers = TakeoverService(sup, hypercalls, on_down)
-    for service in (monitors, snapshots, migrations, takeovers):
+    runtime = RuntimePartitions(sup, monitors)
+    for service in (runtime, monitors, snapshots, migrations, takeovers):
         server.add_routes(service.routes())
     server.stat_fields = (monitors.stat_fields, hypercall_counts(hypercalls))
     server.metric_sources = [
         lambda: hypercall_metrics(hypercalls, sup),
         lambda: service_metrics(snapshots, migrations, monitors),
     ]
+    return runtime.close
 
 
 def _log_thread_bug(sup) -> Callable:

@@ -42,14 +42,19 @@ def serve_supervisor(supervisor, check: bool = False) -> LiveMonitor:
             supervisor.log(f"{names[pid]}: {bug}")
             supervisor.log(bug.traceback_text.rstrip("\n"))
 
+    known = len(live.topology.partitions)  # a partition created at run time has no hypercalls
+
     def on_build(entry, partition) -> None:  # booting: "running" for the monitor
+        if entry.index >= known:
+            return
         live.bind(entry.index, partition)
         reattach(live, entry.index, partition)  # a resumed snapshot's channels
 
     def on_end(entry, partition) -> None:
         # Stopped outside the ABI (power-off, fault, the control socket): it loses
         # its channels, and doorbells to it answer -EBUSY until it boots again.
-        live.partition_stopped(entry.index)
+        if entry.index < known:
+            live.partition_stopped(entry.index)
 
     live.lifecycle = lifecycle
     supervisor.on_build.append(on_build)

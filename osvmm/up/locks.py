@@ -126,6 +126,15 @@ class CpuReservation:
         self._locks = locks
         self.cpus = tuple(int(lock.name[3:-5]) for lock in locks)
 
+    def release_cpus(self, cpus) -> None:
+        """Release the locks of ``cpus`` only (a partition destroyed at run time)."""
+        gone = set(cpus)
+        for lock in self._locks:
+            if int(lock.name[3:-5]) in gone:
+                lock.release()
+        self._locks = [lock for lock in self._locks if int(lock.name[3:-5]) not in gone]
+        self.cpus = tuple(c for c in self.cpus if c not in gone)
+
     def release(self) -> None:
         for lock in self._locks:
             lock.release()

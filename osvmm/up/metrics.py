@@ -75,7 +75,7 @@ def partition_metrics(sup) -> list:
     kvm_other = GaugeMetricFamily(
         "osvmm_kvm_vcpu_stat", "KVM's other vCPU statistics", labels=[*P, "vcpu", "stat"]
     )
-    for entry in sup.partitions.values():
+    for entry in list(sup.partitions.values()):
         d = sup.describe(entry)
         name = d["name"]
         for s in STATES:
@@ -108,7 +108,7 @@ def hypercall_metrics(live, sup) -> list:
 
     from osvmm.hypercall import abi
 
-    names = {e.index: e.name for e in sup.partitions.values()}
+    names = {e.index: e.name for e in list(sup.partitions.values())}
     calls = CounterMetricFamily(
         "osvmm_hypercalls", "hypercalls made", labels=["partition", "call", "result"]
     )
@@ -135,7 +135,7 @@ def service_metrics(snapshots, migrations, monitors) -> list:
     for result, counter in (("ok", migrations.sent), ("failed", migrations.failed)):
         for name, n in sorted(counter.items()):
             migr.add_metric([name, result], n)
-    for name, state in monitors.states.items():
+    for name, state in list(monitors.states.items()):
         for decision, n in state.log.counts().items():
             if decision != "total":
                 viol.add_metric([name, decision], n)

@@ -354,12 +354,12 @@ class ControlServer:
             "pid": os.getpid(),
             "plan": sup.plan.source,
             "log_dir": sup.log_dir,
-            "partitions": [sup.describe(e) for e in sup.partitions.values()],
+            "partitions": [sup.describe(e) for e in list(sup.partitions.values())],
             "lost": losses() if losses is not None else {},
         }
 
     def list_partitions(self, msg: dict) -> dict:
-        return {"partitions": [self.sup.describe(e) for e in self.sup.partitions.values()]}
+        return {"partitions": [self.sup.describe(e) for e in list(self.sup.partitions.values())]}
 
     def get_partition(self, msg: dict) -> dict:
         return self.sup.describe(self.sup.entry(msg["name"]))

@@ -38,6 +38,7 @@ only calls them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -137,6 +138,7 @@ class PartitionEntry:
     restore_next: object = None  # a snapshot the next boot resumes (a migration's)
     gate: StartGate | None = None  # the next boot waits there once built (a takeover)
     thread: threading.Thread | None = None
+    removing: bool = False  # being destroyed (osvmm destroy): its thread ends
 
     @property
     def name(self) -> str:
@@ -164,6 +166,7 @@ class Supervisor:
         self.log_dir = log_dir
         self._event_sink = event_log
         self._echo = echo
+        self._log_max = log_max
         self._files: list[LogFile] = []
         self.streams: dict[str, Spool] = {}  # the VMM's stdout and stderr, set by its runner
         self._log_dir_fd: int | None = None
@@ -193,6 +196,9 @@ class Supervisor:
         # Run when a partition's run has ended, before its Partition is closed.
         self.on_end: list[Callable[[PartitionEntry, Partition], None]] = []
         self.partitions: dict[str, PartitionEntry] = {}
+        # The index of the next partition created at run time: never one used before
+        # (the hypercall monitor knows the plan's partitions by their index).
+        self.next_index = len(assignment.partitions)
         for index, placement in enumerate(assignment.partitions):
             name = placement.name
             self.partitions[name] = PartitionEntry(
@@ -367,6 +373,101 @@ class Supervisor:
             self.kvm.close()
         self._close_files()
 
+    # -- partitions created and destroyed at run time (osvmm create, destroy) ------------------
+    def add(self, assignment: Assignment, names: list[str]) -> list[PartitionEntry]:
+        """Adopt ``assignment`` (every partition placed as before, and ``names`` added)
+        and make a stopped entry for each of ``names``, its console logged."""
+        made = []
+        try:
+            for name in names:
+                placement = assignment.partition(name)
+                log = None
+                if self._log_dir_fd is not None:
+                    log = self._log_file(f"{name}.console.log", self._log_max)
+                made.append(
+                    PartitionEntry(
+                        spec=placement.spec,
+                        index=self.next_index + len(made),
+                        placement=placement,
+                        machine=machine_of(assignment, placement),
+                        console=ConsoleHub(name, log, self._echo, self.log),
+                    )
+                )
+        except BaseException:
+            for e in made:
+                self._close_console(e)
+            raise
+        with self._cond:
+            if self._closing:
+                raise WrongState("the VMM is shutting down")
+            self.next_index += len(made)
+            self.assignment, self.plan = assignment, assignment.plan
+            for e in made:
+                self.partitions[e.name] = e
+            self._cond.notify_all()
+        self.repin_floating()
+        return made
+
+    def remove(self, name: str, timeout: float = 30) -> PartitionEntry:
+        """Stop partition ``name`` if it runs, end its thread, close what it holds and
+        forget it: its dedicated CPUs go back to the pool, its memory to the host."""
+        entry = self.entry(name)
+        with self._cond:
+            if entry.removing:
+                raise WrongState(f"partition {name!r} is being destroyed already")
+            entry.removing = True
+            entry.want_running = False
+            entry.user_stop = True
+            part = entry.partition
+            self._cond.notify_all()
+        if part is not None:
+            part.stop(0, "destroyed")
+        if entry.thread is not None:
+            entry.thread.join(timeout)
+            if entry.thread.is_alive():
+                raise VmmBug(f"partition {name!r}: its thread did not end within {timeout:.0f} s")
+        if entry.ready is not None:
+            entry.ready.close()
+            entry.ready = None
+        self._close_console(entry)
+        with self._cond:
+            del self.partitions[name]
+            kept = tuple(p for p in self.assignment.partitions if p.name != name)
+            plan = dataclasses.replace(self.plan, partitions=tuple(p.spec for p in kept))
+            pool = tuple(sorted({*self.assignment.pool, *entry.placement.cpus}))
+            self.assignment = dataclasses.replace(
+                self.assignment, plan=plan, partitions=kept, pool=pool
+            )
+            self.plan = plan
+            self._cond.notify_all()
+        self.repin_floating()
+        self.log(f"{name}: destroyed")
+        return entry
+
+    def _close_console(self, entry: PartitionEntry) -> None:
+        entry.console.close()  # its log file too
+        if entry.console.log in self._files:
+            self._files.remove(entry.console.log)
+
+    def repin_floating(self) -> None:
+        """The vCPU threads of running floating partitions, allowed on the pool as it
+        is now (a partition created or destroyed took CPUs from it or gave some back)."""
+        pool = set(self.assignment.pool)
+        if not pool:
+            return
+        with self._cond:
+            parts = [
+                e.partition
+                for e in self.partitions.values()
+                if e.partition and not e.placement.cpus
+            ]
+        for part in parts:
+            for tid in part.vcpu_tids():
+                try:
+                    os.sched_setaffinity(tid, pool)
+                except OSError:  # the thread ended meanwhile
+                    pass
+
     # -- what the control socket shows ---------------------------------------------------------
     def describe(self, entry: PartitionEntry) -> dict:
         """What ``ps`` shows of one partition (under the lock: a partition is closed
@@ -483,8 +584,8 @@ class Supervisor:
     def _run_entry_loop(self, entry: PartitionEntry) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: entry.want_running or self._closing)
-                if self._closing:
+                self._cond.wait_for(lambda: entry.want_running or self._closing or entry.removing)
+                if self._closing or entry.removing:
                     return
                 entry.user_stop = entry.user_restart = False
             result_reason, faulted, reset = self._boot_and_run(entry)

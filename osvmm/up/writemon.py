@@ -104,21 +104,31 @@ class WriteMonitors:
         self.sup = supervisor
         self._lock = threading.Lock()
         self.states: dict[str, _State] = {}
-        for name, entry in supervisor.partitions.items():
-            spec = entry.spec.protect
-            symbols = symbols_for(entry.spec, spec or ProtectSpec())
-            rules = None
-            if spec is not None:
-                rules = resolve(
-                    spec, symbols, entry.machine.ram_ranges, f"partition {name!r}: protect"
-                )
-            self.states[name] = _State(spec, rules, symbols)
+        for entry in supervisor.partitions.values():
+            self.track(entry)
         supervisor.on_build.append(self._on_build)
         supervisor.on_end.append(self._on_end)
 
+    def track(self, entry) -> None:
+        """Resolve and keep the rules of a partition (of the plan, or created at run time)."""
+        name = entry.name
+        spec = entry.spec.protect
+        symbols = symbols_for(entry.spec, spec or ProtectSpec())
+        rules = None
+        if spec is not None:
+            rules = resolve(spec, symbols, entry.machine.ram_ranges, f"partition {name!r}: protect")
+        self.states[name] = _State(spec, rules, symbols)
+
+    def forget(self, name: str) -> None:
+        """A partition destroyed: its violations go with it."""
+        with self._lock:
+            self.states.pop(name, None)
+
     # -- each run ----------------------------------------------------------------------------
     def _on_build(self, entry, partition) -> None:
-        state = self.states[entry.name]
+        state = self.states.get(entry.name)
+        if state is None:  # destroyed meanwhile
+            return
         with self._lock:
             rules = state.rules or Rules("deny", ())
             monitor = WriteMonitor(entry.name, rules, state.log, entry.console.note)
@@ -129,7 +139,9 @@ class WriteMonitors:
                 self.sup.log(f"{entry.name}: {describe(monitor)}")
 
     def _on_end(self, entry, partition) -> None:
-        state = self.states[entry.name]
+        state = self.states.get(entry.name)
+        if state is None:
+            return
         with self._lock:
             if state.monitor is not None:
                 state.last_stats = state.monitor.stats()
@@ -225,8 +237,8 @@ class WriteMonitors:
 
     def stat_fields(self, entry) -> dict:
         """``write_monitor`` for ``stat``: live, else as at the end of the last run."""
-        state = self.states[entry.name]
-        if state.spec is None:
+        state = self.states.get(entry.name)
+        if state is None or state.spec is None:  # none, or destroyed meanwhile
             return {}
         monitor = state.monitor
         try:
