@@ -9,7 +9,8 @@
 # program build with, QEMU (the reference for differential tests and
 # benchmarks), acpica-tools (iasl validates our ACPI tables), busybox-static
 # and cpio tools (initramfs), spin, tmux (drives `osvmm top` in its test);
-# Python test tools; osvmm itself (editable, with prometheus_client);
+# Python test tools; osvmm itself (editable, with prometheus_client); where
+# systemd runs, the unit osvmm@.service (tools/systemd, not enabled);
 # and Debian's stock kernel for the Linux boot test, with its modules for the
 # hardware-virtualization rig (scripts/fetch-debian-kernel --modules; the rig is
 # scripts/hwvirt-rig, docs/testing.md).
@@ -44,6 +45,16 @@ fi
 PYTHON="${PYTHON:-python3}"
 echo "setup: installing osvmm and its test tools with $($PYTHON --version)"
 $PYTHON -m pip install -q --disable-pip-version-check -e '.[test]'
+
+if [ -d /run/systemd/system ]; then
+  # The service (docs/operations.md): osvmm@NAME runs /etc/osvmm/NAME.toml. Its
+  # ExecStart names this Python, wherever it is (systemd searches a fixed PATH).
+  exe="$($PYTHON -c 'import sys; print(sys.executable)')"
+  echo "setup: installing the systemd unit osvmm@.service (not enabled)"
+  sed "s|^ExecStart=osvmm |ExecStart=$exe -m osvmm.cli |" tools/systemd/osvmm@.service \
+    | $SUDO tee /etc/systemd/system/osvmm@.service >/dev/null
+  $SUDO systemctl daemon-reload
+fi
 
 echo "setup: building the bundled guests"
 $PYTHON -m osvmm.guests.build >/dev/null

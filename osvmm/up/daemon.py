@@ -141,6 +141,7 @@ def serve(
     from osvmm.up.hypercalls import serve_supervisor
     from osvmm.up.locks import free_cpus, reserve_cpus
     from osvmm.up.migrate import IncomingServer, take_over
+    from osvmm.up.notify import notify
     from osvmm.up.server import ControlServer
     from osvmm.up.supervisor import Supervisor
 
@@ -212,6 +213,11 @@ def serve(
             sup.start_all()
         if ready is not None:
             ready(f"ready: {len(sup.partitions)} partitions up, control socket {path}")
+        notify(  # a service manager's readiness (osvmm/up/notify.py)
+            "READY=1",
+            f"MAINPID={os.getpid()}",
+            f"STATUS={len(sup.partitions)} partitions, control socket {path}",
+        )
         try:
             while not down.wait(0.5):
                 pass
@@ -219,6 +225,7 @@ def serve(
         except KeyboardInterrupt:
             why, status = "interrupted (Ctrl-C)", EXIT_INTERRUPTED
         sup.log(f"{why}: stopping every partition")
+        notify("STOPPING=1", f"STATUS={why}: stopping every partition")
     finally:
         for step in cleanup:
             try:
