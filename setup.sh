@@ -8,7 +8,8 @@
 # Installs: the compiler and headers the bundled guests and the KVM floor
 # program build with, QEMU (the reference for differential tests and
 # benchmarks), acpica-tools (iasl validates our ACPI tables), busybox-static
-# and cpio tools (initramfs), spin, tmux (drives `osvmm top` in its test);
+# and cpio tools (initramfs), spin, tmux (drives `osvmm top` in its test),
+# chromium (renders `osvmm plan --svg` headless in its test);
 # Python test tools; osvmm itself (editable, with prometheus_client); where
 # systemd runs, the unit osvmm@.service (tools/systemd, not enabled);
 # and Debian's stock kernel for the Linux boot test, with its modules for the
@@ -31,6 +32,7 @@ APT_PACKAGES=(
   spin
   xz-utils
   tmux
+  chromium
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

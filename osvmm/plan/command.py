@@ -1,4 +1,5 @@
-"""``osvmm plan FILE [--host-sysfs DIR]``: check a plan and show where it would run.
+"""``osvmm plan FILE [--host-sysfs DIR] [--svg FILE]``: check a plan and show where it
+would run (as text; and drawn, osvmm/plan/svg.py).
 
 The CLI wires it with one call: ``add_plan_parser(subparsers)``; the parser's
 ``func`` default is ``cmd_plan``. Bad plans raise ConfigError (exit status 2).
@@ -33,6 +34,11 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         default="/sys",
         help="read the host topology from this sysfs tree instead of /sys",
     )
+    p.add_argument(
+        "--svg",
+        metavar="FILE",
+        help="also draw the placement into FILE (SVG: nodes, cores, memory, channels)",
+    )
     p.set_defaults(func=cmd_plan)
     return p
 
@@ -53,8 +59,31 @@ def cmd_plan(args: argparse.Namespace, out: TextIO | None = None) -> int:
     ]
     if missing:
         text += ("\n" if not assignment.warnings else "") + "\n".join(missing) + "\n"
+    if getattr(args, "svg", None):
+        write_svg(args.svg, assignment, topology)
     (out or sys.stdout).write(text)
     return 0
+
+
+def write_svg(path: str, assignment, topology) -> None:
+    """The picture into ``path``, whole or not at all (a temporary file renamed)."""
+    import os
+
+    from osvmm.errors import ConfigError
+    from osvmm.plan.svg import render_svg
+
+    data = render_svg(assignment, topology).encode()
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise ConfigError(f"--svg {path}: cannot write: {e.strerror or e}") from None
 
 
 def _describe(problem: str) -> str:
