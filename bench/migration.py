@@ -71,7 +71,7 @@ def migrate_once(tmp: Path, image: str, cmdline: str) -> dict:
         _wait_running(src)
         time.sleep(0.5)
         answer = MigrationService(src, lives[0]).migrate(
-            {"cmd": "migrate", "name": "p", "to": addr, "downtime_ms": 300}
+            {"name": "p", "to": addr, "downtime_ms": 300}
         )
         _wait_running(dst)
         return answer

@@ -29,6 +29,7 @@ BENCHMARKS = {
     "hypercall": ("bench.hypercall", {"n": 5000, "rounds": 200, "stream_mib": 64, "repeats": 1}),
     "snapshot": ("bench.snapshot", {"repeats": 2, "big": 256 << 20}),
     "migration": ("bench.migration", {"repeats": 1}),
+    "api": ("bench.api", {"n": 100, "repeats": 1}),
     "write_monitor": (
         "bench.write_monitor",
         {"n": 5000, "iters": 50_000_000, "repeats": 1, "everies": (10_000, 1_000_000)},

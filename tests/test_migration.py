@@ -95,9 +95,7 @@ def test_pre_copy_rounds_while_the_guest_rewrites_its_memory(tmp):
     try:
         src.wait_running("touch")
         wait_until(lambda: src.u64("touch", MEMTOUCH_PASS) >= 3)
-        answer = src.migrations.migrate(
-            {"cmd": "migrate", "name": "touch", "to": addr, "downtime_ms": 1}
-        )
+        answer = src.migrations.migrate({"name": "touch", "to": addr, "downtime_ms": 1})
         assert answer["state"] == STOPPED
         assert answer["rounds"] >= 2  # the dirty log sent more than the first copy
         assert answer["downtime_ms"] > 0 and answer["pages"] >= 24 << 8
@@ -119,7 +117,7 @@ def test_nowhere_to_go_and_a_dropped_connection_leave_the_source_running(tmp):
         src.wait_running("touch")
         part = src.sup.partitions["touch"].partition
         with pytest.raises(SnapshotError, match="cannot reach the destination"):
-            src.migrations.migrate({"cmd": "migrate", "name": "touch", "to": f"unix:{tmp}/none"})
+            src.migrations.migrate({"name": "touch", "to": f"unix:{tmp}/none"})
 
         # A destination that says OKAY, takes some pages, then goes away.
         listener = socket.socket(socket.AF_UNIX)
@@ -137,9 +135,7 @@ def test_nowhere_to_go_and_a_dropped_connection_leave_the_source_running(tmp):
 
         threading.Thread(target=drop, daemon=True).start()
         with pytest.raises(SnapshotError, match="failed"):
-            src.migrations.migrate(
-                {"cmd": "migrate", "name": "touch", "to": f"unix:{tmp}/drop.sock"}
-            )
+            src.migrations.migrate({"name": "touch", "to": f"unix:{tmp}/drop.sock"})
         listener.close()
         assert src.sup.partitions["touch"].state == RUNNING
         assert src.sup.partitions["touch"].partition is part  # the very same run
@@ -158,7 +154,7 @@ def test_a_destination_that_refuses_leaves_both_as_they_were(tmp):
     try:
         src.wait_running("counter")
         with pytest.raises(SnapshotError, match="the destination refused: .*16 MiB"):
-            src.migrations.migrate({"cmd": "migrate", "name": "counter", "to": addr})
+            src.migrations.migrate({"name": "counter", "to": addr})
         assert src.sup.partitions["counter"].state == RUNNING
         assert dst.sup.partitions["counter"].state == STOPPED
         at = src.u64("counter", 0x200000)

@@ -89,9 +89,7 @@ def test_the_partition_beside_does_not_notice(tmp_path):
         sampler.start()
         time.sleep(0.2)
         for i in range(3):
-            answer = up.snapshots.snapshot(
-                {"cmd": "snapshot", "name": "busy", "dir": str(tmp_path / f"s{i}")}
-            )
+            answer = up.snapshots.snapshot({"name": "busy", "dir": str(tmp_path / f"s{i}")})
             assert answer["state"] == RUNNING
         time.sleep(0.2)
         stop.set()
@@ -121,9 +119,7 @@ def test_an_attached_channel_is_mapped_again_with_its_memory(tmp_path):
         # As the guest would: CHANNEL_ATTACH (channel 0, writable) from the busy partition.
         assert up.live.call(busy.index, abi.CHANNEL_ATTACH, (0, 0, 0, 0)) == link.gpa
         up.live.channels[0].write(0, b"what the channel held")
-        answer = up.snapshots.snapshot(
-            {"cmd": "snapshot", "name": "busy", "dir": str(snap), "stop": True}
-        )
+        answer = up.snapshots.snapshot({"name": "busy", "dir": str(snap), "stop": True})
         assert answer["state"] == STOPPED
         assert busy.reason == f"stopped after a snapshot to {snap}"
         assert up.sup.partitions["quiet"].state == RUNNING

@@ -21,6 +21,7 @@ first bytes after an upgrade).
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -47,7 +48,9 @@ REASONS = {
     505: "HTTP Version Not Supported",
 }
 
-_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # a method or a header's name
+_TARGET = re.compile(rb"/[\x21-\x7e]*\Z")  # an absolute path (and query), visible ASCII
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # in a header's value (tab allowed)
 
 
 class HttpError(Exception):
@@ -120,13 +123,13 @@ def _headers(lines: list[bytes]) -> dict[str, str]:
     headers: dict[str, str] = {}
     for line in lines:
         name, sep, value = line.partition(b":")
-        if not sep or not name or not all(c in _TOKEN for c in name):
+        if not sep or not _TOKEN.match(name):
             raise HttpError(400, "a malformed header field")
         try:
             text = value.strip(b" \t").decode("ascii")
         except UnicodeDecodeError:
             raise HttpError(400, "a header field that is not ASCII") from None
-        if any(ord(c) < 0x20 and c != "\t" or ord(c) == 0x7F for c in text):
+        if _CONTROL.search(text):
             raise HttpError(400, "a header field with a control character")
         key = name.decode("ascii").lower()
         if key in headers:
@@ -173,14 +176,14 @@ def read_request(conn: socket.socket, buf: bytearray, deadline: float) -> Reques
         return None
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
-    if len(parts) != 3 or not parts[0] or not all(c in _TOKEN for c in parts[0]):
+    if len(parts) != 3 or not _TOKEN.match(parts[0]):
         raise HttpError(400, "a malformed request line")
     method, target, version = parts
     if version not in (b"HTTP/1.1", b"HTTP/1.0"):
         if version.startswith(b"HTTP/"):
             raise HttpError(505, "only HTTP/1.1 and HTTP/1.0 are spoken here")
         raise HttpError(400, "a malformed request line")
-    if not target.startswith(b"/") or not all(0x21 <= c < 0x7F for c in target):
+    if not _TARGET.match(target):
         raise HttpError(400, "a request target is an absolute path")
     headers = _headers(lines[1:])
     length = _content_length(headers, MAX_BODY)

@@ -175,7 +175,7 @@ class WriteMonitors:
     def _state(self, msg: dict) -> tuple[str, _State]:
         name = msg.get("name")
         if not isinstance(name, str):
-            raise ControlError(f"{msg.get('cmd')}: needs a partition name")
+            raise ControlError("needs a partition name")
         self.sup.entry(name)  # the one-line error for an unknown partition
         return name, self.states[name]
 
