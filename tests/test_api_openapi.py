@@ -24,7 +24,7 @@ from tests.helpers import REPO, UnixHTTPConnection, api
 DOC = yaml.safe_load((REPO / "docs" / "openapi.yaml").read_text())
 METHODS = ("get", "post", "put", "patch", "delete")
 # The statuses any route may answer besides its own (components.responses.Error).
-GENERIC = {400, 403, 404, 405, 408, 413, 431, 500, 501, 503, 505}
+GENERIC = {400, 401, 403, 404, 405, 408, 413, 431, 500, 501, 503, 505}
 
 
 def operations() -> dict[str, tuple[str, str, dict]]:
@@ -345,3 +345,44 @@ def test_an_upgrade_is_only_the_console():
     """The document's one 101 is the console's (a client may rely on it)."""
     with_101 = [op for op, (_, _, o) in operations().items() if "101" in o["responses"]]
     assert with_101 == ["attachConsole"]
+
+
+@pytest.mark.kvm
+def test_a_real_vmm_on_tcp_answers_with_the_token_only(tmp_path):
+    """``osvmm up --listen HOST:PORT --token-file FILE``: the same API on TCP,
+    every request with the token; the answers as the document says."""
+    import http.client
+    import socket
+
+    from tests.test_supervisor_up import UpProcess
+
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = tmp_path / "token"
+    token.write_text("f00dfeed" * 4 + "\n")
+    token.chmod(0o600)
+
+    class TcpUp(UpProcess):
+        def _popen(self, argv, env):
+            extra = ["--listen", f"127.0.0.1:{port}", "--token-file", str(token)]
+            return super()._popen([*argv, *extra], env)
+
+    up = TcpUp(COUNTER)
+    check = Checker(up.sock)
+    try:
+        up.wait_for(lambda p: p["counter"]["state"] == "running")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for auth in (None, "Bearer " + "f00dfeed" * 4):
+            conn.request("GET", "/v1/vmm", headers={"Authorization": auth} if auth else {})
+            r = conn.getresponse()
+            value = json.loads(r.read())
+            assert r.status == (200 if auth else 401), value
+            check.check("getVmm", r.status, dict(r.getheaders()), value)
+        assert value["partitions"][0]["name"] == "counter"
+        conn.close()
+        log = (up.logs / "osvmm.log").read_text()
+        assert f"the control API on TCP at 127.0.0.1:{port} (with the token)" in log
+    finally:
+        status, _, err = up.close()
+    assert "Traceback" not in err, err

@@ -706,3 +706,79 @@ def test_a_malformed_answer_is_one_line_for_the_client(answer):
     finally:
         srv.close()
         shutil.rmtree(d, ignore_errors=True)
+
+
+TOKEN = "0123456789abcdef-not-a-secret"
+
+
+@pytest.fixture
+def tcp_server():
+    d = tempfile.mkdtemp(prefix="osvmm-c-", dir="/tmp")
+    sup = FakeSupervisor()
+    srv = ControlServer(
+        os.path.join(d, "s"), sup, lambda: None, listen=("127.0.0.1", 0), token=TOKEN
+    )
+    srv.open()
+    srv.start()
+    yield srv, sup
+    srv.close()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_the_tcp_listener_serves_only_requests_that_carry_the_token(tcp_server):
+    import http.client
+
+    srv, sup = tcp_server
+    host, port = srv.tcp_address
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            conn.request("POST", "/v1/partitions/a/stop", headers=headers)
+            r = conn.getresponse()
+            answer = json.loads(r.read())
+            assert r.status == 401 and r.getheader("WWW-Authenticate") == 'Bearer realm="osvmm"'
+            assert answer == {
+                "error": "a request on TCP needs Authorization: Bearer TOKEN (the VMM's token)"
+            }
+        assert sup.calls == []  # none of them acted
+        conn.request("POST", "/v1/partitions/a/stop", headers={"Authorization": f"Bearer {TOKEN}"})
+        r = conn.getresponse()  # the same connection: refusals do not end it
+        assert r.status == 200 and json.loads(r.read())["state"] == "stopped"
+        assert sup.calls == [("stop", "a")]
+    finally:
+        conn.close()
+    with socket.create_connection((host, port), timeout=10) as sock:  # the console, on TCP
+        sock.sendall(
+            b"POST /v1/partitions/a/console HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"
+            + f"Authorization: Bearer {TOKEN}\r\n\r\n".encode()
+        )
+        assert sock.recv(64).startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    assert os.stat(srv.path).st_mode & 0o777 == 0o600  # the Unix socket as ever
+
+
+def test_a_tcp_listener_needs_a_token(tmp_path):
+    with pytest.raises(ControlError, match="^a TCP listener of the control API needs a token$"):
+        ControlServer(str(tmp_path / "s"), FakeSupervisor(), lambda: None, listen=("::1", 0))
+
+
+@pytest.mark.parametrize(
+    "mode, text, error",
+    [
+        (0o600, None, "--listen and --token-file go together: a TCP API needs a token"),
+        (0o644, TOKEN, "readable by others or not yours (mode 0644, uid "),
+        (0o600, "short", "the token is one line of at least 16 visible ASCII characters"),
+        (0o600, "a token with spaces in it", "the token is one line of at least 16 visible"),
+    ],
+)
+def test_up_refuses_a_tcp_api_without_a_private_token(tmp_path, mode, text, error):
+    from tests.helpers import run_osvmm
+
+    args = ["up", str(tmp_path / "plan.toml"), "--listen", "127.0.0.1:9"]
+    if text is not None:
+        token = tmp_path / "token"
+        token.write_text(text + "\n")
+        token.chmod(mode)
+        args += ["--token-file", str(token)]
+    r = run_osvmm(*args)
+    assert r.returncode == 2 and r.stderr.startswith(b"osvmm: error: ")
+    assert error in r.stderr.decode() and len(r.stderr.splitlines()) == 1, r.stderr

@@ -58,6 +58,16 @@ def add_up_parsers(sub) -> None:
         metavar="GROUP",
         help="give the control socket to GROUP too (mode 0660): its members may drive the VMM",
     )
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="serve the control API on TCP too (every request with the token of --token-file)",
+    )
+    p.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="the bearer token of the TCP API: a 0600 file of one line (docs/api.md)",
+    )
     p.set_defaults(func=cmd_up)
 
     def client(name: str, help_: str, with_name: str | None = None):
@@ -187,7 +197,15 @@ def cmd_up(args) -> int:
     from osvmm.up.daemon import up
 
     return up(
-        args.file, args.log_dir, args.detach, args.quiet, args.incoming, args.takeover, args.group
+        args.file,
+        args.log_dir,
+        args.detach,
+        args.quiet,
+        args.incoming,
+        args.takeover,
+        args.group,
+        args.listen,
+        args.token_file,
     )
 
 

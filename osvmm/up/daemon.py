@@ -47,6 +47,8 @@ def up(
     incoming: str | None = None,
     takeover: bool = False,
     group: str | None = None,
+    listen: str | None = None,
+    token_file: str | None = None,
 ) -> int:
     from osvmm.plan.config import load_plan
     from osvmm.plan.placement import place
@@ -55,6 +57,13 @@ def up(
     from osvmm.up.protocol import is_listening
     from osvmm.up.writemon import check_protection
 
+    tcp = None
+    if listen is not None or token_file is not None:
+        if listen is None or token_file is None:
+            raise ControlError("--listen and --token-file go together: a TCP API needs a token")
+        from osvmm.up.exporter import parse_listen
+
+        tcp = (parse_listen(listen), read_token(token_file))
     plan = load_plan(plan_file)
     assignment = place(plan, read_topology("/sys"))
     for warning in assignment.warnings:
@@ -73,9 +82,41 @@ def up(
         parse_address(incoming)
     if detach:
         return detached(
-            lambda ready: serve(assignment, path, log_dir, True, ready, incoming, takeover, group)
+            lambda ready: serve(
+                assignment, path, log_dir, True, ready, incoming, takeover, group, tcp
+            )
         )
-    return serve(assignment, path, log_dir, quiet, None, incoming, takeover, group)
+    return serve(assignment, path, log_dir, quiet, None, incoming, takeover, group, tcp)
+
+
+MIN_TOKEN = 16  # characters
+
+
+def read_token(path: str) -> str:
+    """The API token in ``path``: a file of this user's (or root's) that no one
+    else may read, holding one line of at least MIN_TOKEN visible characters."""
+    import stat
+
+    from osvmm.errors import ConfigError
+    from osvmm.files import read_input
+
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ConfigError(f"--token-file {path}: {e.strerror}") from None
+    if st.st_uid not in (os.geteuid(), 0) or st.st_mode & 0o077:
+        raise ConfigError(
+            f"--token-file {path}: readable by others or not yours (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}, uid {st.st_uid}): chmod 600 it"
+        )
+    text = read_input(path, f"--token-file {path}", 4096, ConfigError).decode("ascii", "replace")
+    token = text.strip()
+    if len(token) < MIN_TOKEN or not all(0x21 <= ord(c) < 0x7F for c in token):
+        raise ConfigError(
+            f"--token-file {path}: the token is one line of at least {MIN_TOKEN} visible "
+            "ASCII characters (openssl rand -hex 32 makes one)"
+        )
+    return token
 
 
 def detached(serve_: Callable[[Callable[[str], None]], int]) -> int:
@@ -131,6 +172,7 @@ def serve(
     incoming=None,
     takeover=False,
     group: str | None = None,
+    tcp: tuple | None = None,
 ) -> int:
     """Run every partition and the control socket until ``down``, SIGTERM, SIGHUP,
     SIGQUIT (0) or Ctrl-C (130). ``incoming``: start none, accept migrations of them
@@ -148,7 +190,8 @@ def serve(
     down = threading.Event()
     for signum in ENDING_SIGNALS:  # from now on they end the VMM in order, as down does
         signal.signal(signum, lambda signum, frame: down.set())
-    server = ControlServer(path, None, on_down=down.set, group=group)
+    listen, token = tcp if tcp is not None else (None, None)
+    server = ControlServer(path, None, on_down=down.set, group=group, listen=listen, token=token)
     if not takeover:  # a takeover claims the socket once the old VMM has gone
         server.open()  # first: a second VMM on this socket stops here, before any log is opened
     cleanup: list[Callable[[], None]] = [server.close]
@@ -206,6 +249,9 @@ def serve(
             cleanup.insert(0, receiver.close)
         server.start()
         sup.log(f"up: {len(sup.partitions)} partitions, control socket {path}, logs in {log_dir}")
+        if server.tcp_address is not None:
+            host, port = server.tcp_address
+            sup.log(f"up: the control API on TCP at {host}:{port} (with the token)")
         if receiver is not None:
             receiver.start()
             sup.log(f"up: waiting for incoming migrations at {incoming}")

@@ -82,10 +82,16 @@ class ControlServer:
         routes: list[Route] | None = None,
         stat_fields: tuple[Callable[[object], dict], ...] = (),
         group: str | None = None,
+        listen: tuple[str, int] | None = None,
+        token: str | None = None,
     ):
         """``supervisor`` may be set later (``server.sup``), before ``start``;
         ``routes`` adds to the core routes (``add_routes`` too). ``group``: the
-        socket is this group's too (mode 0660), and its members may use it."""
+        socket is this group's too (mode 0660), and its members may use it.
+        ``listen``: (host, port) of a TCP listener too, whose every request must
+        carry ``Authorization: Bearer TOKEN`` (``token``, required with it)."""
+        if listen is not None and not token:
+            raise ControlError("a TCP listener of the control API needs a token")
         self.path = path
         self.sup = supervisor
         self.on_down = on_down
@@ -94,6 +100,10 @@ class ControlServer:
         self.group = group
         self._gid: int | None = None
         self._sock: socket.socket | None = None
+        self.listen = listen
+        self._token = f"Bearer {token}".encode() if token else None
+        self._tcp: socket.socket | None = None
+        self.tcp_address: tuple[str, int] | None = None  # where the TCP listener is bound
         self._thread: threading.Thread | None = None
         self._closed = False
         self._count_lock = threading.Lock()
@@ -133,6 +143,8 @@ class ControlServer:
         self._dir_fd = dir_fd
         try:
             self._bind(base)
+            if self.listen is not None:
+                self._bind_tcp(*self.listen)
         except BaseException:
             self.close()
             raise
@@ -180,14 +192,35 @@ class ControlServer:
         except KeyError:
             raise ControlError(f"control socket group {self.group!r}: no such group") from None
 
+    def _bind_tcp(self, host: str, port: int) -> None:
+        try:
+            sock = socket.create_server((host, port), reuse_port=False, backlog=socket.SOMAXCONN)
+        except OSError as e:
+            raise ControlError(f"--listen {host}:{port}: {e.strerror or e}") from None
+        self._tcp = sock
+        self.tcp_address = sock.getsockname()[:2]
+
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._accept, name="control", daemon=True)
+        self._thread = threading.Thread(
+            target=self._accept, args=(self._sock, False), name="control", daemon=True
+        )
         self._thread.start()
+        if self._tcp is not None:
+            threading.Thread(
+                target=self._accept, args=(self._tcp, True), name="control-tcp", daemon=True
+            ).start()
 
     def close(self) -> None:
         """Stop listening, remove the socket, then release the lock (in that order:
         while the lock is held, nobody else binds the path)."""
         self._closed = True
+        if self._tcp is not None:
+            try:
+                self._tcp.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._tcp.close()
+            self._tcp = None
         if self._sock is not None:
             try:
                 self._sock.shutdown(socket.SHUT_RDWR)
@@ -206,10 +239,10 @@ class ControlServer:
             os.close(self._dir_fd)
             self._dir_fd = None
 
-    def _accept(self) -> None:
-        while not self._closed and self._sock is not None:
+    def _accept(self, listener: socket.socket, tcp: bool) -> None:
+        while not self._closed:
             try:
-                conn, _ = self._sock.accept()
+                conn, _ = listener.accept()
             except OSError as e:
                 if e.errno in (errno.EINTR, errno.ECONNABORTED):
                     continue
@@ -226,7 +259,7 @@ class ControlServer:
                 continue
             try:
                 threading.Thread(
-                    target=self._serve, args=(conn,), name="control-conn", daemon=True
+                    target=self._serve, args=(conn, tcp), name="control-conn", daemon=True
                 ).start()
             except RuntimeError:  # no thread to be had: this client is refused
                 self._release()
@@ -244,10 +277,12 @@ class ControlServer:
         with self._count_lock:
             self._connections -= 1
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket, tcp: bool = False) -> None:
         try:
             with conn:
-                if self._peer_allowed(conn):
+                if tcp:  # no credentials to read: each request shows the token
+                    self._serve_requests(conn, self._token)
+                elif self._peer_allowed(conn):
                     self._serve_requests(conn)
         except Exception as err:  # noqa: BLE001 - a bug ends this connection, never the VMM
             self._log_bug("serving a control connection", err)
@@ -274,7 +309,9 @@ class ControlServer:
         except OSError:
             return False
 
-    def _serve_requests(self, conn: socket.socket) -> None:
+    def _serve_requests(self, conn: socket.socket, token: bytes | None = None) -> None:
+        """Requests until the client closes, or its framing is lost; with ``token``
+        each must carry it (``Authorization: Bearer TOKEN``), else 401."""
         buf = bytearray()
         while True:
             try:
@@ -292,6 +329,16 @@ class ControlServer:
                 return
             keep = req.keep_alive
             route = None
+            if token is not None and not _authorized(req, token):
+                answer = http.error_response(
+                    401,
+                    "a request on TCP needs Authorization: Bearer TOKEN (the VMM's token)",
+                    not keep,
+                    (("WWW-Authenticate", 'Bearer realm="osvmm"'),),
+                )
+                if not self._send(conn, answer) or not keep:
+                    return
+                continue
             try:
                 route, params = match(self.routes, req.method, req.path)
                 msg = check(route, params, req.body, req.query)
@@ -455,3 +502,11 @@ class ControlServer:
             pass
         finally:
             client.close()
+
+
+def _authorized(req, token: bytes) -> bool:
+    """The request's Authorization header is the token (compared in constant time)."""
+    import hmac
+
+    given = req.headers.get("authorization", "").encode("ascii", "replace")
+    return hmac.compare_digest(given, token)
