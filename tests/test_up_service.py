@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -86,3 +87,65 @@ def test_the_vmm_is_ready_once_it_serves_and_says_it_stops(tmp_path):
         manager.close()
     assert b"Traceback" not in err
     assert not sock.exists()  # gone with the VMM
+
+
+def wait_log(up, text: str) -> str:
+    """osvmm.log once it holds ``text`` (its lines are written by a thread of their own)."""
+    deadline = time.monotonic() + 10
+    while text not in (events := (up.logs / "osvmm.log").read_text()):
+        assert time.monotonic() < deadline, events[-500:]
+        time.sleep(0.05)
+    return events
+
+
+@pytest.mark.kvm
+def test_sighup_to_a_service_rereads_the_plan_and_follows_a_rotated_log(tmp_path, monkeypatch):
+    from tests.test_supervisor_up import UpProcess
+
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(str(tmp_path / "notify"))
+    manager.settimeout(60)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    body = (
+        '[[partition]]\nname = "counter"\ncpus = "floating"\nmemory = "8M"\n'
+        'image = "guests:counter"\ncmdline = "every=0x100000"\n'
+    )
+    up = UpProcess(body)
+    try:
+        assert manager.recv(4096).startswith(b"READY=1\n")
+        up.wait_for(lambda p: p["counter"]["state"] == "running")
+        log = up.logs / "counter.console.log"
+        deadline = time.monotonic() + 30
+        while b"counter: " not in log.read_bytes():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        log.rename(up.logs / "rotated.log")  # as logrotate would
+        text = up.plan.read_text()
+        up.plan.write_text(
+            text.replace('memory = "8M"', 'memory = "16M"\nrestart = "restart"\nrestart_limit = 7')
+        )
+        up.proc.send_signal(signal.SIGHUP)
+        reloading = manager.recv(4096).decode().split("\n")
+        assert reloading[0] == "RELOADING=1" and reloading[1].startswith("MONOTONIC_USEC=")
+        assert manager.recv(4096).startswith(b"READY=1\n")
+        parts = up.ps()  # still serving, the partition never stopped
+        assert parts["counter"]["restart"] == "restart" and parts["counter"]["boots"] == 1
+        assert parts["counter"]["memory"] == 8 << 20  # not applied
+        events = wait_log(up, "reload: counter: memory changed: not applied")
+        assert "reload: counter: restart = 'restart', restart_limit = 7" in events
+        deadline = time.monotonic() + 30
+        while not log.exists() or b"counter: " not in log.read_bytes():  # a new log begun
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        up.plan.write_text("not a plan [")
+        up.proc.send_signal(signal.SIGHUP)
+        assert manager.recv(4096).startswith(b"RELOADING=1\n")
+        assert manager.recv(4096).startswith(b"READY=1\n")
+        last = wait_log(up, "nothing changed").splitlines()[-1]
+        assert "reload: " in last and "not valid TOML" in last and "nothing changed" in last
+        assert up.cli("down").returncode == 0
+        assert up.proc.wait(30) == 0
+    finally:
+        manager.close()
+        status, _, err = up.close()
+    assert "Traceback" not in err, err

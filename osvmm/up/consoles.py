@@ -197,6 +197,13 @@ class LogFile:
         os.replace(self.name, self.name + ".1", src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
         self._size = 0
 
+    def reopen(self) -> None:
+        """The next write opens ``name`` afresh (a log rotated by another program)."""
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
     def close(self) -> None:
         with self._lock:
             if self._fd is not None:

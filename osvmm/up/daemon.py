@@ -188,8 +188,15 @@ def serve(
     from osvmm.up.supervisor import Supervisor
 
     down = threading.Event()
+    reload = threading.Event()
+    # SIGHUP: in the foreground the terminal hung up, and the VMM ends; detached or
+    # under a service manager nothing hangs up, and it re-reads what it can (reread).
+    hup_reloads = ready is not None or bool(os.environ.get("NOTIFY_SOCKET"))
     for signum in ENDING_SIGNALS:  # from now on they end the VMM in order, as down does
-        signal.signal(signum, lambda signum, frame: down.set())
+        if signum == signal.SIGHUP and hup_reloads:
+            signal.signal(signum, lambda signum, frame: reload.set())
+        else:
+            signal.signal(signum, lambda signum, frame: down.set())
     listen, token = tcp if tcp is not None else (None, None)
     server = ControlServer(path, None, on_down=down.set, group=group, listen=listen, token=token)
     if not takeover:  # a takeover claims the socket once the old VMM has gone
@@ -266,7 +273,9 @@ def serve(
         )
         try:
             while not down.wait(0.5):
-                pass
+                if reload.is_set():
+                    reload.clear()
+                    reread(sup, path)
             why = "down"
         except KeyboardInterrupt:
             why, status = "interrupted (Ctrl-C)", EXIT_INTERRUPTED
@@ -279,6 +288,27 @@ def serve(
             except Exception as err:  # noqa: BLE001 - every step is tried
                 say(f"osvmm: internal error while stopping: {type(err).__name__}: {err}")
     return status
+
+
+def reread(sup, path: str) -> None:
+    """SIGHUP's reload: the plan file read again and what can change applied
+    (Supervisor.reload); a plan that no longer reads changes nothing. The service
+    manager is told (RELOADING=1, then READY=1)."""
+    import time
+
+    from osvmm.plan.config import load_plan
+    from osvmm.up.notify import notify
+
+    usec = int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6)
+    notify("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading the plan")
+    try:
+        notes = sup.reload(load_plan(sup.plan.source))
+    except OsvmmError as err:
+        sup.log(f"reload: {err}: nothing changed")
+    else:
+        for note in notes or ["nothing to change"]:
+            sup.log(f"reload: {note}")
+    notify("READY=1", f"STATUS={len(sup.partitions)} partitions, control socket {path}")
 
 
 def api_services(server, sup, hypercalls, on_down: Callable[[], None]) -> Callable[[], None]:

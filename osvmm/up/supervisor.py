@@ -468,6 +468,58 @@ class Supervisor:
                 except OSError:  # the thread ended meanwhile
                     pass
 
+    # -- a reload (SIGHUP of a detached VMM or a service) ----------------------------------
+    RELOADABLE = ("restart", "restart_limit", "restart_backoff_ms")
+
+    def reload(self, plan) -> list[str]:
+        """Apply what can change while the partitions run, from ``plan`` (the plan file
+        read again): each partition's restart policy, the logs' size (every log file
+        opened afresh: one rotated by another program is followed). Returns a note
+        for each change made and each one that needs more than a reload."""
+        notes = []
+        new = {spec.name: spec for spec in plan.partitions}
+        with self._cond:
+            for name, entry in self.partitions.items():
+                spec = new.get(name)
+                if spec is None:
+                    notes.append(
+                        f"{name}: not in the plan now; it runs on (osvmm destroy removes it)"
+                    )
+                    continue
+                old = entry.spec
+                changes = {
+                    k: getattr(spec, k)
+                    for k in self.RELOADABLE
+                    if getattr(spec, k) != getattr(old, k)
+                }
+                others = [
+                    f.name
+                    for f in dataclasses.fields(spec)
+                    if f.name not in self.RELOADABLE
+                    and getattr(spec, f.name) != getattr(old, f.name)
+                ]
+                if changes:
+                    entry.spec = dataclasses.replace(old, **changes)
+                    notes.append(
+                        f"{name}: " + ", ".join(f"{k} = {v!r}" for k, v in changes.items())
+                    )
+                if others:
+                    notes.append(
+                        f"{name}: {', '.join(others)} changed: not applied (destroy and create "
+                        "it, or start a new VMM)"
+                    )
+            for name in new:
+                if name not in self.partitions:
+                    notes.append(f"{name}: new in the plan: not started (osvmm create adds it)")
+        log_max = plan.vmm.console_log_max
+        if log_max != self._log_max:
+            notes.append(f"console_log_max = {log_max}")
+            self._log_max = log_max
+        for f in list(self._files):
+            f.max_bytes = log_max
+            f.reopen()
+        return notes
+
     # -- what the control socket shows ---------------------------------------------------------
     def describe(self, entry: PartitionEntry) -> dict:
         """What ``ps`` shows of one partition (under the lock: a partition is closed
