@@ -8,8 +8,11 @@ it is refused) and the dedicated CPUs (osvmm/up/locks.py: a CPU another VMM
 dedicates is refused, and kept out of the pool), then runs the supervisor, the
 hypercall interface and the control server until ``down``, SIGTERM, SIGHUP,
 SIGQUIT (status 0) or Ctrl-C (status 130), each of which stops every partition
-first. ``--detach`` forks first; the parent returns once the child reports
-``ready`` (or its one-line error) on a pipe.
+first; detached or under a service manager SIGHUP re-reads the plan instead
+(``reread``). ``--detach`` forks first; the parent returns once the child
+reports ``ready`` (or its one-line error) on a pipe. A service manager is told
+when it is ready, reloading and stopping (osvmm/up/notify.py). ``--listen``
+with ``--token-file`` serves the control API on TCP too (docs/api.md).
 
 Consoles go to stdout and events to stderr through Spools (osvmm/up/consoles.py):
 a stdout nobody reads, a closed or full stderr, lose output (counted in ``ps``)
