@@ -110,6 +110,11 @@ def test_top_in_tmux_refreshes_and_quits_on_q():
             lambda t: row(t, "counter")[6].isdigit() and int(row(t, "counter")[6]) > 0,
             "counter's port I/O exits per second never above 0",
         )
+        r = up.cli("top", "--once", "--interval", "0.3")  # for scripts: one frame, then the end
+        assert r.returncode == 0, r.stderr
+        frame_lines = r.stdout.decode().splitlines()
+        assert frame_lines[2].split()[0] == "NAME" and "\x1b" not in r.stdout.decode()
+        assert [line.split()[0] for line in frame_lines[3:]] == ["counter", "hello"]
         r = up.cli("stop", "counter")
         assert r.returncode == 0, r.stderr
         wait_screen(lambda t: row(t, "counter")[1] == "stopped", "the stop never showed")
