@@ -77,8 +77,10 @@ def test_top_in_tmux_refreshes_and_quits_on_q():
     tmux = [TMUX, "-L", server, "-f", "/dev/null"]
     try:
         up.wait_for(lambda p: p["counter"]["state"] == "running")
+        status = up.dir / "top.status"  # its exit status, as the shell in the pane saw it
         cmd = (
-            f"PYTHONPATH={REPO} {sys.executable} -m osvmm.cli top --socket {up.sock} --interval 0.5"
+            f"PYTHONPATH={REPO} {sys.executable} -m osvmm.cli top --socket {up.sock} "
+            f"--interval 0.5; echo $? > {status}"
         )
         subprocess.run(
             [*tmux, "new-session", "-d", "-s", "top", "-x", "150", "-y", "20", cmd], check=True
@@ -120,15 +122,10 @@ def test_top_in_tmux_refreshes_and_quits_on_q():
         wait_screen(lambda t: row(t, "counter")[1] == "stopped", "the stop never showed")
         subprocess.run([*tmux, "send-keys", "-t", "top", "q"], check=True)
         deadline = time.monotonic() + 10
-        while True:
-            r = subprocess.run(
-                [*tmux, "list-panes", "-t", "top", "-F", "#{pane_dead} #{pane_dead_status}"],
-                capture_output=True,
-            )
-            if r.stdout.decode().split() == ["1", "0"]:
-                break
-            assert time.monotonic() < deadline, r.stdout
+        while not status.exists() or not status.read_text().endswith("\n"):
+            assert time.monotonic() < deadline, screen()
             time.sleep(0.1)
+        assert status.read_text() == "0\n"  # q ended it, status 0
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)
         up.close()
