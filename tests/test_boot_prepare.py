@@ -85,16 +85,19 @@ def _vmlinux():
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("console=ttyS0", "console=ttyS0 noxsave"),
-        ("console=ttyS0 -- uname -a", "console=ttyS0 noxsave -- uname -a"),
+        ("console=ttyS0", "console=ttyS0 pci=off noxsave"),
+        ("console=ttyS0 -- uname -a", "console=ttyS0 pci=off noxsave -- uname -a"),
         (
             'console=ttyS0 -- sh -c "uname -a; cat /proc/uptime"',
-            'console=ttyS0 noxsave -- sh -c "uname -a; cat /proc/uptime"',
+            'console=ttyS0 pci=off noxsave -- sh -c "uname -a; cat /proc/uptime"',
         ),
-        ("noxsave quiet -- true", "noxsave quiet -- true"),
+        ("noxsave quiet -- true", "noxsave quiet pci=off -- true"),
+        # The user's pci= stands; a pci= for init is init's.
+        ("pci=nommconf noxsave", "pci=nommconf noxsave"),
+        ("quiet -- pci=x", "quiet pci=off noxsave -- pci=x"),
     ],
 )
-def test_linux_quirk_words_go_before_the_init_arguments(text, expected):
+def test_linux_platform_and_quirk_words_go_before_the_init_arguments(text, expected):
     quirks = Quirks(("cx16",), ("noxsave",), ("a note",))
     boot = prepare(_vmlinux(), Machine.build(256 * MiB, 1), text, quirks)
     assert cmdline_of(boot) == expected.encode() + b"\0"
@@ -102,6 +105,7 @@ def test_linux_quirk_words_go_before_the_init_arguments(text, expected):
     assert boot.entry.mode == "long64" and boot.entry.rsi == layout.ZERO_PAGE_ADDR
 
 
-def test_linux_without_quirks_keeps_the_line_as_given():
+def test_linux_without_quirks_gets_only_pci_off():
+    # The machine has no PCI bus: Linux is told so, and looks for none.
     boot = prepare(_vmlinux(), Machine.build(256 * MiB, 1), 'a=1 -- sh -c "x y"', NO_QUIRKS)
-    assert cmdline_of(boot) == b'a=1 -- sh -c "x y"\0'
+    assert cmdline_of(boot) == b'a=1 pci=off -- sh -c "x y"\0'
