@@ -217,9 +217,12 @@ def test_supervisor_keeps_a_stopped_partition_built_and_reboots_it_clean(tmp_pat
         text = console.take()
         assert seen[1:] == [seen[0]] * (len(seen) - 1)  # one Partition, kept built
         assert entry.ready is seen[0]
-        assert text.count("leftover: clean") == len(seen) and "found" not in text
+        # The stop may cut the last boot short, before it has reported.
+        clean = text.count("leftover: clean")
+        assert len(seen) - 1 <= clean <= len(seen) and clean >= 4, (clean, len(seen), text)
+        assert "found" not in text
         boots = [reports("leftover: memory" + c) for c in text.split("leftover: memory")[1:]]
-        assert len(boots) == len(seen) and all(b == boots[0] for b in boots)
+        assert len(boots) >= clean and all(b == boots[0] for b in boots[:clean])
         # A user's start boots the kept partition again, still clean.
         sup.start("lo")
         assert entry.state == RUNNING
