@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from osvmm.arch.x86 import layout
+from osvmm.arch.x86 import irq, layout
 from osvmm.arch.x86.layout import KVM_PRIVATE_SIZE, PAGE_SIZE
 from osvmm.errors import ConfigError
 
@@ -244,6 +244,11 @@ class Machine:
     def _validate_reserved(self) -> None:
         spans = [(s, z, "RAM") for s, z in self.ram_ranges] + [
             (layout.KVM_IDENTITY_MAP_ADDR, KVM_PRIVATE_SIZE, "KVM's identity map and TSS"),
+            (
+                layout.VIRTIO_MMIO_BASE,
+                layout.VIRTIO_MMIO_SIZE * len(irq.VIRTIO_IRQS),
+                "the virtio-mmio devices",
+            ),
             (layout.IOAPIC_ADDR, PAGE_SIZE, "the I/O APIC page"),
             (layout.LAPIC_ADDR, PAGE_SIZE, "the local APIC page"),
         ]

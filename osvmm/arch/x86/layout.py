@@ -17,8 +17,8 @@ the kernel or image loads at 1 MiB and up. docs/boot-interface.md draws it.
     0x000e_0000  ACPI tables (RSDP first, so the legacy BIOS-area scan finds it)
     0x0010_0000  kernel / ELF image (1 MiB)
     ...          RAM up to the partition's size, or up to MMIO_HOLE_START
-    0xc000_0000  32-bit MMIO hole (1 GiB): shared-memory channel window,
-                 I/O APIC, local APIC
+    0xc000_0000  32-bit MMIO hole (1 GiB): virtio-mmio devices (a page each),
+                 shared-memory channel window, I/O APIC, local APIC
     0x1_0000_0000 RAM above the hole when the partition has more than 3 GiB
 """
 
@@ -49,6 +49,12 @@ HIGH_MEMORY_START = 0x100000  # 1 MiB: where kernels and images load
 
 MMIO_HOLE_START = 0xC000_0000
 MMIO_HOLE_END = 0x1_0000_0000
+# virtio-mmio devices: one page each from the start of the hole, as many as
+# irq.VIRTIO_IRQS has IRQs (devices/virtio/mmio.py slot()). Not RAM and
+# not in the e820 map (as the APIC pages): the virtio_mmio driver claims its page
+# itself; a plan's reserved ranges may not overlap it (machine.py).
+VIRTIO_MMIO_BASE = 0xC000_0000
+VIRTIO_MMIO_SIZE = 0x1000
 # Shared-memory channels are mapped here, one after another (the hypercall ABI).
 CHANNEL_WINDOW_START = 0xD000_0000
 CHANNEL_WINDOW_SIZE = 0x1000_0000
