@@ -9,8 +9,8 @@ import struct
 import pytest
 
 from osvmm.arch.x86 import irq, layout
-from osvmm.devices.virtio import mmio, spec
-from osvmm.devices.virtio.mmio import VirtioMmio, cmdline_announcement, slot
+from osvmm.devices.virtio import spec
+from osvmm.devices.virtio.mmio import VirtioMmio, slot
 from osvmm.devices.virtio.queue import QueueError
 from tests.virtio_driver import AVAIL, DESC, USED, Driver, memory
 
@@ -232,7 +232,7 @@ def test_a_model_queue_error_needs_reset(setup):
     assert dev.error == "queue 0: no status byte"
 
 
-def test_slots_are_outside_ram_and_the_announcement_names_them():
+def test_slots_are_outside_ram_on_isa_irqs_of_their_own():
     bases = [slot(i)[0] for i in range(len(irq.VIRTIO_IRQS))]
     assert bases[0] == layout.VIRTIO_MMIO_BASE >= layout.MMIO_HOLE_START
     assert bases[-1] + layout.VIRTIO_MMIO_SIZE <= layout.CHANNEL_WINDOW_START
@@ -242,7 +242,5 @@ def test_slots_are_outside_ram_and_the_announcement_names_them():
         assert line not in (irq.PIT_IRQ, irq.CASCADE_IRQ, 1, 3, 4, 8, 9, 12, 13)
     with pytest.raises(ValueError):
         slot(len(irq.VIRTIO_IRQS))
-    assert cmdline_announcement(2) == (
-        "virtio_mmio.device=4K@0xc0000000:5 virtio_mmio.device=4K@0xc0001000:6"
-    )
-    assert mmio.cmdline_announcement(0) == ""
+    with pytest.raises(ValueError):
+        slot(-1)

@@ -16,7 +16,10 @@ reported before /dev/kvm is touched.
                   guest RAM as memslots (bringup.py: registered on a thread while
                   steps 4-6 go on); HLT/PAUSE exits disabled on dedicated cores
     4. devices    COM1 (8250), isa-debug-exit, the power ports, the CMOS RTC and
-                  the ACPI PM timer on the port bus
+                  the ACPI PM timer on the port bus; virtio-blk devices on the
+                  MMIO bus, their ioeventfds and irqfds (vmm/virtio.py), their
+                  disk images opened and checked in step 1 (the Machine has as
+                  many virtio-mmio slots: the DSDT announces them)
     5. image      the boot image written into guest memory
     6. vcpus      created with their CPUID; the BSP gets the entry registers,
                   the APs wait for INIT/SIPI in the in-kernel LAPIC
@@ -107,6 +110,8 @@ class PartitionConfig:
     # Capture the reset image at build (vmm/reset.py), so that ``recycle`` can make
     # the partition ready for another boot (osvmm up); ``osvmm run`` boots once.
     reusable: bool = False
+    # Disks: raw images as virtio-blk devices (vmm/virtio.py Drive), in slot order.
+    drives: tuple = ()
 
 
 def input_stamps(config: PartitionConfig) -> tuple:
@@ -180,6 +185,8 @@ class Partition:
         self._armed = False  # the vCPU threads are started, held at the gate
         self._inputs: tuple = ()  # what the boot inputs were when build read them
         self._stats_base: list[dict[str, int]] = []  # KVM's counts at the last recycle
+        self._disks: list = []  # vmm/blockfile.py RawImage per drive, opened in step 1
+        self.virtio = None  # vmm/virtio.py VirtioDevices
 
     @property
     def boot_log(self) -> tuple[str, ...]:
@@ -198,16 +205,52 @@ class Partition:
         # 1. inputs
         snap = None
         if cfg.restore is not None:
+            if cfg.drives:
+                raise ConfigError(
+                    f"partition {cfg.name!r}: a snapshot is resumed without disks "
+                    "(it holds no virtio device state)"
+                )
             snap = self._read_snapshot()
         else:
             self._inputs = input_stamps(cfg)
             source = read_boot_source(cfg.image, cfg.kernel, cfg.initrd)
+            if len(cfg.drives) != machine.virtio_mmio:
+                raise VmmBug(
+                    f"partition {cfg.name!r}: {len(cfg.drives)} disks on a machine with "
+                    f"{machine.virtio_mmio} virtio-mmio devices"
+                )
             self.boot = prepare(source, machine, cfg.cmdline, _quirks_for(source))
+            self._open_disks()
         try:
             return self._build(snap)
+        except BaseException:
+            self._close_disks()
+            raise
         finally:
             if snap is not None and snap is not cfg.restore:
                 snap.close()  # read here; one given by the caller is the caller's to close
+
+    def _open_disks(self) -> None:
+        """Every drive's image opened, checked and locked (vmm/blockfile.py), or none."""
+        drives = self.config.drives
+        if not drives:
+            return
+        from osvmm.vmm.blockfile import open_drive
+
+        try:
+            for drive in drives:
+                self._disks.append(open_drive(drive.path, drive.readonly))
+        except BaseException:
+            self._close_disks()
+            raise
+
+    def _close_disks(self) -> None:
+        if self.virtio is not None:
+            self.virtio.close()  # closes the images it was given
+            self.virtio = None
+        for disk in self._disks:
+            disk.close()
+        self._disks = []
 
     def _read_snapshot(self):
         from osvmm.vmm.snapshot import Snapshot
@@ -247,6 +290,8 @@ class Partition:
             # 4. devices
             self._make_devices()
             self.mmio = MmioBus()
+            if self._disks:
+                self._make_virtio()
             # 5. image and boot interface
             if boot is not None:
                 boot.write_to(self.memory)
@@ -308,6 +353,16 @@ class Partition:
         self.devices["rtc"] = register_rtc(self.pio, now=time.time)
         self.devices["pm_timer"] = register_pm_timer(self.pio, monotonic_ns=time.monotonic_ns)
 
+    def _make_virtio(self) -> None:
+        """The virtio-blk devices on the MMIO bus, notified and interrupting through
+        KVM eventfds, each served on a thread of its own (vmm/virtio.py)."""
+        from osvmm.vmm.virtio import VirtioDevices
+
+        self.virtio = VirtioDevices()
+        for disk in self._disks:
+            self.virtio.add_blk(self.vm, self.memory, self.mmio, disk, self.fault)
+        self._disks = []  # the devices own them now
+
     def _make_threads(self) -> None:
         self.threads = []
         self._gate = threading.Event()
@@ -368,6 +423,8 @@ class Partition:
         self.memory.zero()
         self.boot.write_to(self.memory)
         self._make_devices()
+        if self.virtio is not None:
+            self.virtio.reset()
         self.mmio.unclaimed.clear()
         self._make_threads()
         self._arm_threads()
@@ -485,6 +542,8 @@ class Partition:
     def start(self) -> None:
         """Run the vCPUs: their threads made ahead by ``recycle`` (or now) are let go."""
         install_kick_handler()
+        if self.virtio is not None:
+            self.virtio.start(self.config.name)
         if not self._armed:
             self._arm_threads()
         self._recycled = False
@@ -546,6 +605,7 @@ class Partition:
 
     def close(self) -> None:
         self._end_threads()
+        self._close_disks()
         for fd in self._stats_fds:  # StatsReader owns its fd: closed here once for all
             os.close(fd)
         self._stats_fds = []

@@ -182,6 +182,11 @@ class Written:
 def collect(part, extra: dict | None = None) -> dict:
     """The state of ``part`` (every vCPU parked, or not started) but its images: the
     state file's content without ``images`` (a migration sends it as it is)."""
+    if part.config.drives:
+        raise SnapshotError(
+            f"partition {part.config.name!r} has disks: a snapshot does not hold the "
+            "state of virtio devices (their queues in flight), so it is refused"
+        )
     msr_indices = part.kvm.msr_index_list()
     xsave_bytes = xsave_size(part.vm)
     cfg = part.config

@@ -50,9 +50,10 @@ HIGH_MEMORY_START = 0x100000  # 1 MiB: where kernels and images load
 MMIO_HOLE_START = 0xC000_0000
 MMIO_HOLE_END = 0x1_0000_0000
 # virtio-mmio devices: one page each from the start of the hole, as many as
-# irq.VIRTIO_IRQS has IRQs (devices/virtio/mmio.py slot()). Not RAM and
-# not in the e820 map (as the APIC pages): the virtio_mmio driver claims its page
-# itself; a plan's reserved ranges may not overlap it (machine.py).
+# irq.VIRTIO_IRQS has IRQs (``virtio_mmio_slot``). Not RAM and not in the e820
+# map (as the APIC pages): the DSDT describes each (boot/acpi/dsdt.py) and the
+# virtio_mmio driver claims its page itself; a plan's reserved ranges may not
+# overlap them (machine.py).
 VIRTIO_MMIO_BASE = 0xC000_0000
 VIRTIO_MMIO_SIZE = 0x1000
 # Shared-memory channels are mapped here, one after another (the hypercall ABI).
@@ -81,6 +82,16 @@ MIN_MEMORY = 2 * MiB
 # partition instead of 0.3 MiB). With a plan's default, ``hugepages = "auto"``,
 # only RAM ranges of at least this size are advised (vmm/enforce.py).
 HUGEPAGE_MIN_RANGE = 128 * MiB
+
+
+def virtio_mmio_slot(index: int) -> tuple[int, int]:
+    """(MMIO base, ISA IRQ) of virtio-mmio device ``index`` (0-based, in the order a
+    partition's devices are given)."""
+    from osvmm.arch.x86.irq import VIRTIO_IRQS
+
+    if not 0 <= index < len(VIRTIO_IRQS):
+        raise ValueError(f"virtio device {index}: a partition has at most {len(VIRTIO_IRQS)}")
+    return VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SIZE, VIRTIO_IRQS[index]
 
 
 def ram_regions(mem_size: int) -> list[tuple[int, int]]:

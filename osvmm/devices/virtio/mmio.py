@@ -1,5 +1,6 @@
 """The virtio-mmio transport, version 2 (virtio 1.2 section 4.2.2: modern, no
-legacy registers), and where each device sits and how Linux is told.
+legacy registers). Where each device sits: arch/x86/layout.py
+``virtio_mmio_slot``; how Linux learns it: the DSDT (boot/acpi/dsdt.py).
 
 ``VirtioMmio`` is a device on the MMIO bus (``mmio_read``/``mmio_write``) in
 front of a device model (blk.py). The model gives ``device_id``, ``features``,
@@ -29,7 +30,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from osvmm.arch.x86 import irq, layout
+from osvmm.arch.x86 import layout
 from osvmm.devices.virtio import spec
 from osvmm.devices.virtio.queue import QueueError, Virtqueue
 
@@ -38,23 +39,8 @@ MASK64 = (1 << 64) - 1
 
 
 def slot(index: int) -> tuple[int, int]:
-    """(MMIO base, ISA IRQ) of virtio-mmio device ``index`` (0-based, in the
-    order the devices are given): one page each from layout.VIRTIO_MMIO_BASE,
-    the IRQs of irq.VIRTIO_IRQS."""
-    if not 0 <= index < len(irq.VIRTIO_IRQS):
-        raise ValueError(f"virtio device {index}: a partition has at most {len(irq.VIRTIO_IRQS)}")
-    return layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_SIZE, irq.VIRTIO_IRQS[index]
-
-
-def cmdline_announcement(count: int) -> str:
-    """The kernel command-line parameters that announce ``count`` virtio-mmio
-    devices to Linux (virtio_mmio.device=<size>@<base>:<irq>, its
-    CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES form, as Firecracker does)."""
-    out = []
-    for i in range(count):
-        base, line = slot(i)
-        out.append(f"virtio_mmio.device={layout.VIRTIO_MMIO_SIZE >> 10}K@{base:#x}:{line}")
-    return " ".join(out)
+    """(MMIO base, ISA IRQ) of virtio-mmio device ``index`` (layout.virtio_mmio_slot)."""
+    return layout.virtio_mmio_slot(index)
 
 
 @dataclass
