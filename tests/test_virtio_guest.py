@@ -89,3 +89,50 @@ def test_notifications_bypass_the_vcpu_loop_and_work_is_off_the_vcpu_thread(imag
         assert part.mmio.unclaimed == {}
     finally:
         part.close()
+
+
+def _disk_partition(image, **kw) -> Partition:
+    out = []
+    config = PartitionConfig(
+        Machine.build(16 << 20, 1, virtio_mmio=1),
+        image=resolve_image("guests:virtioblk"),
+        drives=(Drive(str(image)),),
+        console=out.append,
+        **kw,
+    )
+    part = Partition(config).build()
+    part.output = out
+    return part
+
+
+def test_a_kept_partition_boots_again_with_its_disk_reset(image):
+    part = _disk_partition(image, reusable=True)
+    try:
+        for boot in range(2):
+            part.output.clear()
+            part.start()
+            result = part.wait(120)
+            assert result is not None and result.status == 1, (boot, result)
+            text = b"".join(part.output).decode()
+            assert "virtioblk: readback ok" in text, (boot, text)
+            part.recycle()
+        assert part.virtio.devices[0].transport.model.requests == 12
+    finally:
+        part.close()
+
+
+def test_a_partition_with_disks_is_not_snapshotted_or_migrated(image, tmp_path):
+    from osvmm.errors import SnapshotError
+    from osvmm.vmm import migration
+
+    part = _disk_partition(image)
+    try:
+        part.start()
+        with pytest.raises(SnapshotError, match="has disks"):
+            part.snapshot(str(tmp_path / "snap"))
+        with pytest.raises(SnapshotError, match="has disks"):
+            migration.profile(part)
+        assert part.wait(120).status == 1  # the guest went on
+    finally:
+        part.close()
+    assert not (tmp_path / "snap").exists()

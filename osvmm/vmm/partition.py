@@ -418,13 +418,13 @@ class Partition:
             self.slots.set_dirty_logging(False)
         self.memory.written_pages = None
         self.vm.irq_line(COM1_IRQ, 0)
+        if self.virtio is not None:  # waits for a queue being served: nothing after it
+            self.virtio.reset()  # writes into guest memory, zeroed next
         # The PIT and the LAPIC timers stop here: nothing raises an interrupt after it.
         self._reset.apply(self.vm, self.vcpus)
         self.memory.zero()
         self.boot.write_to(self.memory)
         self._make_devices()
-        if self.virtio is not None:
-            self.virtio.reset()
         self.mmio.unclaimed.clear()
         self._make_threads()
         self._arm_threads()
@@ -507,6 +507,7 @@ class Partition:
 
         if not self.running:
             raise SnapshotError(f"partition {self.config.name!r} is not running")
+        snapshot.check_snapshottable(self)  # before anything is paused or written
         t0 = time.perf_counter()
         with self.paused():
             if not self.running:
