@@ -42,6 +42,12 @@ def add_run_parser(sub) -> None:
         help="a raw disk image as a virtio-blk disk (repeatable: /dev/vda, /dev/vdb, ...); "
         ",ro makes it read-only (docs/devices.md)",
     )
+    p.add_argument(
+        "--net",
+        action="append",
+        metavar="tap=NAME[,mac=...]",
+        help="a NIC on host tap device NAME, as virtio-net (repeatable; docs/devices.md)",
+    )
     p.add_argument("--stats", action="store_true", help="print exit statistics at the end")
     p.add_argument(
         "--serial-input",
@@ -109,6 +115,7 @@ def _restore_source(args):
             ("--cpus", args.cpus),
             ("--numa", args.numa),
             ("--drive", args.drive),
+            ("--net", args.net),
         )
         if value is not None and value != ""
     ]
@@ -140,15 +147,19 @@ def cmd_run(args) -> int:
         if not args.image and not args.kernel:
             raise ConfigError("nothing to boot: give an IMAGE (or guests:NAME) or --kernel")
         machine = None
-    drives = ()
-    if args.drive:
-        from osvmm.plan.drives import MAX_DRIVES, parse_drive
+    drives = nets = ()
+    if args.drive or args.net:
+        from osvmm.plan.drives import MAX_DEVICES, parse_drive, parse_net
 
-        drives = tuple(parse_drive(text) for text in args.drive)
-        if len(drives) > MAX_DRIVES:
-            raise ConfigError(f"--drive: {len(drives)} disks, a partition has at most {MAX_DRIVES}")
+        drives = tuple(parse_drive(text) for text in args.drive or ())
+        nets = tuple(parse_net(text) for text in args.net or ())
+        if len(drives) + len(nets) > MAX_DEVICES:
+            raise ConfigError(
+                f"--drive, --net: {len(drives)} disks and {len(nets)} NICs, a partition has "
+                f"at most {MAX_DEVICES} devices"
+            )
     if machine is None:
-        machine = _run_machine(args, len(drives))
+        machine = _run_machine(args, len(drives) + len(nets))
 
     def stdout_closed() -> None:  # on a vCPU thread: the run ends, then the process
         part.stop(0, STDOUT_GONE)
@@ -162,6 +173,7 @@ def cmd_run(args) -> int:
         console=fd_writer(sys.stdout.fileno(), on_closed=stdout_closed),
         restore=snap,
         drives=drives,
+        nets=nets,
     )
     if snap is not None:
         config.name = snap.state.get("name") or config.name

@@ -136,3 +136,49 @@ def test_up_checks_every_disk_before_anything_starts(tmp_path, disk):
     r = run_osvmm("up", str(plan), timeout=60)
     assert_one_line_error(r, "partition 'p1'", "missing.img: no such file")
     assert not (tmp_path / "logs").exists()  # nothing started, not even the logs
+
+
+# -- NICs ----------------------------------------------------------------------------------
+
+
+def test_parse_net():
+    from osvmm.plan.drives import Net, parse_net
+
+    assert parse_net("tap=t0") == Net("t0", None)
+    assert parse_net("tap=t0,mac=02:00:00:00:00:01") == Net("t0", bytes([2, 0, 0, 0, 0, 1]))
+    cases = {
+        "t0": "give tap=NAME",
+        "mac=02:00:00:00:00:01": "give tap=NAME",
+        "tap=t0,x=1": "unknown option 'x=1'",
+        "tap=t0,mac=zz": "is not six hex bytes",
+        "tap=t0,mac=02:00:00:00:00": "is not six hex bytes",
+        "tap=t0,mac=01:00:00:00:00:01": "multicast",
+    }
+    for text, why in cases.items():
+        with pytest.raises(ConfigError, match=why):
+            parse_net(text)
+
+
+@pytest.mark.parametrize(
+    ("net", "fragment"),
+    [
+        ("tap=t0,foo", "unknown option 'foo'"),
+        ("tap=" + "x" * 16, "not an interface name"),
+        ("tap=a/b", "not an interface name"),
+        ("tap=lo", "cannot attach"),  # an interface that is no tap (or no permission)
+    ],
+)
+def test_run_refuses_a_bad_nic_before_kvm(net, fragment):
+    r = run_osvmm("run", "guests:hello", "--net", net)
+    assert_one_line_error(r, "--net", fragment)
+    assert "kvm" not in r.stderr.decode().lower()
+
+
+def test_disks_and_nics_share_the_slots(tmp_path):
+    args = []
+    for i in range(5):
+        (tmp_path / f"d{i}.img").write_bytes(bytes(512))
+        args += ["--drive", str(tmp_path / f"d{i}.img")]
+    args += ["--net", "tap=t0", "--net", "tap=t1", "--net", "tap=t2"]
+    r = run_osvmm("run", "guests:hello", *args)
+    assert_one_line_error(r, "5 disks and 3 NICs", "at most 7 devices")

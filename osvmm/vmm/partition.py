@@ -110,8 +110,10 @@ class PartitionConfig:
     # Capture the reset image at build (vmm/reset.py), so that ``recycle`` can make
     # the partition ready for another boot (osvmm up); ``osvmm run`` boots once.
     reusable: bool = False
-    # Disks: raw images as virtio-blk devices (vmm/virtio.py Drive), in slot order.
+    # Disks: raw images as virtio-blk devices (plan/drives.py Drive), in slot order;
+    # then NICs on host taps as virtio-net devices (plan/drives.py Net).
     drives: tuple = ()
+    nets: tuple = ()
 
 
 def input_stamps(config: PartitionConfig) -> tuple:
@@ -186,6 +188,7 @@ class Partition:
         self._inputs: tuple = ()  # what the boot inputs were when build read them
         self._stats_base: list[dict[str, int]] = []  # KVM's counts at the last recycle
         self._disks: list = []  # vmm/blockfile.py RawImage per drive, opened in step 1
+        self._taps: list = []  # vmm/tap.py Tap per NIC, attached in step 1
         self.virtio = None  # vmm/virtio.py VirtioDevices
 
     @property
@@ -214,10 +217,10 @@ class Partition:
         else:
             self._inputs = input_stamps(cfg)
             source = read_boot_source(cfg.image, cfg.kernel, cfg.initrd)
-            if len(cfg.drives) != machine.virtio_mmio:
+            if len(cfg.drives) + len(cfg.nets) != machine.virtio_mmio:
                 raise VmmBug(
-                    f"partition {cfg.name!r}: {len(cfg.drives)} disks on a machine with "
-                    f"{machine.virtio_mmio} virtio-mmio devices"
+                    f"partition {cfg.name!r}: {len(cfg.drives)} disks and {len(cfg.nets)} "
+                    f"NICs on a machine with {machine.virtio_mmio} virtio-mmio devices"
                 )
             self.boot = prepare(source, machine, cfg.cmdline, _quirks_for(source))
             self._open_disks()
@@ -231,15 +234,20 @@ class Partition:
                 snap.close()  # read here; one given by the caller is the caller's to close
 
     def _open_disks(self) -> None:
-        """Every drive's image opened, checked and locked (vmm/blockfile.py), or none."""
-        drives = self.config.drives
-        if not drives:
-            return
-        from osvmm.vmm.blockfile import open_drive
-
+        """Every drive's image opened, checked and locked (vmm/blockfile.py), and every
+        NIC's tap attached (vmm/tap.py); or none."""
+        drives, nets = self.config.drives, self.config.nets
         try:
-            for drive in drives:
-                self._disks.append(open_drive(drive.path, drive.readonly))
+            if drives:
+                from osvmm.vmm.blockfile import open_drive
+
+                for drive in drives:
+                    self._disks.append(open_drive(drive.path, drive.readonly))
+            if nets:
+                from osvmm.vmm.tap import open_tap
+
+                for net in nets:
+                    self._taps.append(open_tap(net.tap))
         except BaseException:
             self._close_disks()
             raise
@@ -248,9 +256,10 @@ class Partition:
         if self.virtio is not None:
             self.virtio.close()  # closes the images it was given
             self.virtio = None
-        for disk in self._disks:
-            disk.close()
+        for backend in (*self._disks, *self._taps):
+            backend.close()
         self._disks = []
+        self._taps = []
 
     def _read_snapshot(self):
         from osvmm.vmm.snapshot import Snapshot
@@ -290,7 +299,7 @@ class Partition:
             # 4. devices
             self._make_devices()
             self.mmio = MmioBus()
-            if self._disks:
+            if self._disks or self._taps:
                 self._make_virtio()
             # 5. image and boot interface
             if boot is not None:
@@ -354,14 +363,20 @@ class Partition:
         self.devices["pm_timer"] = register_pm_timer(self.pio, monotonic_ns=time.monotonic_ns)
 
     def _make_virtio(self) -> None:
-        """The virtio-blk devices on the MMIO bus, notified and interrupting through
-        KVM eventfds, each served on a thread of its own (vmm/virtio.py)."""
+        """The virtio-blk and virtio-net devices on the MMIO bus, notified and
+        interrupting through KVM eventfds, each served on a thread of its own
+        (vmm/virtio.py)."""
+        from osvmm.vmm.tap import default_mac
         from osvmm.vmm.virtio import VirtioDevices
 
         self.virtio = VirtioDevices()
         for disk in self._disks:
             self.virtio.add_blk(self.vm, self.memory, self.mmio, disk, self.fault)
+        for net, tap in zip(self.config.nets, self._taps, strict=True):
+            mac = net.mac or default_mac(tap.name)
+            self.virtio.add_net(self.vm, self.memory, self.mmio, tap, mac, self.fault)
         self._disks = []  # the devices own them now
+        self._taps = []
 
     def _make_threads(self) -> None:
         self.threads = []

@@ -181,11 +181,11 @@ class Written:
 
 def check_snapshottable(part) -> None:
     """SnapshotError for a partition whose state a snapshot cannot hold: one with
-    disks (the virtio devices' queues and the requests in flight are not saved)."""
-    if part.config.drives:
+    virtio devices, disks or NICs (their queues and requests in flight are not saved)."""
+    if part.config.drives or part.config.nets:
         raise SnapshotError(
-            f"partition {part.config.name!r} has disks: a snapshot does not hold the "
-            "state of virtio devices (their queues in flight), so it is refused"
+            f"partition {part.config.name!r} has disks or NICs: a snapshot does not hold "
+            "the state of virtio devices (their queues in flight), so it is refused"
         )
 
 

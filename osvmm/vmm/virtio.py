@@ -29,6 +29,7 @@ import threading
 from osvmm.devices.virtio import spec
 from osvmm.devices.virtio.blk import VirtioBlk
 from osvmm.devices.virtio.mmio import VirtioMmio, slot
+from osvmm.devices.virtio.net import VirtioNet
 from osvmm.errors import OsvmmError, VmmBug
 from osvmm.vmm import enforce
 
@@ -77,15 +78,32 @@ class DeviceThread:
         for fd in self._queue_fds:
             poller.register(fd, select.POLLIN)
         index_of = {fd: i for i, fd in enumerate(self._queue_fds)}
+        model = self.transport.model
+        # A device with input of its own (a NIC's tap): polled while the model can
+        # take it; a model starved of buffers waits for the driver's next notify.
+        backend_fd = getattr(model, "backend_fd", None)
+        polled = False
         try:
             while True:
+                if backend_fd is not None and polled == model.rx_starved:
+                    if polled:
+                        poller.unregister(backend_fd)
+                    else:
+                        poller.register(backend_fd, select.POLLIN)
+                    polled = not polled
                 for fd, _ in poller.poll():
                     if fd == self._stop_fd:
                         return
+                    if fd == backend_fd:
+                        if not self.transport.process(model.RX_QUEUE):
+                            model.rx_starved = True  # not ready: wait for a notify
+                        continue
                     try:
                         os.eventfd_read(fd)
                     except BlockingIOError:
                         continue
+                    if backend_fd is not None and index_of[fd] == model.RX_QUEUE:
+                        model.rx_starved = False  # the driver gave buffers: look again
                     self.transport.process(index_of[fd])
         except OsvmmError as err:
             self._on_error(err)
@@ -128,6 +146,15 @@ class VirtioDevices:
         dev = DeviceThread(f"virtio-blk {backend.path}", index, vm, memory, model, on_error)
         self.devices.append(dev)
         self.backends.append(backend)
+        mmio_bus.register(dev.base, 0x1000, dev.transport)
+        return dev
+
+    def add_net(self, vm, memory, mmio_bus, tap, mac: bytes, on_error) -> DeviceThread:
+        index = len(self.devices)
+        model = VirtioNet(tap, memory, mac)
+        dev = DeviceThread(f"virtio-net {tap.name}", index, vm, memory, model, on_error)
+        self.devices.append(dev)
+        self.backends.append(tap)
         mmio_bus.register(dev.base, 0x1000, dev.transport)
         return dev
 

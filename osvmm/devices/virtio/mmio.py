@@ -238,9 +238,11 @@ class VirtioMmio:
         else:
             self.process(index)
 
-    def process(self, index: int) -> None:
+    def process(self, index: int) -> bool:
         """Serve queue ``index`` (on the device's thread): answer every chain the
-        driver made available, then interrupt if the driver wants it."""
+        driver made available, then interrupt if the driver wants it. False when
+        the queue could not be served (not set up, the driver not ready, the device
+        needing a reset)."""
         with self._serve_lock:
             with self._lock:
                 if (
@@ -248,18 +250,19 @@ class VirtioMmio:
                     or not self.status & spec.DRIVER_OK
                     or self.status & spec.DEVICE_NEEDS_RESET
                 ):
-                    return
+                    return False
                 vq = self.queues[index].vq
             if vq is None:
-                return
+                return False
             try:
                 wanted = self.model.serve(index, vq)
             except QueueError as err:
                 with self._lock:
                     self._needs_reset_locked(f"queue {index}: {err}")
-                return
+                return False
             if wanted:
                 self._raise(spec.VIRTIO_MMIO_INT_VRING)
+            return True
 
     def _raise(self, bit: int) -> None:
         with self._lock:
