@@ -35,6 +35,19 @@ def add_run_parser(sub) -> None:
     p.add_argument("--memory", "-m", help="guest memory, K/M/G suffix (64M)")
     p.add_argument("--cpus", "-smp", help="number of vCPUs (1)")
     p.add_argument("--numa", type=int, help="NUMA nodes to split the guest into (1)")
+    p.add_argument(
+        "--drive",
+        action="append",
+        metavar="FILE[,ro]",
+        help="a raw disk image as a virtio-blk disk (repeatable: /dev/vda, /dev/vdb, ...); "
+        ",ro makes it read-only (docs/devices.md)",
+    )
+    p.add_argument(
+        "--net",
+        action="append",
+        metavar="tap=NAME[,mac=...]",
+        help="a NIC on host tap device NAME, as virtio-net (repeatable; docs/devices.md)",
+    )
     p.add_argument("--stats", action="store_true", help="print exit statistics at the end")
     p.add_argument(
         "--serial-input",
@@ -69,8 +82,9 @@ def _parse_count(text: str, option: str) -> int:
     return n
 
 
-def _run_machine(args):
-    """The Machine of ``osvmm run``: from --memory, --cpus and --numa."""
+def _run_machine(args, disks: int = 0):
+    """The Machine of ``osvmm run``: from --memory, --cpus and --numa, with ``disks``
+    virtio-mmio devices (--drive)."""
     from osvmm.machine import MAX_VCPUS, Machine
     from osvmm.plan.sizes import parse_size
 
@@ -81,7 +95,7 @@ def _run_machine(args):
     if cpus > MAX_VCPUS:
         raise ConfigError(f"--cpus {cpus}: a partition has at most {MAX_VCPUS} vCPUs")
     try:
-        return Machine.build(parse_size(memory, "--memory"), cpus, numa)
+        return Machine.build(parse_size(memory, "--memory"), cpus, numa, virtio_mmio=disks)
     except ConfigError as err:
         raise ConfigError(f"--memory {memory} --cpus {cpus} --numa {numa}: {err}") from None
 
@@ -100,6 +114,8 @@ def _restore_source(args):
             ("--memory", args.memory),
             ("--cpus", args.cpus),
             ("--numa", args.numa),
+            ("--drive", args.drive),
+            ("--net", args.net),
         )
         if value is not None and value != ""
     ]
@@ -130,7 +146,20 @@ def cmd_run(args) -> int:
             raise ConfigError("give either IMAGE or --kernel, not both")
         if not args.image and not args.kernel:
             raise ConfigError("nothing to boot: give an IMAGE (or guests:NAME) or --kernel")
-        machine = _run_machine(args)
+        machine = None
+    drives = nets = ()
+    if args.drive or args.net:
+        from osvmm.plan.drives import MAX_DEVICES, parse_drive, parse_net
+
+        drives = tuple(parse_drive(text) for text in args.drive or ())
+        nets = tuple(parse_net(text) for text in args.net or ())
+        if len(drives) + len(nets) > MAX_DEVICES:
+            raise ConfigError(
+                f"--drive, --net: {len(drives)} disks and {len(nets)} NICs, a partition has "
+                f"at most {MAX_DEVICES} devices"
+            )
+    if machine is None:
+        machine = _run_machine(args, len(drives) + len(nets))
 
     def stdout_closed() -> None:  # on a vCPU thread: the run ends, then the process
         part.stop(0, STDOUT_GONE)
@@ -143,6 +172,8 @@ def cmd_run(args) -> int:
         cmdline=args.append or "",
         console=fd_writer(sys.stdout.fileno(), on_closed=stdout_closed),
         restore=snap,
+        drives=drives,
+        nets=nets,
     )
     if snap is not None:
         config.name = snap.state.get("name") or config.name

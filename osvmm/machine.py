@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from osvmm.arch.x86 import layout
+from osvmm.arch.x86 import irq, layout
 from osvmm.arch.x86.layout import KVM_PRIVATE_SIZE, PAGE_SIZE
 from osvmm.errors import ConfigError
 
@@ -65,7 +65,8 @@ class Machine:
     bootstrap processor. ``numa_nodes``: empty means one node (0) with every
     vCPU and all RAM. ``reserved``: (start, size) ranges outside RAM that the
     e820 map marks reserved. ``distances``: the SLIT matrix, or None for 10 on
-    the diagonal and 20 elsewhere.
+    the diagonal and 20 elsewhere. ``virtio_mmio``: how many virtio-mmio devices
+    it has, in the slots of ``layout.virtio_mmio_slot`` (the DSDT describes them).
     """
 
     memory: int
@@ -73,6 +74,7 @@ class Machine:
     numa_nodes: tuple[NumaNode, ...] = ()
     reserved: tuple[Range, ...] = ()
     distances: tuple[tuple[int, ...], ...] | None = None
+    virtio_mmio: int = 0
     ram_ranges: tuple[Range, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -98,13 +100,15 @@ class Machine:
         cpus: int | Sequence[int],
         numa_nodes: int = 1,
         channels: bool = False,
+        virtio_mmio: int = 0,
     ) -> Machine:
         """A machine with memory and vCPUs split evenly across ``numa_nodes`` nodes.
 
         ``cpus`` is a vCPU count (APIC IDs 0..n-1) or the list of APIC IDs.
         Node i gets the i-th slice of RAM (2 MiB aligned; the last node takes
         the remainder) and the i-th slice of vCPUs (the first ``n % nodes``
-        nodes one more). ``channels`` reserves the shared-memory channel window.
+        nodes one more). ``channels`` reserves the shared-memory channel window;
+        ``virtio_mmio`` is the number of virtio-mmio devices (disks).
         The result is validated.
         """
         apic_ids = tuple(range(cpus)) if isinstance(cpus, int) else tuple(cpus)
@@ -135,7 +139,7 @@ class Machine:
             )
             cpu_at += ncpu
         reserved = ((layout.CHANNEL_WINDOW_START, layout.CHANNEL_WINDOW_SIZE),) if channels else ()
-        return cls(memory, apic_ids, tuple(nodes), reserved)
+        return cls(memory, apic_ids, tuple(nodes), reserved, virtio_mmio=virtio_mmio)
 
     # -- derived values ------------------------------------------------------
 
@@ -173,6 +177,13 @@ class Machine:
         self._validate_nodes()
         self._validate_reserved()
         self._validate_distances()
+        if not isinstance(self.virtio_mmio, int) or not (
+            0 <= self.virtio_mmio <= len(irq.VIRTIO_IRQS)
+        ):
+            raise ConfigError(
+                f"{self.virtio_mmio!r} virtio devices: a partition has at most "
+                f"{len(irq.VIRTIO_IRQS)}"
+            )
 
     def _validate_memory(self) -> None:
         if self.memory < layout.MIN_MEMORY:
@@ -244,6 +255,11 @@ class Machine:
     def _validate_reserved(self) -> None:
         spans = [(s, z, "RAM") for s, z in self.ram_ranges] + [
             (layout.KVM_IDENTITY_MAP_ADDR, KVM_PRIVATE_SIZE, "KVM's identity map and TSS"),
+            (
+                layout.VIRTIO_MMIO_BASE,
+                layout.VIRTIO_MMIO_SIZE * len(irq.VIRTIO_IRQS),
+                "the virtio-mmio devices",
+            ),
             (layout.IOAPIC_ADDR, PAGE_SIZE, "the I/O APIC page"),
             (layout.LAPIC_ADDR, PAGE_SIZE, "the local APIC page"),
         ]

@@ -37,6 +37,8 @@ MIRRORS = {
     s.kvm_irq_routing_entry: "kvm_irq_routing_entry",
     s.kvm_irq_routing_header: "kvm_irq_routing",
     s.kvm_msi: "kvm_msi",
+    s.kvm_irqfd: "kvm_irqfd",
+    s.kvm_ioeventfd: "kvm_ioeventfd",
     s.kvm_mp_state: "kvm_mp_state",
     s.kvm_lapic_state: "kvm_lapic_state",
     s.kvm_msr_entry: "kvm_msr_entry",

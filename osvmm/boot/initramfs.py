@@ -33,8 +33,11 @@ BUSYBOX_PACKAGE = "busybox-static"
 APPLETS = (
     "[",
     "ash",
+    "blkdiscard",
+    "blockdev",
     "cat",
     "chmod",
+    "cmp",
     "cp",
     "cttyhack",
     "cut",
@@ -50,13 +53,19 @@ APPLETS = (
     "head",
     "hexdump",
     "hostname",
+    "insmod",
+    "ip",
     "kill",
     "ln",
     "ls",
+    "lsmod",
+    "md5sum",
     "mkdir",
+    "mke2fs",
     "mknod",
     "mount",
     "mv",
+    "ping",
     "poweroff",
     "printf",
     "ps",
@@ -133,6 +142,12 @@ export PATH=/bin:/sbin HOME=/root
 mount -t proc proc /proc || echo "osvmm-initramfs: cannot mount /proc"
 mount -t sysfs sysfs /sys || echo "osvmm-initramfs: cannot mount /sys"
 mount -t devtmpfs devtmpfs /dev || echo "osvmm-initramfs: cannot mount /dev"
+
+# Kernel modules added with --modules, in load order (osvmm/boot/kmodules.py).
+for osvmm_mod in /lib/modules/osvmm/*.ko; do
+	[ -e "$osvmm_mod" ] || continue
+	insmod "$osvmm_mod" || echo "osvmm-initramfs: insmod $osvmm_mod failed"
+done
 
 # Print the osvmm.run= value of the command line $1; fail if there is none.
 osvmm_run_value() {
@@ -265,10 +280,20 @@ def _host_entries(src: Path, name: str, spec: str) -> list[cpio.Entry]:
 
 
 def initramfs_entries(
-    busybox: bytes, extra_files: Iterable[tuple[str | os.PathLike, str]] = ()
+    busybox: bytes,
+    extra_files: Iterable[tuple[str | os.PathLike, str]] = (),
+    modules: Iterable[tuple[str, bytes]] = (),
 ) -> list[cpio.Entry]:
-    """The members, parents before children; an extra file replaces a base file."""
+    """The members, parents before children; an extra file replaces a base file.
+    ``modules``: (path, bytes) of kernel modules (boot/kmodules.py module_members)."""
     entries = _base_entries(busybox)
+    for dest, data in modules:
+        name = dest.lstrip("/")
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            entries.setdefault(parent, cpio.directory(parent))
+        entries[name] = cpio.regular_file(name, data, 0o644)
     for src, dest in extra_files:
         spec = f"{src}:{dest}"
         name = _archive_name(dest, spec)
@@ -293,15 +318,18 @@ def build_initramfs(
     out_path: str | os.PathLike,
     busybox_path: str | os.PathLike | None = None,
     extra_files: Iterable[tuple[str | os.PathLike, str]] = (),
+    modules: Iterable[tuple[str, bytes]] = (),
 ) -> Path:
     """Write the initramfs to ``out_path`` (gzip when it ends in ".gz"); return its path.
 
     ``extra_files`` are (host source, absolute initramfs path) pairs; a source
     directory is added with its contents; a source that names an existing
-    file (such as /init) replaces it.
+    file (such as /init) replaces it. ``modules``: kernel modules /init loads, in
+    order (boot/kmodules.py ``module_members``).
     """
     out = Path(out_path)
-    archive = cpio.write_newc(initramfs_entries(read_busybox(busybox_path), extra_files))
+    entries = initramfs_entries(read_busybox(busybox_path), extra_files, modules)
+    archive = cpio.write_newc(entries)
     if out.name.endswith(".gz"):
         archive = gzip.compress(archive, compresslevel=9, mtime=0)
     # A temporary file beside OUT, renamed over it once whole: a full file system
@@ -356,12 +384,35 @@ def add_initramfs_parser(subparsers) -> argparse.ArgumentParser:
         default=[],
         help="add host file or directory SRC at absolute path DEST (repeatable)",
     )
+    p.add_argument(
+        "--modules",
+        metavar="DIR",
+        help="a kernel's modules (a depmod base such as scripts/fetch-debian-kernel "
+        "--modules prints, or its lib/modules/RELEASE): /init loads --module NAMEs and "
+        "their dependencies from it; without --module, virtio_mmio and virtio_blk "
+        "(a disk: docs/devices.md)",
+    )
+    p.add_argument(
+        "--module",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="a module to load at boot, with its dependencies (repeatable; needs --modules)",
+    )
     p.set_defaults(func=cmd_initramfs)
     return p
 
 
 def cmd_initramfs(args: argparse.Namespace) -> int:
     extra = [parse_add_spec(spec) for spec in args.add]
-    out = build_initramfs(args.out, args.busybox, extra)
+    modules = []
+    if args.module and not args.modules:
+        raise ConfigError("--module: needs --modules DIR (the kernel's modules)")
+    if args.modules:
+        from osvmm.boot import kmodules
+
+        wanted = tuple(args.module) or kmodules.VIRTIO_DISK_MODULES
+        modules = kmodules.module_members(kmodules.module_dir(args.modules), wanted)
+    out = build_initramfs(args.out, args.busybox, extra, modules)
     print(f"{out} ({out.stat().st_size} bytes)")
     return 0

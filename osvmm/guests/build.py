@@ -89,6 +89,8 @@ GUESTS: dict[str, GuestSpec] = {
     "hcloop": GuestSpec(("hcloop.c",), "pvh_entry", True),
     # What an earlier boot of a partition kept built left behind (vmm/reset.py).
     "leftover": GuestSpec(("leftover.c",), "pvh_entry", True),
+    # A virtio-blk driver at CPL0 on the first virtio-mmio device (docs/devices.md).
+    "virtioblk": GuestSpec(("virtioblk.c", "hcirq.c"), "pvh_entry", True),
     # The write monitor's kernel with a driver (docs/write-monitor.md).
     "wmkernel": GuestSpec(("wmkernel.c",), "pvh_entry", True),
 }

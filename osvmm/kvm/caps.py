@@ -21,6 +21,8 @@ USES = {
     "KVM_CAP_READONLY_MEM": ("read-only channel mappings", False),
     "KVM_CAP_SYNC_REGS": ("hypercall registers without extra ioctls", False),
     "KVM_CAP_SIGNAL_MSI": ("doorbell interrupts", False),
+    "KVM_CAP_IOEVENTFD": ("virtio queue notifications without an exit (--drive)", False),
+    "KVM_CAP_IRQFD": ("virtio interrupts from the device thread (--drive)", False),
     "KVM_CAP_IMMEDIATE_EXIT": ("stopping a vCPU from another thread", False),
     "KVM_CAP_X86_DISABLE_EXITS": ("no HLT/PAUSE exits on dedicated cores", False),
     "KVM_CAP_BINARY_STATS_FD": ("exit statistics (--stats, osvmm stat)", False),

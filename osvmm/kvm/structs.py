@@ -244,6 +244,46 @@ assert ctypes.sizeof(kvm_pit_config) == 64
 KVM_PIT_SPEAKER_DUMMY = 1
 
 
+class kvm_irqfd(ctypes.Structure):
+    """KVM_IRQFD: a write to eventfd ``fd`` raises GSI ``gsi`` (a device's interrupt
+    leaves its thread without an ioctl or a vCPU)."""
+
+    _fields_ = [
+        ("fd", c_uint32),
+        ("gsi", c_uint32),
+        ("flags", c_uint32),
+        ("resamplefd", c_uint32),
+        ("pad", c_uint8 * 16),
+    ]
+
+
+assert ctypes.sizeof(kvm_irqfd) == 32
+
+KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
+
+
+class kvm_ioeventfd(ctypes.Structure):
+    """KVM_IOEVENTFD: a guest write of ``len`` bytes at ``addr`` (matching ``datamatch``
+    with KVM_IOEVENTFD_FLAG_DATAMATCH) signals eventfd ``fd`` inside KVM: the vCPU
+    goes on without an exit to the VMM."""
+
+    _fields_ = [
+        ("datamatch", c_uint64),
+        ("addr", c_uint64),
+        ("len", c_uint32),
+        ("fd", ctypes.c_int32),
+        ("flags", c_uint32),
+        ("pad", c_uint8 * 36),
+    ]
+
+
+assert ctypes.sizeof(kvm_ioeventfd) == 64
+
+KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
+KVM_IOEVENTFD_FLAG_PIO = 1 << 1
+KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
+
+
 class kvm_msi(ctypes.Structure):
     _fields_ = [
         ("address_lo", c_uint32),

@@ -158,6 +158,34 @@ class Vm:
         msi = s.kvm_msi(address & 0xFFFFFFFF, address >> 32, data)
         return _ioctl(self.fd, io.KVM_SIGNAL_MSI, msi)
 
+    def ioeventfd(
+        self,
+        fd: int,
+        addr: int,
+        length: int,
+        datamatch: int | None = None,
+        pio: bool = False,
+        deassign: bool = False,
+    ) -> None:
+        """Have KVM signal eventfd ``fd`` on a guest write of ``length`` bytes (1, 2,
+        4 or 8) at MMIO address ``addr`` (a port with ``pio``), only of the value
+        ``datamatch`` when it is given (KVM_IOEVENTFD); ``deassign`` undoes one."""
+        flags = 0
+        if datamatch is not None:
+            flags |= s.KVM_IOEVENTFD_FLAG_DATAMATCH
+        if pio:
+            flags |= s.KVM_IOEVENTFD_FLAG_PIO
+        if deassign:
+            flags |= s.KVM_IOEVENTFD_FLAG_DEASSIGN
+        req = s.kvm_ioeventfd(datamatch=datamatch or 0, addr=addr, len=length, fd=fd, flags=flags)
+        _ioctl(self.fd, io.KVM_IOEVENTFD, req)
+
+    def irqfd(self, fd: int, gsi: int, deassign: bool = False) -> None:
+        """Have a write to eventfd ``fd`` raise GSI ``gsi`` (an edge: KVM sets the
+        line and lowers it again) through the GSI routing (KVM_IRQFD)."""
+        flags = s.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0
+        _ioctl(self.fd, io.KVM_IRQFD, s.kvm_irqfd(fd=fd, gsi=gsi, flags=flags))
+
     def set_boot_cpu_id(self, vcpu_id: int) -> None:
         _ioctl(self.fd, io.KVM_SET_BOOT_CPU_ID, vcpu_id)
 

@@ -27,6 +27,7 @@ from osvmm.files import read_input
 from osvmm.guests import bundled_name
 from osvmm.hypercall.abi import MAX_CHANNELS, MAX_PARTITIONS
 from osvmm.machine import MAX_VCPUS
+from osvmm.plan.drives import MAX_DRIVES, Drive, parse_drive
 from osvmm.plan.paths import default_control_socket  # noqa: F401 - re-exported
 from osvmm.plan.sizes import MAX_SIZE_TEXT, format_size, parse_size  # noqa: F401 - re-exported
 from osvmm.plan.sizes import clip as _clip
@@ -66,6 +67,7 @@ PARTITION_KEYS = (
     "doorbells",
     "protect",
     "restore",
+    "drives",
 )
 CHANNEL_KEYS = ("name", "size", "members")
 TOP_KEYS = ("vmm", "partition", "channel")
@@ -166,6 +168,7 @@ class PartitionSpec:
     doorbells: tuple[str, ...] = ()
     protect: ProtectSpec | None = None  # [partition.protect]: the write monitor
     restore: str | None = None  # a snapshot directory its first boot resumes (docs/snapshots.md)
+    drives: tuple[Drive, ...] = ()  # disks: raw images as virtio-blk (docs/devices.md)
 
     @property
     def cpu_mode(self) -> str:
@@ -269,6 +272,7 @@ def parse_plan(text: str, base_dir: str | os.PathLike[str], source: str = "<plan
             raise ConfigError(f"partition {spec.name!r}: name: duplicate partition name")
         seen.add(spec.name)
         partitions.append(spec)
+    _check_shared_drives(partitions)
 
     channels: list[ChannelSpec] = []
     seen_ch: set[str] = set()
@@ -463,6 +467,17 @@ def _parse_partition(table: dict[str, Any], index: int, base: Path) -> Partition
         if not restore:
             raise ConfigError(f"{where}: restore: must not be empty")
         fields["restore"] = _path(restore, base)
+    drives = _get(table, "drives", list, where, [])
+    if not all(isinstance(d, str) for d in drives):
+        raise ConfigError(f'{where}: drives: a list of "FILE[,ro]" strings: {_show(drives)}')
+    if len(drives) > MAX_DRIVES:
+        raise ConfigError(f"{where}: drives: {len(drives)} disks, at most {MAX_DRIVES}")
+    parsed = [parse_drive(d, f"{where}: drives:") for d in drives]
+    fields["drives"] = tuple(Drive(_path(d.path, base), d.readonly) for d in parsed)
+    if len({d.path for d in fields["drives"]}) != len(parsed):
+        raise ConfigError(f"{where}: drives: an image is listed twice: {_show(drives)}")
+    if restore is not None and parsed:
+        raise ConfigError(f"{where}: drives: not with restore (a snapshot holds no disks)")
 
     restart = _get(table, "restart", str, where, "stop")
     if restart not in RESTART_POLICIES:
@@ -493,6 +508,20 @@ def _parse_partition(table: dict[str, Any], index: int, base: Path) -> Partition
     if "protect" in table:
         fields["protect"] = parse_protect(table["protect"], where, base)
     return PartitionSpec(**fields)
+
+
+def _check_shared_drives(partitions: list[PartitionSpec]) -> None:
+    """An image may be shared only read-only by all (the VMM locks each image too)."""
+    users: dict[str, tuple[str, bool]] = {}
+    for part in partitions:
+        for drive in part.drives:
+            other = users.get(drive.path)
+            if other is not None and not (other[1] and drive.readonly):
+                raise ConfigError(
+                    f"partition {part.name!r}: drives: {drive.path} is partition "
+                    f"{other[0]!r}'s disk too; an image is shared only read-only (,ro) by all"
+                )
+            users.setdefault(drive.path, (part.name, drive.readonly))
 
 
 def _parse_channel(table: dict[str, Any], index: int, partitions: set[str]) -> ChannelSpec:

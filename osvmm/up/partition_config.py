@@ -26,7 +26,13 @@ def machine_of(assignment: Assignment, placement: PartitionAssignment) -> Machin
     spec = placement.spec
     channels = bool(assignment.plan.channels_of(spec.name))
     try:
-        return Machine.build(spec.memory, placement.apic_ids, 1, channels=channels)
+        return Machine.build(
+            spec.memory,
+            placement.apic_ids,
+            1,
+            channels=channels,
+            virtio_mmio=len(spec.drives),
+        )
     except ConfigError as err:
         raise ConfigError(f"partition {spec.name!r}: {err}") from None
 
@@ -57,12 +63,14 @@ def partition_config(
         disable_exits=bool(placement.cpus),
         restore=spec.restore if restore else None,
         restore_lazy=False,
+        drives=spec.drives,
     )
 
 
 def check_boot(assignment: Assignment) -> dict[str, Machine]:
     """Every partition's Machine, after checking that each one's boot prepares (its
-    image, kernel, initrd and command line) and that its ``restore`` snapshot reads
+    image, kernel, initrd and command line), that each disk image can be opened as
+    one (vmm/blockfile.py, closed again) and that its ``restore`` snapshot reads
     whole and fits it; the first failure as a ConfigError."""
     from osvmm.vmm.snapshot import Snapshot
 
@@ -72,6 +80,11 @@ def check_boot(assignment: Assignment) -> dict[str, Machine]:
         config = partition_config(assignment, placement, machine, lambda data: None)
         try:
             source = read_boot_source(config.image, config.kernel, config.initrd)
+            if config.drives:
+                from osvmm.vmm.blockfile import open_drive
+
+                for drive in config.drives:
+                    open_drive(drive.path, drive.readonly, "drive").close()
             prepare(source, machine, config.cmdline, NO_QUIRKS)
             if placement.spec.restore:
                 snap = Snapshot.read(placement.spec.restore)

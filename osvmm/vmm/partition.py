@@ -16,7 +16,10 @@ reported before /dev/kvm is touched.
                   guest RAM as memslots (bringup.py: registered on a thread while
                   steps 4-6 go on); HLT/PAUSE exits disabled on dedicated cores
     4. devices    COM1 (8250), isa-debug-exit, the power ports, the CMOS RTC and
-                  the ACPI PM timer on the port bus
+                  the ACPI PM timer on the port bus; virtio-blk devices on the
+                  MMIO bus, their ioeventfds and irqfds (vmm/virtio.py), their
+                  disk images opened and checked in step 1 (the Machine has as
+                  many virtio-mmio slots: the DSDT announces them)
     5. image      the boot image written into guest memory
     6. vcpus      created with their CPUID; the BSP gets the entry registers,
                   the APs wait for INIT/SIPI in the in-kernel LAPIC
@@ -107,6 +110,10 @@ class PartitionConfig:
     # Capture the reset image at build (vmm/reset.py), so that ``recycle`` can make
     # the partition ready for another boot (osvmm up); ``osvmm run`` boots once.
     reusable: bool = False
+    # Disks: raw images as virtio-blk devices (plan/drives.py Drive), in slot order;
+    # then NICs on host taps as virtio-net devices (plan/drives.py Net).
+    drives: tuple = ()
+    nets: tuple = ()
 
 
 def input_stamps(config: PartitionConfig) -> tuple:
@@ -180,6 +187,9 @@ class Partition:
         self._armed = False  # the vCPU threads are started, held at the gate
         self._inputs: tuple = ()  # what the boot inputs were when build read them
         self._stats_base: list[dict[str, int]] = []  # KVM's counts at the last recycle
+        self._disks: list = []  # vmm/blockfile.py RawImage per drive, opened in step 1
+        self._taps: list = []  # vmm/tap.py Tap per NIC, attached in step 1
+        self.virtio = None  # vmm/virtio.py VirtioDevices
 
     @property
     def boot_log(self) -> tuple[str, ...]:
@@ -198,16 +208,58 @@ class Partition:
         # 1. inputs
         snap = None
         if cfg.restore is not None:
+            if cfg.drives:
+                raise ConfigError(
+                    f"partition {cfg.name!r}: a snapshot is resumed without disks "
+                    "(it holds no virtio device state)"
+                )
             snap = self._read_snapshot()
         else:
             self._inputs = input_stamps(cfg)
             source = read_boot_source(cfg.image, cfg.kernel, cfg.initrd)
+            if len(cfg.drives) + len(cfg.nets) != machine.virtio_mmio:
+                raise VmmBug(
+                    f"partition {cfg.name!r}: {len(cfg.drives)} disks and {len(cfg.nets)} "
+                    f"NICs on a machine with {machine.virtio_mmio} virtio-mmio devices"
+                )
             self.boot = prepare(source, machine, cfg.cmdline, _quirks_for(source))
+            self._open_disks()
         try:
             return self._build(snap)
+        except BaseException:
+            self._close_disks()
+            raise
         finally:
             if snap is not None and snap is not cfg.restore:
                 snap.close()  # read here; one given by the caller is the caller's to close
+
+    def _open_disks(self) -> None:
+        """Every drive's image opened, checked and locked (vmm/blockfile.py), and every
+        NIC's tap attached (vmm/tap.py); or none."""
+        drives, nets = self.config.drives, self.config.nets
+        try:
+            if drives:
+                from osvmm.vmm.blockfile import open_drive
+
+                for drive in drives:
+                    self._disks.append(open_drive(drive.path, drive.readonly))
+            if nets:
+                from osvmm.vmm.tap import open_tap
+
+                for net in nets:
+                    self._taps.append(open_tap(net.tap))
+        except BaseException:
+            self._close_disks()
+            raise
+
+    def _close_disks(self) -> None:
+        if self.virtio is not None:
+            self.virtio.close()  # closes the images it was given
+            self.virtio = None
+        for backend in (*self._disks, *self._taps):
+            backend.close()
+        self._disks = []
+        self._taps = []
 
     def _read_snapshot(self):
         from osvmm.vmm.snapshot import Snapshot
@@ -247,6 +299,8 @@ class Partition:
             # 4. devices
             self._make_devices()
             self.mmio = MmioBus()
+            if self._disks or self._taps:
+                self._make_virtio()
             # 5. image and boot interface
             if boot is not None:
                 boot.write_to(self.memory)
@@ -308,6 +362,22 @@ class Partition:
         self.devices["rtc"] = register_rtc(self.pio, now=time.time)
         self.devices["pm_timer"] = register_pm_timer(self.pio, monotonic_ns=time.monotonic_ns)
 
+    def _make_virtio(self) -> None:
+        """The virtio-blk and virtio-net devices on the MMIO bus, notified and
+        interrupting through KVM eventfds, each served on a thread of its own
+        (vmm/virtio.py)."""
+        from osvmm.vmm.tap import default_mac
+        from osvmm.vmm.virtio import VirtioDevices
+
+        self.virtio = VirtioDevices()
+        for disk in self._disks:
+            self.virtio.add_blk(self.vm, self.memory, self.mmio, disk, self.fault)
+        for net, tap in zip(self.config.nets, self._taps, strict=True):
+            mac = net.mac or default_mac(tap.name)
+            self.virtio.add_net(self.vm, self.memory, self.mmio, tap, mac, self.fault)
+        self._disks = []  # the devices own them now
+        self._taps = []
+
     def _make_threads(self) -> None:
         self.threads = []
         self._gate = threading.Event()
@@ -363,6 +433,8 @@ class Partition:
             self.slots.set_dirty_logging(False)
         self.memory.written_pages = None
         self.vm.irq_line(COM1_IRQ, 0)
+        if self.virtio is not None:  # waits for a queue being served: nothing after it
+            self.virtio.reset()  # writes into guest memory, zeroed next
         # The PIT and the LAPIC timers stop here: nothing raises an interrupt after it.
         self._reset.apply(self.vm, self.vcpus)
         self.memory.zero()
@@ -450,6 +522,7 @@ class Partition:
 
         if not self.running:
             raise SnapshotError(f"partition {self.config.name!r} is not running")
+        snapshot.check_snapshottable(self)  # before anything is paused or written
         t0 = time.perf_counter()
         with self.paused():
             if not self.running:
@@ -485,6 +558,8 @@ class Partition:
     def start(self) -> None:
         """Run the vCPUs: their threads made ahead by ``recycle`` (or now) are let go."""
         install_kick_handler()
+        if self.virtio is not None:
+            self.virtio.start(self.config.name)
         if not self._armed:
             self._arm_threads()
         self._recycled = False
@@ -546,6 +621,7 @@ class Partition:
 
     def close(self) -> None:
         self._end_threads()
+        self._close_disks()
         for fd in self._stats_fds:  # StatsReader owns its fd: closed here once for all
             os.close(fd)
         self._stats_fds = []

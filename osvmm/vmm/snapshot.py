@@ -179,9 +179,20 @@ class Written:
     seconds: float  # writing, from the first state read to the renames
 
 
+def check_snapshottable(part) -> None:
+    """SnapshotError for a partition whose state a snapshot cannot hold: one with
+    virtio devices, disks or NICs (their queues and requests in flight are not saved)."""
+    if part.config.drives or part.config.nets:
+        raise SnapshotError(
+            f"partition {part.config.name!r} has disks or NICs: a snapshot does not hold "
+            "the state of virtio devices (their queues in flight), so it is refused"
+        )
+
+
 def collect(part, extra: dict | None = None) -> dict:
     """The state of ``part`` (every vCPU parked, or not started) but its images: the
     state file's content without ``images`` (a migration sends it as it is)."""
+    check_snapshottable(part)
     msr_indices = part.kvm.msr_index_list()
     xsave_bytes = xsave_size(part.vm)
     cfg = part.config

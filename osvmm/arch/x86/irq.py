@@ -11,6 +11,14 @@ device model raises GSI n for ISA IRQ n. KVM's default routing sends GSI 0 to
 I/O APIC pin 0, which is not what the tables tell the guest, so the VMM
 installs ``gsi_routes()`` (KVM_SET_GSI_ROUTING): GSI n to 8259 pin n (n < 16,
 n != 2) and to I/O APIC pin ``isa_pin(n)``, GSIs 16..23 to pins 16..23.
+
+Devices of the VMM's own (virtio-mmio) take ISA IRQs no PC device of a
+partition uses, ``VIRTIO_IRQS``: Linux maps an ISA IRQ to its I/O APIC pin
+from the MADT and MP table by itself (edge, active high, as KVM's irqfd
+raises it), while a pin of 16..23 gets a Linux IRQ number only through
+ACPI's _PRT or a DSDT device, which osvmm does not describe. Left out: 0
+(PIT), 1 and 12 (i8042), 2 (cascade), 3 (COM2, which Linux probes), 4 (COM1),
+8 (RTC), 9 (ACPI SCI) and 13 (FPU error).
 """
 
 from __future__ import annotations
@@ -19,6 +27,9 @@ IOAPIC_PINS = 24
 ISA_IRQS = 16
 CASCADE_IRQ = 2  # the slave 8259's line into the master: no device uses it
 PIT_IRQ = 0
+# ISA IRQs (and I/O APIC pins: isa_pin is the identity for them) of virtio-mmio
+# devices, in device order (devices/virtio/mmio.py slot()).
+VIRTIO_IRQS = (5, 6, 7, 10, 11, 14, 15)
 
 # kvm_irq_routing_irqchip.irqchip values (KVM_IRQCHIP_* in kvm.h).
 PIC_MASTER, PIC_SLAVE, IOAPIC = 0, 1, 2

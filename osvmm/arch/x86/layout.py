@@ -17,8 +17,8 @@ the kernel or image loads at 1 MiB and up. docs/boot-interface.md draws it.
     0x000e_0000  ACPI tables (RSDP first, so the legacy BIOS-area scan finds it)
     0x0010_0000  kernel / ELF image (1 MiB)
     ...          RAM up to the partition's size, or up to MMIO_HOLE_START
-    0xc000_0000  32-bit MMIO hole (1 GiB): shared-memory channel window,
-                 I/O APIC, local APIC
+    0xc000_0000  32-bit MMIO hole (1 GiB): virtio-mmio devices (a page each),
+                 shared-memory channel window, I/O APIC, local APIC
     0x1_0000_0000 RAM above the hole when the partition has more than 3 GiB
 """
 
@@ -49,6 +49,13 @@ HIGH_MEMORY_START = 0x100000  # 1 MiB: where kernels and images load
 
 MMIO_HOLE_START = 0xC000_0000
 MMIO_HOLE_END = 0x1_0000_0000
+# virtio-mmio devices: one page each from the start of the hole, as many as
+# irq.VIRTIO_IRQS has IRQs (``virtio_mmio_slot``). Not RAM and not in the e820
+# map (as the APIC pages): the DSDT describes each (boot/acpi/dsdt.py) and the
+# virtio_mmio driver claims its page itself; a plan's reserved ranges may not
+# overlap them (machine.py).
+VIRTIO_MMIO_BASE = 0xC000_0000
+VIRTIO_MMIO_SIZE = 0x1000
 # Shared-memory channels are mapped here, one after another (the hypercall ABI).
 CHANNEL_WINDOW_START = 0xD000_0000
 CHANNEL_WINDOW_SIZE = 0x1000_0000
@@ -75,6 +82,16 @@ MIN_MEMORY = 2 * MiB
 # partition instead of 0.3 MiB). With a plan's default, ``hugepages = "auto"``,
 # only RAM ranges of at least this size are advised (vmm/enforce.py).
 HUGEPAGE_MIN_RANGE = 128 * MiB
+
+
+def virtio_mmio_slot(index: int) -> tuple[int, int]:
+    """(MMIO base, ISA IRQ) of virtio-mmio device ``index`` (0-based, in the order a
+    partition's devices are given)."""
+    from osvmm.arch.x86.irq import VIRTIO_IRQS
+
+    if not 0 <= index < len(VIRTIO_IRQS):
+        raise ValueError(f"virtio device {index}: a partition has at most {len(VIRTIO_IRQS)}")
+    return VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SIZE, VIRTIO_IRQS[index]
 
 
 def ram_regions(mem_size: int) -> list[tuple[int, int]]:

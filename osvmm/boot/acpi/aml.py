@@ -15,6 +15,7 @@ DWORD_PREFIX = 0x0C
 STRING_PREFIX = 0x0D
 QWORD_PREFIX = 0x0E
 SCOPE_OP = 0x10
+BUFFER_OP = 0x11
 PACKAGE_OP = 0x12
 EXT_OP_PREFIX = 0x5B
 DEVICE_OP = 0x82  # after EXT_OP_PREFIX
@@ -72,6 +73,35 @@ def string(value: str) -> bytes:
 def name(path: str, data: bytes) -> bytes:
     """Name (path, data)."""
     return bytes([NAME_OP]) + name_string(path) + data
+
+
+def buffer(data: bytes) -> bytes:
+    """Buffer () {data}: its size, then its bytes."""
+    body = integer(len(data)) + data
+    return bytes([BUFFER_OP]) + pkg_length(len(body)) + body
+
+
+# Resource descriptors (ACPI 6.4 section 6.4): what ResourceTemplate () holds.
+def memory32_fixed(base: int, length: int, writable: bool = True) -> bytes:
+    """Memory32Fixed (ReadWrite, base, length): large item 0x86, 9 bytes of data."""
+    return (
+        bytes([0x86, 9, 0, int(writable)])
+        + base.to_bytes(4, "little")
+        + length.to_bytes(4, "little")
+    )
+
+
+def interrupt(gsi: int, edge: bool = True, active_low: bool = False) -> bytes:
+    """Interrupt (ResourceConsumer, Edge|Level, ActiveHigh|ActiveLow, Exclusive) {gsi}:
+    the extended interrupt descriptor, large item 0x89, one interrupt."""
+    flags = 0x01 | (0x02 if edge else 0) | (0x04 if active_low else 0)
+    return bytes([0x89, 6, 0, flags, 1]) + gsi.to_bytes(4, "little")
+
+
+def resource_template(*descriptors: bytes) -> bytes:
+    """ResourceTemplate () {descriptors}: a buffer ending in the end tag (checksum 0,
+    which means "not checksummed")."""
+    return buffer(b"".join(descriptors) + bytes([0x79, 0]))
 
 
 def package(*elements: bytes) -> bytes:

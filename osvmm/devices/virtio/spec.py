@@ -1,0 +1,94 @@
+"""Numbers of the virtio 1.2 specification (OASIS, 2022) that osvmm uses.
+
+Names as in the specification and Linux's <linux/virtio_*.h>.
+"""
+
+from __future__ import annotations
+
+# 2.1 Device status field
+ACKNOWLEDGE = 1
+DRIVER = 2
+DRIVER_OK = 4
+FEATURES_OK = 8
+DEVICE_NEEDS_RESET = 64
+FAILED = 128
+
+# 6 Reserved feature bits
+VIRTIO_F_INDIRECT_DESC = 28
+VIRTIO_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+
+# 2.7.5 The virtqueue descriptor table (split)
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+VIRTQ_DESC_SIZE = 16
+# 2.7.6 / 2.7.8 ring flags
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+# 2.7.x the largest queue of a split ring
+VIRTQ_MAX_SIZE = 32768
+
+# 4.2.2 MMIO device register layout (version 2: the modern, legacy-free one)
+MAGIC_VALUE = 0x000
+VERSION = 0x004
+DEVICE_ID = 0x008
+VENDOR_ID = 0x00C
+DEVICE_FEATURES = 0x010
+DEVICE_FEATURES_SEL = 0x014
+DRIVER_FEATURES = 0x020
+DRIVER_FEATURES_SEL = 0x024
+QUEUE_SEL = 0x030
+QUEUE_NUM_MAX = 0x034
+QUEUE_NUM = 0x038
+QUEUE_READY = 0x044
+QUEUE_NOTIFY = 0x050
+INTERRUPT_STATUS = 0x060
+INTERRUPT_ACK = 0x064
+STATUS = 0x070
+QUEUE_DESC_LOW = 0x080
+QUEUE_DESC_HIGH = 0x084
+QUEUE_DRIVER_LOW = 0x090
+QUEUE_DRIVER_HIGH = 0x094
+QUEUE_DEVICE_LOW = 0x0A0
+QUEUE_DEVICE_HIGH = 0x0A4
+SHM_SEL = 0x0AC
+SHM_LEN_LOW = 0x0B0
+SHM_LEN_HIGH = 0x0B4
+SHM_BASE_LOW = 0x0B8
+SHM_BASE_HIGH = 0x0BC
+QUEUE_RESET = 0x0C0
+CONFIG_GENERATION = 0x0FC
+CONFIG = 0x100
+
+MMIO_MAGIC = 0x74726976  # "virt", little-endian
+MMIO_VERSION = 2
+# The vendor ID a device reports: "OSVM" as a little-endian 32-bit value. The
+# specification reserves none for VMMs (QEMU says "QEMU", 0x554d4551).
+VENDOR = int.from_bytes(b"OSVM", "little")
+
+# 4.2.2 InterruptStatus bits
+VIRTIO_MMIO_INT_VRING = 1
+VIRTIO_MMIO_INT_CONFIG = 2
+
+# 5 Device types
+VIRTIO_ID_NET = 1
+VIRTIO_ID_BLOCK = 2
+
+# 5.2 Block device
+VIRTIO_BLK_F_SIZE_MAX = 1
+VIRTIO_BLK_F_SEG_MAX = 2
+VIRTIO_BLK_F_RO = 5
+VIRTIO_BLK_F_BLK_SIZE = 6
+VIRTIO_BLK_F_FLUSH = 9
+VIRTIO_BLK_F_DISCARD = 13
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_T_DISCARD = 11
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+VIRTIO_BLK_ID_BYTES = 20
+SECTOR_SIZE = 512

@@ -1,0 +1,213 @@
+/*
+ * virtioblk: a virtio-blk driver at CPL0, as small as one can be, on the first
+ * virtio-mmio device (0xc0000000, ISA IRQ 5 on I/O APIC pin 5; the VMM's
+ * devices/virtio/mmio.py slot 0).
+ *   - probes the transport (magic, version 2, device 2), negotiates
+ *     VIRTIO_F_VERSION_1 only, sets up queue 0 (8 entries) and DRIVER_OK;
+ *   - GET_ID, then reads sector 0, writes sector 1 with a pattern, flushes,
+ *     reads sector 1 back and compares; with rw=0 (a read-only disk) the
+ *     write must come back VIRTIO_BLK_S_IOERR instead;
+ *   - each request: QueueNotify (a 4-byte store: the VMM's ioeventfd), then
+ *     hlt until the used ring has it; the interrupt (the VMM's irqfd on pin 5)
+ *     wakes the CPU and is acknowledged through InterruptStatus/Ack.
+ * Prints "virtioblk: id <id>", "virtioblk: sector 0 <first 16 bytes>",
+ * "virtioblk: write <status>", "virtioblk: readback ok" (or "differs"),
+ * "virtioblk: interrupts N requests M" and exits 0; a failed step prints
+ * "virtioblk: FAIL <what>" and exits EXIT_FAIL.
+ */
+#include "hypercall.h"
+
+#define VIRTIO_BASE 0xc0000000UL
+#define IOAPIC_BASE 0xfec00000UL
+#define IOAPIC_REDTBL(pin) (0x10 + 2 * (pin))
+#define LAPIC_ID 0x20
+#define VIRTIO_PIN 5
+#define VIRTIO_VECTOR 0x50
+#define QSIZE 8
+
+#define R_MAGIC 0x000
+#define R_VERSION 0x004
+#define R_DEVICE_ID 0x008
+#define R_DEVICE_FEATURES 0x010
+#define R_DEVICE_FEATURES_SEL 0x014
+#define R_DRIVER_FEATURES 0x020
+#define R_DRIVER_FEATURES_SEL 0x024
+#define R_QUEUE_SEL 0x030
+#define R_QUEUE_NUM_MAX 0x034
+#define R_QUEUE_NUM 0x038
+#define R_QUEUE_READY 0x044
+#define R_QUEUE_NOTIFY 0x050
+#define R_INTERRUPT_STATUS 0x060
+#define R_INTERRUPT_ACK 0x064
+#define R_STATUS 0x070
+#define R_QUEUE_DESC 0x080
+#define R_QUEUE_DRIVER 0x090
+#define R_QUEUE_DEVICE 0x0a0
+#define R_CONFIG 0x100
+
+#define S_ACKNOWLEDGE 1
+#define S_DRIVER 2
+#define S_DRIVER_OK 4
+#define S_FEATURES_OK 8
+
+#define F_NEXT 1
+#define F_WRITE 2
+
+#define T_IN 0
+#define T_OUT 1
+#define T_FLUSH 4
+#define T_GET_ID 8
+
+struct desc {
+	u64 addr;
+	u32 len;
+	u16 flags;
+	u16 next;
+};
+
+struct ring {
+	struct desc desc[QSIZE];
+	u16 avail_flags, avail_idx, avail_ring[QSIZE], used_event;
+	u8 pad[4096 - 16 * QSIZE - 2 * (QSIZE + 3)];
+	u16 used_flags, used_idx;
+	struct {
+		u32 id, len;
+	} used_ring[QSIZE];
+	u16 avail_event;
+} __attribute__((aligned(4096)));
+
+struct req {
+	u32 type, reserved;
+	u64 sector;
+};
+
+static struct ring q;
+static struct req hdr;
+static u8 data[512] __attribute__((aligned(16)));
+static u8 status;
+static u16 seen_used;
+static u64 interrupts;
+static u64 requests;
+
+static inline u32 rd(u32 off) { return *(volatile u32 *)(VIRTIO_BASE + off); }
+static inline void wr(u32 off, u32 v) { *(volatile u32 *)(VIRTIO_BASE + off) = v; }
+
+static void ioapic_write(u32 reg, u32 v)
+{
+	*(volatile u32 *)IOAPIC_BASE = reg;
+	*(volatile u32 *)(IOAPIC_BASE + 0x10) = v;
+}
+
+static NORETURN void fail(const char *what)
+{
+	rt_printf("virtioblk: FAIL %s\n", what);
+	rt_exit(EXIT_FAIL);
+}
+
+/* One request: header, data (len bytes, device-writable if in), status. */
+static u8 request(u32 type, u64 sector, u32 len, int in)
+{
+	hdr.type = type;
+	hdr.reserved = 0;
+	hdr.sector = sector;
+	status = 0xee;
+	q.desc[0] = (struct desc){(u64)&hdr, sizeof(hdr), F_NEXT, 1};
+	if (len) {
+		q.desc[1] = (struct desc){(u64)data, len, F_NEXT | (in ? F_WRITE : 0), 2};
+	} else {
+		q.desc[0].next = 2;
+	}
+	q.desc[2] = (struct desc){(u64)&status, 1, F_WRITE, 0};
+	q.avail_ring[q.avail_idx % QSIZE] = 0;
+	__asm__ volatile("" ::: "memory");
+	q.avail_idx++;
+	__asm__ volatile("mfence" ::: "memory");
+	wr(R_QUEUE_NOTIFY, 0); /* a 4-byte store of the queue index: the ioeventfd */
+	requests++;
+	u64 budget = rdtsc() + 20000000000UL;
+	while (*(volatile u16 *)&q.used_idx == seen_used) {
+		if (rdtsc() > budget)
+			fail("no answer from the device");
+		__asm__ volatile("sti; hlt; cli" ::: "memory"); /* woken by the interrupt */
+	}
+	seen_used++;
+	u32 isr = rd(R_INTERRUPT_STATUS);
+	if (isr)
+		wr(R_INTERRUPT_ACK, isr);
+	return status;
+}
+
+int guest_main(void)
+{
+	int rw = (int)rt_arg_u64("rw", 1);
+	hc_irq_setup();
+	u32 apic_id = *(volatile u32 *)(0xfee00000UL + LAPIC_ID) >> 24;
+	ioapic_write(IOAPIC_REDTBL(VIRTIO_PIN) + 1, apic_id << 24);
+	ioapic_write(IOAPIC_REDTBL(VIRTIO_PIN), VIRTIO_VECTOR); /* edge, active high */
+
+	if (rd(R_MAGIC) != 0x74726976 || rd(R_VERSION) != 2 || rd(R_DEVICE_ID) != 2)
+		fail("no virtio-mmio version 2 block device at 0xc0000000");
+	wr(R_STATUS, 0);
+	wr(R_STATUS, S_ACKNOWLEDGE);
+	wr(R_STATUS, S_ACKNOWLEDGE | S_DRIVER);
+	wr(R_DEVICE_FEATURES_SEL, 1);
+	if (!(rd(R_DEVICE_FEATURES) & 1))
+		fail("no VIRTIO_F_VERSION_1");
+	wr(R_DRIVER_FEATURES_SEL, 0);
+	wr(R_DRIVER_FEATURES, 0);
+	wr(R_DRIVER_FEATURES_SEL, 1);
+	wr(R_DRIVER_FEATURES, 1);
+	wr(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
+	if (!(rd(R_STATUS) & S_FEATURES_OK))
+		fail("FEATURES_OK refused");
+	wr(R_QUEUE_SEL, 0);
+	if (rd(R_QUEUE_NUM_MAX) < QSIZE)
+		fail("queue too small");
+	wr(R_QUEUE_NUM, QSIZE);
+	wr(R_QUEUE_DESC, (u32)(u64)q.desc);
+	wr(R_QUEUE_DESC + 4, 0);
+	wr(R_QUEUE_DRIVER, (u32)(u64)&q.avail_flags);
+	wr(R_QUEUE_DRIVER + 4, 0);
+	wr(R_QUEUE_DEVICE, (u32)(u64)&q.used_flags);
+	wr(R_QUEUE_DEVICE + 4, 0);
+	wr(R_QUEUE_READY, 1);
+	wr(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+	/* Counted by the doorbell handler from here on. */
+	u64 irq_base = hc_irq_count;
+
+	if (request(T_GET_ID, 0, 20, 1) != 0)
+		fail("GET_ID");
+	data[20] = 0;
+	rt_printf("virtioblk: id %s\n", (const char *)data);
+	u64 capacity = *(volatile u64 *)(VIRTIO_BASE + R_CONFIG);
+	if (capacity < 2)
+		fail("capacity under 2 sectors");
+	if (request(T_IN, 0, 512, 1) != 0)
+		fail("read sector 0");
+	data[16] = 0;
+	rt_printf("virtioblk: sector 0 %s\n", (const char *)data);
+	for (int i = 0; i < 512; i++)
+		data[i] = (u8)(i * 7 + 3);
+	u8 st = request(T_OUT, 1, 512, 0);
+	rt_printf("virtioblk: write %u\n", st);
+	if (request(T_FLUSH, 0, 0, 0) != 0)
+		fail("flush");
+	memset(data, 0, sizeof(data));
+	if (request(T_IN, 1, 512, 1) != 0)
+		fail("read sector 1");
+	int same = 1;
+	for (int i = 0; i < 512; i++)
+		if (data[i] != (u8)(i * 7 + 3))
+			same = 0;
+	if (rw)
+		rt_printf("virtioblk: readback %s\n", same ? "ok" : "differs");
+	else
+		rt_printf("virtioblk: readback %s\n", same ? "written" : "unchanged");
+	/* Out of range: IOERR, and the device goes on. */
+	if (request(T_IN, capacity, 512, 1) != 1)
+		fail("a read past the end was not IOERR");
+	__asm__ volatile("sti; nop; cli" ::: "memory"); /* an interrupt still pending */
+	interrupts = hc_irq_count - irq_base;
+	rt_printf("virtioblk: interrupts %lu requests %lu\n", interrupts, requests);
+	return EXIT_OK;
+}
