@@ -14,6 +14,7 @@ as ``partition 'web': memory: '12X' is not a size (use K, M or G: '512M')``.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 import re
 import tomllib
@@ -27,7 +28,7 @@ from osvmm.files import read_input
 from osvmm.guests import bundled_name
 from osvmm.hypercall.abi import MAX_CHANNELS, MAX_PARTITIONS
 from osvmm.machine import MAX_VCPUS
-from osvmm.plan.drives import MAX_DRIVES, Drive, parse_drive
+from osvmm.plan.drives import MAX_DEVICES, MAX_DRIVES, Drive, parse_drive
 from osvmm.plan.paths import default_control_socket  # noqa: F401 - re-exported
 from osvmm.plan.sizes import MAX_SIZE_TEXT, format_size, parse_size  # noqa: F401 - re-exported
 from osvmm.plan.sizes import clip as _clip
@@ -70,7 +71,9 @@ PARTITION_KEYS = (
     "drives",
 )
 CHANNEL_KEYS = ("name", "size", "members")
-TOP_KEYS = ("vmm", "partition", "channel")
+NETWORK_KEYS = ("name", "members")
+TOP_KEYS = ("vmm", "partition", "channel", "network")
+MAX_NETWORKS = MAX_DEVICES  # more than a member could hold NICs for
 
 
 # --- shared value parsers (sizes: osvmm/plan/sizes.py) -------------------------------------
@@ -206,6 +209,25 @@ class ChannelSpec:
         return None
 
 
+def network_mac(network: str, partition: str) -> bytes:
+    """The MAC of ``partition``'s NIC on ``network``: locally administered and
+    unicast (0x02 first), 6e ("n") then four bytes of a SHA-256 of both names,
+    the same from one run to the next and distinct from --net's 02:6f:73."""
+    digest = hashlib.sha256(f"{network}\0{partition}".encode()).digest()
+    return bytes([0x02, 0x6E]) + digest[:4]
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """One ``[[network]]``: a switch inside the VMM, a NIC on it per member."""
+
+    name: str
+    members: tuple[str, ...]  # partitions, in plan order: the switch's ports
+
+    def mac(self, partition: str) -> bytes:
+        return network_mac(self.name, partition)
+
+
 @dataclass(frozen=True)
 class Plan:
     """A whole plan file."""
@@ -215,6 +237,7 @@ class Plan:
     channels: tuple[ChannelSpec, ...] = ()
     base_dir: str = "."
     source: str = "<plan>"
+    networks: tuple[NetworkSpec, ...] = ()
 
     def partition(self, name: str) -> PartitionSpec:
         for p in self.partitions:
@@ -225,6 +248,10 @@ class Plan:
     def channels_of(self, partition: str) -> list[ChannelSpec]:
         """The channels ``partition`` is a member of, in plan order."""
         return [c for c in self.channels if c.mode(partition) is not None]
+
+    def networks_of(self, partition: str) -> list[NetworkSpec]:
+        """The networks ``partition`` has a NIC on, in plan order."""
+        return [n for n in self.networks if partition in n.members]
 
 
 def load_plan(path: str | os.PathLike[str]) -> Plan:
@@ -289,6 +316,23 @@ def parse_plan(text: str, base_dir: str | os.PathLike[str], source: str = "<plan
         seen_ch.add(ch.name)
         channels.append(ch)
 
+    networks: list[NetworkSpec] = []
+    net_docs = _table_array(doc, "network")
+    if len(net_docs) > MAX_NETWORKS:
+        raise ConfigError(f"network: {len(net_docs)} networks, at most {MAX_NETWORKS}")
+    for i, nd in enumerate(net_docs):
+        net = _parse_network(nd, i, seen)
+        if any(n.name == net.name for n in networks):
+            raise ConfigError(f"network {net.name!r}: name: duplicate network name")
+        networks.append(net)
+    for spec in partitions:
+        nics = sum(spec.name in n.members for n in networks)
+        if len(spec.drives) + nics > MAX_DEVICES:
+            raise ConfigError(
+                f"partition {spec.name!r}: {len(spec.drives)} disks and {nics} network NICs, "
+                f"at most {MAX_DEVICES} virtio devices in all"
+            )
+
     privileged = [p.name for p in partitions if p.privileged]
     if len(privileged) > 1:
         raise ConfigError(
@@ -309,7 +353,7 @@ def parse_plan(text: str, base_dir: str | os.PathLike[str], source: str = "<plan
                 raise ConfigError(f"{where}: no partition is named {_show(target)}")
             if target == spec.name:
                 raise ConfigError(f"{where}: a partition does not ring its own doorbell")
-    return Plan(vmm, tuple(partitions), tuple(channels), str(base), source)
+    return Plan(vmm, tuple(partitions), tuple(channels), str(base), source, tuple(networks))
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -544,3 +588,22 @@ def _parse_channel(table: dict[str, Any], index: int, partitions: set[str]) -> C
             raise ConfigError(f"{where}: members: {member} = {_show(mode)} is not 'rw' or 'ro'")
         pairs.append((member, mode))
     return ChannelSpec(name, size, tuple(pairs))
+
+
+def _parse_network(table: dict[str, Any], index: int, partitions: set[str]) -> NetworkSpec:
+    name = _name(table, "network", index)
+    where = f"network {name!r}"
+    _check_keys(table, NETWORK_KEYS, where)
+    members = table.get("members")
+    if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+        raise ConfigError(f'{where}: members: expected a list such as ["web", "db"]')
+    for member in members:
+        if member not in partitions:
+            raise ConfigError(f"{where}: members: no partition is named {_show(member)}")
+    if len(set(members)) != len(members):
+        raise ConfigError(f"{where}: members: a partition is listed twice: {_show(members)}")
+    if len(members) < 2:
+        raise ConfigError(
+            f"{where}: members: {len(members)} listed, a network joins 2 partitions or more"
+        )
+    return NetworkSpec(name, tuple(members))
