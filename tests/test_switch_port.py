@@ -131,3 +131,48 @@ def test_two_networks_do_not_meet():
     assert q1.recv() == frame(BCAST, MACS[0]) and p2.recv() is None
     one.close()
     two.close()
+
+
+def test_up_gives_each_member_a_nic_on_its_port():
+    from pathlib import Path
+
+    from osvmm.plan.config import parse_plan
+    from osvmm.plan.placement import place
+    from osvmm.plan.topology import read_topology
+    from osvmm.up.partition_config import machine_of, partition_config
+    from osvmm.vmm.switch_port import build_networks
+
+    root = Path(__file__).resolve().parents[1]
+    text = "".join(
+        f'[[partition]]\nname = "{n}"\ncpus = "floating"\nvcpus = 1\n'
+        f'memory = "2M"\nimage = "guests:hello"\n'
+        for n in ("a", "b", "c")
+    )
+    text += '[[network]]\nname = "lan"\nmembers = ["b", "a"]\n'
+    plan = parse_plan(text, root)
+    assignment = place(plan, read_topology(str(root / "tests/fixtures/sysfs/epyc-2s128t")))
+    networks = build_networks(plan.networks)
+    try:
+        configs = {}
+        for p in assignment.partitions:
+            machine = machine_of(assignment, p)
+            assert machine.virtio_mmio == (0 if p.name == "c" else 1)
+            configs[p.name] = partition_config(
+                assignment, p, machine, lambda data: None, networks=networks
+            )
+        ((port_a, mac_a),) = configs["a"].switch_nics
+        ((port_b, mac_b),) = configs["b"].switch_nics
+        assert configs["c"].switch_nics == ()
+        assert port_b is networks["lan"].port(0) and port_a is networks["lan"].port(1)
+        assert mac_a == plan.networks[0].mac("a") and mac_a != mac_b
+        again = partition_config(  # a restart: the same port
+            assignment,
+            assignment.partition("a"),
+            machine_of(assignment, assignment.partition("a")),
+            lambda data: None,
+            networks=networks,
+        )
+        assert again.switch_nics[0][0] is port_a
+    finally:
+        for network in networks.values():
+            network.close()

@@ -31,7 +31,7 @@ def machine_of(assignment: Assignment, placement: PartitionAssignment) -> Machin
             placement.apic_ids,
             1,
             channels=channels,
-            virtio_mmio=len(spec.drives),
+            virtio_mmio=len(spec.drives) + len(assignment.plan.networks_of(spec.name)),
         )
     except ConfigError as err:
         raise ConfigError(f"partition {spec.name!r}: {err}") from None
@@ -43,10 +43,19 @@ def partition_config(
     machine: Machine,
     console: Callable[[bytes], None],
     restore: bool = False,
+    networks: dict | None = None,
 ) -> PartitionConfig:
     """``restore``: resume the plan's ``restore`` snapshot (its memory copied into the
-    partition's own, bound to its node) instead of booting its image."""
+    partition's own, bound to its node) instead of booting its image. ``networks``:
+    the supervisor's vmm/switch_port.py SwitchNetwork per plan network, whose ports
+    (one per member, in ``members`` order) become the partition's network NICs."""
     spec = placement.spec
+    switch_nics = ()
+    if networks is not None:
+        switch_nics = tuple(
+            (networks[net.name].port(net.members.index(spec.name)), net.mac(spec.name))
+            for net in assignment.plan.networks_of(spec.name)
+        )
     return PartitionConfig(
         machine=machine,
         name=spec.name,
@@ -64,6 +73,7 @@ def partition_config(
         restore=spec.restore if restore else None,
         restore_lazy=False,
         drives=spec.drives,
+        switch_nics=switch_nics,
     )
 
 

@@ -53,6 +53,7 @@ from osvmm.up.consoles import LOG_SPOOL, ConsoleHub, LogFile, Spool
 from osvmm.up.hostfiles import private_dir
 from osvmm.up.partition_config import machine_of, partition_config
 from osvmm.vmm.partition import Partition, PartitionConfig
+from osvmm.vmm.switch_port import build_networks
 
 STOPPED, BOOTING, RUNNING, BACKOFF, FAILED = "stopped", "booting", "running", "backoff", "failed"
 MAX_BACKOFF_MS = 300_000  # a restart waits at most 5 minutes, however large the plan's backoff
@@ -196,6 +197,9 @@ class Supervisor:
         # Run when a partition's run has ended, before its Partition is closed.
         self.on_end: list[Callable[[PartitionEntry, Partition], None]] = []
         self.partitions: dict[str, PartitionEntry] = {}
+        # One switch per plan network, a port per member (members order), for the
+        # supervisor's lifetime: a partition that restarts is back on its port.
+        self.networks = build_networks(self.plan.networks)
         # The index of the next partition created at run time: never one used before
         # (the hypercall monitor knows the plan's partitions by their index).
         self.next_index = len(assignment.partitions)
@@ -369,6 +373,8 @@ class Supervisor:
                 e.ready.close()
                 e.ready = None
             e.console.close()
+        for network in self.networks.values():
+            network.close()
         if self._own_kvm:
             self.kvm.close()
         self._close_files()
@@ -769,7 +775,12 @@ class Supervisor:
         # (a restart, a start) boot the image afresh.
         first = entry.boots == 0
         config = partition_config(
-            self.assignment, entry.placement, entry.machine, entry.console.write, restore=first
+            self.assignment,
+            entry.placement,
+            entry.machine,
+            entry.console.write,
+            restore=first,
+            networks=self.networks,
         )
         if entry.restore_next is not None:
             config.restore, entry.restore_next = entry.restore_next, None

@@ -114,6 +114,9 @@ class PartitionConfig:
     # then NICs on host taps as virtio-net devices (plan/drives.py Net).
     drives: tuple = ()
     nets: tuple = ()
+    # Then NICs on a plan's networks: (vmm/switch_port.py SwitchPort, MAC) pairs; the
+    # ports belong to the supervisor's networks and outlive this partition.
+    switch_nics: tuple = ()
 
 
 def input_stamps(config: PartitionConfig) -> tuple:
@@ -217,9 +220,10 @@ class Partition:
         else:
             self._inputs = input_stamps(cfg)
             source = read_boot_source(cfg.image, cfg.kernel, cfg.initrd)
-            if len(cfg.drives) + len(cfg.nets) != machine.virtio_mmio:
+            nics = len(cfg.nets) + len(cfg.switch_nics)
+            if len(cfg.drives) + nics != machine.virtio_mmio:
                 raise VmmBug(
-                    f"partition {cfg.name!r}: {len(cfg.drives)} disks and {len(cfg.nets)} "
+                    f"partition {cfg.name!r}: {len(cfg.drives)} disks and {nics} "
                     f"NICs on a machine with {machine.virtio_mmio} virtio-mmio devices"
                 )
             self.boot = prepare(source, machine, cfg.cmdline, _quirks_for(source))
@@ -299,7 +303,7 @@ class Partition:
             # 4. devices
             self._make_devices()
             self.mmio = MmioBus()
-            if self._disks or self._taps:
+            if self._disks or self._taps or cfg.switch_nics:
                 self._make_virtio()
             # 5. image and boot interface
             if boot is not None:
@@ -375,6 +379,8 @@ class Partition:
         for net, tap in zip(self.config.nets, self._taps, strict=True):
             mac = net.mac or default_mac(tap.name)
             self.virtio.add_net(self.vm, self.memory, self.mmio, tap, mac, self.fault)
+        for port, mac in self.config.switch_nics:
+            self.virtio.add_net(self.vm, self.memory, self.mmio, port, mac, self.fault)
         self._disks = []  # the devices own them now
         self._taps = []
 

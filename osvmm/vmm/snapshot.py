@@ -182,7 +182,7 @@ class Written:
 def check_snapshottable(part) -> None:
     """SnapshotError for a partition whose state a snapshot cannot hold: one with
     virtio devices, disks or NICs (their queues and requests in flight are not saved)."""
-    if part.config.drives or part.config.nets:
+    if part.config.drives or part.config.nets or part.config.switch_nics:
         raise SnapshotError(
             f"partition {part.config.name!r} has disks or NICs: a snapshot does not hold "
             "the state of virtio devices (their queues in flight), so it is refused"

@@ -31,6 +31,7 @@ class SwitchPort:
     def __init__(self, network: SwitchNetwork, number: int, depth: int):
         self.network = network
         self.number = number
+        self.name = f"{network.name}.{number}"
         self.path = f"network {network.name} port {number}"
         self.queue: deque[bytes] = deque()
         self.depth = depth
@@ -107,3 +108,14 @@ class SwitchNetwork:
             if port.fd >= 0:
                 os.close(port.fd)
                 port.fd = -1
+
+
+def build_networks(specs) -> dict[str, SwitchNetwork]:
+    """A SwitchNetwork per plan/config.py NetworkSpec, its ports in ``members`` order."""
+    networks = {}
+    for spec in specs:
+        network = SwitchNetwork(spec.name)
+        for _ in spec.members:
+            network.add_port()
+        networks[spec.name] = network
+    return networks
