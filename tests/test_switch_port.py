@@ -31,6 +31,7 @@ class Nic:
         self.txq = Virtqueue(self.mem, 8, 0x4000, 0x5000, 0x6000)
         self.tx_next = 0
         self.rx_next = 0
+        self.rx_bufs: dict[int, int] = {}  # head: buffer, given and not yet used
 
     def transmit(self, frame: bytes) -> None:
         d = self.txd
@@ -41,22 +42,22 @@ class Nic:
         self.tx_next = (self.tx_next + 2) % 8
         self.model.serve(TX, self.txq)
 
-    def give_buffers(self, n: int) -> list[int]:
-        bufs = []
+    def give_buffers(self, n: int) -> None:
         for _ in range(n):
             buf = self.rxd.buffer(1526)
-            self.rxd.make_available(self.rxd.chain([(buf, 1526, True)], first=self.rx_next))
+            head = self.rxd.chain([(buf, 1526, True)], first=self.rx_next)
+            self.rxd.make_available(head)
             self.rx_next = (self.rx_next + 1) % 8
-            bufs.append(buf)
-        return bufs
+            self.rx_bufs[head] = buf
 
     def receive(self) -> list[bytes]:
-        bufs = self.give_buffers(4)
+        if len(self.rx_bufs) < 4:
+            self.give_buffers(4 - len(self.rx_bufs))
         self.model.serve(RX, self.rxq)
-        return [
-            self.mem.read(bufs[i] + HEADER_SIZE, n - HEADER_SIZE)
-            for i, (_, n) in enumerate(self.rxd.take_used())
-        ]
+        out = []
+        for head, n in self.rxd.take_used():
+            out.append(self.mem.read(self.rx_bufs.pop(head) + HEADER_SIZE, n - HEADER_SIZE))
+        return out
 
 
 def readable(fd: int) -> bool:
@@ -117,9 +118,15 @@ def test_a_port_survives_its_device_and_keeps_the_table(lan):
     a.transmit(frame(BCAST, MACS[0]))
     b.port.close()  # b's partition stops: its queue goes
     assert not readable(b.port.fd) and not b.port.queue
+    c.transmit(frame(BCAST, MACS[2]))  # to a member that is down: dropped, counted
+    assert not b.port.queue and b.port.counts["down"] == 1
+    net.port(1).attach()
     again = Nic(net.port(1), MACS[1])  # and restarts on the same port
     c.transmit(frame(MACS[0], MACS[2]))
-    assert again.receive() == [] and a.receive() == [frame(MACS[0], MACS[2])]
+    assert again.receive() == []
+    assert a.receive() == [frame(BCAST, MACS[2]), frame(MACS[0], MACS[2])]
+    c.transmit(frame(BCAST, MACS[2]))
+    assert again.receive() == [frame(BCAST, MACS[2])]
     again.mem.close()
 
 

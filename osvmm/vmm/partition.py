@@ -380,6 +380,7 @@ class Partition:
             mac = net.mac or default_mac(tap.name)
             self.virtio.add_net(self.vm, self.memory, self.mmio, tap, mac, self.fault)
         for port, mac in self.config.switch_nics:
+            port.attach()
             self.virtio.add_net(self.vm, self.memory, self.mmio, port, mac, self.fault)
         self._disks = []  # the devices own them now
         self._taps = []

@@ -10,7 +10,8 @@ sender's device thread never waits on a receiver that does not drain, so one
 stuck partition cannot stall the others.
 
 The network outlives its ports' devices: a partition that restarts gets its
-port back (``port(number)``), its queue emptied, the MAC table kept.
+port back (``port(number)``, ``attach``), the MAC table kept; while it is down its
+port drops what is sent to it (``down``), so it boots to an empty queue.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class SwitchPort:
         self.queue: deque[bytes] = deque()
         self.depth = depth
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.counts = {"queue_full": 0}
+        self.counts = {"queue_full": 0, "down": 0}
+        self.attached = True  # a device reads the queue (False: frames for it dropped)
 
     def recv(self) -> bytes | None:
         with self.network.lock:
@@ -56,6 +58,9 @@ class SwitchPort:
         return self.network.deliver(self.number, bytes(frame))
 
     def _enqueue(self, frame: bytes) -> None:  # the network's lock held
+        if not self.attached:
+            self.counts["down"] += 1
+            return
         if len(self.queue) >= self.depth:
             self.counts["queue_full"] += 1
             return
@@ -71,8 +76,16 @@ class SwitchPort:
             except BlockingIOError:
                 pass
 
+    def attach(self) -> None:
+        """A device is made on the port (its partition is built): frames queue again."""
+        with self.network.lock:
+            self.attached = True
+
     def close(self) -> None:
-        """The device is gone (its partition stops): the port stays, emptied."""
+        """The device is gone (its partition stops): the port stays, emptied, and
+        frames for it are dropped (``down``) until a device is attached again."""
+        with self.network.lock:
+            self.attached = False
         self.flush()
 
 
