@@ -130,6 +130,14 @@ def test_a_port_survives_its_device_and_keeps_the_table(lan):
     again.mem.close()
 
 
+def test_a_device_reset_forgets_the_queued_frames(lan):
+    net, (a, b, c) = lan
+    a.transmit(frame(BCAST, MACS[0]))
+    b.model.reset()  # the driver resets it, or the partition is recycled
+    assert not b.port.queue and not readable(b.port.fd)
+    assert b.port.attached
+
+
 def test_two_networks_do_not_meet():
     one, two = SwitchNetwork("one"), SwitchNetwork("two")
     p1, q1 = one.add_port(), one.add_port()

@@ -11,6 +11,7 @@ Its backend (vmm/tap.py's Tap, or a test's) moves frames:
     fd            what the device's thread polls for frames to receive
     recv()        one frame, or None when there is none now
     send(frame)   one frame out (dropped when the host cannot take it now)
+    flush()       (optional) forget the frames waiting for the device: its reset
 
 Receive: ``serve(RX)`` places frames into the driver's receive chains until
 either runs out; a frame with no chain to go into is kept (one frame) and the
@@ -64,6 +65,9 @@ class VirtioNet:
     def reset(self) -> None:
         self._held = None
         self.rx_starved = False
+        flush = getattr(self.backend, "flush", None)  # a switch port's queued frames
+        if flush is not None:
+            flush()
 
     def serve(self, index: int, queue) -> bool:
         if index == TX:
