@@ -71,3 +71,23 @@ def test_network_errors(tmp_path, text, message):
         parse_plan(text, tmp_path)
     assert message in str(exc.value)
     assert "\n" not in str(exc.value)
+
+
+def test_plan_output_lists_networks_and_macs():
+    from pathlib import Path
+
+    from osvmm.plan.placement import place
+    from osvmm.plan.render import render_assignment
+    from osvmm.plan.topology import read_topology
+
+    root = Path(__file__).resolve().parents[1]
+    text = "".join(
+        f'[[partition]]\nname = "{n}"\ncpus = "floating"\nvcpus = 1\n'
+        f'memory = "2M"\nimage = "guests:hello"\n'
+        for n in ("a", "b")
+    )
+    plan = parse_plan(text + net(), root)
+    topology = read_topology(str(root / "tests/fixtures/sysfs/epyc-2s128t"))
+    out = render_assignment(place(plan, topology), topology)
+    mac_a, mac_b = (network_mac("lan", m).hex(":") for m in "ab")
+    assert f"network lan: a {mac_a}, b {mac_b}\n" in out

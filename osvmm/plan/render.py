@@ -74,6 +74,12 @@ def render_assignment(assignment: Assignment, topology: HostTopology) -> str:
             members = ", ".join(f"{name} {mode}" for name, mode in ch.members)
             lines.append(f"channel {ch.name}: {format_size(ch.size)}, {members}")
 
+    if assignment.plan.networks:
+        lines.append("")
+        for net in assignment.plan.networks:
+            members = ", ".join(f"{name} {net.mac(name).hex(':')}" for name in net.members)
+            lines.append(f"network {net.name}: {members}")
+
     if assignment.warnings:
         lines.append("")
         lines.extend(f"warning: {w}" for w in assignment.warnings)
