@@ -56,3 +56,42 @@ def test_a_member_is_attached_while_built_and_back_on_its_port_after():
             again.close()
     finally:
         net.close()
+
+
+def test_the_supervisor_owns_one_switch_per_network_across_boots(tmp_path):
+    import time
+
+    from osvmm.plan.config import parse_plan
+    from osvmm.plan.placement import place
+    from osvmm.plan.topology import read_topology
+    from osvmm.up.supervisor import STOPPED, Supervisor
+
+    text = f'[vmm]\ncontrol_socket = "{tmp_path}/s"\n'
+    for name in ("a", "b"):
+        text += (
+            f'[[partition]]\nname = "{name}"\ncpus = "floating"\nmemory = "8M"\n'
+            'image = "guests:hello"\n'
+        )
+    text += '[[network]]\nname = "lan"\nmembers = ["a", "b"]\n'
+    plan = parse_plan(text, tmp_path)
+    sup = Supervisor(place(plan, read_topology()), log_dir=str(tmp_path / "logs"))
+    built: list[Partition] = []
+    sup.on_build.append(lambda entry, part: built.append(part))
+    entry = sup.partitions["a"]
+    network = sup.networks["lan"]
+    try:
+        assert [p.number for p in network.ports] == [0, 1]
+        for _ in range(2):
+            sup.start("a")
+            deadline = time.monotonic() + 20
+            while entry.state != STOPPED or entry.ready is None:
+                assert time.monotonic() < deadline, entry.state
+                time.sleep(0.02)
+        assert len(built) == 2 and sup.networks["lan"] is network
+        for part in built:
+            model = part.virtio.devices[0].transport.model if part.virtio else None
+            assert model is None or model.backend is network.port(0)
+        assert built[0].config.switch_nics[0] == (network.port(0), network_mac("lan", "a"))
+    finally:
+        sup.close()
+    assert network.port(0).fd == -1  # closed with the supervisor
