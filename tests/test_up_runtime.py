@@ -114,6 +114,18 @@ def test_create_and_destroy_beside_a_counting_partition():
         )
         r = up.cli("create", linked)
         assert r.returncode == 2 and b"has no channels" in r.stderr, r.stderr
+        netted = fragment(
+            up,
+            "netted.toml",
+            "".join(
+                f'[[partition]]\nname = "{n}"\ncpus = "floating"\nmemory = "4M"\n'
+                'image = "guests:hello"\n'
+                for n in ("n1", "n2")
+            )
+            + '[[network]]\nname = "lan"\nmembers = ["n1", "n2"]\n',
+        )
+        r = up.cli("create", netted)
+        assert r.returncode == 2 and b"joins no network" in r.stderr, r.stderr
         r = up.cli("create", str(up.dir / "none.toml"))
         assert r.returncode == 2 and r.stderr.startswith(b"osvmm: error: fragment "), r.stderr
         assert set(up.ps()) == {"counter", "hello", "extra"}

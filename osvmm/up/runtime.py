@@ -78,6 +78,11 @@ class RuntimePartitions:
                 "the fragment: a partition created at run time has no channels (the "
                 "hypercall topology is the plan's, fixed when the VMM started)"
             )
+        if fragment.networks:
+            raise ConfigError(
+                "the fragment: a partition created at run time joins no network (the "
+                "plan's networks and their ports are made when the VMM starts)"
+            )
         for spec in fragment.partitions:
             where = f"partition {spec.name!r}"
             if spec.doorbells or spec.privileged:
