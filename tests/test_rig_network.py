@@ -1,0 +1,112 @@
+"""Inside the hardware-virtualization rig: two Linux partitions of one ``osvmm up``
+on a plan's ``[[network]]`` (the VMM's learning switch, docs/devices.md), each with
+Debian's own virtio_mmio and virtio_net modules and nothing configured but an
+address: they ping each other, both ways. Each partition has L1 CPUs of its own
+(docs/testing.md, "Known")."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import run_osvmm
+
+pytestmark = pytest.mark.rig
+
+CACHE = Path(os.environ.get("OSVMM_CACHE", Path.home() / ".cache" / "osvmm"))
+VMLINUX = CACHE / "kernel" / "vmlinux"
+TIMEOUT = 900
+
+SCRIPT = r"""#!/bin/sh
+# nettest ADDRESS PEER: eth0 up with ADDRESS/24, ping PEER until it answers (the
+# other partition may still be booting), then 3 pings counted.
+ip link set eth0 up && ip addr add "$1/24" dev eth0
+echo "nettest: mac $(cat /sys/class/net/eth0/address)"
+i=0
+until ping -c 1 -W 2 "$2" >/dev/null 2>&1; do
+    i=$((i + 1)); [ $i -ge 150 ] && break
+done
+ping -c 3 -W 10 "$2" | sed -n 's/.* \([0-9]*\) packets received.*/nettest: ping \1/p'
+sleep 30  # the peer may still be pinging: answer it before powering off
+grep virtio /proc/interrupts | sed 's/^ */nettest: irq /'
+"""
+
+
+def lines(text: str) -> dict[str, str]:
+    out = {}
+    for m in re.finditer(r"^nettest: (\w+) (.*)$", text.replace("\r", ""), re.M):
+        out.setdefault(m.group(1), m.group(2).strip())
+    return out
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory):
+    if not VMLINUX.exists():
+        pytest.skip(f"no Debian kernel at {VMLINUX}: scripts/fetch-debian-kernel --modules")
+    assert (os.cpu_count() or 1) >= 3, "needs 3 CPUs in L1: scripts/hwvirt-rig run --cpus 5"
+    from osvmm.boot import kmodules
+    from osvmm.boot.initramfs import build_initramfs
+
+    tmp = tmp_path_factory.mktemp("net")
+    script = tmp / "nettest"
+    script.write_text(SCRIPT)
+    script.chmod(0o755)
+    moddir = kmodules.module_dir(VMLINUX.resolve().parent / "modules")
+    initrd = build_initramfs(
+        tmp / "initrd.cpio",
+        extra_files=[(script, "/bin/nettest")],
+        modules=kmodules.module_members(moddir, ("virtio_mmio", "virtio_net")),
+    )
+
+    def part(name, cpu, args):
+        cmdline = f"console=ttyS0 quiet -- /bin/nettest {args}"
+        return (
+            f'[[partition]]\nname = "{name}"\ncpus = "{cpu}"\nmemory = "192M"\n'
+            f'hugepages = false\nkernel = "{VMLINUX}"\ninitrd = "{initrd}"\n'
+            f"cmdline = {json.dumps(cmdline)}\n\n"
+        )
+
+    plan = tmp / "lan.toml"
+    plan.write_text(
+        f'[vmm]\ncontrol_socket = "{tmp}/osvmm.sock"\nlog_dir = "{tmp}/logs"\n\n'
+        + part("left", 1, "10.77.0.1 10.77.0.2")
+        + part("right", 2, "10.77.0.2 10.77.0.1")
+        + '[[network]]\nname = "lan"\nmembers = ["left", "right"]\n'
+    )
+    r = run_osvmm("up", "-d", str(plan), timeout=300)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    logs = {name: tmp / "logs" / f"{name}.console.log" for name in ("left", "right")}
+
+    def read_logs() -> dict[str, str]:
+        return {n: p.read_text(errors="replace") if p.exists() else "" for n, p in logs.items()}
+
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            if all("[osvmm: ended" in t for t in read_logs().values()):
+                break
+            time.sleep(2)
+        plan_out = run_osvmm("plan", str(plan), timeout=120).stdout.decode(errors="replace")
+    finally:
+        run_osvmm("down", "--plan", str(plan), timeout=300)
+    texts = read_logs()
+    return {n: lines(t) for n, t in texts.items()}, texts, plan_out
+
+
+def test_two_partitions_on_a_network_ping_each_other(network):
+    out, texts, _ = network
+    assert out["left"].get("ping") == "3", texts["left"][-3000:]
+    assert out["right"].get("ping") == "3", texts["right"][-3000:]
+
+
+def test_each_nic_has_the_mac_the_plan_gives(network):
+    out, _, plan_out = network
+    for name in ("left", "right"):
+        mac = out[name].get("mac")
+        assert mac and mac.startswith("02:6e:"), out[name]
+        assert mac in plan_out, (mac, plan_out)
