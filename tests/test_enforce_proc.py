@@ -34,11 +34,15 @@ hugepages = false
 
 
 def proc_threads(pid: int) -> dict[str, int]:
-    """comm -> tid of every thread of ``pid``, read from /proc."""
+    """comm -> tid of every thread of ``pid``, read from /proc (a short-lived thread,
+    such as a control connection's, may end between the listing and the read)."""
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/comm") as f:
-            out[f.read().strip()] = int(tid)
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                out[f.read().strip()] = int(tid)
+        except FileNotFoundError:
+            continue
     return out
 
 
