@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,12 @@ def api(path: str, method: str, target: str, body=None, timeout: float = 30):
         return r.status, dict(r.getheaders()), value
     finally:
         conn.close()
+
+
+VMM_NOTE = re.compile(r"\[osvmm: [^\]\n]*\]\n")
+
+
+def guest_text(path: Path) -> str:
+    """A console log with the VMM's ``[osvmm: ...]`` notes taken out: what the guest
+    wrote (a note may land in the middle of a line the guest is writing)."""
+    return VMM_NOTE.sub("", path.read_text())

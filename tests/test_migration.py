@@ -28,7 +28,7 @@ from osvmm.plan.topology import read_topology
 from osvmm.up.hypercalls import serve_supervisor
 from osvmm.up.migrate import IncomingServer, MigrationService
 from osvmm.up.supervisor import RUNNING, STOPPED, Supervisor
-from tests.helpers import REPO, run_osvmm
+from tests.helpers import REPO, guest_text, run_osvmm
 
 pytestmark = pytest.mark.kvm
 
@@ -232,8 +232,6 @@ def test_osvmm_migrate_to_osvmm_up_incoming(tmp):
                 p.kill()
     # The guest may be paused in the middle of a line: its first part ends the
     # source's log (before the VMM's note), the rest begins the destination's.
-    text = "".join(
-        re.sub(r"\[osvmm: [^\]\n]*\]\n", "", log.read_text()) for log in (src_log, dst_log)
-    )
+    text = guest_text(src_log) + guest_text(dst_log)
     lines = [int(n) for n in re.findall(r"counter: (\d+)\n", text)]
     assert lines == [EVERY * (lines[0] // EVERY + i) for i in range(len(lines))], lines

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.helpers import run_osvmm
+from tests.helpers import guest_text, run_osvmm
 from tests.test_supervisor_up import UpProcess
 
 pytestmark = pytest.mark.kvm
@@ -44,8 +44,7 @@ def lines(path, pattern: str) -> list[int]:
     may note itself in the middle of a line the guest is writing)."""
     if not path.exists():
         return []
-    text = re.sub(r"\[osvmm: [^\]\n]*\]\n", "", path.read_text())
-    return [int(n) for n in re.findall(pattern, text)]
+    return [int(n) for n in re.findall(pattern, guest_text(path))]
 
 
 def wait_until(pred, timeout: float = 60):
