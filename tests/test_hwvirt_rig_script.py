@@ -142,6 +142,9 @@ elif mode == "crash":
     print("qemu-system-x86_64: could not load kernel", file=sys.stderr)
     sys.exit(1)
 elif mode == "hang":
+    console = re.search(r"-serial file:(\\S+)", " ".join(sys.argv)).group(1)
+    with open(console, "w") as f:
+        f.write("watchdog: BUG: soft lockup - CPU#0 stuck for 22s!\\n")
     if "FAKE_PIDFILE" in os.environ:
         with open(os.environ["FAKE_PIDFILE"], "w") as f:
             f.write(str(os.getpid()))
@@ -290,7 +293,12 @@ def test_run_times_out_and_kills_qemu(stand_in):
     env, _ = stand_in
     env["FAKE_L1"] = "hang"
     r = run_rig("run", "--timeout", "1.5", "--", "true", env=env, timeout=30)
-    assert_one_line(r, 124, "timed out after 1.5 s", "before the command started", "QEMU killed")
+    assert r.returncode == 124 and "Traceback" not in r.stderr
+    first, *console = r.stderr.splitlines()
+    for f in ("hwvirt-rig: timed out after 1.5 s", "before the command started", "QEMU killed"):
+        assert f in first, (f, first)
+    # Then L1's console, where a hung kernel says why (soft lockups, hung tasks).
+    assert console == ["  | watchdog: BUG: soft lockup - CPU#0 stuck for 22s!"], r.stderr
 
 
 def test_initramfs_is_rebuilt_when_an_input_changes(stand_in):

@@ -51,7 +51,7 @@ pytestmark = pytest.mark.rig
 CACHE = Path(os.environ.get("OSVMM_CACHE", Path.home() / ".cache" / "osvmm"))
 VMLINUX = CACHE / "kernel" / "vmlinux"
 READY = "osvmm-initramfs: ready"
-BOOT_TIMEOUT = 900  # one Linux boot in the rig takes 1-3 minutes; L1 may be loaded
+BOOT_TIMEOUT = 400  # one Linux boot in the rig takes 0.5-2 minutes; L1 may be loaded
 SLEEP_S = 8  # the guest's sleep between its two uptime readings
 
 # What each `osvmm run` boot prints, one KEY VALUE line each (osvmm.run=: no double quotes).

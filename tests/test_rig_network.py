@@ -20,7 +20,7 @@ pytestmark = pytest.mark.rig
 
 CACHE = Path(os.environ.get("OSVMM_CACHE", Path.home() / ".cache" / "osvmm"))
 VMLINUX = CACHE / "kernel" / "vmlinux"
-TIMEOUT = 900
+TIMEOUT = 400
 
 SCRIPT = r"""#!/bin/sh
 # nettest ADDRESS PEER: eth0 up with ADDRESS/24, ping PEER until it answers (the

@@ -105,7 +105,7 @@ def boot(tmp: Path, initrd: Path, mode: str, *extra: str) -> list[str]:
         "--append",
         f"console=ttyS0 panic=-1 -- /bin/disktest {mode}",
         *extra,
-        timeout=1200,
+        timeout=400,
     )
     out = r.stdout.decode(errors="replace")
     assert r.returncode == 0, out[-3000:] + r.stderr.decode(errors="replace")
