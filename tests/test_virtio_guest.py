@@ -6,6 +6,8 @@ come through a KVM irqfd on I/O APIC pin 5."""
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 
 import pytest
@@ -136,3 +138,43 @@ def test_a_partition_with_disks_is_not_snapshotted_or_migrated(image, tmp_path):
     finally:
         part.close()
     assert not (tmp_path / "snap").exists()
+
+
+def test_the_device_counters_show_what_the_guest_did(image):
+    part = _disk_partition(image)
+    try:
+        part.start()
+        assert part.wait(120).status == 1
+        (dev,) = part.device_stats()
+    finally:
+        part.close()
+    counts = dev["counts"]
+    assert (counts["read"], counts["write"], counts["flush"], counts["get_id"]) == (3, 1, 1, 1)
+    assert counts["errors"] == 1  # the out-of-range read
+    assert counts["write_bytes"] == 512 and counts["read_bytes"] == 3 * 512 - 512
+    (q,) = dev["queues"]
+    assert q["avail_idx"] == q["last_avail"] == q["used_idx"] == 6  # every request answered
+    assert 1 <= dev["interrupts"] <= 6 and dev["error"] is None
+    assert (dev["base"], dev["irq"]) == (0xC000_0000, 5)
+
+
+def test_osvmm_stat_shows_a_partitions_devices(image):
+    from tests.test_api_openapi import DOC, schema_check
+    from tests.test_supervisor_up import UpProcess
+
+    up = UpProcess(
+        f'[[partition]]\nname = "disk"\ncpus = "floating"\nmemory = "16M"\n'
+        f'image = "guests:virtioblk"\ndrives = ["{image}"]\nrestart = "stop"\n'
+    )
+    try:
+        up.wait_for(lambda p: p["disk"]["state"] == "stopped" and p["disk"]["boots"] == 1)
+        r = up.cli("stat", "disk", "--json")
+        assert r.returncode == 0, r.stderr
+        (stat,) = json.loads(r.stdout)["partitions"]
+        schema_check(stat, DOC["components"]["schemas"]["Stat"])
+        (dev,) = stat["devices"]
+        assert stat["live"] is False and dev["counts"]["write"] == 1
+        text = up.cli("stat", "disk").stdout.decode()
+        assert re.search(r"device 0 virtio-blk \S+: read 3, write 1, .*; queues q0 6/6/6\n", text)
+    finally:
+        up.close()

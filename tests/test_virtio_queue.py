@@ -222,6 +222,29 @@ def test_event_idx_interrupts_only_when_used_event_is_crossed(mem):
     assert d.avail_event() == 3  # the device asks to be notified at the next chain
 
 
+def test_indices_say_where_driver_and_device_stand(mem):
+    d, q = Driver(mem), queue(mem, event_idx=True)
+    buf = d.buffer(4)
+    d.set_used_event(7)
+    for i in range(3):
+        d.set_desc(i, buf, 4, F.VIRTQ_DESC_F_WRITE)
+        d.make_available(i)
+    q.push(q.pop().head, 4)
+    q.needs_interrupt()
+    q.pop()
+    assert q.indices() == {
+        "size": 8,
+        "avail_idx": 3,
+        "last_avail": 2,
+        "used_idx": 1,
+        "signalled_used": 1,
+        "used_event": 7,
+        "avail_event": 0,  # written only when the device finds the ring empty
+    }
+    plain = queue(mem)
+    assert set(plain.indices()) == {"size", "avail_idx", "last_avail", "used_idx", "signalled_used"}
+
+
 def test_event_idx_looks_again_after_publishing_avail_event(mem):
     """A chain made available between the empty check and avail_event is not missed."""
     d, q = Driver(mem), queue(mem, event_idx=True)

@@ -75,6 +75,15 @@ def partition_metrics(sup) -> list:
     kvm_other = GaugeMetricFamily(
         "osvmm_kvm_vcpu_stat", "KVM's other vCPU statistics", labels=[*P, "vcpu", "stat"]
     )
+    devices = CounterMetricFamily(
+        "osvmm_device_events",
+        "a virtio device's counters (frames, requests, drops) and its backend's "
+        "(a switch port's), by device slot",
+        labels=[*P, "device", "event"],
+    )
+    device_irqs = CounterMetricFamily(
+        "osvmm_device_interrupts", "interrupts a virtio device raised", labels=[*P, "device"]
+    )
     for entry in list(sup.partitions.values()):
         d = sup.describe(entry)
         name = d["name"]
@@ -89,7 +98,12 @@ def partition_metrics(sup) -> list:
         for sink, value in d["console_lost"].items():
             if isinstance(value, int):
                 lost.add_metric([name, sink], value)
-        for v in sup.stats(entry)["vcpus"]:
+        stats = sup.stats(entry)
+        for slot, dev in enumerate(stats["devices"]):
+            for event, n in (*dev["counts"].items(), *dev["backend"].items()):
+                devices.add_metric([name, str(slot), event], n)
+            device_irqs.add_metric([name, str(slot)], dev["interrupts"])
+        for v in stats["vcpus"]:
             cpu = str(v["vcpu"])
             for reason, n in v["vmm"].items():
                 vmm_exits.add_metric([name, cpu, reason], n)
@@ -99,6 +113,8 @@ def partition_metrics(sup) -> list:
     return [state, boots, restarts, uptime, memory, vcpus, console, lost, vmm_exits] + [
         kvm_exits,
         kvm_other,
+        devices,
+        device_irqs,
     ]
 
 

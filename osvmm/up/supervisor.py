@@ -132,6 +132,7 @@ class PartitionEntry:
     started_at: float | None = None
     last_stats: list[dict] = field(default_factory=list)  # exit_stats() at the last end
     last_unclaimed: dict = field(default_factory=dict)
+    last_devices: list[dict] = field(default_factory=list)  # device_stats() at the last end
     # wishes of users, read by the entry's thread under Supervisor._cond
     want_running: bool = False
     user_stop: bool = False
@@ -583,6 +584,7 @@ class Supervisor:
                         "live": True,
                         "vcpus": part.exit_stats(),
                         "unclaimed_ports": dict(part.pio.unclaimed),
+                        "devices": part.device_stats(),
                     }
                 except (OSError, ValueError, OsvmmError):
                     pass
@@ -591,6 +593,7 @@ class Supervisor:
                 "live": False,
                 "vcpus": entry.last_stats,
                 "unclaimed_ports": entry.last_unclaimed,
+                "devices": entry.last_devices,
             }
 
     # -- the entry's thread -----------------------------------------------------------------------
@@ -754,6 +757,7 @@ class Supervisor:
         try:
             entry.last_stats = part.exit_stats()
             entry.last_unclaimed = dict(part.pio.unclaimed)
+            entry.last_devices = part.device_stats()
         except (OSError, ValueError, OsvmmError):
             pass
         for hook in self.on_end:

@@ -65,8 +65,31 @@ def format_stat(partitions: list[dict]) -> str:
             title=f"partition {p['name']} ({'now' if p['live'] else 'at the end of its last run'})",
         )
         + format_write_monitor(p.get("write_monitor"))
+        + format_devices(p.get("devices") or [])
         for p in partitions
     )
+
+
+def format_devices(devices: list[dict]) -> str:
+    """A line per virtio device: its counters and its backend's, interrupts raised,
+    and per queue ``avail/taken/used`` (the driver's available index, the entries
+    the device took, the used index); a device that needs a reset says why."""
+    out = []
+    for slot, d in enumerate(devices):
+        counts = ", ".join(f"{k} {v}" for k, v in {**d["counts"], **d["backend"]}.items())
+        queues = " ".join(
+            f"q{q['index']} {q['avail_idx'] if q['avail_idx'] is not None else '?'}"
+            f"/{q['last_avail']}/{q['used_idx']}"
+            for q in d["queues"]
+        )
+        line = f"device {slot} {d['name']}: {counts}; {d['interrupts']} interrupts"
+        line += f"; queues {queues}" if queues else "; not set up by the driver"
+        if d["rx_starved"]:
+            line += "; waiting for receive buffers"
+        if d["error"]:
+            line += f"; needs a reset: {d['error']}"
+        out.append(line + "\n")
+    return "".join(out)
 
 
 def format_write_monitor(wm: dict | None) -> str:

@@ -606,6 +606,10 @@ class Partition:
         self.finish(exit_status(value), f"debug exit with value {value}")
 
     # -- statistics ----------------------------------------------------------------
+    def device_stats(self) -> list[dict]:
+        """Per virtio device, in slot order: vmm/virtio.py DeviceThread.describe."""
+        return [dev.describe() for dev in self.virtio.devices] if self.virtio is not None else []
+
     def exit_stats(self) -> list[dict]:
         """Per vCPU: KVM's exit statistics and the exits the VMM handled, by kind."""
         out = []

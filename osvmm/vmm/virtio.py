@@ -110,6 +110,21 @@ class DeviceThread:
         except Exception as err:  # noqa: BLE001 - a bug: reported, never a dead thread unseen
             self._on_error(VmmBug.from_exception(f"{self.name} device thread", err))
 
+    def describe(self) -> dict:
+        """What ``osvmm stat`` shows of the device: its slot, the model's counts, its
+        backend's (a switch port's drops), and the transport's state."""
+        model = self.transport.model
+        backend = getattr(model, "backend", None)
+        return {
+            "name": self.name,
+            "base": self.base,
+            "irq": self.irq,
+            "counts": dict(getattr(model, "counts", {})),
+            "backend": dict(getattr(backend, "counts", {})),
+            "rx_starved": bool(getattr(model, "rx_starved", False)),
+            **self.transport.describe(),
+        }
+
     def stop(self) -> None:
         if self.thread is not None and self.thread.is_alive():
             os.eventfd_write(self._stop_fd, 1)

@@ -89,6 +89,10 @@ class VirtioBlk:
             b"\0" * 3,
         )
         self.requests = 0  # answered, for tests and statistics
+        # By kind, the bytes moved, and requests answered with an error (osvmm stat).
+        self.counts = dict.fromkeys(
+            ("read", "write", "flush", "get_id", "discard", "other", "errors"), 0
+        ) | {"read_bytes": 0, "write_bytes": 0}
 
     def reset(self) -> None:
         """Nothing of its own to forget: every request is answered before serve returns."""
@@ -116,6 +120,7 @@ class VirtioBlk:
         if status_at < 0:
             raise QueueError(f"request {chain.head} has no device-writable status byte")
         if chain.readable_len < _HEADER.size:
+            self._count(-1, spec.VIRTIO_BLK_S_IOERR, 0, 0)
             return self._answer(chain, status_at, spec.VIRTIO_BLK_S_IOERR, 0)
         kind, _, sector = _HEADER.unpack(chain.read(mem, 0, _HEADER.size))
         try:
@@ -137,7 +142,27 @@ class VirtioBlk:
                 status, data = spec.VIRTIO_BLK_S_UNSUPP, 0
         except OSError:
             status, data = spec.VIRTIO_BLK_S_IOERR, 0
+        self._count(kind, status, data, chain.readable_len - _HEADER.size)
         return self._answer(chain, status_at, status, data)
+
+    _KINDS = {
+        spec.VIRTIO_BLK_T_IN: "read",
+        spec.VIRTIO_BLK_T_OUT: "write",
+        spec.VIRTIO_BLK_T_FLUSH: "flush",
+        spec.VIRTIO_BLK_T_GET_ID: "get_id",
+        spec.VIRTIO_BLK_T_DISCARD: "discard",
+    }
+
+    def _count(self, kind: int, status: int, read: int, written: int) -> None:
+        counts = self.counts
+        name = self._KINDS.get(kind, "other")
+        counts[name] += 1
+        if status != spec.VIRTIO_BLK_S_OK:
+            counts["errors"] += 1
+        elif name == "read":
+            counts["read_bytes"] += read
+        elif name == "write":
+            counts["write_bytes"] += written
 
     def _answer(self, chain: Chain, status_at: int, status: int, data: int) -> int:
         chain.write(self.memory, status_at, bytes([status]))

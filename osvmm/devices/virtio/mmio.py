@@ -82,6 +82,7 @@ class VirtioMmio:
         self.driver_features = 0
         self.queue_sel = 0
         self.interrupt_status = 0
+        self.interrupts = 0  # raised since the last reset (osvmm stat)
         self.queues = [QueueState() for _ in range(self.model.num_queues)]
 
     def reset(self) -> None:
@@ -267,7 +268,21 @@ class VirtioMmio:
     def _raise(self, bit: int) -> None:
         with self._lock:
             self.interrupt_status |= bit
+            self.interrupts += 1
         self.interrupt()
+
+    def describe(self) -> dict:
+        """The transport's state for ``osvmm stat``: the driver's status, the
+        interrupts raised, and each set-up queue's indices (Virtqueue.indices)."""
+        with self._lock:
+            set_up = [(i, q.vq) for i, q in enumerate(self.queues) if q.vq is not None]
+            queues = [{"index": i, **vq.indices()} for i, vq in set_up]
+            return {
+                "status": self.status,
+                "interrupts": self.interrupts,
+                "error": self.error,
+                "queues": queues,
+            }
 
     def _needs_reset_locked(self, why: str) -> None:
         self.error = why

@@ -206,6 +206,28 @@ class Virtqueue:
                 raise QueueError(f"next descriptor {nxt} is outside a table of {table_size}")
             index = nxt
 
+    def indices(self) -> dict:
+        """Where the queue stands, for ``osvmm stat``: the driver's available index
+        and the device's, the used index and where it was last signalled, and with
+        event idx the two events (``used_event``: the driver wants an interrupt once
+        used passes it; ``avail_event``: the device wants a notify once avail does).
+        A ring no longer readable (a driver that moved it) reads as None."""
+        out = {
+            "size": self.size,
+            "avail_idx": None,
+            "last_avail": self.last_avail,
+            "used_idx": self.used_idx,
+            "signalled_used": self.signalled_used,
+        }
+        try:
+            out["avail_idx"] = self._u16(self.avail + 2)
+            if self.event_idx:
+                out["used_event"] = self._u16(self.avail + 4 + 2 * self.size)
+                out["avail_event"] = self._u16(self.used + 4 + 8 * self.size)
+        except GuestMemoryError:
+            pass
+        return out
+
     # -- the used ring -----------------------------------------------------------------
     def push(self, head: int, written: int) -> None:
         """Return chain ``head`` to the driver with ``written`` bytes written into it."""
