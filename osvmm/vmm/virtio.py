@@ -78,33 +78,32 @@ class DeviceThread:
         for fd in self._queue_fds:
             poller.register(fd, select.POLLIN)
         index_of = {fd: i for i, fd in enumerate(self._queue_fds)}
-        model = self.transport.model
-        # A device with input of its own (a NIC's tap): polled while the model can
-        # take it; a model starved of buffers waits for the driver's next notify.
-        backend_fd = getattr(model, "backend_fd", None)
-        polled = False
+        # A device with input of its own (a NIC's tap, vsock's sockets): the fds its
+        # model asks for now, asked again after every wake-up (a NIC starved of
+        # buffers asks for none until the driver's next notify).
+        polled: dict[int, int] = {}
         try:
             while True:
-                if backend_fd is not None and polled == model.rx_starved:
-                    if polled:
-                        poller.unregister(backend_fd)
-                    else:
-                        poller.register(backend_fd, select.POLLIN)
-                    polled = not polled
-                for fd, _ in poller.poll():
+                wanted = self.transport.poll_fds()
+                for fd in [fd for fd in polled if fd not in wanted]:
+                    poller.unregister(fd)
+                    del polled[fd]
+                for fd, events in wanted.items():
+                    if polled.get(fd) != events:
+                        poller.register(fd, events)  # or modify
+                        polled[fd] = events
+                for fd, revents in poller.poll():
                     if fd == self._stop_fd:
                         return
-                    if fd == backend_fd:
-                        if not self.transport.process(model.RX_QUEUE):
-                            model.rx_starved = True  # not ready: wait for a notify
+                    index = index_of.get(fd)
+                    if index is None:
+                        self.transport.fd_ready(fd, revents)
                         continue
                     try:
                         os.eventfd_read(fd)
                     except BlockingIOError:
                         continue
-                    if backend_fd is not None and index_of[fd] == model.RX_QUEUE:
-                        model.rx_starved = False  # the driver gave buffers: look again
-                    self.transport.process(index_of[fd])
+                    self.transport.process(index)
         except OsvmmError as err:
             self._on_error(err)
         except Exception as err:  # noqa: BLE001 - a bug: reported, never a dead thread unseen
