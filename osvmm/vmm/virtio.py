@@ -30,6 +30,7 @@ from osvmm.devices.virtio import spec
 from osvmm.devices.virtio.blk import VirtioBlk
 from osvmm.devices.virtio.mmio import VirtioMmio, slot
 from osvmm.devices.virtio.net import VirtioNet
+from osvmm.devices.virtio.vsock import VirtioVsock
 from osvmm.errors import OsvmmError, VmmBug
 from osvmm.vmm import enforce
 
@@ -154,6 +155,15 @@ class VirtioDevices:
         dev = DeviceThread(f"virtio-net {tap.name}", index, vm, memory, model, on_error)
         self.devices.append(dev)
         self.backends.append(tap)
+        mmio_bus.register(dev.base, 0x1000, dev.transport)
+        return dev
+
+    def add_vsock(self, vm, memory, mmio_bus, backend, cid: int, on_error) -> DeviceThread:
+        index = len(self.devices)
+        model = VirtioVsock(backend, memory, cid)
+        dev = DeviceThread(f"virtio-vsock {backend.path}", index, vm, memory, model, on_error)
+        self.devices.append(dev)
+        self.backends.append(backend)
         mmio_bus.register(dev.base, 0x1000, dev.transport)
         return dev
 
