@@ -31,7 +31,9 @@ def machine_of(assignment: Assignment, placement: PartitionAssignment) -> Machin
             placement.apic_ids,
             1,
             channels=channels,
-            virtio_mmio=len(spec.drives) + len(assignment.plan.networks_of(spec.name)),
+            virtio_mmio=len(spec.drives)
+            + len(assignment.plan.networks_of(spec.name))
+            + (spec.vsock is not None),
         )
     except ConfigError as err:
         raise ConfigError(f"partition {spec.name!r}: {err}") from None
@@ -74,6 +76,7 @@ def partition_config(
         restore_lazy=False,
         drives=spec.drives,
         switch_nics=switch_nics,
+        vsock=spec.vsock,
     )
 
 
