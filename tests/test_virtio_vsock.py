@@ -358,7 +358,7 @@ def test_guest_close_is_answered_with_rst(dev):
     assert ep.sent == b"last words" and ep.closed and not model.conns
 
 
-def test_host_eof_is_a_shutdown_after_its_data(dev):
+def test_host_eof_is_a_half_close_after_its_data(dev):
     model, backend, guest = dev
     ep = connected(model, backend, guest)
     ep.inbox += b"bye"
@@ -367,8 +367,13 @@ def test_host_eof_is_a_shutdown_after_its_data(dev):
     model.fd_ready(ep.fd, select.POLLIN | select.POLLHUP)
     packets = guest.packets()
     assert kinds(packets) == ["RW", "SHUTDOWN"] and packets[0][1] == b"bye"
-    assert packets[1][0].flags == 3
-    guest.send("RST")
+    assert packets[1][0].flags == spec.VIRTIO_VSOCK_SHUTDOWN_SEND
+    assert ep.fd not in model.poll_fds()  # nothing more to read from the host
+    guest.send("RW", payload=b"the answer")  # the other way goes on
+    assert ep.sent == b"the answer"
+    both = spec.VIRTIO_VSOCK_SHUTDOWN_SEND | spec.VIRTIO_VSOCK_SHUTDOWN_RCV
+    guest.send("SHUTDOWN", flags=both)
+    assert kinds(guest.packets()) == ["RST"]
     assert ep.closed and not model.conns
 
 

@@ -74,9 +74,9 @@ def test_host_connect_ok_and_data_both_ways(bridge):
     assert client.recv(64) == b"hello host"
     client.close()
     pump(model)
-    packets = guest.packets()
-    assert kinds(packets) == ["SHUTDOWN"]
-    guest.send("RST", 52, FIRST_HOST_PORT)
+    assert kinds(guest.packets()) == ["SHUTDOWN"]
+    guest.send("SHUTDOWN", 52, FIRST_HOST_PORT, flags=3)
+    assert kinds(guest.packets()) == ["RST"]
     assert not model.conns
 
 

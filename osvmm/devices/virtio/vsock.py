@@ -15,8 +15,9 @@ Every packet starts with ``virtio_vsock_hdr`` (44 bytes). A connection is a
     ESTABLISHED    -> RW both ways, within credit; CREDIT_UPDATE/REQUEST
     guest SHUTDOWN -> SEND: the host's socket shut for writing once what the
                       guest sent went out; SEND and RCV: RST back, closed
-    host EOF       -> SHUTDOWN (SEND and RCV) once what it sent went out; the
-                      guest answers RST: closed
+    host EOF       -> SHUTDOWN (SEND: no more from the host) once what it sent
+                      went out; the guest may go on sending, and closes
+                      with SHUTDOWN (both), answered with RST
     RST either way -> closed at once
 
 Credit (5.10.6.3): we advertise ``BUF_ALLOC`` bytes of buffer per connection
@@ -501,10 +502,10 @@ class VirtioVsock:
         if conn.to_guest and room <= 0:
             # a chain with room for a header only: spend it on our credit
             return spec.VIRTIO_VSOCK_OP_CREDIT_UPDATE, 0, b""
+        # The host's end of the stream: the guest reads to its end and may go on
+        # sending (a half-close); it closes with SHUTDOWN (both), answered with RST.
         conn.want_shutdown = False
-        conn.state = CLOSING  # the guest answers with RST
-        both = spec.VIRTIO_VSOCK_SHUTDOWN_RCV | spec.VIRTIO_VSOCK_SHUTDOWN_SEND
-        return spec.VIRTIO_VSOCK_OP_SHUTDOWN, both, b""
+        return spec.VIRTIO_VSOCK_OP_SHUTDOWN, spec.VIRTIO_VSOCK_SHUTDOWN_SEND, b""
 
     def _header(self, src_port: int, dst_port: int, op: int, flags: int = 0, length: int = 0):
         return virtio_vsock_hdr(
