@@ -64,7 +64,7 @@ def initrd(tmp_path_factory):
     return build_initramfs(
         tmp / "initrd.cpio",
         extra_files=[(script, "/bin/vsocktest"), (tool, "/bin/osvmm-vsock")],
-        modules=kmodules.module_members(moddir, ("virtio_mmio", "vmw_vsock_virtio_transport")),
+        modules=kmodules.module_members(moddir, kmodules.VIRTIO_VSOCK_MODULES),
     )
 
 
