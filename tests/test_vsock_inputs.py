@@ -152,3 +152,12 @@ def test_run_vsock_counts_among_the_devices(tmp_path):
 def test_restore_refuses_a_vsock(tmp_path):
     r = run_osvmm("run", "--restore", str(tmp_path), "--vsock", "uds=v")
     assert r.returncode == 2 and "--vsock" in r.stderr.decode()
+
+
+def test_up_checks_the_vsock_path_before_anything_starts(tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    plan = tmp_path / "plan.toml"
+    plan.write_text(plan_text(tmp_path, '"uds=ok.sock"', '{ uds = "taken" }'))
+    r = run_osvmm("up", str(plan), timeout=60)
+    assert_one_line_error(r, "partition 'p1'", "vsock uds=", "exists and is not a socket")
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "ok.sock").exists()

@@ -181,8 +181,9 @@ def _listening(path: str) -> bool:
         probe.close()
 
 
-def open_vsock_uds(path: str, what: str = "--vsock") -> UdsBackend:
-    """The listening socket at ``path`` (a stale one replaced), as a backend."""
+def check_uds_path(path: str, what: str = "--vsock") -> bool:
+    """Whether a stale socket file is at ``path`` (nothing: False); a ConfigError
+    when the path cannot be ours: too long, something else there, a listener."""
     where = f"{what} uds={path}"
     if len(os.fsencode(path)) + PORT_SUFFIX_MAX > SUN_PATH_MAX:
         raise ConfigError(
@@ -195,11 +196,19 @@ def open_vsock_uds(path: str, what: str = "--vsock") -> UdsBackend:
         st = None
     except OSError as e:
         raise ConfigError(f"{where}: {e.strerror}") from None
-    if st is not None:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ConfigError(f"{where}: exists and is not a socket")
-        if _listening(path):
-            raise ConfigError(f"{where}: another process listens there")
+    if st is None:
+        return False
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"{where}: exists and is not a socket")
+    if _listening(path):
+        raise ConfigError(f"{where}: another process listens there")
+    return True
+
+
+def open_vsock_uds(path: str, what: str = "--vsock") -> UdsBackend:
+    """The listening socket at ``path`` (a stale one replaced), as a backend."""
+    where = f"{what} uds={path}"
+    if check_uds_path(path, what):
         try:
             os.unlink(path)  # stale: left by a run that ended
         except OSError as e:
