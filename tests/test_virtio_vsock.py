@@ -117,17 +117,21 @@ class Guest:
         for head in range(rx_size):
             self.rx_bufs[head] = 0x100000 + head * 0x2000
         self.tx_data = 0x200000
+        self.out: set[int] = set()  # rx heads the device holds
 
     def give_rx(self, heads=None, size=RX_BUF):
-        for head in self.rx_bufs if heads is None else heads:
+        """The rx buffers the device does not hold (or ``heads``) made available."""
+        for head in [h for h in self.rx_bufs if h not in self.out] if heads is None else heads:
             self.rxd.chain([(self.rx_bufs[head], size, True)], first=head)
             self.rxd.make_available(head)
+            self.out.add(head)
 
     def packets(self):
         """What the device put in the rx buffers since the last call: (hdr, payload)."""
         self.model.serve(RX, self.rxq)
         out = []
         for head, written in self.rxd.take_used():
+            self.out.discard(head)
             raw = self.mem.read(self.rx_bufs[head], written)
             if written < HDR_SIZE:
                 out.append((None, raw))
@@ -473,4 +477,51 @@ def test_rx_buffers_too_small_for_a_header_are_returned_empty():
     assert model.counts["rx_short"] == 4
     guest.give_rx()
     assert kinds(guest.packets()) == ["RESPONSE"]
+    mem.close()
+
+
+def test_random_packets_never_break_the_device():
+    """Headers of random fields (mostly plausible ones), random lengths, short chains:
+    every packet is taken and answered or dropped; the device keeps its bounds."""
+    import random
+
+    rng = random.Random(19)
+    mem = memory(4 << 20)
+    backend = FakeBackend()
+    backend.listeners.update({80, 81})
+    model = VirtioVsock(backend, mem, CID)
+    guest = Guest(mem, model)
+    for _ in range(600):
+        fields = dict(
+            src_cid=rng.choice([CID, CID, CID, 2, 1 << 40]),
+            dst_cid=rng.choice([2, 2, 2, CID]),
+            src_port=rng.choice([1, 2, 3]),
+            dst_port=rng.choice([80, 81, 82, FIRST_HOST_PORT]),
+            type=rng.choice([1, 1, 1, 2, 0]),
+            op=rng.randrange(9),
+            flags=rng.randrange(4),
+            buf_alloc=rng.choice([0, 10, BUF_ALLOC, 0xFFFFFFFF]),
+            fwd_cnt=rng.randrange(1 << 32),
+        )
+        payload = bytes(rng.choice([0, 0, 5, 5000]))
+        fields["len"] = rng.choice([len(payload)] * 3 + [len(payload) + 1, 0xFFFFFFFF])
+        raw = bytes(virtio_vsock_hdr(**fields)) + payload
+        if rng.random() < 0.1:
+            raw = raw[: rng.randrange(HDR_SIZE)]
+        if rng.random() < 0.2:
+            ep = backend.endpoint()
+            ep.inbox += bytes(rng.randrange(3000))
+            ep.eof = rng.random() < 0.5
+            backend.incoming.append((rng.choice([1, 2, 3]), ep))
+            model.fd_ready(FakeBackend.LISTEN_FD, select.POLLIN)
+        guest.send_raw([(raw, False)])
+        for fd, events in model.poll_fds().items():
+            model.fd_ready(fd, events)
+        if rng.random() < 0.5:
+            guest.give_rx()
+            guest.packets()
+        assert len(model.conns) <= 256 and len(model.orphans) <= MAX_ORPHANS
+        assert all(len(c.to_guest) <= 64 << 10 for c in model.conns.values())
+        assert all(len(c.to_host) <= BUF_ALLOC for c in model.conns.values())
+    assert model.counts["malformed"] and model.counts["bad_cid"] and model.counts["rx"]
     mem.close()
