@@ -173,3 +173,14 @@ def test_a_path_too_long_is_refused(tmp_path):
 def test_a_directory_that_does_not_exist_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="cannot listen"):
         open_vsock_uds(str(tmp_path / "none" / "v.sock"))
+
+
+def test_closing_the_backend_closes_its_streams(bridge):
+    path, backend, model, guest = bridge
+    client = host_connect(path, b"CONNECT 52\n")
+    pump(model)
+    [(hdr, _)] = guest.packets()
+    guest.send("RESPONSE", 52, hdr.src_port)
+    assert client.recv(64).startswith(b"OK ")
+    backend.close()  # the partition ends
+    assert closed(client) and not backend.streams

@@ -43,10 +43,12 @@ _CONNECT = re.compile(rb"CONNECT ([0-9]{1,10})\n")
 class UdsStream:
     """One host stream of a vsock connection (an endpoint, vsock.py)."""
 
-    def __init__(self, sock: socket.socket, host_initiated: bool):
+    def __init__(self, sock: socket.socket, host_initiated: bool, owner: set):
         self.sock = sock
         self.fd = sock.fileno()
         self.host_initiated = host_initiated
+        self._owner = owner  # the backend's open streams: closed with it
+        owner.add(self)
 
     def recv(self, n: int) -> bytes | None:
         try:
@@ -75,6 +77,7 @@ class UdsStream:
             pass  # the host end is gone: its next read or write says so
 
     def close(self) -> None:
+        self._owner.discard(self)
         self.sock.close()
 
 
@@ -88,6 +91,7 @@ class UdsBackend:
         st = os.stat(path)
         self._identity = (st.st_dev, st.st_ino)
         self.pending: dict[int, tuple[socket.socket, bytearray]] = {}
+        self.streams: set[UdsStream] = set()  # handed to the model, not closed yet
         self.counts = {"accepted": 0, "bad_line": 0, "too_many": 0}
 
     def listen_fds(self) -> list[int]:
@@ -124,7 +128,7 @@ class UdsBackend:
             self.counts["bad_line"] += 1
             sock.close()
             return []
-        return [(port, UdsStream(sock, host_initiated=True))]
+        return [(port, UdsStream(sock, True, self.streams))]
 
     def _accept(self) -> None:
         while True:
@@ -151,12 +155,15 @@ class UdsBackend:
         except OSError:
             sock.close()
             return None
-        return UdsStream(sock, host_initiated=False)
+        return UdsStream(sock, False, self.streams)
 
     def close(self) -> None:
+        """The listener and every stream closed (the device's thread has stopped)."""
         for sock, _ in self.pending.values():
             sock.close()
         self.pending = {}
+        for stream in list(self.streams):
+            stream.close()
         if self.listener is None:
             return
         self.listener.close()
