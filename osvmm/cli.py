@@ -244,6 +244,8 @@ def cmd_run(args) -> int:
             forwarder.stop()
         if not getattr(args, "process_ends", False):
             part.close()  # else the kernel reclaims the VM and its memory as the process ends
+        else:
+            part.remove_host_files()  # but not a socket file (--vsock)
         if snap is not None:
             snap.close()
 

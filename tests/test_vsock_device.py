@@ -161,3 +161,15 @@ def test_a_guest_connection_through_the_device_thread(device):
     conn.close()
     server.close()
     assert not errors
+
+
+@pytest.mark.kvm
+def test_osvmm_run_removes_its_socket_file(tmp_path):
+    """``osvmm run`` ends without tearing the partition down (the kernel reclaims
+    it), but the socket file is its to remove."""
+    from tests.helpers import run_osvmm
+
+    path = tmp_path / "v.sock"
+    r = run_osvmm("run", "guests:hello", "--vsock", f"uds={path}")
+    assert b"Hello from osvmm guest" in r.stdout, r.stderr
+    assert not path.exists()

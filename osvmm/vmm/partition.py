@@ -642,6 +642,15 @@ class Partition:
                 self.stats_readers = [StatsReader(fd) for fd in self._stats_fds]
         return [exit_counts(r.read()) for r in self.stats_readers]
 
+    def remove_host_files(self) -> None:
+        """What ``close`` would leave behind when the process ends without it: the
+        vsock's socket file (vmm/vsock_uds.py). Memory, fds and the VM the kernel
+        reclaims with the process."""
+        if self.virtio is not None:
+            self.virtio.remove_host_files()
+        if self._vsock is not None:
+            self._vsock.unlink()
+
     def close(self) -> None:
         self._end_threads()
         self._close_disks()

@@ -177,6 +177,14 @@ class VirtioDevices:
         for dev in self.devices:
             dev.transport.reset()
 
+    def remove_host_files(self) -> None:
+        """Files the backends made on the host (vsock's socket) removed, the rest
+        left as it is: the process ends next and the kernel reclaims that."""
+        for b in self.backends:
+            unlink = getattr(b, "unlink", None)
+            if unlink is not None:
+                unlink()
+
     def close(self) -> None:
         for dev in self.devices:
             dev.close()

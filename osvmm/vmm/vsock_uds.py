@@ -166,8 +166,13 @@ class UdsBackend:
             stream.close()
         if self.listener is None:
             return
+        self.unlink()
         self.listener.close()
         self.listener = None
+
+    def unlink(self) -> None:
+        """The socket file removed, if it is still the one we made (a process about
+        to end leaves its sockets to the kernel, not its files)."""
         try:
             st = os.stat(self.path)
             if (st.st_dev, st.st_ino) == self._identity:
