@@ -16,9 +16,10 @@ reported before /dev/kvm is touched.
                   guest RAM as memslots (bringup.py: registered on a thread while
                   steps 4-6 go on); HLT/PAUSE exits disabled on dedicated cores
     4. devices    COM1 (8250), isa-debug-exit, the power ports, the CMOS RTC and
-                  the ACPI PM timer on the port bus; virtio-blk devices on the
-                  MMIO bus, their ioeventfds and irqfds (vmm/virtio.py), their
-                  disk images opened and checked in step 1 (the Machine has as
+                  the ACPI PM timer on the port bus; virtio-blk, virtio-net and
+                  virtio-vsock devices on the MMIO bus, their ioeventfds and
+                  irqfds (vmm/virtio.py), their disk images, taps and vsock
+                  socket opened and checked in step 1 (the Machine has as
                   many virtio-mmio slots: the DSDT announces them)
     5. image      the boot image written into guest memory
     6. vcpus      created with their CPUID; the BSP gets the entry registers,
