@@ -48,6 +48,14 @@ def add_run_parser(sub) -> None:
         metavar="tap=NAME[,mac=...]",
         help="a NIC on host tap device NAME, as virtio-net (repeatable; docs/devices.md)",
     )
+    p.add_argument(
+        "--vsock",
+        action="append",
+        metavar="uds=PATH[,cid=N]",
+        help="a virtio-vsock device (one), its guest CID N (3); host programs reach the "
+        "guest through the Unix socket PATH (write 'CONNECT PORT\\n', read 'OK ...'), "
+        "guest connects to the host (CID 2) port P reach PATH_P (docs/devices.md)",
+    )
     p.add_argument("--stats", action="store_true", help="print exit statistics at the end")
     p.add_argument(
         "--serial-input",
@@ -116,6 +124,7 @@ def _restore_source(args):
             ("--numa", args.numa),
             ("--drive", args.drive),
             ("--net", args.net),
+            ("--vsock", args.vsock),
         )
         if value is not None and value != ""
     ]
@@ -148,18 +157,22 @@ def cmd_run(args) -> int:
             raise ConfigError("nothing to boot: give an IMAGE (or guests:NAME) or --kernel")
         machine = None
     drives = nets = ()
-    if args.drive or args.net:
-        from osvmm.plan.drives import MAX_DEVICES, parse_drive, parse_net
+    vsock = None
+    if args.drive or args.net or args.vsock:
+        from osvmm.plan.drives import MAX_DEVICES, parse_drive, parse_net, parse_vsock
 
         drives = tuple(parse_drive(text) for text in args.drive or ())
         nets = tuple(parse_net(text) for text in args.net or ())
-        if len(drives) + len(nets) > MAX_DEVICES:
+        if args.vsock and len(args.vsock) > 1:
+            raise ConfigError(f"--vsock: given {len(args.vsock)} times, a partition has one")
+        vsock = parse_vsock(args.vsock[0]) if args.vsock else None
+        if len(drives) + len(nets) + (vsock is not None) > MAX_DEVICES:
             raise ConfigError(
-                f"--drive, --net: {len(drives)} disks and {len(nets)} NICs, a partition has "
-                f"at most {MAX_DEVICES} devices"
+                f"--drive, --net, --vsock: {len(drives)} disks, {len(nets)} NICs and "
+                f"{int(vsock is not None)} vsock, a partition has at most {MAX_DEVICES} devices"
             )
     if machine is None:
-        machine = _run_machine(args, len(drives) + len(nets))
+        machine = _run_machine(args, len(drives) + len(nets) + (vsock is not None))
 
     def stdout_closed() -> None:  # on a vCPU thread: the run ends, then the process
         part.stop(0, STDOUT_GONE)
@@ -174,6 +187,7 @@ def cmd_run(args) -> int:
         restore=snap,
         drives=drives,
         nets=nets,
+        vsock=vsock,
     )
     if snap is not None:
         config.name = snap.state.get("name") or config.name
@@ -230,6 +244,8 @@ def cmd_run(args) -> int:
             forwarder.stop()
         if not getattr(args, "process_ends", False):
             part.close()  # else the kernel reclaims the VM and its memory as the process ends
+        else:
+            part.remove_host_files()  # but not a socket file (--vsock)
         if snap is not None:
             snap.close()
 

@@ -149,3 +149,22 @@ def test_debian_virtio_mmio_takes_no_command_line_devices():
         text = config.read_text()
         assert "CONFIG_VIRTIO_MMIO=m" in text
         assert "# CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES is not set" in text
+
+
+def test_debian_vsock_transport_comes_with_its_dependencies():
+    """The guest's side of virtio-vsock (docs/devices.md): --module
+    vmw_vsock_virtio_transport brings vsock and the common transport, after virtio."""
+    base = CACHE / "kernel" / "vmlinux"
+    mods = base.resolve().parent / "modules" if base.exists() else None
+    if mods is None or not mods.is_dir():
+        pytest.skip("Debian's modules are not unpacked (scripts/fetch-debian-kernel --modules)")
+    moddir = kmodules.module_dir(mods)
+    names = [Path(p).name for p in kmodules.load_order(moddir, kmodules.VIRTIO_VSOCK_MODULES)]
+    assert names[-1] == "vmw_vsock_virtio_transport.ko", names
+    for before, after in (
+        ("virtio_mmio.ko", "vmw_vsock_virtio_transport.ko"),
+        ("virtio.ko", "vmw_vsock_virtio_transport.ko"),
+        ("vsock.ko", "vmw_vsock_virtio_transport_common.ko"),
+        ("vmw_vsock_virtio_transport_common.ko", "vmw_vsock_virtio_transport.ko"),
+    ):
+        assert names.index(before) < names.index(after), names

@@ -62,7 +62,8 @@ def test_no_networks(tmp_path):
             part(extra="drives = [" + ", ".join(f'"d{i}"' for i in range(MAX_DEVICES)) + "]")
             + part("b")
             + net(),
-            f"partition 'a': {MAX_DEVICES} disks and 1 network NICs, at most {MAX_DEVICES}",
+            f"partition 'a': {MAX_DEVICES} disks, 1 network NICs and 0 vsock, "
+            f"at most {MAX_DEVICES}",
         ),
     ],
 )

@@ -181,4 +181,4 @@ def test_disks_and_nics_share_the_slots(tmp_path):
         args += ["--drive", str(tmp_path / f"d{i}.img")]
     args += ["--net", "tap=t0", "--net", "tap=t1", "--net", "tap=t2"]
     r = run_osvmm("run", "guests:hello", *args)
-    assert_one_line_error(r, "5 disks and 3 NICs", "at most 7 devices")
+    assert_one_line_error(r, "5 disks, 3 NICs and 0 vsock", "at most 7 devices")

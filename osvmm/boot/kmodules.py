@@ -23,6 +23,9 @@ from osvmm.files import read_input
 # CONFIG_VIRTIO_BLK=m): the virtio-mmio transport and the block driver; virtio and
 # virtio_ring come as their dependencies.
 VIRTIO_DISK_MODULES = ("virtio_mmio", "virtio_blk")
+# What vsock needs (CONFIG_VIRTIO_VSOCKETS=m): the transport; vsock and
+# vmw_vsock_virtio_transport_common come as its dependencies.
+VIRTIO_VSOCK_MODULES = ("virtio_mmio", "vmw_vsock_virtio_transport")
 MAX_MODULE_SIZE = 64 << 20
 
 

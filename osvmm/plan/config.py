@@ -28,7 +28,16 @@ from osvmm.files import read_input
 from osvmm.guests import bundled_name
 from osvmm.hypercall.abi import MAX_CHANNELS, MAX_PARTITIONS
 from osvmm.machine import MAX_VCPUS
-from osvmm.plan.drives import MAX_DEVICES, MAX_DRIVES, Drive, parse_drive
+from osvmm.plan.drives import (
+    DEFAULT_CID,
+    MAX_DEVICES,
+    MAX_DRIVES,
+    Drive,
+    Vsock,
+    check_vsock,
+    parse_drive,
+    parse_vsock,
+)
 from osvmm.plan.paths import default_control_socket  # noqa: F401 - re-exported
 from osvmm.plan.sizes import MAX_SIZE_TEXT, format_size, parse_size  # noqa: F401 - re-exported
 from osvmm.plan.sizes import clip as _clip
@@ -69,7 +78,9 @@ PARTITION_KEYS = (
     "protect",
     "restore",
     "drives",
+    "vsock",
 )
+VSOCK_KEYS = ("uds", "cid")
 CHANNEL_KEYS = ("name", "size", "members")
 NETWORK_KEYS = ("name", "members")
 TOP_KEYS = ("vmm", "partition", "channel", "network")
@@ -172,6 +183,7 @@ class PartitionSpec:
     protect: ProtectSpec | None = None  # [partition.protect]: the write monitor
     restore: str | None = None  # a snapshot directory its first boot resumes (docs/snapshots.md)
     drives: tuple[Drive, ...] = ()  # disks: raw images as virtio-blk (docs/devices.md)
+    vsock: Vsock | None = None  # a virtio-vsock device and its Unix socket (docs/devices.md)
 
     @property
     def cpu_mode(self) -> str:
@@ -325,13 +337,22 @@ def parse_plan(text: str, base_dir: str | os.PathLike[str], source: str = "<plan
         if any(n.name == net.name for n in networks):
             raise ConfigError(f"network {net.name!r}: name: duplicate network name")
         networks.append(net)
+    sockets: dict[str, str] = {}
     for spec in partitions:
         nics = sum(spec.name in n.members for n in networks)
-        if len(spec.drives) + nics > MAX_DEVICES:
+        vsocks = int(spec.vsock is not None)
+        if len(spec.drives) + nics + vsocks > MAX_DEVICES:
             raise ConfigError(
-                f"partition {spec.name!r}: {len(spec.drives)} disks and {nics} network NICs, "
-                f"at most {MAX_DEVICES} virtio devices in all"
+                f"partition {spec.name!r}: {len(spec.drives)} disks, {nics} network NICs "
+                f"and {vsocks} vsock, at most {MAX_DEVICES} virtio devices in all"
             )
+        if spec.vsock is not None:
+            other = sockets.setdefault(spec.vsock.uds, spec.name)
+            if other != spec.name:
+                raise ConfigError(
+                    f"partition {spec.name!r}: vsock: {spec.vsock.uds} is the vsock "
+                    f"socket of partition {other!r} already"
+                )
 
     privileged = [p.name for p in partitions if p.privileged]
     if len(privileged) > 1:
@@ -522,6 +543,10 @@ def _parse_partition(table: dict[str, Any], index: int, base: Path) -> Partition
         raise ConfigError(f"{where}: drives: an image is listed twice: {_show(drives)}")
     if restore is not None and parsed:
         raise ConfigError(f"{where}: drives: not with restore (a snapshot holds no disks)")
+    if "vsock" in table:
+        fields["vsock"] = _parse_vsock(table["vsock"], where, base)
+        if restore is not None:
+            raise ConfigError(f"{where}: vsock: not with restore (a snapshot holds no devices)")
 
     restart = _get(table, "restart", str, where, "stop")
     if restart not in RESTART_POLICIES:
@@ -552,6 +577,26 @@ def _parse_partition(table: dict[str, Any], index: int, base: Path) -> Partition
     if "protect" in table:
         fields["protect"] = parse_protect(table["protect"], where, base)
     return PartitionSpec(**fields)
+
+
+def _parse_vsock(value: Any, where: str, base: Path) -> Vsock:
+    """``vsock = "uds=PATH[,cid=N]"`` or ``vsock = { uds = "PATH", cid = N }``; a
+    relative PATH is the plan's directory's."""
+    where = f"{where}: vsock"
+    if isinstance(value, str):
+        vsock = parse_vsock(value, where)
+    elif isinstance(value, dict):
+        _check_keys(value, VSOCK_KEYS, where)
+        uds = value.get("uds")
+        if not isinstance(uds, str):
+            raise ConfigError(f"{where}: uds: expected a path string, got {_show(uds)}")
+        vsock = check_vsock(uds, value.get("cid", DEFAULT_CID), where)
+    else:
+        raise ConfigError(
+            f'{where}: expected "uds=PATH[,cid=N]" or {{ uds = "PATH", cid = N }}, '
+            f"got {_show(value)}"
+        )
+    return check_vsock(_path(vsock.uds, base), vsock.cid, where)
 
 
 def _check_shared_drives(partitions: list[PartitionSpec]) -> None:

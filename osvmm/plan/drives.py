@@ -1,5 +1,6 @@
-"""A partition's disks and NICs as given: ``--drive FILE[,ro]`` and a plan's
-``drives``; ``--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX]``.
+"""A partition's disks, NICs and vsock as given: ``--drive FILE[,ro]`` and a
+plan's ``drives``; ``--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX]``; ``--vsock
+uds=PATH[,cid=N]`` and a plan's ``vsock``.
 
 Only the text is checked here; the image itself is opened and checked when
 the partition is built, before anything else is (vmm/blockfile.py
@@ -17,6 +18,13 @@ from osvmm.errors import ConfigError
 # virtio_mmio_slot), one per ISA IRQ set aside for them.
 MAX_DRIVES = len(VIRTIO_IRQS)
 MAX_DEVICES = MAX_DRIVES
+# vsock (virtio 1.2 5.10.4): a guest's CID; 0-2 are reserved (2 is the host) and
+# U32_MAX is VMADDR_CID_ANY. The Unix socket's path leaves room in sun_path
+# (108 bytes with its NUL) for the "_PORT" of a guest's connects.
+DEFAULT_CID = 3
+MIN_CID = 3
+MAX_CID = 0xFFFFFFFF - 1
+MAX_UDS_PATH = 107 - len("_4294967295")
 
 
 @dataclass(frozen=True)
@@ -87,3 +95,58 @@ def parse_net(text: str, what: str = "--net") -> Net:
     if tap is None:
         raise ConfigError(f"{what} {text}: give tap=NAME (tap=NAME[,mac=XX:XX:XX:XX:XX:XX])")
     return Net(tap, mac)
+
+
+@dataclass(frozen=True)
+class Vsock:
+    """A partition's virtio-vsock device: the Unix socket its host side listens
+    on (vmm/vsock_uds.py) and the guest's CID."""
+
+    uds: str
+    cid: int = DEFAULT_CID
+
+
+VSOCK_SYNTAX = "uds=PATH[,cid=N]"
+
+
+def check_vsock(uds: str, cid: object, what: str) -> Vsock:
+    """A Vsock from its two values, checked: a path that fits a Unix socket address
+    with a ``_PORT`` suffix, a CID a guest may have."""
+    if not uds:
+        raise ConfigError(f"{what}: uds: an empty path ({VSOCK_SYNTAX})")
+    if "\0" in uds:
+        raise ConfigError(f"{what}: uds: a path with a NUL byte")
+    if len(uds.encode(errors="surrogateescape")) > MAX_UDS_PATH:
+        raise ConfigError(
+            f"{what}: uds: the path is longer than {MAX_UDS_PATH} bytes (a Unix socket "
+            "address, with room for the _PORT of a guest's connects)"
+        )
+    if not isinstance(cid, int) or isinstance(cid, bool):
+        raise ConfigError(f"{what}: cid {cid!r} is not a whole number")
+    if not MIN_CID <= cid <= MAX_CID:
+        raise ConfigError(
+            f"{what}: cid {cid} is not {MIN_CID} to {MAX_CID} (0-2 are reserved, "
+            f"{MAX_CID + 1} is VMADDR_CID_ANY)"
+        )
+    return Vsock(uds, cid)
+
+
+def parse_vsock(text: str, what: str = "--vsock") -> Vsock:
+    """``uds=PATH[,cid=N]`` into a Vsock (a path holding a comma cannot be given)."""
+    uds = None
+    cid: object = DEFAULT_CID
+    where = f"{what} {text}"
+    for opt in text.split(","):
+        key, sep, value = opt.partition("=")
+        if key == "uds" and sep:
+            uds = value
+        elif key == "cid" and sep:
+            try:
+                cid = int(value, 10)
+            except ValueError:
+                cid = value
+        else:
+            raise ConfigError(f"{where}: unknown option {opt!r} ({VSOCK_SYNTAX})")
+    if uds is None:
+        raise ConfigError(f"{where}: give uds=PATH ({VSOCK_SYNTAX})")
+    return check_vsock(uds, cid, where)

@@ -31,7 +31,9 @@ def machine_of(assignment: Assignment, placement: PartitionAssignment) -> Machin
             placement.apic_ids,
             1,
             channels=channels,
-            virtio_mmio=len(spec.drives) + len(assignment.plan.networks_of(spec.name)),
+            virtio_mmio=len(spec.drives)
+            + len(assignment.plan.networks_of(spec.name))
+            + (spec.vsock is not None),
         )
     except ConfigError as err:
         raise ConfigError(f"partition {spec.name!r}: {err}") from None
@@ -74,13 +76,15 @@ def partition_config(
         restore_lazy=False,
         drives=spec.drives,
         switch_nics=switch_nics,
+        vsock=spec.vsock,
     )
 
 
 def check_boot(assignment: Assignment) -> dict[str, Machine]:
     """Every partition's Machine, after checking that each one's boot prepares (its
     image, kernel, initrd and command line), that each disk image can be opened as
-    one (vmm/blockfile.py, closed again) and that its ``restore`` snapshot reads
+    one (vmm/blockfile.py, closed again), that nothing else holds its vsock's
+    socket path (vmm/vsock_uds.py) and that its ``restore`` snapshot reads
     whole and fits it; the first failure as a ConfigError."""
     from osvmm.vmm.snapshot import Snapshot
 
@@ -95,6 +99,10 @@ def check_boot(assignment: Assignment) -> dict[str, Machine]:
 
                 for drive in config.drives:
                     open_drive(drive.path, drive.readonly, "drive").close()
+            if config.vsock is not None:
+                from osvmm.vmm.vsock_uds import check_uds_path
+
+                check_uds_path(config.vsock.uds, "vsock")
             prepare(source, machine, config.cmdline, NO_QUIRKS)
             if placement.spec.restore:
                 snap = Snapshot.read(placement.spec.restore)

@@ -16,9 +16,10 @@ reported before /dev/kvm is touched.
                   guest RAM as memslots (bringup.py: registered on a thread while
                   steps 4-6 go on); HLT/PAUSE exits disabled on dedicated cores
     4. devices    COM1 (8250), isa-debug-exit, the power ports, the CMOS RTC and
-                  the ACPI PM timer on the port bus; virtio-blk devices on the
-                  MMIO bus, their ioeventfds and irqfds (vmm/virtio.py), their
-                  disk images opened and checked in step 1 (the Machine has as
+                  the ACPI PM timer on the port bus; virtio-blk, virtio-net and
+                  virtio-vsock devices on the MMIO bus, their ioeventfds and
+                  irqfds (vmm/virtio.py), their disk images, taps and vsock
+                  socket opened and checked in step 1 (the Machine has as
                   many virtio-mmio slots: the DSDT announces them)
     5. image      the boot image written into guest memory
     6. vcpus      created with their CPUID; the BSP gets the entry registers,
@@ -117,6 +118,8 @@ class PartitionConfig:
     # Then NICs on a plan's networks: (vmm/switch_port.py SwitchPort, MAC) pairs; the
     # ports belong to the supervisor's networks and outlive this partition.
     switch_nics: tuple = ()
+    # Last, a vsock device (plan/drives.py Vsock): its host side a Unix socket.
+    vsock: object = None
 
 
 def input_stamps(config: PartitionConfig) -> tuple:
@@ -192,6 +195,7 @@ class Partition:
         self._stats_base: list[dict[str, int]] = []  # KVM's counts at the last recycle
         self._disks: list = []  # vmm/blockfile.py RawImage per drive, opened in step 1
         self._taps: list = []  # vmm/tap.py Tap per NIC, attached in step 1
+        self._vsock = None  # vmm/vsock_uds.py UdsBackend, listening from step 1
         self.virtio = None  # vmm/virtio.py VirtioDevices
 
     @property
@@ -211,9 +215,9 @@ class Partition:
         # 1. inputs
         snap = None
         if cfg.restore is not None:
-            if cfg.drives:
+            if cfg.drives or cfg.vsock is not None:
                 raise ConfigError(
-                    f"partition {cfg.name!r}: a snapshot is resumed without disks "
+                    f"partition {cfg.name!r}: a snapshot is resumed without disks or vsock "
                     "(it holds no virtio device state)"
                 )
             snap = self._read_snapshot()
@@ -221,10 +225,11 @@ class Partition:
             self._inputs = input_stamps(cfg)
             source = read_boot_source(cfg.image, cfg.kernel, cfg.initrd)
             nics = len(cfg.nets) + len(cfg.switch_nics)
-            if len(cfg.drives) + nics != machine.virtio_mmio:
+            vsocks = int(cfg.vsock is not None)
+            if len(cfg.drives) + nics + vsocks != machine.virtio_mmio:
                 raise VmmBug(
-                    f"partition {cfg.name!r}: {len(cfg.drives)} disks and {nics} "
-                    f"NICs on a machine with {machine.virtio_mmio} virtio-mmio devices"
+                    f"partition {cfg.name!r}: {len(cfg.drives)} disks, {nics} NICs and "
+                    f"{vsocks} vsock on a machine with {machine.virtio_mmio} virtio-mmio devices"
                 )
             self.boot = prepare(source, machine, cfg.cmdline, _quirks_for(source))
             self._open_disks()
@@ -239,7 +244,8 @@ class Partition:
 
     def _open_disks(self) -> None:
         """Every drive's image opened, checked and locked (vmm/blockfile.py), and every
-        NIC's tap attached (vmm/tap.py); or none."""
+        NIC's tap attached (vmm/tap.py), the vsock's socket listening
+        (vmm/vsock_uds.py); or none."""
         drives, nets = self.config.drives, self.config.nets
         try:
             if drives:
@@ -252,6 +258,10 @@ class Partition:
 
                 for net in nets:
                     self._taps.append(open_tap(net.tap))
+            if self.config.vsock is not None:
+                from osvmm.vmm.vsock_uds import open_vsock_uds
+
+                self._vsock = open_vsock_uds(self.config.vsock.uds)
         except BaseException:
             self._close_disks()
             raise
@@ -262,8 +272,11 @@ class Partition:
             self.virtio = None
         for backend in (*self._disks, *self._taps):
             backend.close()
+        if self._vsock is not None:
+            self._vsock.close()
         self._disks = []
         self._taps = []
+        self._vsock = None
 
     def _read_snapshot(self):
         from osvmm.vmm.snapshot import Snapshot
@@ -303,7 +316,7 @@ class Partition:
             # 4. devices
             self._make_devices()
             self.mmio = MmioBus()
-            if self._disks or self._taps or cfg.switch_nics:
+            if self._disks or self._taps or cfg.switch_nics or self._vsock is not None:
                 self._make_virtio()
             # 5. image and boot interface
             if boot is not None:
@@ -367,7 +380,7 @@ class Partition:
         self.devices["pm_timer"] = register_pm_timer(self.pio, monotonic_ns=time.monotonic_ns)
 
     def _make_virtio(self) -> None:
-        """The virtio-blk and virtio-net devices on the MMIO bus, notified and
+        """The virtio-blk, virtio-net and virtio-vsock devices on the MMIO bus, notified and
         interrupting through KVM eventfds, each served on a thread of its own
         (vmm/virtio.py)."""
         from osvmm.vmm.tap import default_mac
@@ -382,8 +395,12 @@ class Partition:
         for port, mac in self.config.switch_nics:
             port.attach()
             self.virtio.add_net(self.vm, self.memory, self.mmio, port, mac, self.fault)
+        if self._vsock is not None:
+            cid = self.config.vsock.cid
+            self.virtio.add_vsock(self.vm, self.memory, self.mmio, self._vsock, cid, self.fault)
         self._disks = []  # the devices own them now
         self._taps = []
+        self._vsock = None
 
     def _make_threads(self) -> None:
         self.threads = []
@@ -629,6 +646,15 @@ class Partition:
             if not self.stats_readers:
                 self.stats_readers = [StatsReader(fd) for fd in self._stats_fds]
         return [exit_counts(r.read()) for r in self.stats_readers]
+
+    def remove_host_files(self) -> None:
+        """What ``close`` would leave behind when the process ends without it: the
+        vsock's socket file (vmm/vsock_uds.py). Memory, fds and the VM the kernel
+        reclaims with the process."""
+        if self.virtio is not None:
+            self.virtio.remove_host_files()
+        if self._vsock is not None:
+            self._vsock.unlink()
 
     def close(self) -> None:
         self._end_threads()

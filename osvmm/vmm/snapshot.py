@@ -181,10 +181,12 @@ class Written:
 
 def check_snapshottable(part) -> None:
     """SnapshotError for a partition whose state a snapshot cannot hold: one with
-    virtio devices, disks or NICs (their queues and requests in flight are not saved)."""
-    if part.config.drives or part.config.nets or part.config.switch_nics:
+    virtio devices, disks, NICs or a vsock (their queues and requests in flight are not
+    saved)."""
+    cfg = part.config
+    if cfg.drives or cfg.nets or cfg.switch_nics or cfg.vsock is not None:
         raise SnapshotError(
-            f"partition {part.config.name!r} has disks or NICs: a snapshot does not hold "
+            f"partition {cfg.name!r} has disks, NICs or a vsock: a snapshot does not hold "
             "the state of virtio devices (their queues in flight), so it is refused"
         )
 

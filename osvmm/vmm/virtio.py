@@ -30,6 +30,7 @@ from osvmm.devices.virtio import spec
 from osvmm.devices.virtio.blk import VirtioBlk
 from osvmm.devices.virtio.mmio import VirtioMmio, slot
 from osvmm.devices.virtio.net import VirtioNet
+from osvmm.devices.virtio.vsock import VirtioVsock
 from osvmm.errors import OsvmmError, VmmBug
 from osvmm.vmm import enforce
 
@@ -78,33 +79,32 @@ class DeviceThread:
         for fd in self._queue_fds:
             poller.register(fd, select.POLLIN)
         index_of = {fd: i for i, fd in enumerate(self._queue_fds)}
-        model = self.transport.model
-        # A device with input of its own (a NIC's tap): polled while the model can
-        # take it; a model starved of buffers waits for the driver's next notify.
-        backend_fd = getattr(model, "backend_fd", None)
-        polled = False
+        # A device with input of its own (a NIC's tap, vsock's sockets): the fds its
+        # model asks for now, asked again after every wake-up (a NIC starved of
+        # buffers asks for none until the driver's next notify).
+        polled: dict[int, int] = {}
         try:
             while True:
-                if backend_fd is not None and polled == model.rx_starved:
-                    if polled:
-                        poller.unregister(backend_fd)
-                    else:
-                        poller.register(backend_fd, select.POLLIN)
-                    polled = not polled
-                for fd, _ in poller.poll():
+                wanted = self.transport.poll_fds()
+                for fd in [fd for fd in polled if fd not in wanted]:
+                    poller.unregister(fd)
+                    del polled[fd]
+                for fd, events in wanted.items():
+                    if polled.get(fd) != events:
+                        poller.register(fd, events)  # or modify
+                        polled[fd] = events
+                for fd, revents in poller.poll():
                     if fd == self._stop_fd:
                         return
-                    if fd == backend_fd:
-                        if not self.transport.process(model.RX_QUEUE):
-                            model.rx_starved = True  # not ready: wait for a notify
+                    index = index_of.get(fd)
+                    if index is None:
+                        self.transport.fd_ready(fd, revents)
                         continue
                     try:
                         os.eventfd_read(fd)
                     except BlockingIOError:
                         continue
-                    if backend_fd is not None and index_of[fd] == model.RX_QUEUE:
-                        model.rx_starved = False  # the driver gave buffers: look again
-                    self.transport.process(index_of[fd])
+                    self.transport.process(index)
         except OsvmmError as err:
             self._on_error(err)
         except Exception as err:  # noqa: BLE001 - a bug: reported, never a dead thread unseen
@@ -173,6 +173,15 @@ class VirtioDevices:
         mmio_bus.register(dev.base, 0x1000, dev.transport)
         return dev
 
+    def add_vsock(self, vm, memory, mmio_bus, backend, cid: int, on_error) -> DeviceThread:
+        index = len(self.devices)
+        model = VirtioVsock(backend, memory, cid)
+        dev = DeviceThread(f"virtio-vsock {backend.path}", index, vm, memory, model, on_error)
+        self.devices.append(dev)
+        self.backends.append(backend)
+        mmio_bus.register(dev.base, 0x1000, dev.transport)
+        return dev
+
     def start(self, partition_name: str) -> None:
         for i, dev in enumerate(self.devices):
             if dev.thread is None:
@@ -182,6 +191,14 @@ class VirtioDevices:
         """Every device as after a power-on (a partition recycled for its next boot)."""
         for dev in self.devices:
             dev.transport.reset()
+
+    def remove_host_files(self) -> None:
+        """Files the backends made on the host (vsock's socket) removed, the rest
+        left as it is: the process ends next and the kernel reclaims that."""
+        for b in self.backends:
+            unlink = getattr(b, "unlink", None)
+            if unlink is not None:
+                unlink()
 
     def close(self) -> None:
         for dev in self.devices:

@@ -6,8 +6,13 @@ legacy registers). Where each device sits: arch/x86/layout.py
 front of a device model (blk.py). The model gives ``device_id``, ``features``,
 ``queue_max``, ``num_queues``, ``config`` (its configuration space, bytes),
 ``reset()`` and ``serve(index, queue) -> bool`` (take the queue's chains,
-answer them, say whether it pushed any). Registers below 0x100 are 32 bits
-wide and read or written whole; other widths read 0 and are ignored.
+answer them, say whether the driver wants an interrupt). A model with input
+of its own (net.py's tap, vsock.py's sockets) also gives ``poll_fds()`` (fds
+and poll events to wait on now), ``fd_ready(fd, revents)`` (take the input,
+return the queues to serve) and, optionally, ``wanted_queues()`` (queues it
+has work for after any serve, such as replies owed after a transmit).
+Registers below 0x100 are 32 bits wide and read or written whole; other
+widths read 0 and are ignored.
 
 Threads: registers are read and written on vCPU threads; queues are served on
 the device's own thread (vmm/virtio.py), which calls ``process(index)`` when
@@ -241,29 +246,67 @@ class VirtioMmio:
 
     def process(self, index: int) -> bool:
         """Serve queue ``index`` (on the device's thread): answer every chain the
-        driver made available, then interrupt if the driver wants it. False when
-        the queue could not be served (not set up, the driver not ready, the device
-        needing a reset)."""
+        driver made available, then interrupt if the driver wants it; then the
+        queues the model has work for (``wanted_queues``, such as packets owed
+        to the driver after a transmit). False when the queue could not be served
+        (not set up, the driver not ready, the device needing a reset)."""
+        with self._serve_lock:
+            if not self._serve(index):
+                return False
+            self._serve_wanted()
+            return True
+
+    def _serve(self, index: int) -> bool:  # the serve lock held
+        with self._lock:
+            if index >= len(self.queues) or not self._live_locked():
+                return False
+            vq = self.queues[index].vq
+        if vq is None:
+            return False
+        try:
+            wanted = self.model.serve(index, vq)
+        except QueueError as err:
+            with self._lock:
+                self._needs_reset_locked(f"queue {index}: {err}")
+            return False
+        if wanted:
+            self._raise(spec.VIRTIO_MMIO_INT_VRING)
+        return True
+
+    def _serve_wanted(self) -> None:  # the serve lock held
+        wanted_queues = getattr(self.model, "wanted_queues", None)
+        if wanted_queues is not None:
+            for index in wanted_queues():
+                self._serve(index)
+
+    def _live_locked(self) -> bool:
+        return bool(self.status & spec.DRIVER_OK and not self.status & spec.DEVICE_NEEDS_RESET)
+
+    # -- a model's own fds (a NIC's tap, vsock's sockets) ----------------------------------
+    def poll_fds(self) -> dict[int, int]:
+        """The fds (and poll events) the device's thread waits on for the model, from
+        its ``poll_fds()``: none while the driver is not ready (DRIVER_OK, no
+        DEVICE_NEEDS_RESET), so that a backend with input does not wake the thread
+        for a device that cannot take it; the driver's next notify wakes it."""
+        poll_fds = getattr(self.model, "poll_fds", None)
+        if poll_fds is None:
+            return {}
         with self._serve_lock:
             with self._lock:
-                if (
-                    index >= len(self.queues)
-                    or not self.status & spec.DRIVER_OK
-                    or self.status & spec.DEVICE_NEEDS_RESET
-                ):
-                    return False
-                vq = self.queues[index].vq
-            if vq is None:
-                return False
-            try:
-                wanted = self.model.serve(index, vq)
-            except QueueError as err:
-                with self._lock:
-                    self._needs_reset_locked(f"queue {index}: {err}")
-                return False
-            if wanted:
-                self._raise(spec.VIRTIO_MMIO_INT_VRING)
-            return True
+                if not self._live_locked():
+                    return {}
+            return poll_fds()
+
+    def fd_ready(self, fd: int, revents: int) -> None:
+        """One of those fds is ready: the model takes what it has (``fd_ready``
+        gives the queues to serve then) and those queues are served."""
+        with self._serve_lock:
+            with self._lock:
+                if not self._live_locked():
+                    return
+            for index in self.model.fd_ready(fd, revents):
+                self._serve(index)
+            self._serve_wanted()
 
     def _raise(self, bit: int) -> None:
         with self._lock:

@@ -8,7 +8,7 @@ always has ``num_buffers``), and each receive chain must hold one whole frame
 
 Its backend (vmm/tap.py's Tap, or a test's) moves frames:
 
-    fd            what the device's thread polls for frames to receive
+    fd            what the device's thread polls for frames to receive (``poll_fds``)
     recv()        one frame, or None when there is none now
     send(frame)   one frame out (dropped when the host cannot take it now)
     flush()       (optional) forget the frames waiting for the device: its reset
@@ -23,6 +23,7 @@ go out as one frame.
 
 from __future__ import annotations
 
+import select
 import struct
 
 from osvmm.devices.virtio import spec
@@ -40,7 +41,6 @@ MAX_FRAME = 65535 + 14  # what a tap may hand over at most (no GSO offered: 1514
 class VirtioNet:
     device_id = spec.VIRTIO_ID_NET
     num_queues = 2
-    RX_QUEUE = RX
     queue_max = QUEUE_MAX
 
     def __init__(self, backend, memory, mac: bytes):
@@ -57,7 +57,6 @@ class VirtioNet:
             | 1 << VIRTIO_NET_F_STATUS
         )
         self.config = mac + struct.pack("<H", VIRTIO_NET_S_LINK_UP)
-        self.backend_fd = backend.fd
         self.rx_starved = False
         self._held: bytes | None = None  # a received frame waiting for a chain
         self.counts = {"rx": 0, "tx": 0, "rx_dropped": 0, "tx_dropped": 0}
@@ -68,6 +67,14 @@ class VirtioNet:
         flush = getattr(self.backend, "flush", None)  # a switch port's queued frames
         if flush is not None:
             flush()
+
+    def poll_fds(self) -> dict[int, int]:
+        """The backend's fd while frames can go somewhere (vmm/virtio.py polls it)."""
+        fd = self.backend.fd
+        return {} if self.rx_starved or fd < 0 else {fd: select.POLLIN}
+
+    def fd_ready(self, fd: int, revents: int) -> tuple[int, ...]:
+        return (RX,)
 
     def serve(self, index: int, queue) -> bool:
         if index == TX:
