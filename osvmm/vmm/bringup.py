@@ -77,11 +77,13 @@ def create_vcpu(
     entry: EntryState | None = None,
     tsc_deadline: bool = False,
     cpuid=None,
+    made=None,
 ):
     """A vCPU with APIC ID ``apic_id`` of ``vcpus``; ``entry``: the boot processor's
     registers at entry (the others wait for INIT/SIPI in their LAPIC). ``cpuid``:
-    these CPUID entries instead (a restored vCPU keeps the ones it had)."""
-    vcpu = vm.create_vcpu(apic_id)
+    these CPUID entries instead (a restored vCPU keeps the ones it had). ``made``:
+    that vCPU, created ahead and never run (vmm/ready.py), set up instead of a new one."""
+    vcpu = made if made is not None else vm.create_vcpu(apic_id)
     try:
         if cpuid is None:
             cpuid = x86_cpuid.vcpu_cpuid(supported_cpuid, apic_id, vcpus, cpuid_mask, tsc_deadline)

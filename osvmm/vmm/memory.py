@@ -18,6 +18,12 @@ What backs a region (``Region.backing``):
 - ``file``: a snapshot's memory file mapped private (copy-on-write): pages
   are read from the file when the guest first touches them, and a guest
   write copies the page; the file is never written (vmm/snapshot.py).
+
+A region may be placed at an address range reserved ahead (``reserve``): a VM
+made ready before its partition (vmm/ready.py) registers its memslots on the
+reservations, and the region is mapped over one later (MAP_FIXED), at the
+same host address, so the memslot needs no new registration. KVM follows the
+change through its MMU notifier, as for any mapping under a memslot.
 """
 
 from __future__ import annotations
@@ -33,6 +39,39 @@ from osvmm.errors import EnforceError, GuestMemoryError
 from osvmm.files import format_bytes
 
 FILL_CHUNK = 1 << 20  # bytes written at a time by fill
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.mmap.restype = ctypes.c_void_p
+MAP_FIXED = 0x10  # <sys/mman.h>; Python 3.11's mmap module names neither
+MAP_NORESERVE = 0x4000
+MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def reserve(size: int) -> mmap.mmap:
+    """``size`` bytes of address space for a region to come: private anonymous
+    memory that is never touched and not counted against the overcommit limit
+    (MAP_NORESERVE); ``GuestMemory.add_file_region(..., reserved=)`` maps over it."""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
+
+
+def _map_over(mem: mmap.mmap, fd: int, offset: int) -> None:
+    """Map ``fd`` from ``offset`` private over the whole of ``mem`` (MAP_FIXED: the
+    reservation's address range now holds the file, copy-on-write)."""
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+    ret = _libc.mmap(
+        addr, len(mem), mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | MAP_FIXED, fd, offset
+    )
+    if ret == MAP_FAILED or ret != addr:
+        err = ctypes.get_errno()
+        raise GuestMemoryError(f"cannot map the snapshot's memory: {os.strerror(err)}")
 
 
 @dataclass
@@ -126,11 +165,22 @@ class GuestMemory:
         mem = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         return self._add(Region(gpa, size, mem, "memfd", fd))
 
-    def add_file_region(self, gpa: int, size: int, fd: int, offset: int) -> Region:
+    def add_file_region(
+        self, gpa: int, size: int, fd: int, offset: int, reserved: mmap.mmap | None = None
+    ) -> Region:
         """``size`` bytes of the file ``fd`` from ``offset`` at ``gpa``, mapped private
-        (copy-on-write: the file is never written). The region owns ``fd``."""
+        (copy-on-write: the file is never written); over ``reserved`` (``reserve``,
+        ``size`` bytes) if given. The region owns ``fd`` and ``reserved``."""
         self._check_new(gpa, size)
-        mem = mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        if reserved is not None:
+            if len(reserved) != size:
+                raise GuestMemoryError(f"a reservation of {len(reserved)} bytes for {size}")
+            _map_over(reserved, fd, offset)
+            mem = reserved
+        else:
+            mem = mmap.mmap(
+                fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset
+            )
         return self._add(Region(gpa, size, mem, "file", fd, offset))
 
     def _check_new(self, gpa: int, size: int) -> None:
