@@ -170,6 +170,7 @@ class Partition:
         self.kvm = kvm
         self._own_kvm = kvm is None
         self._ready = ready
+        self.built_ready = False  # built on a ReadyVm (vmm/ready.py)
         self.vm = None
         self.memory: GuestMemory | None = None
         self.boot: BootImage | None = None
@@ -303,9 +304,11 @@ class Partition:
         # meanwhile on a thread, waited for below)
         ready = None
         made: list = [None] * machine.vcpus  # vCPUs made ahead, not yet the partition's
-        if self._ready is not None and self._ready.fits(cfg, snap):
-            ready = self._ready.take()
+        offered = self._ready or getattr(snap, "ready", None)  # given, or a migration's
+        if offered is not None and offered.fits(cfg, snap):
+            ready = offered.take()
             self.vm, made = ready[0], ready[1]  # closed with the partition from now on
+            self.built_ready = True
         self.memory = GuestMemory([])
         try:
             if snap is not None:
@@ -314,6 +317,8 @@ class Partition:
             else:
                 for gpa, size in machine.ram_ranges:
                     self.memory.add_region(gpa, size, self._ram_backing(size))
+            if ready is not None:
+                offered.check(self.memory)
             self._enforce_memory()
         except BaseException:
             _close_made(made)

@@ -37,7 +37,8 @@ class ReadyVm:
     def __init__(self, kvm, machine: Machine):
         self.kvm = kvm
         self.machine = machine
-        self.reserved: list[tuple[int, int, object]] = []  # (gpa, size, reservation)
+        self.slots: list[tuple[int, int, int]] = []  # (gpa, size, host address) per memslot
+        self.reserved: dict[int, object] = {}  # gpa -> its reservation, until claimed
         self.vm = None
         self.vcpus: list = []
 
@@ -46,10 +47,11 @@ class ReadyVm:
         ready = cls(kvm, machine)
         try:
             for gpa, size in machine.ram_ranges:
-                ready.reserved.append((gpa, size, reserve(size)))
+                mem = ready.reserved[gpa] = reserve(size)
+                ready.slots.append((gpa, size, _address(mem)))
             vm = ready.vm = create_vm(kvm, None, register_memory=False)
-            for slot, (gpa, size, mem) in enumerate(ready.reserved):
-                vm.set_user_memory_region(slot, gpa, size, _address(mem))
+            for slot, (gpa, size, addr) in enumerate(ready.slots):
+                vm.set_user_memory_region(slot, gpa, size, addr)
             vm.set_boot_cpu_id(machine.bsp_apic_id)  # before any vCPU exists
             for apic_id in machine.apic_ids:
                 ready.vcpus.append(vm.create_vcpu(apic_id))
@@ -58,25 +60,42 @@ class ReadyVm:
             raise
         return ready
 
+    def claim(self, gpa: int):
+        """The reservation of the RAM range at ``gpa``: the region mapped over it owns it."""
+        return self.reserved.pop(gpa)
+
     def fits(self, config, snap) -> bool:
-        """Whether a partition of ``config`` resuming ``snap`` can take this VM."""
+        """Whether a partition of ``config`` resuming ``snap`` can take this VM: a
+        snapshot mapped from its directory (nothing claimed yet), or an arrival whose
+        memory was placed over the reservations (``snap.ready`` is this one)."""
         from osvmm.vmm.snapshot import MEMORY_IMAGE, Snapshot
 
-        if self.vm is None or not isinstance(snap, Snapshot) or not config.restore_lazy:
+        if self.vm is None or config.machine != self.machine or config.disable_exits:
             return False
-        if config.machine != self.machine or config.disable_exits:
+        if getattr(snap, "ready", None) is self:
+            return not self.reserved
+        if type(snap) is not Snapshot or not config.restore_lazy:
             return False
         _fd, img = snap.image(MEMORY_IMAGE)
         ranges = [(r["gpa"], r["size"]) for r in img["regions"]]
-        return ranges == [(gpa, size) for gpa, size, _ in self.reserved]
+        return ranges == [(gpa, size) for gpa, size, _ in self.slots] and len(self.reserved) == len(
+            self.slots
+        )
 
     def take(self):
-        """(vm, vCPUs, reservations by guest-physical address): the partition owns
-        them from now on."""
-        vm, vcpus = self.vm, self.vcpus
-        reserved = {gpa: mem for gpa, _size, mem in self.reserved}
-        self.vm, self.vcpus, self.reserved = None, [], []
+        """(vm, vCPUs, the unclaimed reservations by guest-physical address): the
+        partition owns them from now on."""
+        vm, vcpus, reserved = self.vm, self.vcpus, self.reserved
+        self.vm, self.vcpus, self.reserved = None, [], {}
         return vm, vcpus, reserved
+
+    def check(self, memory) -> None:
+        """A VmmBug unless ``memory``'s regions lie where the memslots point."""
+        from osvmm.errors import VmmBug
+
+        have = [(r.gpa, r.size, r.host_addr) for r in memory.regions]
+        if have != self.slots:
+            raise VmmBug(f"guest memory is not where the ready VM's memslots are: {have}")
 
     def close(self) -> None:
         for vcpu in self.vcpus:
@@ -85,9 +104,9 @@ class ReadyVm:
         if self.vm is not None:
             self.vm.close()
             self.vm = None
-        for _gpa, _size, mem in self.reserved:
+        for mem in self.reserved.values():
             mem.close()
-        self.reserved = []
+        self.reserved = {}
 
 
 def _address(mem) -> int:
