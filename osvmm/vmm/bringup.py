@@ -23,10 +23,15 @@ from osvmm.arch.x86.regs import EntryState, apply_entry_state
 from osvmm.errors import KvmError
 
 
-def create_vm(kvm, memory, pit: bool = True, register_memory: bool = True):
+def create_vm(kvm, memory, pit: bool = True, register_memory: bool = True, on_created=None):
     """A VM with its irqchip (and PIT) and ``memory``'s regions as memslots 0..n-1
-    (with ``register_memory=False``, none yet: ``register_memory_in_background``)."""
+    (with ``register_memory=False``, none yet: ``register_memory_in_background``).
+    ``on_created(vm)``: called on the VM as soon as it exists, before its irqchip
+    (a partition starts registering its memory there: the memslot's grace period
+    then overlaps the irqchip's making); if making the rest fails, the VM is
+    closed only after ``on_created``'s return value (a wait function) is called."""
     vm = kvm.create_vm()
+    wait = on_created(vm) if on_created is not None else None
     try:
         vm.set_tss_addr(layout.KVM_TSS_ADDR)
         vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
@@ -38,6 +43,11 @@ def create_vm(kvm, memory, pit: bool = True, register_memory: bool = True):
             for slot, region in enumerate(memory.regions):
                 vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
     except BaseException:
+        if wait is not None:
+            try:
+                wait()
+            except Exception:  # noqa: BLE001, S110 - the first failure is the one reported
+                pass
         vm.close()
         raise
     return vm

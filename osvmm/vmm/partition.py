@@ -301,7 +301,7 @@ class Partition:
             raise ConfigError(f"--cpus {machine.vcpus}: this host's KVM allows at most {max_vcpus}")
         # 2. memory (3. the VM: a ReadyVm's, its memslots on the address space the
         # snapshot's memory is mapped over; else made now, its memory registered
-        # meanwhile on a thread, waited for below)
+        # on a thread from the VM's creation on, waited for below)
         ready = None
         made: list = [None] * machine.vcpus  # vCPUs made ahead, not yet the partition's
         offered = self._ready or getattr(snap, "ready", None)  # given, or a migration's
@@ -329,8 +329,16 @@ class Partition:
             def memory_registered() -> None:
                 pass
         else:
-            vm = self.vm = create_vm(self.kvm, self.memory, register_memory=False)
-            memory_registered = register_memory_in_background(vm, self.memory)
+            started = []  # the registration's wait function, once the VM exists
+
+            def register(vm):
+                started.append(register_memory_in_background(vm, self.memory))
+                return started[0]
+
+            vm = self.vm = create_vm(
+                self.kvm, self.memory, register_memory=False, on_created=register
+            )
+            memory_registered = started[0]
         try:
             self.slots = Memslots(vm, self.memory.regions, vm.check_extension(KVM_CAP_NR_MEMSLOTS))
             if cfg.disable_exits:
