@@ -189,12 +189,13 @@ def scenario(tmp_path_factory, request) -> Scenario:
                 p.kill()
                 p.wait()
     sc.timings["total"] = round(time.monotonic() - start)
-    report = request.config.pluginmanager.getplugin("terminalreporter")
-    if report is not None:  # shown without -s: how long each step took, and the clocks
-        report.write_line(f"\nsnapshot scenario: {sc.timings}")
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():  # shown without -s: each step's time
+        print(f"\nsnapshot scenario: {sc.timings}")
         for first, second in (("src", "res"), ("res", "dst")):
-            lines = counts(sc.log(first))[-2:] + counts(sc.log(second))[:2]
-            report.write_line(f"  {first} -> {second}: last and first lines {lines}")
+            n = len(counts(sc.log(first)))
+            lines = counts(sc.log(first) + sc.log(second))[max(0, n - 2) : n + 3]
+            print(f"  {first} -> {second}: (count, uptime) around the hand-over: {lines}")
     return sc
 
 
