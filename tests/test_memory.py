@@ -308,3 +308,44 @@ def test_memory_handed_to_another_process_is_never_zeroed():
         assert m.read(0, 6) == b"theirs"
     finally:
         m.close()
+
+
+@pytest.mark.parametrize("backing", ["memfd", "anonymous", "file"])
+def test_a_region_over_a_reservation_keeps_its_host_address(tmp_path, backing):
+    """vmm/ready.py registers memslots on reservations; the region mapped over one
+    later must lie at the very address, and behave as its backing does."""
+    import os
+
+    from osvmm.vmm.memory import reserve
+
+    size = 4 * PAGE_SIZE
+    reserved = reserve(size)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(reserved))
+    m = GuestMemory([])
+    try:
+        if backing == "file":
+            image = tmp_path / "memory"
+            image.write_bytes(b"\x11" * PAGE_SIZE + bytes(3 * PAGE_SIZE))
+            fd = os.open(image, os.O_RDONLY)
+            region = m.add_file_region(0, size, fd, 0, reserved)
+            assert m.read(0, 2) == b"\x11\x11"
+        else:
+            region = m.add_region(0, size, backing, reserved)
+            assert m.read(0, size) == bytes(size)
+        assert region.host_addr == addr and region.backing == backing
+        m.write(PAGE_SIZE, b"guest")
+        assert m.read(PAGE_SIZE, 5) == b"guest"
+        if backing == "file":  # copy-on-write: the file is never written
+            assert image.read_bytes()[PAGE_SIZE : PAGE_SIZE + 5] == bytes(5)
+    finally:
+        m.close()
+
+
+def test_a_reservation_of_another_size_is_refused():
+    from osvmm.vmm.memory import reserve
+
+    reserved = reserve(2 * PAGE_SIZE)
+    m = GuestMemory([])
+    with pytest.raises(GuestMemoryError, match="a reservation of 8192 bytes for 4096"):
+        m.add_region(0, PAGE_SIZE, "memfd", reserved)
+    reserved.close()

@@ -102,6 +102,8 @@ def test_pre_copy_rounds_while_the_guest_rewrites_its_memory(tmp):
         assert answer["bytes"] > 24 << 20
         assert src.sup.partitions["touch"].reason == f"migrated to {addr}"
         dst.wait_running("touch")
+        # Its VM was made while the pages came (vmm/ready.py), not in the downtime.
+        assert dst.sup.partitions["touch"].partition.built_ready
         at = dst.u64("touch", MEMTOUCH_PASS)
         # The guest checks every page it rewrites: a page the migration lost ends it.
         wait_until(lambda: dst.u64("touch", MEMTOUCH_PASS) >= at + 20)

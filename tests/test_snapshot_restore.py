@@ -75,8 +75,17 @@ def counter_lines(text: str) -> list[int]:
     return [int(n) for n in re.findall(r"counter: (\d+)\n", text)]
 
 
-@pytest.mark.parametrize("lazy", [True, False], ids=["mapped", "copied"])
-def test_the_counter_goes_on_without_a_gap_or_a_repeat(tmp_path, lazy):
+@pytest.mark.parametrize(
+    "lazy,ready",
+    [(True, False), (False, False), (True, True), (False, True)],
+    ids=["mapped", "copied", "mapped-onto-a-ready-vm", "copied-a-ready-vm-closed"],
+)
+def test_the_counter_goes_on_without_a_gap_or_a_repeat(tmp_path, lazy, ready):
+    """``ready``: a VM made ahead (vmm/ready.py) is given; a mapped restore takes it,
+    a copied one (it does not fit) closes it and makes its own."""
+    from osvmm.kvm import Kvm
+    from osvmm.vmm.ready import ReadyVm
+
     every = 1 << 22
     machine = Machine.build(16 << 20, 1)
     before = Console()
@@ -95,10 +104,18 @@ def test_the_counter_goes_on_without_a_gap_or_a_repeat(tmp_path, lazy):
     assert seen["written"].bytes_stored < 1 << 20  # a few hundred KiB touched of 16 MiB
 
     after = Console()
+    kvm = Kvm()
+    made = ReadyVm.make(kvm, machine) if ready else None
+    made_vm = made.vm if made else None
     back = Partition(
-        PartitionConfig(machine, console=after, restore=str(tmp_path / "snap"), restore_lazy=lazy)
+        PartitionConfig(machine, console=after, restore=str(tmp_path / "snap"), restore_lazy=lazy),
+        kvm,
+        ready=made,
     ).build()
     try:
+        if made is not None:
+            assert made.vm is None and not made.vcpus and not made.reserved  # taken or closed
+            assert (back.vm is made_vm) == lazy == back.built_ready
         assert ram_hash(back) == seen["hash"]  # memory at resume is memory at pause
         assert u64(back, COUNTER_ADDR) == count_at_pause
         assert {r.backing for r in back.memory.regions} == {"file" if lazy else "memfd"}
@@ -109,12 +126,17 @@ def test_the_counter_goes_on_without_a_gap_or_a_repeat(tmp_path, lazy):
         back.stop()
         back.wait(10)
         back.close()
+        kvm.close()
     # The console goes on where it stopped: one run's lines, then the other's.
     lines = counter_lines(before.text() + after.text())
     assert lines == [every * (i + 1) for i in range(len(lines))], lines
 
 
-def test_an_smp_guest_goes_on_on_every_vcpu_and_its_timers_keep_firing(tmp_path):
+@pytest.mark.parametrize("ready", [False, True], ids=["built", "onto-a-ready-vm"])
+def test_an_smp_guest_goes_on_on_every_vcpu_and_its_timers_keep_firing(tmp_path, ready):
+    from osvmm.kvm import Kvm
+    from osvmm.vmm.ready import ReadyVm
+
     machine = Machine.build(16 << 20, 2)
     before = Console()
     part = Partition(
@@ -138,10 +160,14 @@ def test_an_smp_guest_goes_on_on_every_vcpu_and_its_timers_keep_firing(tmp_path)
     assert paused["cpu1"] > 0 and paused["lapic"] > 0
 
     after = Console()
+    kvm = Kvm()
+    made = ReadyVm.make(kvm, machine) if ready else None  # both vCPUs made ahead
+    made_vm = made.vm if made else None
     back = Partition(
-        PartitionConfig(machine, console=after, restore=str(tmp_path / "snap"))
+        PartitionConfig(machine, console=after, restore=str(tmp_path / "snap")), kvm, ready=made
     ).build()
     try:
+        assert (back.vm is made_vm) == ready
         assert ram_hash(back) == seen["hash"]
         back.start()
         wait_for(
@@ -157,6 +183,7 @@ def test_an_smp_guest_goes_on_on_every_vcpu_and_its_timers_keep_firing(tmp_path)
         back.stop()
         back.wait(10)
         back.close()
+        kvm.close()
     ticks = [int(n) for n in re.findall(r"ticker: pit (\d+) ", before.text() + after.text())]
     assert ticks == [10 * (i + 1) for i in range(len(ticks))], ticks
 

@@ -155,11 +155,18 @@ class IncomingServer:
     def accept(self, name: str, profile: dict):
         return accept_partition(self.sup, self.kvm, name, profile)
 
+    def make_ready(self, machine):
+        """The arriving partition's VM, made during the pre-copy: its build then
+        makes none, which the downtime would hold (vmm/ready.py)."""
+        from osvmm.vmm.ready import ReadyVm
+
+        return ReadyVm.make(self.kvm, machine)
+
     def _one(self, stream) -> None:
         from osvmm.vmm import migration
 
         try:
-            arrived = migration.receive(stream, self.accept)
+            arrived = migration.receive(stream, self.accept, self.make_ready)
         except SnapshotError as err:
             stream.fail(str(err))  # the source reports why, not only a broken pipe
             raise

@@ -23,10 +23,15 @@ from osvmm.arch.x86.regs import EntryState, apply_entry_state
 from osvmm.errors import KvmError
 
 
-def create_vm(kvm, memory, pit: bool = True, register_memory: bool = True):
+def create_vm(kvm, memory, pit: bool = True, register_memory: bool = True, on_created=None):
     """A VM with its irqchip (and PIT) and ``memory``'s regions as memslots 0..n-1
-    (with ``register_memory=False``, none yet: ``register_memory_in_background``)."""
+    (with ``register_memory=False``, none yet: ``register_memory_in_background``).
+    ``on_created(vm)``: called on the VM as soon as it exists, before its irqchip
+    (a partition starts registering its memory there: the memslot's grace period
+    then overlaps the irqchip's making); if making the rest fails, the VM is
+    closed only after ``on_created``'s return value (a wait function) is called."""
     vm = kvm.create_vm()
+    wait = on_created(vm) if on_created is not None else None
     try:
         vm.set_tss_addr(layout.KVM_TSS_ADDR)
         vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
@@ -38,6 +43,11 @@ def create_vm(kvm, memory, pit: bool = True, register_memory: bool = True):
             for slot, region in enumerate(memory.regions):
                 vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
     except BaseException:
+        if wait is not None:
+            try:
+                wait()
+            except Exception:  # noqa: BLE001, S110 - the first failure is the one reported
+                pass
         vm.close()
         raise
     return vm
@@ -77,11 +87,13 @@ def create_vcpu(
     entry: EntryState | None = None,
     tsc_deadline: bool = False,
     cpuid=None,
+    made=None,
 ):
     """A vCPU with APIC ID ``apic_id`` of ``vcpus``; ``entry``: the boot processor's
     registers at entry (the others wait for INIT/SIPI in their LAPIC). ``cpuid``:
-    these CPUID entries instead (a restored vCPU keeps the ones it had)."""
-    vcpu = vm.create_vcpu(apic_id)
+    these CPUID entries instead (a restored vCPU keeps the ones it had). ``made``:
+    that vCPU, created ahead and never run (vmm/ready.py), set up instead of a new one."""
+    vcpu = made if made is not None else vm.create_vcpu(apic_id)
     try:
         if cpuid is None:
             cpuid = x86_cpuid.vcpu_cpuid(supported_cpuid, apic_id, vcpus, cpuid_mask, tsc_deadline)

@@ -18,6 +18,12 @@ What backs a region (``Region.backing``):
 - ``file``: a snapshot's memory file mapped private (copy-on-write): pages
   are read from the file when the guest first touches them, and a guest
   write copies the page; the file is never written (vmm/snapshot.py).
+
+A region (any backing) may be placed at an address range reserved ahead (``reserve``): a VM
+made ready before its partition (vmm/ready.py) registers its memslots on the
+reservations, and the region is mapped over one later (MAP_FIXED), at the
+same host address, so the memslot needs no new registration. KVM follows the
+change through its MMU notifier, as for any mapping under a memslot.
 """
 
 from __future__ import annotations
@@ -33,6 +39,40 @@ from osvmm.errors import EnforceError, GuestMemoryError
 from osvmm.files import format_bytes
 
 FILL_CHUNK = 1 << 20  # bytes written at a time by fill
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.mmap.restype = ctypes.c_void_p
+MAP_FIXED = 0x10  # <sys/mman.h>; Python 3.11's mmap module names neither
+MAP_NORESERVE = 0x4000
+MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def reserve(size: int) -> mmap.mmap:
+    """``size`` bytes of address space for a region to come: private anonymous
+    memory that is never touched and not counted against the overcommit limit
+    (MAP_NORESERVE); ``GuestMemory.add_file_region(..., reserved=)`` maps over it."""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
+
+
+def _map_over(mem: mmap.mmap, fd: int, offset: int, flags: int) -> None:
+    """Map ``fd`` from ``offset`` (``flags``: MAP_PRIVATE or MAP_SHARED, and
+    MAP_ANONYMOUS with fd -1) over the whole of ``mem``, a reservation: MAP_FIXED,
+    its address range now holds the new mapping. An OSError on failure."""
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+    ret = _libc.mmap(
+        addr, len(mem), mmap.PROT_READ | mmap.PROT_WRITE, flags | MAP_FIXED, fd, offset
+    )
+    if ret == MAP_FAILED or ret != addr:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 @dataclass
@@ -74,21 +114,30 @@ class GuestMemory:
         for gpa, size in ranges:
             self.add_region(gpa, size, backing)
 
-    def add_region(self, gpa: int, size: int, backing: str = "memfd") -> Region:
-        """A new zeroed region: ``backing`` ``memfd`` or ``anonymous``. More than the
-        host has (RAM and swap: a shared memfd is not held to the overcommit limit,
-        so this is checked here) or an mmap the host refuses (ENOMEM) is a one-line
-        EnforceError, with the regions mapped so far unmapped."""
+    def add_region(
+        self, gpa: int, size: int, backing: str = "memfd", reserved: mmap.mmap | None = None
+    ) -> Region:
+        """A new zeroed region: ``backing`` ``memfd`` or ``anonymous``; over
+        ``reserved`` (``reserve``, ``size`` bytes: the region owns it) if given. More
+        than the host has (RAM and swap: a shared memfd is not held to the
+        overcommit limit, so this is checked here) or an mmap the host refuses
+        (ENOMEM) is a one-line EnforceError, with the regions mapped so far unmapped."""
         self._check_new(gpa, size)
         if backing not in ("memfd", "anonymous"):
             raise ValueError(f"unknown backing {backing!r}")
+        if reserved is not None and len(reserved) != size:
+            raise GuestMemoryError(f"a reservation of {len(reserved)} bytes for {size}")
         if size > _host_memory():
             self._refuse(gpa, size, "more than its RAM and swap together")
         if backing == "memfd":
             fd = os.memfd_create(f"osvmm-ram-{gpa:#x}", os.MFD_CLOEXEC)
             try:
                 os.ftruncate(fd, size)
-                mem = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                if reserved is not None:
+                    _map_over(reserved, fd, 0, mmap.MAP_SHARED)
+                    mem = reserved
+                else:
+                    mem = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             except OSError as e:
                 os.close(fd)
                 if e.errno == errno.ENOMEM:
@@ -103,7 +152,11 @@ class GuestMemory:
             else:
                 return self._add(Region(gpa, size, mem, "memfd", fd))
         try:
-            mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            if reserved is not None:  # counted against overcommit now, as a plain mapping
+                _map_over(reserved, -1, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                mem = reserved
+            else:
+                mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         except OSError as e:
             if e.errno != errno.ENOMEM:
                 raise
@@ -126,11 +179,25 @@ class GuestMemory:
         mem = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         return self._add(Region(gpa, size, mem, "memfd", fd))
 
-    def add_file_region(self, gpa: int, size: int, fd: int, offset: int) -> Region:
+    def add_file_region(
+        self, gpa: int, size: int, fd: int, offset: int, reserved: mmap.mmap | None = None
+    ) -> Region:
         """``size`` bytes of the file ``fd`` from ``offset`` at ``gpa``, mapped private
-        (copy-on-write: the file is never written). The region owns ``fd``."""
+        (copy-on-write: the file is never written); over ``reserved`` (``reserve``,
+        ``size`` bytes) if given. The region owns ``fd`` and ``reserved``."""
         self._check_new(gpa, size)
-        mem = mmap.mmap(fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+        if reserved is not None:
+            if len(reserved) != size:
+                raise GuestMemoryError(f"a reservation of {len(reserved)} bytes for {size}")
+            try:
+                _map_over(reserved, fd, offset, mmap.MAP_PRIVATE)
+            except OSError as e:
+                raise GuestMemoryError(f"cannot map the snapshot's memory: {e.strerror}") from None
+            mem = reserved
+        else:
+            mem = mmap.mmap(
+                fd, size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset
+            )
         return self._add(Region(gpa, size, mem, "file", fd, offset))
 
     def _check_new(self, gpa: int, size: int) -> None:

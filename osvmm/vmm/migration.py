@@ -233,14 +233,19 @@ class IncomingSnapshot(snapshot.Snapshot):
     """A migrated partition's state and memory, as ``Partition.build`` takes a
     snapshot (PartitionConfig.restore); the memory moves into the partition."""
 
-    def __init__(self, origin: str, state: dict, memory, images: dict[str, bytearray]):
+    def __init__(self, origin: str, state: dict, memory, images: dict[str, bytearray], ready=None):
         super().__init__(origin, state, {})
         self.origin = f"a migration from {origin}"
         self.name = state.get("name")  # the partition's name (the HELO's, once received)
         self._memory = memory
         self._images = images
+        # vmm/ready.py ReadyVm made while the pages came, its memory the reservations':
+        # the partition's build takes it (no VM made, no memslot registered then).
+        self.ready = ready
 
-    def map_memory(self, memory, lazy: bool, backing) -> None:
+    def map_memory(self, memory, lazy: bool, backing, reserved=None) -> None:
+        """The regions that arrived move into ``memory`` (``reserved`` is unused: they
+        lie over a ready VM's reservations already, where it made one)."""
         for region in list(self._memory.regions):
             self._memory.regions.remove(region)
             memory._add(region)
@@ -250,6 +255,8 @@ class IncomingSnapshot(snapshot.Snapshot):
 
     def close(self) -> None:
         self._memory.close()  # what the partition did not take
+        if self.ready is not None:
+            self.ready.close()  # taken (then nothing is left to close), or not
 
 
 def _hello(stream, accept) -> tuple[dict, list]:
@@ -281,23 +288,34 @@ def _hello(stream, accept) -> tuple[dict, list]:
 class _Arriving:
     """One partition's memory, state and images as its frames come in."""
 
-    def __init__(self, stream, name: str, profile: dict, backing):
+    def __init__(self, stream, name: str, profile: dict, backing, make_ready=None):
         from osvmm.vmm.memory import GuestMemory
 
         self.stream = stream
         self.name = name
-        self.ranges = snapshot.machine_from_state(profile["machine"]).ram_ranges
+        self.machine = snapshot.machine_from_state(profile["machine"])
+        self.ranges = self.machine.ram_ranges
         self.backing = backing
+        self.make_ready = make_ready
+        self.ready = None
         self.memory = GuestMemory([])
         self.state = None
         self.images: dict[str, bytearray] = {}
 
     def allocate_rest(self) -> None:
-        """Zeroed regions for every RAM range no file descriptor brought."""
+        """Zeroed regions for every RAM range no file descriptor brought; when none
+        did and ``make_ready(machine)`` is given, over the reservations of the VM it
+        makes now, while the pages come (vmm/ready.py)."""
         have = {r.gpa for r in self.memory.regions}
+        if not have and self.make_ready is not None:
+            try:
+                self.ready = self.make_ready(self.machine)
+            except OsvmmError:
+                self.ready = None  # the build makes the VM then (and reports what fails)
         for gpa, size in self.ranges:
             if gpa not in have:
-                self.memory.add_region(gpa, size, self.backing(size))
+                reserved = self.ready.claim(gpa) if self.ready is not None else None
+                self.memory.add_region(gpa, size, self.backing(size), reserved)
 
     def adopt(self, spec: dict, fds: list[int]) -> None:
         """FDS: the regions given as memfds (the very pages of the old VMM)."""
@@ -365,21 +383,31 @@ class _Arriving:
             raise SnapshotError(f"{self.stream.peer} sent no state for {self.name!r}")
         if not self.memory.regions:
             self.allocate_rest()
-        incoming = IncomingSnapshot(self.stream.peer, self.state, self.memory, self.images)
+        incoming = IncomingSnapshot(
+            self.stream.peer, self.state, self.memory, self.images, self.ready
+        )
+        self.ready = None  # the arrival's now
         incoming.name = self.name
         return incoming
 
+    def close(self) -> None:
+        self.memory.close()
+        if self.ready is not None:
+            self.ready.close()
 
-def receive(stream, accept) -> list[IncomingSnapshot]:
+
+def receive(stream, accept, make_ready=None) -> list[IncomingSnapshot]:
     """One migration's frames, HELO to DONE (or a takeover's, every partition's):
     the partitions that arrived, to resume. ``accept(name, profile)`` checks that
     this VMM can take a partition and returns the backing of its new memory, or
-    raises an OsvmmError, sent back as FAIL (then this raises it too)."""
+    raises an OsvmmError, sent back as FAIL (then this raises it too).
+    ``make_ready(machine)``: a ReadyVm (vmm/ready.py) for a migrated partition,
+    made when its first pages arrive, which its build takes."""
     hello, accepted = _hello(stream, accept)
     arriving: list[_Arriving] = []
     try:
         if not hello.get("takeover"):
-            arriving.append(_Arriving(stream, *accepted[0]))
+            arriving.append(_Arriving(stream, *accepted[0], make_ready))
         by_name = {name: (name, profile, backing) for name, profile, backing in accepted}
         while True:
             kind, length = stream.recv_header()
@@ -403,5 +431,5 @@ def receive(stream, accept) -> list[IncomingSnapshot]:
         return [a.done() for a in arriving]
     except BaseException:
         for a in arriving:
-            a.memory.close()
+            a.close()
         raise

@@ -137,6 +137,13 @@ def input_stamps(config: PartitionConfig) -> tuple:
     return tuple(out)
 
 
+def _close_made(vcpus: list) -> None:
+    """Close the vCPUs a ReadyVm made that a failed build did not take."""
+    for vcpu in vcpus:
+        if vcpu is not None:
+            vcpu.close()
+
+
 def _quirks_for(source):
     """The host's quirks for ``source`` (vmm/host_quirks.py probes the host, for Linux
     only: its module is imported only then, start-up time)."""
@@ -158,11 +165,15 @@ class RunResult:
 
 
 class Partition:
-    def __init__(self, config: PartitionConfig, kvm: Kvm | None = None):
+    def __init__(self, config: PartitionConfig, kvm: Kvm | None = None, ready=None):
+        """``ready``: a vmm/ready.py ReadyVm made for this partition's machine, which a
+        restore takes instead of making its VM (one that does not fit is closed)."""
         self.config = config
         self.machine = config.machine
         self.kvm = kvm
         self._own_kvm = kvm is None
+        self._ready = ready
+        self.built_ready = False  # built on a ReadyVm (vmm/ready.py)
         self.vm = None
         self.memory: GuestMemory | None = None
         self.boot: BootImage | None = None
@@ -239,6 +250,9 @@ class Partition:
             self._close_disks()
             raise
         finally:
+            if self._ready is not None:  # taken by _build, or of no use: closed
+                self._ready.close()
+                self._ready = None
             if snap is not None and snap is not cfg.restore:
                 snap.close()  # read here; one given by the caller is the caller's to close
 
@@ -298,17 +312,46 @@ class Partition:
         max_vcpus = self.kvm.max_vcpus()
         if machine.vcpus > max_vcpus:
             raise ConfigError(f"--cpus {machine.vcpus}: this host's KVM allows at most {max_vcpus}")
-        # 2. memory
+        # 2. memory (3. the VM: a ReadyVm's, its memslots on the address space the
+        # snapshot's memory is mapped over; else made now, its memory registered
+        # on a thread from the VM's creation on, waited for below)
+        ready = None
+        made: list = [None] * machine.vcpus  # vCPUs made ahead, not yet the partition's
+        offered = self._ready or getattr(snap, "ready", None)  # given, or a migration's
+        if offered is not None and offered.fits(cfg, snap):
+            ready = offered.take()
+            self.vm, made = ready[0], ready[1]  # closed with the partition from now on
+            self.built_ready = True
         self.memory = GuestMemory([])
-        if snap is not None:
-            snap.map_memory(self.memory, cfg.restore_lazy, self._ram_backing)
+        try:
+            if snap is not None:
+                reserved = ready[2] if ready is not None else None
+                snap.map_memory(self.memory, cfg.restore_lazy, self._ram_backing, reserved)
+            else:
+                for gpa, size in machine.ram_ranges:
+                    self.memory.add_region(gpa, size, self._ram_backing(size))
+            if ready is not None:
+                offered.check(self.memory)
+            self._enforce_memory()
+        except BaseException:
+            _close_made(made)
+            raise
+        if ready is not None:
+            vm = self.vm
+
+            def memory_registered() -> None:
+                pass
         else:
-            for gpa, size in machine.ram_ranges:
-                self.memory.add_region(gpa, size, self._ram_backing(size))
-        self._enforce_memory()
-        # 3. vm (its memory registered meanwhile, on a thread: waited for below)
-        vm = self.vm = create_vm(self.kvm, self.memory, register_memory=False)
-        memory_registered = register_memory_in_background(vm, self.memory)
+            started = []  # the registration's wait function, once the VM exists
+
+            def register(vm):
+                started.append(register_memory_in_background(vm, self.memory))
+                return started[0]
+
+            vm = self.vm = create_vm(
+                self.kvm, self.memory, register_memory=False, on_created=register
+            )
+            memory_registered = started[0]
         try:
             self.slots = Memslots(vm, self.memory.regions, vm.check_extension(KVM_CAP_NR_MEMSLOTS))
             if cfg.disable_exits:
@@ -324,7 +367,8 @@ class Partition:
             # 6. vcpus
             supported = self.kvm.supported_cpuid()
             deadline = self.kvm.tsc_deadline_timer()
-            vm.set_boot_cpu_id(machine.bsp_apic_id)
+            if ready is None:
+                vm.set_boot_cpu_id(machine.bsp_apic_id)
             if snap is not None:
                 from osvmm.vmm import snapshot
 
@@ -335,7 +379,16 @@ class Partition:
                 else:
                     entry = boot.entry if index == 0 else None
                     cpuid = vcpu_cpuid(supported, apic_id, machine.vcpus, boot.cpuid_mask, deadline)
-                vcpu = create_vcpu(vm, supported, apic_id, machine.vcpus, entry=entry, cpuid=cpuid)
+                vcpu = create_vcpu(
+                    vm,
+                    supported,
+                    apic_id,
+                    machine.vcpus,
+                    entry=entry,
+                    cpuid=cpuid,
+                    made=made[index],
+                )
+                made[index] = None  # the partition's now (closed with it)
                 self.cpuids.append(cpuid)
                 self.tsc_khz.append(vcpu.tsc_khz())
                 self.vcpus.append(vcpu)
@@ -343,6 +396,7 @@ class Partition:
                 # which a running vCPU holds. Read only when asked (_kvm_exit_counts).
                 self._stats_fds.append(vcpu.stats_fd())
         except BaseException:
+            _close_made(made)
             try:
                 memory_registered()
             except Exception:  # noqa: BLE001, S110 - the first failure is the one reported

@@ -360,14 +360,21 @@ class Snapshot:
             f"{who}: the snapshot in {self.directory} does not fit: it has " + ", ".join(diffs)
         )
 
-    def map_memory(self, memory, lazy: bool, backing) -> None:
+    def map_memory(self, memory, lazy: bool, backing, reserved: dict | None = None) -> None:
         """Give ``memory`` (an empty GuestMemory) the snapshot's RAM: mapped from the
-        image copy-on-write (``lazy``), or copied into new regions of
-        ``backing(size)`` (vmm/memory.py's backings)."""
+        image copy-on-write (``lazy``; over ``reserved[gpa]``, a ready VM's address
+        space, where given), or copied into new regions of ``backing(size)``
+        (vmm/memory.py's backings)."""
         fd, img = self.image(MEMORY_IMAGE)
         for reg in img["regions"]:
             if lazy:
-                memory.add_file_region(reg["gpa"], reg["size"], os.dup(fd), reg["offset"])
+                memory.add_file_region(
+                    reg["gpa"],
+                    reg["size"],
+                    os.dup(fd),
+                    reg["offset"],
+                    (reserved or {}).get(reg["gpa"]),
+                )
             else:
                 region = memory.add_region(reg["gpa"], reg["size"], backing(reg["size"]))
                 memfile.load_image(fd, region.mem, reg["offset"], reg["size"], img["extents"])
