@@ -112,3 +112,22 @@ def test_partitions_plan_has_n_partitions_and_thp_switch():
 def test_smaps_rollup_reads_this_process():
     roll = partitions_memory.smaps_rollup(os.getpid())
     assert roll["Rss"] > 0 and 0 < roll["Pss"] <= roll["Rss"]
+
+
+def test_rig_devices_reads_the_tools_lines_and_makes_ratios():
+    from bench.rig_devices import figures_of, parse
+
+    guest = "noise\nBENCH iobench seqread 1048576 1 0.5\nBENCH iobench seqwrite 1048576 1 1.0\n"
+    guest += "iobench randread 4096 1 1.0\nBENCH iobench randread 409600 100 2.0\n"
+    results = {
+        "osvmm": parse(guest, prefix="BENCH"),
+        "host": parse(
+            "iobench seqread 1048576 1 0.25\niobench seqwrite 1048576 1 0.5\n"
+            "iobench randread 409600 100 1.0\n"
+        ),
+    }
+    assert results["osvmm"]["randread"] == (409600, 100, 2.0)  # the unprefixed line not taken
+    figs = {f.name.split(":")[0]: f for f in figures_of(results)}
+    assert figs["sequential read, 1 MiB requests"].value.median == 2.0  # MiB/s
+    assert figs["random 4 KiB reads"].value.median == 50.0  # IOPS
+    assert all(f.ratio == 0.5 for f in figs.values())
