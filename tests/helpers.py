@@ -15,13 +15,16 @@ REPO = Path(__file__).resolve().parent.parent
 QEMU_CMD = list(QEMU_MICROVM)
 
 
-def run_osvmm(*args: str, timeout: float = 120, input: bytes | None = None):
-    """Run ``python3 -m osvmm.cli ARGS`` as a user would; returns CompletedProcess (bytes)."""
+def run_osvmm(
+    *args: str, timeout: float = 120, input: bytes | None = None, prefix: tuple[str, ...] = ()
+):
+    """Run ``python3 -m osvmm.cli ARGS`` as a user would (under ``prefix``, e.g.
+    ``ip netns exec NS``); returns CompletedProcess (bytes)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("OSVMM_DEBUG", None)
     return subprocess.run(
-        [sys.executable, "-m", "osvmm.cli", *args],
+        [*prefix, sys.executable, "-m", "osvmm.cli", *args],
         capture_output=True,
         timeout=timeout,
         env=env,

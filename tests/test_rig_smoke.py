@@ -32,6 +32,22 @@ def test_dev_kvm_is_kvm_amd():
     assert not os.path.isdir("/sys/module/kvm_pvm")
 
 
+def test_l1_holds_a_vm_so_kvm_does_not_patch_its_text_at_each_boot():
+    """scripts/rig/kvm-hold (docs/testing.md, "Known"): a process of L1 holds /dev/kvm
+    and a vCPU ("anon_inode:kvm-vcpu:0") for the whole run."""
+    holders = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"kvm-hold" not in f.read():
+                    continue
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue  # a process that ended meanwhile
+        holders.append(links)
+    assert any("anon_inode:kvm-vcpu:0" in links for links in holders), holders
+
+
 def test_hello_guest_runs():
     r = run_osvmm("run", "guests:hello", timeout=600)
     assert r.stdout == b"Hello from osvmm guest\n"

@@ -51,6 +51,11 @@ net)
     echo "disktest: mac $(cat /sys/class/net/eth0/address)"
     ip link set eth0 up && ip addr add 10.99.0.2/24 dev eth0
     ping -c 3 -W 10 10.99.0.1 | sed -n 's/.* \([0-9]*\) packets received.*/disktest: ping \1/p'
+    dd if=/dev/urandom of=/tmp/blob bs=1024 count=1024 2>/dev/null
+    echo "disktest: sent $(md5sum < /tmp/blob | cut -d' ' -f1)"
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    busybox nc 10.99.0.1 5000 < /tmp/blob
+    echo "disktest: sendtime $t0 $(cut -d' ' -f1 /proc/uptime)"
     grep virtio /proc/interrupts | sed 's/^ */disktest: irq /'
     ;;
 second)
@@ -87,7 +92,7 @@ def files(tmp_path_factory):
     return tmp, initrd
 
 
-def boot(tmp: Path, initrd: Path, mode: str, *extra: str) -> list[str]:
+def boot(tmp: Path, initrd: Path, mode: str, *extra: str, prefix=()) -> list[str]:
     r = run_osvmm(
         "run",
         "--kernel",
@@ -106,6 +111,7 @@ def boot(tmp: Path, initrd: Path, mode: str, *extra: str) -> list[str]:
         f"console=ttyS0 panic=-1 -- /bin/disktest {mode}",
         *extra,
         timeout=400,
+        prefix=prefix,
     )
     out = r.stdout.decode(errors="replace")
     assert r.returncode == 0, out[-3000:] + r.stderr.decode(errors="replace")
@@ -163,25 +169,55 @@ def test_linux_uses_its_disks_and_finds_them_again_after_a_restart(files):
 
 
 TAP = "osvmmrig0"
+NETNS = "osvmm-rig"
 
 
-def test_linux_pings_the_host_over_a_tap(files):
+def test_linux_pings_the_host_over_a_tap_and_sends_it_a_file(files):
+    """The host's end in a network namespace the test makes (``ip netns``): the
+    tap, its address, osvmm and the host's listener all in it, so that nothing of
+    the test reaches the machine's own network."""
+    import hashlib
     import subprocess
 
     from osvmm.vmm.tap import default_mac
 
     tmp, initrd = files
-    ip = ["ip"]
     if not os.path.exists("/dev/net/tun"):  # L1 loads what it needs only: tun too
         subprocess.run(["/bin/busybox", "modprobe", "tun"], check=True)  # no kmod here
-    subprocess.run([*ip, "tuntap", "add", TAP, "mode", "tap"], check=True)
+    subprocess.run(["ip", "netns", "add", NETNS], check=True)
+    inside = ("ip", "netns", "exec", NETNS)
+    received = tmp / "received"
     try:
-        subprocess.run([*ip, "addr", "add", "10.99.0.1/24", "dev", TAP], check=True)
-        subprocess.run([*ip, "link", "set", TAP, "up"], check=True)
-        out = boot(tmp, initrd, "net", "--net", f"tap={TAP}")
+        for cmd in (
+            ["ip", "link", "set", "lo", "up"],
+            ["ip", "tuntap", "add", TAP, "mode", "tap"],
+            ["ip", "addr", "add", "10.99.0.1/24", "dev", TAP],
+            ["ip", "link", "set", TAP, "up"],
+        ):
+            subprocess.run([*inside, *cmd], check=True)
+        # The host's end of the transfer: busybox nc, its stdin a pipe kept open (an
+        # nc whose stdin ends half-closes the connection: docs/testing.md).
+        with open(received, "wb") as sink:
+            listener = subprocess.Popen(
+                [*inside, "busybox", "nc", "-l", "-p", "5000"], stdin=subprocess.PIPE, stdout=sink
+            )
+        try:
+            out = boot(tmp, initrd, "net", "--net", f"tap={TAP}", prefix=inside)
+            listener.wait(timeout=30)  # it ends with the guest's data
+        finally:
+            listener.kill()
+            listener.wait()
+            listener.stdin.close()
         mac = ":".join(f"{b:02x}" for b in default_mac(TAP))
         assert out[:2] == [f"disktest: mac {mac}", "disktest: ping 3"], out
+        sent = next(line.split()[2] for line in out if line.startswith("disktest: sent "))
+        assert received.stat().st_size == 1 << 20, out
+        assert hashlib.md5(received.read_bytes()).hexdigest() == sent, out
+        start, end = (
+            float(x) for x in next(w for w in out if w.startswith("disktest: sendtime")).split()[2:]
+        )
+        print(f"1 MiB guest to host over the tap in {end - start:.1f} s of the guest's uptime")
         irq = [line.split() for line in out if line.endswith("virtio3")]
         assert irq and "10-edge" in irq[0] and int(irq[0][3]) > 0, out  # the 4th slot
     finally:
-        subprocess.run([*ip, "link", "del", TAP], check=False)
+        subprocess.run(["ip", "netns", "del", NETNS], check=False)  # its tap goes with it
