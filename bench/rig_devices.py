@@ -1,5 +1,5 @@
-"""Disks inside the rig: a Linux partition's virtio-blk against the same image
-read and written on the host directly, and under QEMU.
+"""Devices inside the rig: a Linux partition's virtio-blk, virtio-net and vsock
+against the host directly and QEMU's.
 
     scripts/hwvirt-rig run -v --cpus 5 --timeout 1800 -- python3 -m bench.rig_devices
 
@@ -22,6 +22,17 @@ at random offsets for 5 s, on a 64 MiB raw image:
   in its ACPI tables as osvmm's are), the same kernel, initramfs and load.
 
 Each guest's figures come from its own clock (the tool's lines on the console).
+
+The network: 2 MiB of random bytes from the guest to a busybox ``nc`` on the
+host's end of a tap, over TCP, timed by the guest's clock and checked whole on
+arrival; the tap, its address, the VMM and the listener in a network namespace
+of their own. osvmm's ``--net tap=`` against QEMU microvm's
+``virtio-net-device`` on the same tap (QEMU's userspace tap backend, no vhost).
+
+vsock: 200 round trips of 64 bytes from a host program to the guest's echo
+(tools/osvmm-vsock listen): through osvmm's Unix socket (``CONNECT 5000``),
+against QEMU microvm's ``vhost-vsock-device`` (an AF_VSOCK socket, the kernel's
+vhost doing the device's work) where L1 has ``/dev/vhost-vsock``.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import argparse
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -54,11 +66,11 @@ done
 APPEND = "console=ttyS0 quiet -- /bin/blkbench"
 
 
-def build_tool(out: Path) -> Path:
+def build_tool(out: Path, name: str = "osvmm-iobench") -> Path:
     gcc = shutil.which("gcc")
     if gcc is None:
-        raise RuntimeError("no gcc to build tools/osvmm-iobench.c")
-    src = REPO / "tools" / "osvmm-iobench.c"
+        raise RuntimeError(f"no gcc to build tools/{name}.c")
+    src = REPO / "tools" / f"{name}.c"
     subprocess.run([gcc, "-static", "-O2", "-o", str(out), str(src)], check=True)
     return out
 
@@ -112,11 +124,142 @@ def figures_of(results: dict[str, dict[str, tuple[int, int, float]]]) -> list[Fi
     return figures
 
 
+# -- the network: guest to host over a tap ---------------------------------------------
+
+NET_MIB = 2
+NETNS, TAP = "osvmm-bench", "osvmmbench0"
+NET_SCRIPT = f"""#!/bin/sh
+# netbench: eth0 up, the host's end answering, then {NET_MIB} MiB to it over TCP.
+ip link set eth0 up && ip addr add 10.98.0.2/24 dev eth0
+i=0
+until ping -c 1 -W 2 10.98.0.1 >/dev/null 2>&1; do
+    i=$((i + 1)); [ $i -ge 60 ] && break
+done
+dd if=/dev/urandom of=/tmp/blob bs=1024 count={NET_MIB * 1024} 2>/dev/null
+t0=$(cut -d' ' -f1 /proc/uptime)
+busybox nc 10.98.0.1 5000 < /tmp/blob
+echo "NET $(wc -c < /tmp/blob) $t0 $(cut -d' ' -f1 /proc/uptime)"
+"""
+INSIDE = ("ip", "netns", "exec", NETNS)
+
+
+def make_netns() -> None:
+    if not os.path.exists("/dev/net/tun"):
+        subprocess.run(["/bin/busybox", "modprobe", "tun"], check=True)
+    subprocess.run(["ip", "netns", "add", NETNS], check=True)
+    for cmd in (
+        ["ip", "link", "set", "lo", "up"],
+        ["ip", "tuntap", "add", TAP, "mode", "tap"],
+        ["ip", "addr", "add", "10.98.0.1/24", "dev", TAP],
+        ["ip", "link", "set", TAP, "up"],
+    ):
+        subprocess.run([*INSIDE, *cmd], check=True)
+
+
+def net_run(cmd: list[str], what: str, tmp: Path) -> float:
+    """MiB/s the guest's clock saw for its transfer; the bytes checked on arrival."""
+    sink_path = tmp / "received"
+    with open(sink_path, "wb") as sink:
+        listener = subprocess.Popen(
+            [*INSIDE, "busybox", "nc", "-l", "-p", "5000"], stdin=subprocess.PIPE, stdout=sink
+        )
+    try:
+        r = subprocess.run(
+            [*INSIDE, *cmd], capture_output=True, env=child_env(), timeout=RUN_TIMEOUT
+        )
+        listener.wait(timeout=30)
+    finally:
+        listener.kill()
+        listener.wait()
+        listener.stdin.close()
+    text = r.stdout.decode(errors="replace").replace("\r", "")
+    line = next((x.split() for x in text.splitlines() if x.startswith("NET ")), None)
+    if line is None or int(line[1]) != sink_path.stat().st_size:
+        raise RuntimeError(f"{what}: exit {r.returncode}, no whole transfer:\n{text[-1500:]}")
+    return int(line[1]) / (float(line[3]) - float(line[2])) / (1 << 20)
+
+
+# -- vsock: a round trip from a host program to a guest's echo --------------------------
+
+VSOCK_PORT = 5000
+ROUND_TRIPS = 200
+
+
+def round_trips(sock: socket.socket) -> list[float]:
+    """Seconds per 64-byte message echoed, ROUND_TRIPS of them."""
+    msg, out = b"x" * 64, []
+    for _ in range(ROUND_TRIPS):
+        t = time.perf_counter()
+        sock.sendall(msg)
+        got = b""
+        while len(got) < len(msg):
+            chunk = sock.recv(len(msg) - len(got))
+            if not chunk:
+                raise RuntimeError("the guest's echo ended early")
+            got += chunk
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def connect_osvmm(path: str, deadline: float) -> socket.socket:
+    """Firecracker's protocol (docs/devices.md): CONNECT PORT until the guest listens."""
+    while time.monotonic() < deadline:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(120)
+        try:
+            s.connect(path)
+            s.sendall(f"CONNECT {VSOCK_PORT}\n".encode())
+            line = b""
+            while not line.endswith(b"\n") and (c := s.recv(1)):
+                line += c
+            if line.startswith(b"OK "):
+                return s
+        except OSError:
+            pass
+        s.close()
+        time.sleep(0.5)
+    raise RuntimeError("the guest never listened on its vsock port")
+
+
+def connect_vhost(cid: int, deadline: float) -> socket.socket:
+    while time.monotonic() < deadline:
+        s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        s.settimeout(120)
+        try:
+            s.connect((cid, VSOCK_PORT))
+            return s
+        except OSError:
+            s.close()
+            time.sleep(0.5)
+    raise RuntimeError("the QEMU guest never listened on its vsock port")
+
+
+def vsock_run(cmd: list[str], connect) -> list[float]:
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=child_env(),
+    )
+    try:
+        sock = connect(time.monotonic() + RUN_TIMEOUT)
+        try:
+            times = round_trips(sock)
+        finally:
+            sock.close()  # the guest's echo ends, and the guest powers off
+        proc.wait(timeout=120)
+        return times
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python3 -m bench.rig_devices", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--no-qemu", action="store_true", help="skip the QEMU comparison")
+    p.add_argument("--no-qemu", action="store_true", help="skip the QEMU comparisons")
     args = p.parse_args(argv)
 
     def log(msg: str) -> None:
@@ -128,51 +271,106 @@ def main(argv: list[str] | None = None) -> int:
     from osvmm.boot import kmodules
     from osvmm.boot.initramfs import build_initramfs
 
+    osvmm = [sys.executable, "-m", "osvmm.cli", "run", "--memory", MEMORY, "--cpus", "1"]
+    qemu = [*QEMU_COMMON[:1], "-M", "microvm", *QEMU_COMMON[1:]]
+    figures: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="osvmm-rig-devices-") as tmp:
         t = Path(tmp)
-        tool = build_tool(t / "osvmm-iobench")
-        script = t / "blkbench"
-        script.write_text(GUEST_SCRIPT)
-        script.chmod(0o755)
         moddir = kmodules.module_dir(VMLINUX.resolve().parent / "modules")
-        initrd = build_initramfs(
-            t / "initrd.cpio",
-            extra_files=[(tool, "/bin/osvmm-iobench"), (script, "/bin/blkbench")],
-            modules=kmodules.module_members(moddir, ("virtio_mmio", "virtio_blk")),
-        )
+
+        def initrd(name: str, script: str, tools: tuple[str, ...], modules) -> Path:
+            path = t / name
+            path.write_text(script)
+            path.chmod(0o755)
+            extra = [(path, f"/bin/{name}")]
+            extra += [(build_tool(t / tool, tool), f"/bin/{tool}") for tool in tools]
+            return build_initramfs(
+                t / f"{name}.cpio",
+                extra_files=extra,
+                modules=kmodules.module_members(moddir, modules),
+            )
+
+        def files(rd: Path, append: str) -> list[str]:
+            return ["-kernel", str(VMLINUX), "-initrd", str(rd), "-append", append]
+
+        # Disks.
+        rd = initrd("blkbench", GUEST_SCRIPT, ("osvmm-iobench",), ("virtio_mmio", "virtio_blk"))
+        tool = t / "osvmm-iobench"
         image = t / "disk.img"
         with open(image, "wb") as f:
             f.truncate(IMAGE_MIB << 20)
-        results = {}
-        host = {}
+        results = {"host": {}}
         for mode, n in (("seqwrite", SEQ_MIB), ("seqread", SEQ_MIB), ("randread", RAND_S)):
             r = subprocess.run([str(tool), mode, str(image), str(n)], capture_output=True)
-            host.update(parse(r.stdout.decode()))
-        results["host"] = host
-        log(f"host: {host}")
-        files = ["-kernel", str(VMLINUX), "-initrd", str(initrd), "-append", APPEND]
-        osvmm = [sys.executable, "-m", "osvmm.cli", "run", "--memory", MEMORY, "--cpus", "1"]
-        results["osvmm"] = run_guest([*osvmm, *files, "--drive", str(image)], "osvmm")
-        log(f"osvmm: {results['osvmm']}")
+            results["host"].update(parse(r.stdout.decode()))
+        log(f"disk, host: {results['host']}")
+        results["osvmm"] = run_guest([*osvmm, *files(rd, APPEND), "--drive", str(image)], "osvmm")
+        log(f"disk, osvmm: {results['osvmm']}")
         if not args.no_qemu:
-            qemu = [
-                *QEMU_COMMON[:1],
-                "-M",
-                "microvm",
-                *QEMU_COMMON[1:],
-                *files,
-                "-drive",
-                f"id=d0,file={image},format=raw,if=none",
-                "-device",
-                "virtio-blk-device,drive=d0",
-            ]
-            results["QEMU microvm"] = run_guest(qemu, "QEMU")
-            log(f"QEMU microvm: {results['QEMU microvm']}")
+            drive = ["-drive", f"id=d0,file={image},format=raw,if=none"]
+            dev = ["-device", "virtio-blk-device,drive=d0"]
+            results["QEMU microvm"] = run_guest([*qemu, *files(rd, APPEND), *drive, *dev], "QEMU")
+            log(f"disk, QEMU microvm: {results['QEMU microvm']}")
+        figures += figures_of(results)
+
+        # The network: guest to host over a tap, in a network namespace of its own.
+        rd = initrd("netbench", NET_SCRIPT, (), ("virtio_mmio", "virtio_net"))
+        append = "console=ttyS0 quiet -- /bin/netbench"
+        make_netns()
+        try:
+            mine = net_run([*osvmm, *files(rd, append), "--net", f"tap={TAP}"], "osvmm", t)
+            log(f"net, osvmm: {mine:.3f} MiB/s")
+            base = None
+            if not args.no_qemu:
+                netdev = ["-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no"]
+                dev = ["-device", "virtio-net-device,netdev=n0"]
+                base = net_run([*qemu, *files(rd, append), *netdev, *dev], "QEMU", t)
+                log(f"net, QEMU microvm: {base:.3f} MiB/s")
+            figures.append(
+                Figure(
+                    f"TCP guest to host over a tap, {NET_MIB} MiB: osvmm virtio-net",
+                    "MiB/s",
+                    Sample.of([mine]),
+                    "QEMU microvm virtio-net-device on the same tap" if base else None,
+                    Sample.of([base]) if base else None,
+                )
+            )
+        finally:
+            subprocess.run(["ip", "netns", "del", NETNS], check=False)
+
+        # vsock: 64-byte round trips from a host program to the guest's echo.
+        append = "console=ttyS0 quiet -- /bin/vsockbench"
+        script = f"#!/bin/sh\nexec /bin/osvmm-vsock listen {VSOCK_PORT}\n"  # echoes until EOF
+        rd = initrd("vsockbench", script, ("osvmm-vsock",), kmodules.VIRTIO_VSOCK_MODULES)
+        uds = str(t / "v.sock")
+        mine_rt = vsock_run(
+            [*osvmm, *files(rd, append), "--vsock", f"uds={uds}"],
+            lambda deadline: connect_osvmm(uds, deadline),
+        )
+        log(f"vsock, osvmm: median {sorted(mine_rt)[len(mine_rt) // 2] * 1e3:.2f} ms")
+        base_rt = None
+        vhost = subprocess.run(["/bin/busybox", "modprobe", "vhost_vsock"], capture_output=True)
+        if not args.no_qemu and vhost.returncode == 0 and os.path.exists("/dev/vhost-vsock"):
+            base_rt = vsock_run(
+                [*qemu, *files(rd, append), "-device", "vhost-vsock-device,guest-cid=3"],
+                lambda deadline: connect_vhost(3, deadline),
+            )
+        elif not args.no_qemu:
+            log("no /dev/vhost-vsock here: the vsock figure has no QEMU baseline")
+        figures.append(
+            Figure(
+                f"vsock round trip, 64 bytes, {ROUND_TRIPS} of them: osvmm (Unix socket, CONNECT)",
+                "ms",
+                Sample.of([x * 1e3 for x in mine_rt]),
+                "QEMU microvm vhost-vsock-device (AF_VSOCK)" if base_rt else None,
+                Sample.of([x * 1e3 for x in base_rt]) if base_rt else None,
+            )
+        )
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     inside = "inside scripts/hwvirt-rig" if os.environ.get("OSVMM_RIG") == "1" else "on this host"
     print(f"Measured {when} {inside}, Linux {platform.release()}, {os.cpu_count()} CPUs.")
     print("Absolute figures in the rig are emulated: read the ratios.\n")
-    print(markdown(figures_of(results)), end="")
+    print(markdown(figures), end="")
     return 0
 
 
