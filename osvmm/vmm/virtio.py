@@ -156,27 +156,24 @@ class VirtioDevices:
         self.backends: list = []
 
     def add_blk(self, vm, memory, mmio_bus, backend, on_error) -> DeviceThread:
-        index = len(self.devices)
-        model = VirtioBlk(backend, memory, serial=f"osvmm-vd{chr(ord('a') + index)}".encode())
-        dev = DeviceThread(f"virtio-blk {backend.path}", index, vm, memory, model, on_error)
-        self.devices.append(dev)
-        self.backends.append(backend)
-        mmio_bus.register(dev.base, 0x1000, dev.transport)
-        return dev
+        serial = f"osvmm-vd{chr(ord('a') + len(self.devices))}".encode()
+        model = VirtioBlk(backend, memory, serial=serial)
+        name = f"virtio-blk {backend.path}"
+        return self._add(name, model, backend, vm, memory, mmio_bus, on_error)
 
     def add_net(self, vm, memory, mmio_bus, tap, mac: bytes, on_error) -> DeviceThread:
-        index = len(self.devices)
         model = VirtioNet(tap, memory, mac)
-        dev = DeviceThread(f"virtio-net {tap.name}", index, vm, memory, model, on_error)
-        self.devices.append(dev)
-        self.backends.append(tap)
-        mmio_bus.register(dev.base, 0x1000, dev.transport)
-        return dev
+        return self._add(f"virtio-net {tap.name}", model, tap, vm, memory, mmio_bus, on_error)
 
     def add_vsock(self, vm, memory, mmio_bus, backend, cid: int, on_error) -> DeviceThread:
-        index = len(self.devices)
         model = VirtioVsock(backend, memory, cid)
-        dev = DeviceThread(f"virtio-vsock {backend.path}", index, vm, memory, model, on_error)
+        name = f"virtio-vsock {backend.path}"
+        return self._add(name, model, backend, vm, memory, mmio_bus, on_error)
+
+    def _add(self, name, model, backend, vm, memory, mmio_bus, on_error) -> DeviceThread:
+        """The device in the next slot: its thread's eventfds, its page on the MMIO bus;
+        its backend closed with the devices."""
+        dev = DeviceThread(name, len(self.devices), vm, memory, model, on_error)
         self.devices.append(dev)
         self.backends.append(backend)
         mmio_bus.register(dev.base, 0x1000, dev.transport)
