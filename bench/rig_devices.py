@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -49,7 +48,7 @@ import time
 from pathlib import Path
 
 from bench.common import REPO, Figure, Sample
-from bench.rig_linux import QEMU_COMMON, VMLINUX, child_env, markdown
+from bench.rig_linux import QEMU_COMMON, VMLINUX, child_env, report
 
 MEMORY = "256M"
 IMAGE_MIB = 64
@@ -366,11 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                 Sample.of([x * 1e3 for x in base_rt]) if base_rt else None,
             )
         )
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    inside = "inside scripts/hwvirt-rig" if os.environ.get("OSVMM_RIG") == "1" else "on this host"
-    print(f"Measured {when} {inside}, Linux {platform.release()}, {os.cpu_count()} CPUs.")
-    print("Absolute figures in the rig are emulated: read the ratios.\n")
-    print(markdown(figures), end="")
+    report(figures, "figures")
     return 0
 
 

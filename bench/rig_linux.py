@@ -274,12 +274,17 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_qemu:
             figures += boot_figures(initrd, args.repeats, log)
         figures += exit_figures(initrd, args.settle, args.window, log)
+    report(figures, "times")
+    return 0
+
+
+def report(figures: list[Figure], what: str) -> None:
+    """Where and when it was measured, then the table (the rig's benchmarks)."""
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     inside = "inside scripts/hwvirt-rig" if os.environ.get("OSVMM_RIG") == "1" else "on this host"
     print(f"Measured {when} {inside}, Linux {platform.release()}, {os.cpu_count()} CPUs.")
-    print("Absolute times in the rig are emulated: read the ratios.\n")
+    print(f"Absolute {what} in the rig are emulated: read the ratios.\n")
     print(markdown(figures), end="")
-    return 0
 
 
 if __name__ == "__main__":
