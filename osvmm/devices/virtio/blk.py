@@ -58,11 +58,7 @@ class VirtioBlk:
         self.readonly = bool(backend.readonly)
         self.discard = bool(backend.can_discard) and not self.readonly
         features = (
-            1 << spec.VIRTIO_F_VERSION_1
-            | 1 << spec.VIRTIO_F_INDIRECT_DESC
-            | 1 << spec.VIRTIO_F_EVENT_IDX
-            | 1 << spec.VIRTIO_BLK_F_SEG_MAX
-            | 1 << spec.VIRTIO_BLK_F_FLUSH
+            spec.TRANSPORT_FEATURES | 1 << spec.VIRTIO_BLK_F_SEG_MAX | 1 << spec.VIRTIO_BLK_F_FLUSH
         )
         if self.readonly:
             features |= 1 << spec.VIRTIO_BLK_F_RO

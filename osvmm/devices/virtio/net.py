@@ -49,13 +49,7 @@ class VirtioNet:
         self.backend = backend
         self.memory = memory
         self.mac = mac
-        self.features = (
-            1 << spec.VIRTIO_F_VERSION_1
-            | 1 << spec.VIRTIO_F_INDIRECT_DESC
-            | 1 << spec.VIRTIO_F_EVENT_IDX
-            | 1 << VIRTIO_NET_F_MAC
-            | 1 << VIRTIO_NET_F_STATUS
-        )
+        self.features = spec.TRANSPORT_FEATURES | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS
         self.config = mac + struct.pack("<H", VIRTIO_NET_S_LINK_UP)
         self.rx_starved = False
         self._held: bytes | None = None  # a received frame waiting for a chain

@@ -17,6 +17,9 @@ FAILED = 128
 VIRTIO_F_INDIRECT_DESC = 28
 VIRTIO_F_EVENT_IDX = 29
 VIRTIO_F_VERSION_1 = 32
+# What every osvmm device offers of the transport (queue.py implements all three):
+# modern (1.x), indirect descriptor tables, and event idx.
+TRANSPORT_FEATURES = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_INDIRECT_DESC | 1 << VIRTIO_F_EVENT_IDX
 
 # 2.7.5 The virtqueue descriptor table (split)
 VIRTQ_DESC_F_NEXT = 1

@@ -163,11 +163,7 @@ class VirtioVsock:
         self.backend = backend
         self.memory = memory
         self.guest_cid = guest_cid
-        self.features = (
-            1 << spec.VIRTIO_F_VERSION_1
-            | 1 << spec.VIRTIO_F_INDIRECT_DESC
-            | 1 << spec.VIRTIO_F_EVENT_IDX
-        )
+        self.features = spec.TRANSPORT_FEATURES
         self.config = struct.pack("<Q", guest_cid)
         self.conns: dict[tuple[int, int], Connection] = {}
         self.by_fd: dict[int, Connection] = {}
