@@ -67,7 +67,8 @@ def add_run_parser(sub) -> None:
         "--restore",
         metavar="DIR",
         help="resume the snapshot in DIR instead of booting (its memory is mapped from "
-        "the snapshot, copy-on-write); no IMAGE, --memory, --cpus or --numa",
+        "the snapshot, copy-on-write); no IMAGE, --memory, --cpus or --numa; its disks "
+        "are reopened, or --drive gives images of the same size in their place",
     )
     snap.add_argument(
         "--snapshot",
@@ -122,7 +123,6 @@ def _restore_source(args):
             ("--memory", args.memory),
             ("--cpus", args.cpus),
             ("--numa", args.numa),
-            ("--drive", args.drive),
             ("--net", args.net),
             ("--vsock", args.vsock),
         )
@@ -173,6 +173,10 @@ def cmd_run(args) -> int:
             )
     if machine is None:
         machine = _run_machine(args, len(drives) + len(nets) + (vsock is not None))
+    elif not drives:  # a restore reopens the snapshot's disks, unless --drive names others
+        from osvmm.vmm.snapshot import snapshot_drives
+
+        drives = snapshot_drives(snap.state)
 
     def stdout_closed() -> None:  # on a vCPU thread: the run ends, then the process
         part.stop(0, STDOUT_GONE)

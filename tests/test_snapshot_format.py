@@ -36,9 +36,17 @@ def test_a_state_round_trips_with_its_bytes():
 def test_the_header_is_documented_layout():
     data = fmt.encode(STATE)
     magic, version, header, size, digest = struct.unpack_from("<8sIIQ32s", data)
-    assert (magic, version, header) == (b"OSVMMSNP", fmt.FORMAT_VERSION, 64)
+    assert (magic, version, header) == (b"OSVMMSNP", 1, 64)  # no virtio devices: version 1
     assert size == len(data) - 64
     assert data[56:64] == bytes(8)
+
+
+def test_a_state_with_virtio_devices_is_version_2_and_read_back():
+    state = STATE | {"virtio": [{"config": b"\0" * 8, "queues": []}]}
+    data = fmt.encode(state)
+    assert struct.unpack_from("<I", data, 8)[0] == 2 == fmt.FORMAT_VERSION
+    assert fmt.decode(data) == state
+    assert fmt.version_for(STATE) == 1 and fmt.version_for(STATE | {"virtio": []}) == 1
 
 
 def message(data: bytes) -> str:
@@ -82,7 +90,7 @@ def test_a_flipped_checksum_byte_is_caught_too():
 def test_wrong_version():
     bad = bytearray(fmt.encode(STATE))
     struct.pack_into("<I", bad, 8, 99)
-    assert "format version 99" in message(bytes(bad)) and "version 1" in message(bytes(bad))
+    assert "format version 99; this osvmm reads versions 1, 2" in message(bytes(bad))
 
 
 def test_valid_checksum_over_garbage_is_unreadable_not_a_crash():

@@ -4,7 +4,7 @@ Layout (little-endian), docs/snapshots.md:
 
     offset  size  field
     0       8     magic b"OSVMMSNP"
-    8       4     format version (FORMAT_VERSION)
+    8       4     format version (``version_for``: 1, or 2 with virtio devices)
     12      4     header size (HEADER_SIZE)
     16      8     payload size in bytes
     24      32    SHA-256 of the payload
@@ -15,6 +15,13 @@ The state is a JSON object; a ``bytes`` value is written as
 ``{"$bytes": "<base64>"}`` and read back as ``bytes`` (the KVM structures are
 kept as the kernel gives them). Anything else than a dict, list, str, int,
 float, bool, None or bytes is a bug of the caller (TypeError).
+
+Versions: 1 is a partition without virtio devices; 2 adds the ``virtio`` key
+(each device's transport, queues and backend identity) and ``machine``'s
+``virtio_mmio``. A state without virtio devices is still written as version 1,
+so an older osvmm resumes it; one with them is version 2, which an osvmm that
+reads only version 1 refuses (it would resume the partition without its disks).
+This osvmm reads both (``READ_VERSIONS``).
 
 ``decode`` checks, in this order, and fails with a one-line SnapshotError:
 the magic, the version, the header size, the length (a truncated or
@@ -31,7 +38,8 @@ import struct
 from osvmm.errors import SnapshotError
 
 MAGIC = b"OSVMMSNP"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this osvmm writes
+READ_VERSIONS = (1, 2)
 HEADER = struct.Struct("<8sIIQ32s8x")
 HEADER_SIZE = HEADER.size
 assert HEADER_SIZE == 64
@@ -64,11 +72,17 @@ def _from_json(value):
     return value
 
 
+def version_for(state: dict) -> int:
+    """The lowest version that holds ``state``: 2 with virtio devices, else 1."""
+    return 2 if state.get("virtio") else 1
+
+
 def encode(state: dict) -> bytes:
     """The state file's bytes for ``state``."""
     payload = json.dumps(_to_json(state), separators=(",", ":"), sort_keys=True).encode()
     digest = hashlib.sha256(payload).digest()
-    return HEADER.pack(MAGIC, FORMAT_VERSION, HEADER_SIZE, len(payload), digest) + payload
+    version = version_for(state)
+    return HEADER.pack(MAGIC, version, HEADER_SIZE, len(payload), digest) + payload
 
 
 def decode(data: bytes, what: str = "snapshot state") -> dict:
@@ -78,9 +92,10 @@ def decode(data: bytes, what: str = "snapshot state") -> dict:
     if len(data) < HEADER_SIZE:
         raise SnapshotError(f"{what}: truncated ({len(data)} bytes, the header alone is 64)")
     magic, version, header_size, size, digest = HEADER.unpack_from(data)
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise SnapshotError(
-            f"{what}: format version {version}; this osvmm reads version {FORMAT_VERSION}"
+            f"{what}: format version {version}; this osvmm reads versions "
+            f"{', '.join(map(str, READ_VERSIONS))}"
         )
     if header_size != HEADER_SIZE:
         raise SnapshotError(f"{what}: header size {header_size}, expected {HEADER_SIZE}")

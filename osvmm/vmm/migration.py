@@ -62,7 +62,7 @@ class Report:
 def profile(part) -> dict:
     """The HELO's vCPU profile, read without touching the running vCPUs; a partition
     a snapshot cannot hold is refused here, before the first byte is sent."""
-    snapshot.check_snapshottable(part)
+    snapshot.check_snapshottable(part, "a migration or a takeover")
     xsave = snapshot.xsave_size(part.vm)
     return {
         "machine": snapshot.machine_state(part.machine),

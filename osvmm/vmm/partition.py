@@ -226,10 +226,10 @@ class Partition:
         # 1. inputs
         snap = None
         if cfg.restore is not None:
-            if cfg.drives or cfg.vsock is not None:
+            if cfg.nets or cfg.switch_nics or cfg.vsock is not None:
                 raise ConfigError(
-                    f"partition {cfg.name!r}: a snapshot is resumed without disks or vsock "
-                    "(it holds no virtio device state)"
+                    f"partition {cfg.name!r}: a snapshot is resumed without NICs or vsock "
+                    "(it holds no state of theirs)"
                 )
             snap = self._read_snapshot()
         else:
@@ -243,8 +243,12 @@ class Partition:
                     f"{vsocks} vsock on a machine with {machine.virtio_mmio} virtio-mmio devices"
                 )
             self.boot = prepare(source, machine, cfg.cmdline, _quirks_for(source))
-            self._open_disks()
         try:
+            self._open_disks()
+            if snap is not None:  # the snapshot's disks, before anything is built
+                from osvmm.vmm.snapshot import check_disks
+
+                check_disks(snap.state, self._disks, f"partition {cfg.name!r}")
             return self._build(snap)
         except BaseException:
             self._close_disks()
@@ -590,6 +594,18 @@ class Partition:
                 for t in parked:
                     t.unpark()
 
+    @contextmanager
+    def quiesced(self):
+        """``paused``, and the virtio devices' threads stopped too (each between two
+        requests, vmm/virtio.py): guest memory and every device's state stay as
+        they are for the block (a snapshot)."""
+        with self.paused():
+            if self.virtio is None:
+                yield
+            else:
+                with self.virtio.quiesced():
+                    yield
+
     def snapshot(self, directory: str, extra=None, then=None):
         """Write a snapshot of the running partition into ``directory`` with its vCPUs
         paused; returns (vmm.snapshot.Written, milliseconds paused). ``extra()``, called
@@ -602,7 +618,7 @@ class Partition:
             raise SnapshotError(f"partition {self.config.name!r} is not running")
         snapshot.check_snapshottable(self)  # before anything is paused or written
         t0 = time.perf_counter()
-        with self.paused():
+        with self.quiesced():
             if not self.running:
                 raise SnapshotError(f"partition {self.config.name!r} ended")
             state, images = extra() if extra is not None else ({}, {})

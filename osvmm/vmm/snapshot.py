@@ -137,6 +137,7 @@ def machine_state(machine: Machine) -> dict:
         ],
         "reserved": machine.reserved,
         "distances": machine.distances,
+        "virtio_mmio": machine.virtio_mmio,
     }
 
 
@@ -150,6 +151,7 @@ def machine_from_state(st: dict) -> Machine:
         ),
         reserved=tuple(map(tuple, st["reserved"])),
         distances=None if st["distances"] is None else tuple(map(tuple, st["distances"])),
+        virtio_mmio=st.get("virtio_mmio", 0),  # version 1 has none
     )
 
 
@@ -179,15 +181,21 @@ class Written:
     seconds: float  # writing, from the first state read to the renames
 
 
-def check_snapshottable(part) -> None:
-    """SnapshotError for a partition whose state a snapshot cannot hold: one with
-    virtio devices, disks, NICs or a vsock (their queues and requests in flight are not
-    saved)."""
+def check_snapshottable(part, what: str = "a snapshot") -> None:
+    """SnapshotError for a partition whose state ``what`` cannot hold: one with NICs
+    or a vsock (their backends' state, frames and connections in flight, is not
+    saved); with disks, a migration or a takeover (``what``), whose destination
+    would open the images the source holds locked. A snapshot holds disks."""
     cfg = part.config
-    if cfg.drives or cfg.nets or cfg.switch_nics or cfg.vsock is not None:
+    if cfg.nets or cfg.switch_nics or cfg.vsock is not None:
         raise SnapshotError(
-            f"partition {cfg.name!r} has disks, NICs or a vsock: a snapshot does not hold "
-            "the state of virtio devices (their queues in flight), so it is refused"
+            f"partition {cfg.name!r} has NICs or a vsock: {what} does not hold the state "
+            "of their backends (frames and connections in flight), so it is refused"
+        )
+    if cfg.drives and what != "a snapshot":
+        raise SnapshotError(
+            f"partition {cfg.name!r} has disks: {what} is refused (its destination would "
+            "open images the source holds locked); snapshot it and restore it instead"
         )
 
 
@@ -210,6 +218,7 @@ def collect(part, extra: dict | None = None) -> dict:
         ],
         "vm": capture_vm(part.vm),
         "devices": {name: dev.state() for name, dev in part.devices.items()},
+        **({"virtio": part.virtio.state()} if part.virtio is not None else {}),
         "extra": extra or {},
     }
 
@@ -354,6 +363,8 @@ class Snapshot:
             diffs.append(f"{snap.vcpus} vCPUs (APIC IDs {list(snap.apic_ids)})")
         if machine.reserved != snap.reserved:
             diffs.append("another reserved layout (channel window)")
+        if machine.virtio_mmio != snap.virtio_mmio:
+            diffs.append(f"{snap.virtio_mmio} virtio devices, not {machine.virtio_mmio}")
         if not diffs:
             diffs.append("another NUMA layout")
         raise SnapshotError(
@@ -421,6 +432,16 @@ def check_sections(state: dict, with_images: bool = True) -> None:
             int(index), int(value)
     for key, struct in _VM_BLOBS.items():
         _check_size(state["vm"][key], struct, key)
+    virtio = state.get("virtio", [])
+    if len(virtio) != machine.get("virtio_mmio", 0):
+        raise SnapshotError(
+            f"{len(virtio)} virtio device states for {machine.get('virtio_mmio', 0)} devices"
+        )
+    for i, dev in enumerate(virtio):
+        if not isinstance(dev["config"], bytes) or not isinstance(dev["queues"], list):
+            raise SnapshotError(f"virtio device {i}: malformed")
+        if dev["model"]["kind"] != "blk":
+            raise SnapshotError(f"virtio device {i}: a {dev['model']['kind']!r} device")
     if not with_images:
         return
     memory = state["images"][MEMORY_IMAGE]
@@ -435,6 +456,40 @@ def _check_size(blob, struct, what: str) -> None:
     if not isinstance(blob, bytes) or len(blob) != ctypes.sizeof(struct):
         size = len(blob) if isinstance(blob, bytes) else type(blob).__name__
         raise SnapshotError(f"{what}: {size} bytes, expected {ctypes.sizeof(struct)}")
+
+
+# -- disks (checked before anything is built) --------------------------------------------------
+
+
+def snapshot_drives(state: dict) -> tuple:
+    """The disks of a snapshot's partition as given to it (plan/drives.py Drive), in
+    slot order: what a restore reopens unless told other images."""
+    from osvmm.plan.drives import Drive
+
+    return tuple(
+        Drive(dev["model"]["path"], dev["model"]["readonly"])
+        for dev in state.get("virtio", [])
+        if dev["model"]["kind"] == "blk"
+    )
+
+
+def check_disks(state: dict, disks: list, who: str) -> None:
+    """SnapshotError unless ``disks`` (vmm/blockfile.py RawImage, opened for the
+    restore) are the snapshot's: as many, each read-only as it was and of the
+    same size (the driver knows its capacity). Another path is allowed: the same
+    disk copied or moved (``osvmm run --restore DIR --drive FILE``)."""
+    had = [dev["model"] for dev in state.get("virtio", [])]
+    if len(had) != len(disks):
+        raise SnapshotError(f"{who}: the snapshot has {len(had)} disks, {len(disks)} given")
+    for i, (st, disk) in enumerate(zip(had, disks, strict=True)):
+        if disk.size != st["size"]:
+            raise SnapshotError(
+                f"{who}: disk {i} {disk.path}: {disk.size} bytes, the snapshot's disk "
+                f"({st['path']}) had {st['size']}: a restore needs the same disk"
+            )
+        if disk.readonly != st["readonly"]:
+            ro = "read-only" if st["readonly"] else "writable"
+            raise SnapshotError(f"{who}: disk {i} {disk.path}: the snapshot's disk was {ro}")
 
 
 # -- applying (vCPUs created, not run) ---------------------------------------------------------
@@ -562,6 +617,8 @@ def apply(part, snap: Snapshot) -> None:
         for name, dev in part.devices.items():
             if name in state["devices"]:
                 dev.restore(state["devices"][name])
+        if part.virtio is not None:  # after the interrupt controllers: it may raise one
+            part.virtio.restore(state.get("virtio", []))
         part.vm.set_clock(s.kvm_clock_data(clock=vm_state["clock"]["clock"]))
     except KvmError as err:
         raise SnapshotError(f"cannot restore {snap.directory}: {err}") from None

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import select
 import threading
+from contextlib import contextmanager
 
 from osvmm.devices.virtio import spec
 from osvmm.devices.virtio.blk import VirtioBlk
@@ -126,9 +127,18 @@ class DeviceThread:
         }
 
     def stop(self) -> None:
+        """The thread ended between two wake-ups (a serve is never cut short: it
+        finishes, its used ring written and its interrupt raised); the eventfds
+        keep what came meanwhile for the next ``start``."""
         if self.thread is not None and self.thread.is_alive():
             os.eventfd_write(self._stop_fd, 1)
             self.thread.join(5)
+            if self.thread.is_alive():
+                raise VmmBug(f"{self.name}: the device thread did not stop")
+            try:
+                os.eventfd_read(self._stop_fd)  # ready for a next start
+            except BlockingIOError:
+                pass
         self.thread = None
 
     def close(self) -> None:
@@ -154,6 +164,7 @@ class VirtioDevices:
     def __init__(self):
         self.devices: list[DeviceThread] = []
         self.backends: list = []
+        self._partition_name = "guest"  # for the names of the threads (start)
 
     def add_blk(self, vm, memory, mmio_bus, backend, on_error) -> DeviceThread:
         serial = f"osvmm-vd{chr(ord('a') + len(self.devices))}".encode()
@@ -180,9 +191,40 @@ class VirtioDevices:
         return dev
 
     def start(self, partition_name: str) -> None:
+        self._partition_name = partition_name
         for i, dev in enumerate(self.devices):
             if dev.thread is None:
                 dev.start(enforce.thread_name(partition_name, f"vd{i}"))
+
+    @contextmanager
+    def quiesced(self):
+        """Every device's thread stopped for the block (none half way through a
+        request: a snapshot's state and memory agree), then started again. Queue
+        notifications that came meanwhile wait in their eventfds."""
+        running = [dev for dev in self.devices if dev.thread is not None]
+        try:
+            for dev in running:
+                dev.stop()
+            yield
+        finally:
+            for i, dev in enumerate(self.devices):
+                if dev in running and dev.thread is None:
+                    dev.start(enforce.thread_name(self._partition_name, f"vd{i}"))
+
+    def state(self) -> list[dict]:
+        """Each device's transport state (VirtioMmio.state), in slot order; quiesced."""
+        return [dev.transport.state() for dev in self.devices]
+
+    def restore(self, states: list[dict]) -> None:
+        """Put a snapshot's ``state()`` into these devices (new, not started), then
+        have each look at its queues and raise a pending interrupt again once its
+        thread starts (VirtioMmio.resume: the notify lands in the queue's eventfd)."""
+        if len(states) != len(self.devices):
+            raise ValueError(f"{len(states)} virtio device states for {len(self.devices)}")
+        for i, (dev, st) in enumerate(zip(self.devices, states, strict=True)):
+            dev.transport.restore(st, f"virtio device {i} ({dev.name})")
+        for dev in self.devices:
+            dev.transport.resume()
 
     def reset(self) -> None:
         """Every device as after a power-on (a partition recycled for its next boot)."""

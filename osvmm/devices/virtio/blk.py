@@ -93,6 +93,22 @@ class VirtioBlk:
     def reset(self) -> None:
         """Nothing of its own to forget: every request is answered before serve returns."""
 
+    def state(self) -> dict:
+        """What a snapshot holds of the model: the backend's identity (its image's
+        path, read-only or not, size), which a restore reopens and checks. No
+        request is in flight between two serves, so there is nothing else."""
+        backend = self.backend
+        return {
+            "kind": "blk",
+            "path": getattr(backend, "path", None),
+            "readonly": self.readonly,
+            "size": backend.size,
+        }
+
+    def restore(self, st: dict) -> None:
+        """The image was reopened and checked against ``state()`` before the
+        partition was built (vmm/snapshot.py ``check_disks``): nothing to take back."""
+
     def serve(self, index: int, queue) -> bool:
         """Answer every available request of the request queue; whether the driver
         wants an interrupt for them."""

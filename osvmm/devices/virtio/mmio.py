@@ -218,22 +218,26 @@ class VirtioMmio:
             setattr(q, name, getattr(q, name) & 0xFFFFFFFF | value << 32)
 
     def _make_ready(self, q: QueueState) -> None:
-        features = self.driver_features
         try:
-            if q.num > self.model.queue_max:
-                raise QueueError(f"queue size {q.num} is over the device's {self.model.queue_max}")
-            q.vq = Virtqueue(
-                self.memory,
-                q.num,
-                q.desc,
-                q.driver,
-                q.device,
-                indirect=bool(features >> spec.VIRTIO_F_INDIRECT_DESC & 1),
-                event_idx=bool(features >> spec.VIRTIO_F_EVENT_IDX & 1),
-            )
+            q.vq = self._virtqueue(q)
             q.ready = True
         except QueueError as err:
             self._needs_reset_locked(f"queue {self.queue_sel}: {err}")
+
+    def _virtqueue(self, q: QueueState) -> Virtqueue:
+        """The virtqueue the driver set up in ``q`` (QueueError if it breaks a rule)."""
+        features = self.driver_features
+        if q.num > self.model.queue_max:
+            raise QueueError(f"queue size {q.num} is over the device's {self.model.queue_max}")
+        return Virtqueue(
+            self.memory,
+            q.num,
+            q.desc,
+            q.driver,
+            q.device,
+            indirect=bool(features >> spec.VIRTIO_F_INDIRECT_DESC & 1),
+            event_idx=bool(features >> spec.VIRTIO_F_EVENT_IDX & 1),
+        )
 
     # -- queues --------------------------------------------------------------------------
     def _notified(self, index: int) -> None:
@@ -326,6 +330,101 @@ class VirtioMmio:
                 "error": self.error,
                 "queues": queues,
             }
+
+    # -- snapshots (vmm/snapshot.py, vmm/virtio.py) ---------------------------------------
+    def state(self) -> dict:
+        """The transport's registers, each queue's set-up and indices, the
+        configuration space and the model's own ``state()`` (a disk's identity).
+        Taken with the device quiesced: its thread stopped (vmm/virtio.py), so no
+        request is half done; the serve lock is taken all the same."""
+        with self._serve_lock, self._lock:
+            return {
+                "device_id": self.model.device_id,
+                "features": self.model.features,
+                "status": self.status,
+                "device_features_sel": self.device_features_sel,
+                "driver_features_sel": self.driver_features_sel,
+                "driver_features": self.driver_features,
+                "queue_sel": self.queue_sel,
+                "interrupt_status": self.interrupt_status,
+                "interrupts": self.interrupts,
+                "config_generation": self.config_generation,
+                "error": self.error,
+                "config": bytes(self.model.config),
+                "queues": [
+                    {
+                        "num": q.num,
+                        "ready": q.ready,
+                        "desc": q.desc,
+                        "driver": q.driver,
+                        "device": q.device,
+                        "indices": q.vq.state() if q.vq is not None else None,
+                    }
+                    for q in self.queues
+                ],
+                "model": self.model.state(),
+            }
+
+    def restore(self, st: dict, who: str) -> None:
+        """Take ``state()`` back into a new transport (its model over the reopened
+        backend, guest memory in place, nothing served yet). SnapshotError
+        (``who``: ...) when the device is not the snapshot's: another kind, a
+        configuration space that differs (a disk's capacity), features the driver
+        accepted that are no longer offered; ValueError for a malformed state.
+        ``resume()`` next, once the device's thread may serve."""
+        from osvmm.errors import SnapshotError
+
+        model = self.model
+        if st["device_id"] != model.device_id:
+            raise SnapshotError(
+                f"{who}: the snapshot has virtio device {st['device_id']} there, "
+                f"not {model.device_id}"
+            )
+        if st["config"] != bytes(model.config):
+            raise SnapshotError(f"{who}: its configuration space differs from the snapshot's")
+        lost = st["driver_features"] & ~model.features
+        if lost:
+            raise SnapshotError(
+                f"{who}: the driver accepted features {lost:#x} that the device no longer "
+                "offers (another host file system?)"
+            )
+        if len(st["queues"]) != len(self.queues):
+            raise ValueError(f"{len(st['queues'])} queues for {len(self.queues)}")
+        with self._serve_lock, self._lock:
+            self.status = int(st["status"])
+            self.device_features_sel = int(st["device_features_sel"])
+            self.driver_features_sel = int(st["driver_features_sel"])
+            self.driver_features = int(st["driver_features"]) & MASK64
+            self.queue_sel = int(st["queue_sel"])
+            self.interrupt_status = int(st["interrupt_status"])
+            self.interrupts = int(st["interrupts"])
+            self.config_generation = int(st["config_generation"])
+            self.error = st["error"]
+            for i, (q, qs) in enumerate(zip(self.queues, st["queues"], strict=True)):
+                q.num, q.desc, q.driver, q.device = (
+                    int(qs[k]) for k in ("num", "desc", "driver", "device")
+                )
+                q.ready, q.vq = bool(qs["ready"]), None
+                if q.ready:
+                    try:
+                        q.vq = self._virtqueue(q)
+                    except QueueError as err:
+                        raise ValueError(f"queue {i}: {err}") from None
+                    q.vq.restore(qs["indices"])
+            model.restore(st["model"])
+
+    def resume(self) -> None:
+        """After ``restore``, the device's thread ready to serve: each ready queue is
+        looked at once (a notify the snapshot caught on its way, in an eventfd, is
+        in no state), and an interrupt the driver had not acknowledged is raised
+        again (it may have been on its way into the interrupt controller)."""
+        with self._lock:
+            ready = [i for i, q in enumerate(self.queues) if q.vq is not None]
+            pending = self.interrupt_status
+        for index in ready:
+            self._notified(index)
+        if pending:
+            self.interrupt()
 
     def _needs_reset_locked(self, why: str) -> None:
         self.error = why

@@ -228,6 +228,24 @@ class Virtqueue:
             pass
         return out
 
+    # -- a snapshot's part (vmm/snapshot.py) ----------------------------------------------
+    def state(self) -> dict:
+        """The device's own indices, which are not in guest memory: the next
+        available entry it takes, its used index, and where the driver was last
+        interrupted (event idx). The rest of the queue is in guest memory."""
+        return {
+            "last_avail": self.last_avail,
+            "used_idx": self.used_idx,
+            "signalled_used": self.signalled_used,
+        }
+
+    def restore(self, st: dict) -> None:
+        """Take ``state()`` back (ValueError for indices that are not 16-bit)."""
+        values = [st["last_avail"], st["used_idx"], st["signalled_used"]]
+        if not all(isinstance(v, int) and 0 <= v <= 0xFFFF for v in values):
+            raise ValueError(f"virtqueue indices {values} are not 16-bit")
+        self.last_avail, self.used_idx, self.signalled_used = values
+
     # -- the used ring -----------------------------------------------------------------
     def push(self, head: int, written: int) -> None:
         """Return chain ``head`` to the driver with ``written`` bytes written into it."""

@@ -1,0 +1,280 @@
+"""A virtio-blk device's snapshot state without KVM: taken from a transport whose
+queue is in the middle of use (requests answered, one made available and not yet
+taken, an interrupt not acknowledged), through the state file's encoding, into a
+fresh transport and model over the reopened image; the device goes on from the
+right available index, raises the pending interrupt again, and refuses a disk
+that is not the snapshot's. And the device thread's quiesce: stopped between two
+requests, what was notified meanwhile served after."""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+
+import pytest
+
+from osvmm.devices.virtio import spec
+from osvmm.devices.virtio.blk import VirtioBlk
+from osvmm.devices.virtio.mmio import VirtioMmio
+from osvmm.errors import SnapshotError
+from osvmm.snapshot import format as fmt
+from osvmm.vmm.blockfile import open_drive
+from osvmm.vmm.snapshot import check_disks, snapshot_drives
+from osvmm.vmm.virtio import VirtioDevices
+from tests.test_virtio_mmio import Bus
+from tests.virtio_driver import AVAIL, DESC, MEM_SIZE, USED, Driver, memory
+
+SECTORS = 16
+FEATURES = 1 << spec.VIRTIO_F_VERSION_1 | 1 << spec.VIRTIO_F_EVENT_IDX
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(512 * SECTORS))
+    return path
+
+
+def device(mem, path, readonly=False, notify=None):
+    backend = open_drive(str(path), readonly)
+    raised = []
+    dev = VirtioMmio(VirtioBlk(backend, mem), mem, lambda: raised.append(1), notify)
+    return dev, backend, raised
+
+
+def ready(bus):
+    """Linux's probe with event idx, queue 0 of 16 entries, DRIVER_OK."""
+    bus.w(spec.STATUS, 0)
+    bus.w(spec.STATUS, spec.ACKNOWLEDGE | spec.DRIVER)
+    for sel in (0, 1):
+        bus.w(spec.DRIVER_FEATURES_SEL, sel)
+        bus.w(spec.DRIVER_FEATURES, FEATURES >> (32 * sel) & 0xFFFFFFFF)
+    bus.w(spec.STATUS, spec.ACKNOWLEDGE | spec.DRIVER | spec.FEATURES_OK)
+    bus.w(spec.QUEUE_SEL, 0)
+    bus.w(spec.QUEUE_NUM, 16)
+    for reg, addr in (
+        (spec.QUEUE_DESC_LOW, DESC),
+        (spec.QUEUE_DRIVER_LOW, AVAIL),
+        (spec.QUEUE_DEVICE_LOW, USED),
+    ):
+        bus.w(reg, addr)
+    bus.w(spec.QUEUE_READY, 1)
+    bus.w(spec.STATUS, spec.ACKNOWLEDGE | spec.DRIVER | spec.FEATURES_OK | spec.DRIVER_OK)
+
+
+def write_request(d: Driver, sector: int, data: bytes) -> int:
+    """A write made available (not notified): the status byte's address."""
+    status = d.buffer(b"\xee")
+    head = d.avail_idx % 5 * 3  # three descriptors each, five chains in a table of 16
+    segs = [
+        (d.buffer(struct.pack("<IIQ", spec.VIRTIO_BLK_T_OUT, 0, sector)), 16, False),
+        (d.buffer(data), len(data), False),
+        (status, 1, True),
+    ]
+    d.make_available(d.chain(segs, first=head))
+    return status
+
+
+def copy_memory(mem):
+    """Guest memory as a restore maps it: the same bytes, another mapping."""
+    new = memory()
+    new.write(0, mem.read(0, MEM_SIZE))
+    return new
+
+
+def test_a_queue_in_use_goes_on_from_the_right_index_after_a_restore(image):
+    mem = memory()
+    dev, backend, raised = device(mem, image)
+    bus = Bus(dev)
+    ready(bus)
+    d = Driver(mem, 16)
+    # Used index 7 and a driver 5 ahead of an old used_event: wrapping indices too.
+    for i in range(7):
+        st = write_request(d, i % SECTORS, bytes([i + 1]) * 512)
+        d.set_used_event(d.avail_idx - 1)
+        assert dev.process(0)
+        assert mem.read(st, 1) == b"\0"
+    d.take_used()
+    assert len(raised) == 7 and bus.r(spec.INTERRUPT_STATUS) == spec.VIRTIO_MMIO_INT_VRING
+    # One request made available, its notify still in an eventfd: not taken.
+    pending = write_request(d, 9, b"\x99" * 512)
+    state = fmt.decode(fmt.encode({"virtio": [dev.state()]}))["virtio"][0]
+    assert state["queues"][0]["indices"] == {"last_avail": 7, "used_idx": 7, "signalled_used": 7}
+    assert state["model"] == {
+        "kind": "blk",
+        "path": str(image),
+        "readonly": False,
+        "size": 512 * SECTORS,
+    }
+    before = image.read_bytes()
+    backend.close()
+
+    mem2 = copy_memory(mem)
+    dev2, backend2, raised2 = device(mem2, image)
+    try:
+        dev2.restore(state, "virtio device 0")
+        bus2 = Bus(dev2)
+        for reg in (spec.STATUS, spec.INTERRUPT_STATUS, spec.QUEUE_READY, spec.QUEUE_NUM_MAX):
+            assert bus2.r(reg) == bus.r(reg), reg
+        assert dev2.driver_features == FEATURES
+        assert image.read_bytes() == before  # nothing served by the restore itself
+        d.mem = mem2
+        d.set_used_event(d.avail_idx - 1)
+        dev2.resume()  # served here: no device thread (notify None)
+        # The pending interrupt raised again, and the request served, used entry 7.
+        assert len(raised2) == 2
+        assert mem2.read(pending, 1) == b"\0"
+        assert d.used_idx() == 8 and [h for h, _ in d.take_used()] == [7 % 5 * 3]
+        assert image.read_bytes()[9 * 512 : 10 * 512] == b"\x99" * 512
+        # And the next one as usual.
+        st = write_request(d, 10, b"\xaa" * 512)
+        d.set_used_event(d.avail_idx - 1)
+        assert dev2.process(0) and mem2.read(st, 1) == b"\0" and d.used_idx() == 9
+        assert image.read_bytes()[10 * 512 : 11 * 512] == b"\xaa" * 512
+        assert dev2.model.requests == 2
+    finally:
+        backend2.close()
+        mem.close()
+        mem2.close()
+
+
+def test_no_interrupt_is_raised_again_when_the_driver_had_acknowledged_it(image):
+    mem = memory()
+    dev, backend, _ = device(mem, image)
+    bus = Bus(dev)
+    ready(bus)
+    d = Driver(mem, 16)
+    write_request(d, 0, b"\1" * 512)
+    assert dev.process(0)
+    bus.w(spec.INTERRUPT_ACK, bus.r(spec.INTERRUPT_STATUS))
+    state = dev.state()
+    backend.close()
+    dev2, backend2, raised2 = device(mem, image)
+    try:
+        dev2.restore(state, "virtio device 0")
+        dev2.resume()
+        assert raised2 == [] and dev2.model.requests == 0  # nothing pending, nothing served
+    finally:
+        backend2.close()
+        mem.close()
+
+
+def test_a_device_before_the_driver_restores_as_it_was(image):
+    mem = memory()
+    dev, backend, _ = device(mem, image)
+    state = dev.state()
+    assert state["status"] == 0 and state["queues"][0]["indices"] is None
+    backend.close()
+    dev2, backend2, raised2 = device(mem, image)
+    try:
+        dev2.restore(state, "virtio device 0")
+        dev2.resume()
+        assert dev2.queues[0].vq is None and raised2 == []
+    finally:
+        backend2.close()
+        mem.close()
+
+
+def test_a_disk_that_is_not_the_snapshots_is_refused_in_one_line(image, tmp_path):
+    mem = memory()
+    dev, backend, _ = device(mem, image)
+    ready(Bus(dev))
+    state = {"virtio": [dev.state()]}
+    backend.close()
+    (drive,) = snapshot_drives(state)
+    assert (drive.path, drive.readonly) == (str(image), False)
+
+    bigger = tmp_path / "bigger.img"
+    bigger.write_bytes(bytes(512 * (SECTORS + 1)))
+    other = open_drive(str(bigger), False)
+    try:
+        with pytest.raises(SnapshotError) as err:
+            check_disks(state, [other], "partition 'p'")
+        text = str(err.value)
+        assert text == (
+            f"partition 'p': disk 0 {bigger}: {512 * (SECTORS + 1)} bytes, the snapshot's "
+            f"disk ({image}) had {512 * SECTORS}: a restore needs the same disk"
+        )
+        # The transport refuses it too (its capacity is in the configuration space).
+        dev2 = VirtioMmio(VirtioBlk(other, mem), mem, lambda: None)
+        with pytest.raises(SnapshotError, match="configuration space differs"):
+            dev2.restore(state["virtio"][0], "virtio device 0")
+    finally:
+        other.close()
+    ro = open_drive(str(image), True)
+    try:
+        with pytest.raises(SnapshotError, match="the snapshot's disk was writable"):
+            check_disks(state, [ro], "partition 'p'")
+    finally:
+        ro.close()
+    with pytest.raises(SnapshotError, match="has 1 disks, 0 given"):
+        check_disks(state, [], "partition 'p'")
+    # Another path with the same size and mode is the same disk, moved.
+    copy = tmp_path / "copy.img"
+    copy.write_bytes(image.read_bytes())
+    moved = open_drive(str(copy), False)
+    try:
+        check_disks(state, [moved], "partition 'p'")
+    finally:
+        moved.close()
+        mem.close()
+
+
+class FakeVm:
+    """What DeviceThread asks of a VM: irqfd and ioeventfd, here remembered only."""
+
+    fd = 3
+
+    def __init__(self):
+        self.calls = []
+
+    def irqfd(self, fd, gsi, deassign=False):
+        self.calls.append(("irqfd", gsi, deassign))
+
+    def ioeventfd(self, fd, addr, length, datamatch=None, deassign=False):
+        self.calls.append(("ioeventfd", addr, deassign))
+
+
+class FakeMmioBus:
+    def register(self, base, size, dev):
+        pass
+
+
+def test_quiesce_stops_the_thread_between_requests_and_serves_what_came_meanwhile(image):
+    mem = memory()
+    errors = []
+    devices = VirtioDevices()
+    try:
+        dev = devices.add_blk(
+            FakeVm(), mem, FakeMmioBus(), open_drive(str(image), False), errors.append
+        )
+        bus = Bus(dev.transport)
+        ready(bus)
+        d = Driver(mem, 16)
+        d.set_used_event(0xFFFF)  # no interrupts wanted: only the used ring is looked at
+        devices.start("p")
+        thread = dev.thread
+        write_request(d, 0, b"\1" * 512)
+        bus.w(spec.QUEUE_NOTIFY, 0)  # a notify of the bus (no ioeventfd here)
+        deadline = time.monotonic() + 10
+        while d.used_idx() != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with devices.quiesced():
+            assert dev.thread is None and not thread.is_alive()
+            write_request(d, 1, b"\2" * 512)
+            bus.w(spec.QUEUE_NOTIFY, 0)
+            time.sleep(0.1)
+            assert d.used_idx() == 1  # nobody serves while quiesced
+            (state,) = devices.state()
+            assert state["queues"][0]["indices"]["last_avail"] == 1
+        assert dev.thread is not None and dev.thread.name == thread.name
+        while d.used_idx() != 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert image.read_bytes()[512:1024] == b"\2" * 512 and errors == []
+        assert threading.active_count() >= 1
+    finally:
+        devices.close()
+        mem.close()
