@@ -10,6 +10,11 @@
  *   - each request: QueueNotify (a 4-byte store: the VMM's ioeventfd), then
  *     hlt until the used ring has it; the interrupt (the VMM's irqfd on pin 5)
  *     wakes the CPU and is acknowledged through InterruptStatus/Ack.
+ *   - with rounds=N (0 unless given), then N rounds each writing sector
+ *     2 + r % (capacity - 2) with round r's pattern (r in its first 8 bytes)
+ *     and reading it back, "virtioblk: round R ok" every 50 rounds and
+ *     "virtioblk: rounds N done" at the end (the snapshot tests stop and
+ *     resume it in the middle);
  * Prints "virtioblk: id <id>", "virtioblk: sector 0 <first 16 bytes>",
  * "virtioblk: write <status>", "virtioblk: readback ok" (or "differs"),
  * "virtioblk: interrupts N requests M" and exits 0; a failed step prints
@@ -206,6 +211,29 @@ int guest_main(void)
 	/* Out of range: IOERR, and the device goes on. */
 	if (request(T_IN, capacity, 512, 1) != 1)
 		fail("a read past the end was not IOERR");
+	u64 rounds = rt_arg_u64("rounds", 0);
+	if (rounds && capacity < 3)
+		fail("rounds: capacity under 3 sectors");
+	for (u64 r = 0; r < rounds; r++) {
+		u64 sector = 2 + r % (capacity - 2);
+		for (int i = 0; i < 512; i++)
+			data[i] = (u8)(r * 13 + i);
+		*(u64 *)data = r;
+		if (request(T_OUT, sector, 512, 0) != 0)
+			fail("round write");
+		memset(data, 0, sizeof(data));
+		if (request(T_IN, sector, 512, 1) != 0)
+			fail("round read");
+		if (*(u64 *)data != r)
+			fail("round readback: another round's sector");
+		for (int i = 8; i < 512; i++)
+			if (data[i] != (u8)(r * 13 + i))
+				fail("round readback differs");
+		if ((r + 1) % 50 == 0)
+			rt_printf("virtioblk: round %lu ok\n", r + 1);
+	}
+	if (rounds)
+		rt_printf("virtioblk: rounds %lu done\n", rounds);
 	__asm__ volatile("sti; nop; cli" ::: "memory"); /* an interrupt still pending */
 	interrupts = hc_irq_count - irq_base;
 	rt_printf("virtioblk: interrupts %lu requests %lu\n", interrupts, requests);
