@@ -220,6 +220,19 @@ def test_a_disk_guest_snapshotted_mid_run_goes_on_after_the_restore(image, tmp_p
         f"osvmm: error: partition 'guest': disk 0 {bigger}: {512 * (SECTORS + 8)} bytes, "
         f"the snapshot's disk ({image}) had {512 * SECTORS}: a restore needs the same disk"
     ]
+    # And a plan's restore with it, before anything starts.
+    sock = tmp_path / "s.sock"
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        f'[vmm]\ncontrol_socket = "{sock}"\n[[partition]]\nname = "d"\ncpus = "floating"\n'
+        f'memory = "16M"\nimage = "guests:virtioblk"\ndrives = ["{bigger}"]\n'
+        f'restore = "{snap_dir}"\n'
+    )
+    r = run_osvmm("up", str(plan), "--log-dir", str(tmp_path / "logs"), timeout=60)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert f"partition 'd': restore: disk 0 {bigger}: " in err, err
+    assert not sock.exists() and not (tmp_path / "logs").exists()
 
 
 def test_a_partition_with_disks_is_not_migrated(image):

@@ -81,9 +81,12 @@ def test_run_with_good_drives_gets_to_kvm(disk, tmp_path):
     assert_one_line_error(r, "/nonexistent/kvm does not exist")
 
 
-def test_restore_refuses_drives(disk, tmp_path):
+def test_restore_takes_drives_but_no_nics(disk, tmp_path):
+    # --drive names the snapshot's disks anew (docs/snapshots.md): the snapshot is read first.
     r = run_osvmm("run", "--restore", str(tmp_path), "--drive", str(disk))
-    assert_one_line_error(r, "--restore", "leave out --drive")
+    assert_one_line_error(r, f"{tmp_path}: not a snapshot (no state file)")
+    r = run_osvmm("run", "--restore", str(tmp_path), "--net", "tap=t0")
+    assert_one_line_error(r, "--restore", "leave out --net")
 
 
 # -- plans -------------------------------------------------------------------------------

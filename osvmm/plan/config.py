@@ -541,8 +541,6 @@ def _parse_partition(table: dict[str, Any], index: int, base: Path) -> Partition
     fields["drives"] = tuple(Drive(_path(d.path, base), d.readonly) for d in parsed)
     if len({d.path for d in fields["drives"]}) != len(parsed):
         raise ConfigError(f"{where}: drives: an image is listed twice: {_show(drives)}")
-    if restore is not None and parsed:
-        raise ConfigError(f"{where}: drives: not with restore (a snapshot holds no disks)")
     if "vsock" in table:
         fields["vsock"] = _parse_vsock(table["vsock"], where, base)
         if restore is not None:

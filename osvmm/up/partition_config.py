@@ -86,7 +86,7 @@ def check_boot(assignment: Assignment) -> dict[str, Machine]:
     one (vmm/blockfile.py, closed again), that nothing else holds its vsock's
     socket path (vmm/vsock_uds.py) and that its ``restore`` snapshot reads
     whole and fits it; the first failure as a ConfigError."""
-    from osvmm.vmm.snapshot import Snapshot
+    from osvmm.vmm.snapshot import Snapshot, check_disks
 
     machines = {}
     for placement in assignment.partitions:
@@ -94,11 +94,16 @@ def check_boot(assignment: Assignment) -> dict[str, Machine]:
         config = partition_config(assignment, placement, machine, lambda data: None)
         try:
             source = read_boot_source(config.image, config.kernel, config.initrd)
+            disks = []  # closed again; their path, size and mode stay for the restore's check
             if config.drives:
                 from osvmm.vmm.blockfile import open_drive
 
-                for drive in config.drives:
-                    open_drive(drive.path, drive.readonly, "drive").close()
+                try:
+                    for drive in config.drives:
+                        disks.append(open_drive(drive.path, drive.readonly, "drive"))
+                finally:
+                    for disk in disks:
+                        disk.close()
             if config.vsock is not None:
                 from osvmm.vmm.vsock_uds import check_uds_path
 
@@ -108,6 +113,7 @@ def check_boot(assignment: Assignment) -> dict[str, Machine]:
                 snap = Snapshot.read(placement.spec.restore)
                 try:
                     snap.check_machine(machine, "restore")
+                    check_disks(snap.state, disks, "restore")
                 finally:
                     snap.close()
         except OsvmmError as err:
