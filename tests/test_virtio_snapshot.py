@@ -278,3 +278,45 @@ def test_quiesce_stops_the_thread_between_requests_and_serves_what_came_meanwhil
     finally:
         devices.close()
         mem.close()
+
+
+@pytest.mark.parametrize(
+    "devices,what,message",
+    [
+        (
+            {"nets": ("tap",)},
+            "a snapshot",
+            "partition 'p' has NICs or a vsock: a snapshot does not hold the state of their "
+            "backends (frames and connections in flight), so it is refused",
+        ),
+        ({"switch_nics": ("port",)}, "a snapshot", "has NICs or a vsock"),
+        ({"vsock": "uds"}, "a migration or a takeover", "has NICs or a vsock: a migration"),
+        (
+            {"drives": ("disk",)},
+            "a migration or a takeover",
+            "partition 'p' has disks: a migration or a takeover is refused (its destination "
+            "would open images the source holds locked); snapshot it and restore it instead",
+        ),
+    ],
+)
+def test_what_a_snapshot_or_migration_does_not_hold_is_refused_in_one_line(devices, what, message):
+    from types import SimpleNamespace
+
+    from osvmm.vmm.snapshot import check_snapshottable
+
+    fields = {"drives": (), "nets": (), "switch_nics": (), "vsock": None} | devices
+    config = SimpleNamespace(name="p", **fields)
+    part = SimpleNamespace(config=config)
+    with pytest.raises(SnapshotError) as err:
+        check_snapshottable(part, what)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert err.value.exit_status == 2
+
+
+def test_a_partition_with_disks_only_may_be_snapshotted():
+    from types import SimpleNamespace
+
+    from osvmm.vmm.snapshot import check_snapshottable
+
+    config = SimpleNamespace(name="p", drives=("d",), nets=(), switch_nics=(), vsock=None)
+    check_snapshottable(SimpleNamespace(config=config))
