@@ -201,7 +201,7 @@ class VirtioDevices:
         """Every device's thread stopped for the block (none half way through a
         request: a snapshot's state and memory agree), then started again. Queue
         notifications that came meanwhile wait in their eventfds."""
-        running = [dev for dev in self.devices if dev.thread is not None]
+        running = [dev for dev in self.devices if dev.thread is not None and dev.thread.is_alive()]
         try:
             for dev in running:
                 dev.stop()
