@@ -68,7 +68,8 @@ def add_run_parser(sub) -> None:
         metavar="DIR",
         help="resume the snapshot in DIR instead of booting (its memory is mapped from "
         "the snapshot, copy-on-write); no IMAGE, --memory, --cpus or --numa; its disks "
-        "are reopened, or --drive gives images of the same size in their place",
+        "and taps are reopened, or --drive gives images of the same size and --net taps "
+        "in their place",
     )
     snap.add_argument(
         "--snapshot",
@@ -123,7 +124,6 @@ def _restore_source(args):
             ("--memory", args.memory),
             ("--cpus", args.cpus),
             ("--numa", args.numa),
-            ("--net", args.net),
             ("--vsock", args.vsock),
         )
         if value is not None and value != ""
@@ -173,10 +173,18 @@ def cmd_run(args) -> int:
             )
     if machine is None:
         machine = _run_machine(args, len(drives) + len(nets) + (vsock is not None))
-    elif not drives:  # a restore reopens the snapshot's disks, unless --drive names others
-        from osvmm.vmm.snapshot import snapshot_drives
+    else:  # a restore reopens the snapshot's disks and taps, unless told others
+        from dataclasses import replace
 
-        drives = snapshot_drives(snap.state)
+        from osvmm.vmm.snapshot import snapshot_drives, snapshot_nets
+
+        drives = drives or snapshot_drives(snap.state)
+        had = snapshot_nets(snap.state)
+        if nets and len(nets) == len(had):  # another tap keeps the snapshot's MAC
+            nets = tuple(
+                n if n.mac else replace(n, mac=h.mac) for n, h in zip(nets, had, strict=True)
+            )
+        nets = nets or had
 
     def stdout_closed() -> None:  # on a vCPU thread: the run ends, then the process
         part.stop(0, STDOUT_GONE)

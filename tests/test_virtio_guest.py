@@ -7,6 +7,7 @@ come through a KVM irqfd on I/O APIC pin 5."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -235,6 +236,63 @@ def test_a_disk_guest_snapshotted_mid_run_goes_on_after_the_restore(image, tmp_p
     assert not sock.exists() and not (tmp_path / "logs").exists()
 
 
+def test_a_partition_with_a_tap_nic_is_snapshotted_and_restored_on_its_tap(image, tmp_path):
+    """A NIC the guest leaves alone beside the disk it uses: the snapshot holds its
+    tap and MAC, the restore attaches the tap again (made anew: the first run's went
+    with it) and the disk guest goes on to its end."""
+    from osvmm.errors import ConfigError
+    from osvmm.plan.drives import Net
+    from osvmm.vmm.snapshot import Snapshot, snapshot_drives, snapshot_nets
+    from osvmm.vmm.tap import default_mac, open_tap
+
+    tap = f"osnap{os.getpid() % 100000}"
+    try:
+        open_tap(tap).close()
+    except ConfigError as err:
+        pytest.skip(f"no tap here: {err}")
+    out = []
+    part = Partition(
+        PartitionConfig(
+            Machine.build(16 << 20, 1, virtio_mmio=2),
+            image=resolve_image("guests:virtioblk"),
+            cmdline="rounds=400",
+            drives=(Drive(str(image)),),
+            nets=(Net(tap),),
+            console=out.append,
+        )
+    ).build()
+    part.output = out
+    try:
+        part.start()
+        _wait_text(part, "virtioblk: round 100 ok")
+        part.snapshot(str(tmp_path / "snap"), then=lambda: part.stop(0, "snapshot"))
+        part.wait(10)
+    finally:
+        part.close()
+    snap = Snapshot.read(str(tmp_path / "snap"))
+    assert snapshot_nets(snap.state) == (Net(tap, default_mac(tap)),)
+    out2 = []
+    back = Partition(
+        PartitionConfig(
+            snap.machine,
+            restore=snap,
+            drives=snapshot_drives(snap.state),
+            nets=snapshot_nets(snap.state),
+            console=out2.append,
+        )
+    ).build()
+    try:
+        assert back.virtio.devices[1].transport.model.mac == default_mac(tap)
+        back.start()
+        result = back.wait(300)
+        assert result is not None and result.status == 1, (result, b"".join(out2).decode())
+    finally:
+        back.close()
+        snap.close()
+    text = b"".join(out + out2).decode()
+    assert _round_lines(text) == list(range(50, 401, 50)) and "rounds 400 done" in text, text
+
+
 def test_a_partition_with_disks_is_not_migrated(image):
     from osvmm.errors import SnapshotError
     from osvmm.vmm import migration
@@ -242,7 +300,7 @@ def test_a_partition_with_disks_is_not_migrated(image):
     part = _disk_partition(image)
     try:
         part.start()
-        with pytest.raises(SnapshotError, match="has disks: a migration or a takeover"):
+        with pytest.raises(SnapshotError, match="has disks or tap NICs: a migration or a"):
             migration.profile(part)
         assert part.wait(120).status == 1  # the guest went on
     finally:

@@ -23,7 +23,7 @@ from osvmm.vmm.blockfile import open_drive
 from osvmm.vmm.snapshot import check_disks, snapshot_drives
 from osvmm.vmm.virtio import VirtioDevices
 from tests.test_virtio_mmio import Bus
-from tests.virtio_driver import AVAIL, DESC, MEM_SIZE, USED, Driver, memory
+from tests.virtio_driver import AVAIL, DATA, DESC, MEM_SIZE, USED, Driver, memory
 
 SECTORS = 16
 FEATURES = 1 << spec.VIRTIO_F_VERSION_1 | 1 << spec.VIRTIO_F_EVENT_IDX
@@ -284,19 +284,21 @@ def test_quiesce_stops_the_thread_between_requests_and_serves_what_came_meanwhil
     "devices,what,message",
     [
         (
-            {"nets": ("tap",)},
+            {"switch_nics": ("port",)},
             "a snapshot",
-            "partition 'p' has NICs or a vsock: a snapshot does not hold the state of their "
-            "backends (frames and connections in flight), so it is refused",
+            "partition 'p' is on a network or has a vsock: a snapshot does not hold the state "
+            "of their backends (the switch, connections in flight), so it is refused",
         ),
-        ({"switch_nics": ("port",)}, "a snapshot", "has NICs or a vsock"),
-        ({"vsock": "uds"}, "a migration or a takeover", "has NICs or a vsock: a migration"),
+        ({"vsock": "uds"}, "a snapshot", "is on a network or has a vsock: a snapshot"),
+        ({"vsock": "uds"}, "a migration or a takeover", "has a vsock: a migration"),
         (
             {"drives": ("disk",)},
             "a migration or a takeover",
-            "partition 'p' has disks: a migration or a takeover is refused (its destination "
-            "would open images the source holds locked); snapshot it and restore it instead",
+            "partition 'p' has disks or tap NICs: a migration or a takeover is refused (its "
+            "destination would open images and taps the source holds); snapshot it and "
+            "restore it instead",
         ),
+        ({"nets": ("tap",)}, "a migration or a takeover", "has disks or tap NICs: a migration"),
     ],
 )
 def test_what_a_snapshot_or_migration_does_not_hold_is_refused_in_one_line(devices, what, message):
@@ -313,10 +315,70 @@ def test_what_a_snapshot_or_migration_does_not_hold_is_refused_in_one_line(devic
     assert err.value.exit_status == 2
 
 
-def test_a_partition_with_disks_only_may_be_snapshotted():
+def test_a_partition_with_disks_and_tap_nics_may_be_snapshotted():
     from types import SimpleNamespace
 
     from osvmm.vmm.snapshot import check_snapshottable
 
-    config = SimpleNamespace(name="p", drives=("d",), nets=(), switch_nics=(), vsock=None)
+    config = SimpleNamespace(name="p", drives=("d",), nets=("t",), switch_nics=(), vsock=None)
     check_snapshottable(SimpleNamespace(config=config))
+
+
+# -- virtio-net on a tap ------------------------------------------------------------------------
+
+MAC = bytes.fromhex("026f73010203")
+
+
+def test_a_nics_held_frame_and_its_identity_come_back():
+    from osvmm.devices.virtio.net import HEADER_SIZE, RX, VirtioNet
+    from osvmm.devices.virtio.queue import Virtqueue
+    from osvmm.vmm.snapshot import snapshot_nets
+    from tests.test_virtio_net import FakeBackend
+
+    mem = memory()
+    try:
+        backend = FakeBackend()
+        backend.name = "tap7"
+        model = VirtioNet(backend, mem, MAC)
+        rxq = Virtqueue(mem, 8, DESC, AVAIL, USED)
+        backend.inbox.append(b"\xab" * 60)
+        assert model.serve(RX, rxq) is False and model.rx_starved  # no buffer: held
+        state = fmt.decode(fmt.encode({"m": model.state()}))["m"]
+        assert state == {
+            "kind": "net",
+            "tap": "tap7",
+            "mac": "02:6f:73:01:02:03",
+            "held": b"\xab" * 60,
+            "rx_starved": True,
+        }
+        assert snapshot_nets({"virtio": [{"model": state}]})[0].mac == MAC
+
+        again = VirtioNet(FakeBackend(), mem, MAC)
+        again.restore(state)
+        assert again.rx_starved and again.poll_fds() == {}
+        d = Driver(mem, 8)
+        d.make_available(d.chain([(d.buffer(2048), 2048, True)]))
+        assert again.serve(RX, rxq) is True and not again.rx_starved
+        ((head, written),) = d.take_used()
+        assert written == HEADER_SIZE + 60
+        assert mem.read(DATA + HEADER_SIZE, 60) == b"\xab" * 60
+        with pytest.raises(ValueError, match="no frame"):
+            again.restore(state | {"held": bytes(70000)})
+    finally:
+        mem.close()
+
+
+def test_nics_that_are_not_the_snapshots_are_refused_in_one_line():
+    from osvmm.vmm.snapshot import check_nics
+
+    state = {"virtio": [{"model": {"kind": "net", "tap": "t0", "mac": MAC.hex(":")}}]}
+    check_nics(state, [MAC], "partition 'p'")  # another tap, the same MAC: fine
+    other = bytes.fromhex("026f73aabbcc")
+    with pytest.raises(SnapshotError) as err:
+        check_nics(state, [other], "partition 'p'")
+    assert str(err.value) == (
+        "partition 'p': NIC 0: MAC 02:6f:73:aa:bb:cc, the snapshot's (tap t0) had "
+        "02:6f:73:01:02:03: give mac=02:6f:73:01:02:03"
+    )
+    with pytest.raises(SnapshotError, match="the snapshot has 1 NICs, 0 given"):
+        check_nics(state, [], "partition 'p'")

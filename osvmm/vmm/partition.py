@@ -226,9 +226,9 @@ class Partition:
         # 1. inputs
         snap = None
         if cfg.restore is not None:
-            if cfg.nets or cfg.switch_nics or cfg.vsock is not None:
+            if cfg.switch_nics or cfg.vsock is not None:
                 raise ConfigError(
-                    f"partition {cfg.name!r}: a snapshot is resumed without NICs or vsock "
+                    f"partition {cfg.name!r}: a snapshot is resumed without networks or vsock "
                     "(it holds no state of theirs)"
                 )
             snap = self._read_snapshot()
@@ -245,10 +245,11 @@ class Partition:
             self.boot = prepare(source, machine, cfg.cmdline, _quirks_for(source))
         try:
             self._open_disks()
-            if snap is not None:  # the snapshot's disks, before anything is built
-                from osvmm.vmm.snapshot import check_disks
+            if snap is not None:  # the snapshot's disks and NICs, before anything is built
+                from osvmm.vmm.snapshot import check_disks, check_nics
 
                 check_disks(snap.state, self._disks, f"partition {cfg.name!r}")
+                check_nics(snap.state, self._macs(), f"partition {cfg.name!r}")
             return self._build(snap)
         except BaseException:
             self._close_disks()
@@ -441,14 +442,12 @@ class Partition:
         """The virtio-blk, virtio-net and virtio-vsock devices on the MMIO bus, notified and
         interrupting through KVM eventfds, each served on a thread of its own
         (vmm/virtio.py)."""
-        from osvmm.vmm.tap import default_mac
         from osvmm.vmm.virtio import VirtioDevices
 
         self.virtio = VirtioDevices()
         for disk in self._disks:
             self.virtio.add_blk(self.vm, self.memory, self.mmio, disk, self.fault)
-        for net, tap in zip(self.config.nets, self._taps, strict=True):
-            mac = net.mac or default_mac(tap.name)
+        for tap, mac in zip(self._taps, self._macs(), strict=True):
             self.virtio.add_net(self.vm, self.memory, self.mmio, tap, mac, self.fault)
         for port, mac in self.config.switch_nics:
             port.attach()
@@ -459,6 +458,15 @@ class Partition:
         self._disks = []  # the devices own them now
         self._taps = []
         self._vsock = None
+
+    def _macs(self) -> list[bytes]:
+        """The MAC of each tap NIC: given, or derived from its tap's name."""
+        from osvmm.vmm.tap import default_mac
+
+        return [
+            net.mac or default_mac(tap.name)
+            for net, tap in zip(self.config.nets, self._taps, strict=True)
+        ]
 
     def _make_threads(self) -> None:
         self.threads = []

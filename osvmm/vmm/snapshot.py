@@ -182,20 +182,22 @@ class Written:
 
 
 def check_snapshottable(part, what: str = "a snapshot") -> None:
-    """SnapshotError for a partition whose state ``what`` cannot hold: one with NICs
-    or a vsock (their backends' state, frames and connections in flight, is not
-    saved); with disks, a migration or a takeover (``what``), whose destination
-    would open the images the source holds locked. A snapshot holds disks."""
+    """SnapshotError for a partition whose state ``what`` cannot hold: one on a
+    plan's network or with a vsock (the switch's and the connections' state is
+    not saved); with disks or tap NICs, a migration or a takeover (``what``),
+    whose destination would open the images the source holds locked and the
+    taps it holds attached. A snapshot holds disks and tap NICs."""
     cfg = part.config
-    if cfg.nets or cfg.switch_nics or cfg.vsock is not None:
+    if cfg.switch_nics or cfg.vsock is not None:
         raise SnapshotError(
-            f"partition {cfg.name!r} has NICs or a vsock: {what} does not hold the state "
-            "of their backends (frames and connections in flight), so it is refused"
+            f"partition {cfg.name!r} is on a network or has a vsock: {what} does not hold "
+            "the state of their backends (the switch, connections in flight), so it is refused"
         )
-    if cfg.drives and what != "a snapshot":
+    if (cfg.drives or cfg.nets) and what != "a snapshot":
         raise SnapshotError(
-            f"partition {cfg.name!r} has disks: {what} is refused (its destination would "
-            "open images the source holds locked); snapshot it and restore it instead"
+            f"partition {cfg.name!r} has disks or tap NICs: {what} is refused (its "
+            "destination would open images and taps the source holds); snapshot it and "
+            "restore it instead"
         )
 
 
@@ -440,7 +442,7 @@ def check_sections(state: dict, with_images: bool = True) -> None:
     for i, dev in enumerate(virtio):
         if not isinstance(dev["config"], bytes) or not isinstance(dev["queues"], list):
             raise SnapshotError(f"virtio device {i}: malformed")
-        if dev["model"]["kind"] != "blk":
+        if dev["model"]["kind"] not in ("blk", "net"):
             raise SnapshotError(f"virtio device {i}: a {dev['model']['kind']!r} device")
     if not with_images:
         return
@@ -473,12 +475,39 @@ def snapshot_drives(state: dict) -> tuple:
     )
 
 
+def snapshot_nets(state: dict) -> tuple:
+    """The tap NICs of a snapshot's partition as given to it (plan/drives.py Net: the
+    tap's name, the MAC), in slot order."""
+    from osvmm.plan.drives import Net
+
+    return tuple(
+        Net(dev["model"]["tap"], bytes.fromhex(dev["model"]["mac"].replace(":", "")))
+        for dev in state.get("virtio", [])
+        if dev["model"]["kind"] == "net"
+    )
+
+
+def check_nics(state: dict, macs: list[bytes], who: str) -> None:
+    """SnapshotError unless the NICs to restore (their MACs, in slot order) are the
+    snapshot's: as many, each with its MAC (the driver knows it). The tap may
+    be another."""
+    had = snapshot_nets(state)
+    if len(had) != len(macs):
+        raise SnapshotError(f"{who}: the snapshot has {len(had)} NICs, {len(macs)} given")
+    for i, (net, mac) in enumerate(zip(had, macs, strict=True)):
+        if net.mac != mac:
+            raise SnapshotError(
+                f"{who}: NIC {i}: MAC {mac.hex(':')}, the snapshot's (tap {net.tap}) had "
+                f"{net.mac.hex(':')}: give mac={net.mac.hex(':')}"
+            )
+
+
 def check_disks(state: dict, disks: list, who: str) -> None:
     """SnapshotError unless ``disks`` (vmm/blockfile.py RawImage, opened for the
     restore) are the snapshot's: as many, each read-only as it was and of the
     same size (the driver knows its capacity). Another path is allowed: the same
     disk copied or moved (``osvmm run --restore DIR --drive FILE``)."""
-    had = [dev["model"] for dev in state.get("virtio", [])]
+    had = [dev["model"] for dev in state.get("virtio", []) if dev["model"]["kind"] == "blk"]
     if len(had) != len(disks):
         raise SnapshotError(f"{who}: the snapshot has {len(had)} disks, {len(disks)} given")
     for i, (st, disk) in enumerate(zip(had, disks, strict=True)):

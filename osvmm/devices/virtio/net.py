@@ -62,6 +62,27 @@ class VirtioNet:
         if flush is not None:
             flush()
 
+    def state(self) -> dict:
+        """What a snapshot holds of the model: the tap it was on and its MAC (the
+        backend's identity, reattached at a restore), and a received frame
+        waiting for a receive buffer (with ``rx_starved``). Frames still in the
+        tap's queue on the host are not the partition's: a restore on the same
+        tap reads them, as a NIC would after a pause."""
+        return {
+            "kind": "net",
+            "tap": getattr(self.backend, "name", None),
+            "mac": self.mac.hex(":"),
+            "held": self._held,
+            "rx_starved": self.rx_starved,
+        }
+
+    def restore(self, st: dict) -> None:
+        held = st["held"]
+        if held is not None and (not isinstance(held, bytes) or len(held) > MAX_FRAME):
+            raise ValueError("a held frame that is no frame")
+        self._held = held
+        self.rx_starved = bool(st["rx_starved"])
+
     def poll_fds(self) -> dict[int, int]:
         """The backend's fd while frames can go somewhere (vmm/virtio.py polls it)."""
         fd = self.backend.fd
