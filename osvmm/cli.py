@@ -68,8 +68,8 @@ def add_run_parser(sub) -> None:
         metavar="DIR",
         help="resume the snapshot in DIR instead of booting (its memory is mapped from "
         "the snapshot, copy-on-write); no IMAGE, --memory, --cpus or --numa; its disks "
-        "and taps are reopened, or --drive gives images of the same size and --net taps "
-        "in their place",
+        "taps and vsock socket are reopened, or --drive gives images of the same size, "
+        "--net taps and --vsock a socket in their place",
     )
     snap.add_argument(
         "--snapshot",
@@ -124,7 +124,6 @@ def _restore_source(args):
             ("--memory", args.memory),
             ("--cpus", args.cpus),
             ("--numa", args.numa),
-            ("--vsock", args.vsock),
         )
         if value is not None and value != ""
     ]
@@ -176,7 +175,7 @@ def cmd_run(args) -> int:
     else:  # a restore reopens the snapshot's disks and taps, unless told others
         from dataclasses import replace
 
-        from osvmm.vmm.snapshot import snapshot_drives, snapshot_nets
+        from osvmm.vmm.snapshot import snapshot_drives, snapshot_nets, snapshot_vsock
 
         drives = drives or snapshot_drives(snap.state)
         had = snapshot_nets(snap.state)
@@ -185,6 +184,7 @@ def cmd_run(args) -> int:
                 n if n.mac else replace(n, mac=h.mac) for n, h in zip(nets, had, strict=True)
             )
         nets = nets or had
+        vsock = vsock or snapshot_vsock(snap.state)
 
     def stdout_closed() -> None:  # on a vCPU thread: the run ends, then the process
         part.stop(0, STDOUT_GONE)

@@ -236,13 +236,14 @@ def test_a_disk_guest_snapshotted_mid_run_goes_on_after_the_restore(image, tmp_p
     assert not sock.exists() and not (tmp_path / "logs").exists()
 
 
-def test_a_partition_with_a_tap_nic_is_snapshotted_and_restored_on_its_tap(image, tmp_path):
-    """A NIC the guest leaves alone beside the disk it uses: the snapshot holds its
-    tap and MAC, the restore attaches the tap again (made anew: the first run's went
-    with it) and the disk guest goes on to its end."""
+def test_a_partition_with_a_tap_nic_and_a_vsock_is_snapshotted_and_restored(image, tmp_path):
+    """A NIC and a vsock the guest leaves alone beside the disk it uses: the snapshot
+    holds the tap and MAC, the vsock's socket and CID; the restore attaches the tap
+    again (made anew: the first run's went with it), listens on the socket again,
+    and the disk guest goes on to its end."""
     from osvmm.errors import ConfigError
-    from osvmm.plan.drives import Net
-    from osvmm.vmm.snapshot import Snapshot, snapshot_drives, snapshot_nets
+    from osvmm.plan.drives import Net, Vsock
+    from osvmm.vmm.snapshot import Snapshot, snapshot_drives, snapshot_nets, snapshot_vsock
     from osvmm.vmm.tap import default_mac, open_tap
 
     tap = f"osnap{os.getpid() % 100000}"
@@ -253,11 +254,12 @@ def test_a_partition_with_a_tap_nic_is_snapshotted_and_restored_on_its_tap(image
     out = []
     part = Partition(
         PartitionConfig(
-            Machine.build(16 << 20, 1, virtio_mmio=2),
+            Machine.build(16 << 20, 1, virtio_mmio=3),
             image=resolve_image("guests:virtioblk"),
             cmdline="rounds=400",
             drives=(Drive(str(image)),),
             nets=(Net(tap),),
+            vsock=Vsock(str(tmp_path / "v.sock"), 7),
             console=out.append,
         )
     ).build()
@@ -271,6 +273,8 @@ def test_a_partition_with_a_tap_nic_is_snapshotted_and_restored_on_its_tap(image
         part.close()
     snap = Snapshot.read(str(tmp_path / "snap"))
     assert snapshot_nets(snap.state) == (Net(tap, default_mac(tap)),)
+    assert snapshot_vsock(snap.state) == Vsock(str(tmp_path / "v.sock"), 7)
+    assert not (tmp_path / "v.sock").exists()  # removed with the first partition
     out2 = []
     back = Partition(
         PartitionConfig(
@@ -278,11 +282,13 @@ def test_a_partition_with_a_tap_nic_is_snapshotted_and_restored_on_its_tap(image
             restore=snap,
             drives=snapshot_drives(snap.state),
             nets=snapshot_nets(snap.state),
+            vsock=snapshot_vsock(snap.state),
             console=out2.append,
         )
     ).build()
     try:
         assert back.virtio.devices[1].transport.model.mac == default_mac(tap)
+        assert (tmp_path / "v.sock").is_socket()
         back.start()
         result = back.wait(300)
         assert result is not None and result.status == 1, (result, b"".join(out2).decode())
@@ -300,7 +306,7 @@ def test_a_partition_with_disks_is_not_migrated(image):
     part = _disk_partition(image)
     try:
         part.start()
-        with pytest.raises(SnapshotError, match="has disks or tap NICs: a migration or a"):
+        with pytest.raises(SnapshotError, match="has disks, tap NICs or a vsock: a migration"):
             migration.profile(part)
         assert part.wait(120).status == 1  # the guest went on
     finally:

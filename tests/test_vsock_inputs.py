@@ -86,10 +86,12 @@ def test_plan_partitions_do_not_share_a_socket(tmp_path):
         parse_plan(plan_text(tmp_path, '"uds=a.sock"', '{ uds = "a.sock", cid = 4 }'), tmp_path)
 
 
-def test_plan_vsock_not_with_restore(tmp_path):
+def test_plan_vsock_with_restore(tmp_path):
+    # The snapshot's vsock (its CID) is checked against it when osvmm up reads the
+    # snapshot (docs/snapshots.md); the plan itself takes both.
     text = plan_text(tmp_path, '"uds=a.sock"', extra='restore = "snap"\n')
-    with pytest.raises(ConfigError, match="vsock: not with restore"):
-        parse_plan(text, tmp_path)
+    plan = parse_plan(text, tmp_path)
+    assert plan.partitions[0].restore == str(tmp_path / "snap")
 
 
 def test_plan_counts_the_vsock_among_the_devices(tmp_path):
@@ -149,9 +151,12 @@ def test_run_vsock_counts_among_the_devices(tmp_path):
     assert_one_line_error(r, "7 disks, 0 NICs and 1 vsock", "at most 7 devices")
 
 
-def test_restore_refuses_a_vsock(tmp_path):
+def test_restore_takes_a_vsock_in_place_of_the_snapshots(tmp_path):
+    # The snapshot is read first (docs/snapshots.md); a plain --restore takes the
+    # snapshot's vsock, --vsock another socket with the same CID.
     r = run_osvmm("run", "--restore", str(tmp_path), "--vsock", "uds=v")
-    assert r.returncode == 2 and "--vsock" in r.stderr.decode()
+    err = r.stderr.decode()
+    assert r.returncode == 2 and f"{tmp_path}: not a snapshot (no state file)" in err, err
 
 
 def test_up_checks_the_vsock_path_before_anything_starts(tmp_path):

@@ -543,8 +543,6 @@ def _parse_partition(table: dict[str, Any], index: int, base: Path) -> Partition
         raise ConfigError(f"{where}: drives: an image is listed twice: {_show(drives)}")
     if "vsock" in table:
         fields["vsock"] = _parse_vsock(table["vsock"], where, base)
-        if restore is not None:
-            raise ConfigError(f"{where}: vsock: not with restore (a snapshot holds no devices)")
 
     restart = _get(table, "restart", str, where, "stop")
     if restart not in RESTART_POLICIES:

@@ -86,7 +86,7 @@ def check_boot(assignment: Assignment) -> dict[str, Machine]:
     one (vmm/blockfile.py, closed again), that nothing else holds its vsock's
     socket path (vmm/vsock_uds.py) and that its ``restore`` snapshot reads
     whole and fits it; the first failure as a ConfigError."""
-    from osvmm.vmm.snapshot import Snapshot, check_disks
+    from osvmm.vmm.snapshot import Snapshot, check_disks, check_vsock
 
     machines = {}
     for placement in assignment.partitions:
@@ -114,6 +114,7 @@ def check_boot(assignment: Assignment) -> dict[str, Machine]:
                 try:
                     snap.check_machine(machine, "restore")
                     check_disks(snap.state, disks, "restore")
+                    check_vsock(snap.state, config.vsock, "restore")
                 finally:
                     snap.close()
         except OsvmmError as err:

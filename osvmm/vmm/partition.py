@@ -226,9 +226,9 @@ class Partition:
         # 1. inputs
         snap = None
         if cfg.restore is not None:
-            if cfg.switch_nics or cfg.vsock is not None:
+            if cfg.switch_nics:
                 raise ConfigError(
-                    f"partition {cfg.name!r}: a snapshot is resumed without networks or vsock "
+                    f"partition {cfg.name!r}: a snapshot is resumed without networks "
                     "(it holds no state of theirs)"
                 )
             snap = self._read_snapshot()
@@ -246,10 +246,12 @@ class Partition:
         try:
             self._open_disks()
             if snap is not None:  # the snapshot's disks and NICs, before anything is built
-                from osvmm.vmm.snapshot import check_disks, check_nics
+                from osvmm.vmm.snapshot import check_disks, check_nics, check_vsock
 
-                check_disks(snap.state, self._disks, f"partition {cfg.name!r}")
-                check_nics(snap.state, self._macs(), f"partition {cfg.name!r}")
+                who = f"partition {cfg.name!r}"
+                check_disks(snap.state, self._disks, who)
+                check_nics(snap.state, self._macs(), who)
+                check_vsock(snap.state, cfg.vsock, who)
             return self._build(snap)
         except BaseException:
             self._close_disks()

@@ -183,21 +183,21 @@ class Written:
 
 def check_snapshottable(part, what: str = "a snapshot") -> None:
     """SnapshotError for a partition whose state ``what`` cannot hold: one on a
-    plan's network or with a vsock (the switch's and the connections' state is
-    not saved); with disks or tap NICs, a migration or a takeover (``what``),
-    whose destination would open the images the source holds locked and the
-    taps it holds attached. A snapshot holds disks and tap NICs."""
+    plan's network (the switch's state, its peers, are not saved); with disks,
+    tap NICs or a vsock, a migration or a takeover (``what``), whose destination
+    would open the images, taps and socket the source holds. A snapshot holds
+    disks, tap NICs and a vsock (its connections reset at the restore)."""
     cfg = part.config
-    if cfg.switch_nics or cfg.vsock is not None:
+    if cfg.switch_nics:
         raise SnapshotError(
-            f"partition {cfg.name!r} is on a network or has a vsock: {what} does not hold "
-            "the state of their backends (the switch, connections in flight), so it is refused"
+            f"partition {cfg.name!r} is on a network: {what} does not hold the state of "
+            "the switch and its other members, so it is refused"
         )
-    if (cfg.drives or cfg.nets) and what != "a snapshot":
+    if (cfg.drives or cfg.nets or cfg.vsock is not None) and what != "a snapshot":
         raise SnapshotError(
-            f"partition {cfg.name!r} has disks or tap NICs: {what} is refused (its "
-            "destination would open images and taps the source holds); snapshot it and "
-            "restore it instead"
+            f"partition {cfg.name!r} has disks, tap NICs or a vsock: {what} is refused (its "
+            "destination would open the images, taps and socket the source holds); "
+            "snapshot it and restore it instead"
         )
 
 
@@ -442,7 +442,7 @@ def check_sections(state: dict, with_images: bool = True) -> None:
     for i, dev in enumerate(virtio):
         if not isinstance(dev["config"], bytes) or not isinstance(dev["queues"], list):
             raise SnapshotError(f"virtio device {i}: malformed")
-        if dev["model"]["kind"] not in ("blk", "net"):
+        if dev["model"]["kind"] not in ("blk", "net", "vsock"):
             raise SnapshotError(f"virtio device {i}: a {dev['model']['kind']!r} device")
     if not with_images:
         return
@@ -500,6 +500,28 @@ def check_nics(state: dict, macs: list[bytes], who: str) -> None:
                 f"{who}: NIC {i}: MAC {mac.hex(':')}, the snapshot's (tap {net.tap}) had "
                 f"{net.mac.hex(':')}: give mac={net.mac.hex(':')}"
             )
+
+
+def snapshot_vsock(state: dict):
+    """The vsock of a snapshot's partition as given to it (plan/drives.py Vsock: the
+    Unix socket's path, the CID), or None."""
+    from osvmm.plan.drives import Vsock
+
+    for dev in state.get("virtio", []):
+        if dev["model"]["kind"] == "vsock":
+            return Vsock(dev["model"]["uds"], dev["model"]["cid"])
+    return None
+
+
+def check_vsock(state: dict, vsock, who: str) -> None:
+    """SnapshotError unless ``vsock`` (plan/drives.py Vsock, or None) is there when
+    the snapshot had one, with its CID (the guest knows it); the path may be another."""
+    had = snapshot_vsock(state)
+    if (had is None) != (vsock is None):
+        what = "a vsock, none given" if had is not None else "no vsock, one given"
+        raise SnapshotError(f"{who}: the snapshot has {what}")
+    if had is not None and had.cid != vsock.cid:
+        raise SnapshotError(f"{who}: vsock cid {vsock.cid}, the snapshot's had cid {had.cid}")
 
 
 def check_disks(state: dict, disks: list, who: str) -> None:

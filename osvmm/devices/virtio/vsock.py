@@ -1,7 +1,8 @@
 """virtio-vsock (virtio 1.2 section 5.10): the device model, no I/O of its own.
 
 Three queues: rx (0, packets to the guest), tx (1, packets from it) and event
-(2, never used: its buffers are left with the device). The configuration space
+(2: its buffers are left with the device, but for the one TRANSPORT_RESET
+after a restore from a snapshot). The configuration space
 is the guest's CID (le64). Stream sockets only (VIRTIO_VSOCK_TYPE_STREAM), and
 only between the guest and the host (CID 2), as Firecracker's vsock.
 
@@ -46,6 +47,13 @@ and an endpoint (one host stream):
     close()
 
 ``recv``/``send`` raise OSError when the host's stream breaks: RST.
+
+Snapshots (vmm/snapshot.py): the model's state is its identity only (the
+Unix socket's path, the CID, how many connections it had); connections are
+not saved. A restored device starts with none and sends the driver
+VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue (5.10.6.7), as
+Firecracker does: the guest drops its connections (its programs see them
+reset) and reads its CID again; new ones work as before.
 
 Threads: everything runs on the device's thread (vmm/virtio.py): ``serve``,
 ``fd_ready`` and ``poll_fds``; ``reset`` under the transport's serve lock.
@@ -169,6 +177,7 @@ class VirtioVsock:
         self.by_fd: dict[int, Connection] = {}
         self.orphans: deque[virtio_vsock_hdr] = deque()  # RSTs for no connection
         self._next_port = FIRST_HOST_PORT
+        self.reset_owed = False  # TRANSPORT_RESET to send (restored from a snapshot)
         self.counts = dict.fromkeys(
             ("rx", "tx", "malformed", "bad_cid", "rst_sent", "refused", "dropped", "rx_short"), 0
         )
@@ -179,13 +188,47 @@ class VirtioVsock:
         for conn in list(self.conns.values()):
             self._forget(conn)
         self.orphans.clear()
+        self.reset_owed = False
+
+    def state(self) -> dict:
+        """What a snapshot holds of the model: the backend's identity (the Unix
+        socket's path) and the CID; the connections it had are counted, not kept."""
+        return {
+            "kind": "vsock",
+            "uds": getattr(self.backend, "path", None),
+            "cid": self.guest_cid,
+            "connections": len(self.conns),
+        }
+
+    def restore(self, st: dict) -> None:
+        """A restored device: no connection (the host ends were the snapshot's
+        process's), and a TRANSPORT_RESET owed to the driver, so that it drops
+        those it had (sent when the event queue is served: ``resume``)."""
+        if st["cid"] != self.guest_cid:
+            raise ValueError(f"vsock CID {st['cid']}, the device's is {self.guest_cid}")
+        self.reset_owed = True
 
     def serve(self, index: int, queue) -> bool:
         if index == TX:
             return self._transmit(queue)
         if index == RX:
             return self._receive(queue)
-        return False  # event: its buffers stay with the device (no event is ever sent)
+        return self._event(queue)
+
+    def _event(self, queue) -> bool:
+        """The event queue: its buffers stay with the device, but for the
+        TRANSPORT_RESET a restore owes (le32 id), which waits for a buffer."""
+        pushed = False
+        while self.reset_owed and (chain := queue.pop()) is not None:
+            pushed = True
+            if chain.readable or chain.writable_len < 4:  # no room for it: returned empty
+                self.counts["malformed"] += 1
+                queue.push(chain.head, 0)
+                continue
+            event = struct.pack("<I", spec.VIRTIO_VSOCK_EVENT_TRANSPORT_RESET)
+            queue.push(chain.head, chain.write(self.memory, 0, event))
+            self.reset_owed = False
+        return pushed and queue.needs_interrupt()
 
     def wanted_queues(self) -> tuple[int, ...]:
         """Queues with work for the device besides what the driver notified."""
