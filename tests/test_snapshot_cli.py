@@ -174,9 +174,9 @@ BAD = {
     "corrupted state": (lambda s: flip(s / "state", 200), "checksum mismatch"),
     "wrong version": (
         lambda s: (s / "state").write_bytes(
-            (s / "state").read_bytes()[:8] + struct.pack("<I", 2) + (s / "state").read_bytes()[12:]
+            (s / "state").read_bytes()[:8] + struct.pack("<I", 3) + (s / "state").read_bytes()[12:]
         ),
-        "format version 2",
+        "format version 3; this osvmm reads versions 1, 2",
     ),
     "not a snapshot": (
         lambda s: (s / "state").write_bytes(b"\x7fELF" + bytes(100)),
