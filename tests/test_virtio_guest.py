@@ -299,6 +299,49 @@ def test_a_partition_with_a_tap_nic_and_a_vsock_is_snapshotted_and_restored(imag
     assert _round_lines(text) == list(range(50, 401, 50)) and "rounds 400 done" in text, text
 
 
+def test_up_snapshots_a_partition_with_a_disk_and_a_plan_restores_it(image, tmp_path):
+    """``osvmm snapshot NAME DIR --stop`` against ``osvmm up``, then a plan whose
+    ``restore`` has the disk in ``drives``: the guest goes on with every round once."""
+    from tests.test_snapshot_cli import guest_text
+    from tests.test_supervisor_up import UpProcess
+
+    snap = tmp_path / "snap"
+    body = (
+        '[[partition]]\nname = "d"\ncpus = "floating"\nmemory = "16M"\n'
+        f'image = "guests:virtioblk"\ncmdline = "rounds={ROUNDS}"\ndrives = ["{image}"]\n'
+        'restart = "stop"\n'
+    )
+
+    def log_until(up, needle: str) -> str:
+        path = up.logs / "d.console.log"
+        deadline = time.monotonic() + 120
+        while needle not in (text := path.read_text() if path.exists() else ""):
+            assert time.monotonic() < deadline, text[-2000:]
+            time.sleep(0.05)
+        return text
+
+    up = UpProcess(body)
+    try:
+        log_until(up, "virtioblk: round 200 ok")
+        r = up.cli("snapshot", "d", str(snap), "--stop")
+        assert r.returncode == 0 and r.stdout.endswith(b"; stopped\n"), r.stderr
+        first = log_until(up, "[osvmm: ended: ")
+    finally:
+        up.close()
+    up = UpProcess(body + f'restore = "{snap}"\n')
+    try:
+        second = log_until(up, f"virtioblk: rounds {ROUNDS} done")
+        log_until(up, "[osvmm: ended: ")
+    finally:
+        up.close()
+    text = guest_text(first) + guest_text(second)
+    assert "FAIL" not in text, text
+    assert _round_lines(text) == list(range(50, ROUNDS + 1, 50)), text
+    disk = image.read_bytes()
+    for sector, block in _final_sectors().items():
+        assert disk[sector * 512 : (sector + 1) * 512] == block, sector
+
+
 def test_a_partition_with_disks_is_not_migrated(image):
     from osvmm.errors import SnapshotError
     from osvmm.vmm import migration
