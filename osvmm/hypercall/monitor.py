@@ -515,3 +515,8 @@ def partition_control(state, caller, args, memory_reader) -> Outcome:
 _HANDLERS: dict[int, Callable[..., Outcome]] = {
     call.nr: globals()[call.handler] for call in abi.HYPERCALLS
 }
+# The same table as a tuple indexed by call number (the ABI's are 0..n-1), for the
+# live VMM's exit path (osvmm/hypercall/live.py), which does ``dispatch``'s checks
+# inline for a caller it knows: tests/test_hypercall_fastpath.py holds the two equal.
+HANDLERS_BY_NR = tuple(_HANDLERS[nr] for nr in range(len(_HANDLERS)))
+assert sorted(_HANDLERS) == list(range(len(HANDLERS_BY_NR)))
