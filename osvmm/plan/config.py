@@ -277,8 +277,16 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
     return parse_plan(text, p.resolve().parent, source=str(p))
 
 
-def parse_plan(text: str, base_dir: str | os.PathLike[str], source: str = "<plan>") -> Plan:
-    """Parse and check plan text; ``base_dir`` anchors relative paths."""
+def parse_plan(
+    text: str,
+    base_dir: str | os.PathLike[str],
+    source: str = "<plan>",
+    outside: frozenset[str] | None = None,
+) -> Plan:
+    """Parse and check plan text; ``base_dir`` anchors relative paths. ``outside``:
+    the text is a fragment (``osvmm create``) for a VMM where these partitions run:
+    its channels and doorbells may name them, and it may have no ``[[partition]]``
+    when it has a ``[[channel]]``."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -296,8 +304,11 @@ def parse_plan(text: str, base_dir: str | os.PathLike[str], source: str = "<plan
     vmm = _parse_vmm(vmm_doc, base)
 
     part_docs = _table_array(doc, "partition")
-    if not part_docs:
-        raise ConfigError("partition: the plan has no [[partition]]")
+    if not part_docs and (outside is None or not _table_array(doc, "channel")):
+        what = "[[partition]]" if outside is None else "[[partition]] or [[channel]]"
+        raise ConfigError(
+            f"partition: the {'plan' if outside is None else 'fragment'} has no {what}"
+        )
     if len(part_docs) > MAX_PARTITIONS:
         raise ConfigError(
             f"partition: {len(part_docs)} partitions, at most {MAX_PARTITIONS} "
@@ -321,8 +332,9 @@ def parse_plan(text: str, base_dir: str | os.PathLike[str], source: str = "<plan
             f"channel: {len(chan_docs)} channels, at most {MAX_CHANNELS} "
             "(PARTITION_INFO describes them in one 4 KiB page)"
         )
+    known = seen | (outside or frozenset())  # what channels and doorbells may name
     for i, cd in enumerate(chan_docs):
-        ch = _parse_channel(cd, i, seen)
+        ch = _parse_channel(cd, i, known)
         if ch.name in seen_ch:
             raise ConfigError(f"channel {ch.name!r}: name: duplicate channel name")
         seen_ch.add(ch.name)
@@ -370,7 +382,7 @@ def parse_plan(text: str, base_dir: str | os.PathLike[str], source: str = "<plan
     for spec in partitions:
         where = f"partition {spec.name!r}: doorbells"
         for target in spec.doorbells:
-            if target not in seen:
+            if target not in known:
                 raise ConfigError(f"{where}: no partition is named {_show(target)}")
             if target == spec.name:
                 raise ConfigError(f"{where}: a partition does not ring its own doorbell")

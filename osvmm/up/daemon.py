@@ -300,7 +300,7 @@ def api_services(server, sup, hypercalls, on_down: Callable[[], None]) -> Callab
     snapshots = SnapshotService(sup, hypercalls)  # snapshots (docs/snapshots.md)
     migrations = MigrationService(sup, hypercalls)
     takeovers = TakeoverService(sup, hypercalls, on_down)
-    runtime = RuntimePartitions(sup, monitors)
+    runtime = RuntimePartitions(sup, monitors, hypercalls)
     for service in (runtime, monitors, snapshots, migrations, takeovers):
         server.add_routes(service.routes())
     server.stat_fields = (monitors.stat_fields, hypercall_counts(hypercalls))
