@@ -425,11 +425,16 @@ def cmd_create(args) -> int:
         detail = f" ({p['reason']})" if p["state"] != "running" and p["reason"] else ""
         cpus = p["cpus"] if p["cpus"] != "floating" else f"floating({p['pool']})"
         print(f"{p['name']}: {p['state']}{detail} on CPUs {cpus}, node {p['node']}")
+    for c in reply.get("channels", ()):
+        members = ", ".join(f"{name} {mode}" for name, mode in c["members"].items())
+        print(f"channel {c['name']}: id {c['id']}, {c['size'] >> 10} KiB, {members}")
     return 0
 
 
 def cmd_destroy(args) -> int:
     reply = call(control_of(args), "DELETE", partition_path(args.name))
     freed = f"CPUs {reply['cpus']} and " if reply["cpus"] else ""
-    print(f"{args.name}: destroyed; {freed}{reply['memory'] >> 20} MiB of memory freed")
+    gone = reply.get("channels")
+    withdrawn = f"; channels {', '.join(gone)} withdrawn" if gone else ""
+    print(f"{args.name}: destroyed; {freed}{reply['memory'] >> 20} MiB of memory freed{withdrawn}")
     return 0
