@@ -336,3 +336,22 @@ def test_parse_errors(tmp_path, text, message):
         parse_plan(text, tmp_path)
     assert message in str(exc.value)
     assert "\n" not in str(exc.value)
+
+
+def test_a_fragment_may_name_running_partitions_and_be_channels_only(tmp_path):
+    """``osvmm create``: channels and doorbells may name what runs (``outside``);
+    a fragment of channels alone is one; a plan is not."""
+    chan = '[[channel]]\nname = "c"\nsize = "4K"\nmembers = { web = "rw", db = "ro" }\n'
+    frag = parse_plan(chan, tmp_path, outside=frozenset({"web", "db"}))
+    assert frag.partitions == () and frag.channels[0].members == (("web", "rw"), ("db", "ro"))
+    with pytest.raises(ConfigError, match="members: no partition is named 'db'"):
+        parse_plan(chan, tmp_path, outside=frozenset({"web"}))
+    with pytest.raises(ConfigError, match=r"the plan has no \[\[partition\]\]"):
+        parse_plan(chan, tmp_path)
+    with pytest.raises(ConfigError, match=r"the fragment has no \[\[partition\]\] or \[\[channel"):
+        parse_plan("", tmp_path, outside=frozenset({"web"}))
+    part = '[[partition]]\nname = "x"\ncpus = "floating"\nmemory = "4M"\nimage = "guests:hello"\n'
+    frag = parse_plan(part + 'doorbells = ["web"]\n', tmp_path, outside=frozenset({"web"}))
+    assert frag.partitions[0].doorbells == ("web",)
+    with pytest.raises(ConfigError, match="doorbells: no partition is named 'web'"):
+        parse_plan(part + 'doorbells = ["web"]\n', tmp_path)
