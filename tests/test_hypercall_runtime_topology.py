@@ -135,3 +135,22 @@ def test_the_spec_tables_follow_a_topology_changed_at_run_time():
         want = spec.outcome(s.lifecycle, s.attachments, caller, nr, args)
         got = step(s, caller, nr, args)
         assert got.result == want.result, (caller, nr, args)
+
+
+def test_a_grant_lets_a_running_partition_ring_another_and_only_adds():
+    s = base()
+    s = step(s, 1, abi.CHANNEL_ATTACH, (0, 0)).state
+    topo = extend_topology(
+        s.topology, [PartitionConfig("new", RAM)], [], {"a": 0, "b": 1}, [("b", "new"), ("b", "a")]
+    )
+    g = MonitorState(topo, s.lifecycle + (RUNNING,), s.attachments)
+    assert topo.partitions[1].doorbells == {2, 0} and topo.partitions[0].doorbells == {1}
+    assert step(g, 1, abi.DOORBELL, (2, 0, 0x40)).result == 0
+    assert step(g, 1, abi.DOORBELL, (0, 0, 0x40)).result == 0
+    assert g.attachments == {Attachment(1, 0, False)}  # what it holds is unchanged
+    mask = abi.PARTITION_INFO_HEADER.unpack_from(partition_info_bytes(g, 1))[7]
+    assert mask == 0b111
+    with pytest.raises(ConfigError, match="partition 'a' may ring 'b' already"):
+        extend_topology(s.topology, [], [], {"a": 0, "b": 1}, [("a", "b")])
+    with pytest.raises(ConfigError, match="no partition 'zz'"):
+        extend_topology(s.topology, [], [], {"a": 0, "b": 1}, [("zz", "b")])

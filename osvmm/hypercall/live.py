@@ -231,15 +231,17 @@ class LiveMonitor:
 
     # -- the topology at run time (osvmm create, osvmm destroy) ------------------
     def grow(self, topology) -> None:
-        """Adopt ``topology``: this one with partitions and channels added
+        """Adopt ``topology``: this one with partitions, channels and grants added
         (``monitor.extend_topology``). The new partitions are "stopped" until bound;
         a new channel's memory is made here, and its members (running ones too) may
         attach it from now on."""
         with self.lock:
             old = self.topology
-            if topology.partitions[: len(old.partitions)] != old.partitions or (
-                topology.channels[: len(old.channels)] != old.channels
-            ):
+            kept = [(p.id, p.name) for p in topology.partitions[: len(old.partitions)]]
+            slots = [(c.id, c.gpa, c.size) for c in topology.channels[: len(old.channels)]]
+            if kept != [(p.id, p.name) for p in old.partitions] or slots != [
+                (c.id, c.gpa, c.size) for c in old.channels
+            ]:
                 raise ValueError("grow: the topology is not this one extended")
             made = [ChannelMemory(c.name, c.size) for c in topology.channels[len(old.channels) :]]
             added = len(topology.partitions) - len(old.partitions)

@@ -238,12 +238,15 @@ def extend_topology(
     partitions: Sequence[PartitionConfig],
     channels: Sequence[ChannelConfig],
     ids: Mapping[str, int],
+    grants: Sequence[tuple[str, str]] = (),
 ) -> Topology:
     """``topology`` with ``partitions`` (ids len(topology.partitions), ... in order) and
     ``channels`` (the next channel ids, their slots after every slot taken, a withdrawn
     channel's included) added. ``ids``: name -> id of the partitions that run; the new
-    ones' names are added to it. Existing ids, slots and grants are unchanged, so a
-    running partition's attachments stay valid. ConfigError when it does not fit."""
+    ones' names are added to it. ``grants``: (ringer, target) pairs, a partition that
+    runs given the right to ring another (a grant only adds: nothing it holds changes).
+    Existing ids and slots are unchanged, so a running partition's attachments stay
+    valid. ConfigError when it does not fit."""
     names = dict(ids)
     first = len(topology.partitions)
     for k, p in enumerate(partitions):
@@ -310,7 +313,16 @@ def extend_topology(
             raise ConfigError(f"channel {c.name}: no members")
         new_channels.append(Channel(len(topology.channels) + k, c.name, c.size, gpa, members))
         gpa += c.size
-    return Topology(topology.partitions + tuple(added), topology.channels + tuple(new_channels))
+    parts = list(topology.partitions) + added
+    for ringer, target in grants:
+        if ringer not in ids or target not in names:
+            missing = ringer if ringer not in ids else target
+            raise ConfigError(f"doorbell from {ringer} to {target}: no partition {missing!r}")
+        p = parts[ids[ringer]]
+        if names[target] in p.doorbells or names[target] == p.id:
+            raise ConfigError(f"partition {ringer!r} may ring {target!r} already")
+        parts[p.id] = replace(p, doorbells=p.doorbells | {names[target]})
+    return Topology(tuple(parts), topology.channels + tuple(new_channels))
 
 
 def withdraw_partition(topology: Topology, partition: int) -> tuple[Topology, tuple[int, ...]]:

@@ -84,6 +84,8 @@ VSOCK_KEYS = ("uds", "cid")
 CHANNEL_KEYS = ("name", "size", "members")
 NETWORK_KEYS = ("name", "members")
 TOP_KEYS = ("vmm", "partition", "channel", "network")
+DOORBELL_KEYS = ("from", "to")
+FRAGMENT_KEYS = (*TOP_KEYS, "doorbell")  # [[doorbell]]: a running partition's new grants
 MAX_NETWORKS = MAX_DEVICES  # more than a member could hold NICs for
 
 
@@ -250,6 +252,8 @@ class Plan:
     base_dir: str = "."
     source: str = "<plan>"
     networks: tuple[NetworkSpec, ...] = ()
+    # A fragment's [[doorbell]] grants: (running partition, partition it may ring).
+    grants: tuple[tuple[str, str], ...] = ()
 
     def partition(self, name: str) -> PartitionSpec:
         for p in self.partitions:
@@ -296,7 +300,7 @@ def parse_plan(
     except RecursionError:  # arrays or inline tables nested hundreds deep
         raise ConfigError(f"{source}: not valid TOML: arrays or tables nested too deeply") from None
     base = Path(base_dir).resolve()
-    _check_keys(doc, TOP_KEYS, "plan")
+    _check_keys(doc, TOP_KEYS if outside is None else FRAGMENT_KEYS, "plan")
 
     vmm_doc = doc.get("vmm", {})
     if not isinstance(vmm_doc, dict):
@@ -304,8 +308,9 @@ def parse_plan(
     vmm = _parse_vmm(vmm_doc, base)
 
     part_docs = _table_array(doc, "partition")
-    if not part_docs and (outside is None or not _table_array(doc, "channel")):
-        what = "[[partition]]" if outside is None else "[[partition]] or [[channel]]"
+    more = outside is not None and (_table_array(doc, "channel") or _table_array(doc, "doorbell"))
+    if not part_docs and not more:
+        what = "[[partition]]" if outside is None else "[[partition]], [[channel]] or [[doorbell]]"
         raise ConfigError(
             f"partition: the {'plan' if outside is None else 'fragment'} has no {what}"
         )
@@ -386,7 +391,45 @@ def parse_plan(
                 raise ConfigError(f"{where}: no partition is named {_show(target)}")
             if target == spec.name:
                 raise ConfigError(f"{where}: a partition does not ring its own doorbell")
-    return Plan(vmm, tuple(partitions), tuple(channels), str(base), source, tuple(networks))
+    grants = _parse_grants(doc, seen, outside) if outside is not None else ()
+    return Plan(vmm, tuple(partitions), tuple(channels), str(base), source, tuple(networks), grants)
+
+
+def _parse_grants(
+    doc: dict[str, Any], seen: set[str], outside: frozenset[str]
+) -> tuple[tuple[str, str], ...]:
+    """A fragment's ``[[doorbell]]`` tables: ``from`` a running partition, ``to`` the
+    partitions it may ring from now on; (from, to) pairs in order."""
+    pairs: list[tuple[str, str]] = []
+    for i, table in enumerate(_table_array(doc, "doorbell")):
+        where = f"doorbell #{i + 1}"
+        _check_keys(table, DOORBELL_KEYS, where)
+        ringer = table.get("from")
+        if not isinstance(ringer, str):
+            raise ConfigError(f'{where}: from: expected a partition name such as "web"')
+        if ringer in seen:
+            raise ConfigError(
+                f"{where}: from: {ringer!r} is made by this fragment: give its doorbells "
+                "in its [[partition]] table"
+            )
+        if ringer not in outside:
+            raise ConfigError(f"{where}: from: no partition is named {_show(ringer)}")
+        targets = table.get("to")
+        if (
+            not isinstance(targets, list)
+            or not targets
+            or not all(isinstance(t, str) for t in targets)
+        ):
+            raise ConfigError(f'{where}: to: expected a list of partition names such as ["db"]')
+        for target in targets:
+            if target not in seen and target not in outside:
+                raise ConfigError(f"{where}: to: no partition is named {_show(target)}")
+            if target == ringer:
+                raise ConfigError(f"{where}: to: a partition does not ring its own doorbell")
+            if (ringer, target) in pairs:
+                raise ConfigError(f"{where}: to: {ringer} may ring {target} twice")
+            pairs.append((ringer, target))
+    return tuple(pairs)
 
 
 # --- helpers -------------------------------------------------------------------------------

@@ -428,6 +428,8 @@ def cmd_create(args) -> int:
     for c in reply.get("channels", ()):
         members = ", ".join(f"{name} {mode}" for name, mode in c["members"].items())
         print(f"channel {c['name']}: id {c['id']}, {c['size'] >> 10} KiB, {members}")
+    for g in reply.get("doorbells", ()):
+        print(f"doorbell: {g['from']} may ring {g['to']}")
     return 0
 
 

@@ -2,31 +2,31 @@
 (``POST /v1/partitions``) and ``osvmm destroy NAME`` (``DELETE
 /v1/partitions/{name}``), docs/partitions.md.
 
-A fragment is plan text with ``[[partition]]`` tables, ``[[channel]]`` tables,
-or both (docs/config.md); its channels and its partitions' ``doorbells`` may
-name partitions that run. It is checked as ``osvmm up`` checks a plan, against
-what runs: it is parsed, its names must be new, and the running plan with it
-added is placed on this host again; every partition that runs must keep its
-CPUs and node (a fragment that would move one is refused), no dedicated CPU
-or node's memory is over-committed, and the new dedicated CPUs are reserved
-against other VMMs (osvmm/up/locks.py). The hypercall topology with it added
-is made (``monitor.extend_topology``: ids, grants, channel slots that fit the
-window beside every slot taken). Every image must load and every boot prepare
-(``check_boot``), every protected range resolve, before anything is made.
-Then the supervisor makes the new entries, the hypercall monitor adopts the
-topology (``LiveMonitor.grow``), and the new partitions start; the running
-partitions are not touched, except that floating vCPU threads are kept off
-CPUs the new partitions dedicate.
+A fragment is plan text with ``[[partition]]``, ``[[channel]]`` and
+``[[doorbell]]`` tables (docs/partitions.md); its channels, its partitions'
+``doorbells`` and its ``[[doorbell]]`` grants may name partitions that run. It
+is checked as ``osvmm up`` checks a plan, against what runs: it is parsed, its
+names must be new, and the running plan with it added is placed on this host
+again; every partition that runs must keep its CPUs and node (a fragment that
+would move one is refused), no dedicated CPU or node's memory is over-committed,
+and the new dedicated CPUs are reserved against other VMMs (osvmm/up/locks.py).
+The hypercall topology with it added is made (``monitor.extend_topology``: ids,
+grants, channel slots that fit the window beside every slot taken). Every image
+must load and every boot prepare (``check_boot``), every protected range
+resolve, before anything is made. Then the supervisor makes the new entries, the
+hypercall monitor adopts the topology (``LiveMonitor.grow``), and the new
+partitions start; the running partitions are not touched, except that floating
+vCPU threads are kept off CPUs the new partitions dedicate.
 
-Hypercall ids are never reused in one VMM: a created partition takes the
-next one (its ``index``), a created channel the next channel id and the slot
-after every slot taken. A channel added to partitions that run takes effect
-at once: they see it in PARTITION_INFO and may attach it (their mappings and
-grants are unchanged: nothing they hold moves). A running partition's
-``doorbells`` are its plan's (or its fragment's): a fragment cannot grant it
-more. A created partition is never privileged. Past 64 partitions numbered,
-a fragment's partitions get no hypercalls, and one that names a channel or
-doorbell is refused.
+Hypercall ids are never reused in one VMM: a created partition takes the next
+one (its ``index``), a created channel the next channel id and the slot after
+every slot taken. A channel added to partitions that run takes effect at once:
+they see it in PARTITION_INFO and may attach it (their mappings and grants are
+unchanged: nothing they hold moves). A fragment's ``[[doorbell]]`` tables give
+running partitions the right to ring others (``from``, ``to``): a grant only
+adds, at once. A created partition is never privileged. Past 64 partitions
+numbered, a fragment's partitions get no hypercalls, and one that names a
+channel or doorbell is refused.
 
 Destroying a partition stops it if it runs, ends its thread, closes its
 console log and the partition kept built, releases its dedicated CPUs (to the
@@ -119,6 +119,8 @@ class RuntimePartitions:
             for chan in fragment.channels:
                 members = ", ".join(f"{m} {mode}" for m, mode in chan.members)
                 sup.log(f"channel {chan.name}: created at run time ({members})")
+            for ringer, target in fragment.grants:
+                sup.log(f"{ringer}: may ring {target} from now on")
         if msg.get("start", True):
             for entry in entries:
                 sup.start(entry.name)
@@ -127,6 +129,7 @@ class RuntimePartitions:
             "channels": [
                 _channel(c, spec) for c, spec in zip(chans, fragment.channels, strict=True)
             ],
+            "doorbells": [{"from": r, "to": t} for r, t in fragment.grants],
         }
 
     def _place(self, fragment):
@@ -180,7 +183,9 @@ class RuntimePartitions:
         from osvmm.up.partition_config import machine_of
 
         live, sup = self.live, self.sup
-        hypercalls = fragment.channels or any(s.doorbells for s in fragment.partitions)
+        hypercalls = (
+            fragment.channels or fragment.grants or any(s.doorbells for s in fragment.partitions)
+        )
         if live is None:
             if hypercalls:
                 raise WrongState("the fragment: this VMM serves no hypercalls")
@@ -202,7 +207,7 @@ class RuntimePartitions:
                 )
             return None
         try:
-            return extend_topology(live.topology, parts, chans, ids)
+            return extend_topology(live.topology, parts, chans, ids, fragment.grants)
         except ConfigError as err:
             if not hypercalls and "hypercall ids" in str(err):
                 return None  # the 64th partition and on: no hypercalls, as before
