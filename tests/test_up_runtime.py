@@ -270,7 +270,7 @@ def test_channels_and_doorbells_of_partitions_created_at_run_time():
             b"channel tap: id 2, 4 KiB, info rw, counter ro\ndoorbell: info may ring ping\n"
         )
         up.cli("start", "info")
-        text = wait_log(up, "info", r"hcinfo: attach=")
+        text = wait_log(up, "info", r"hcinfo: attach=.*detach=-?\d+\n")
         assert "id=3 vcpus=1 memory=0x800000 flags=0 channels=1 doorbells=0xa\n" in text, text
         assert "hcinfo: channel 2 flags=1 gpa=0xd0011000 size=0x1000\n" in text, text
         assert "hcinfo: attach=0xd0011000 before=0x0 after=0x5157 detach=0\n" in text, text
