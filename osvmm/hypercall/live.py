@@ -238,6 +238,53 @@ class LiveMonitor:
                 attachments=self.state.attachments - frozenset(held),
             )
 
+    # -- the topology at run time (osvmm create, osvmm destroy) ------------------
+    def grow(self, topology) -> None:
+        """Adopt ``topology``: this one with partitions, channels and grants added
+        (``monitor.extend_topology``). The new partitions are "stopped" until bound;
+        a new channel's memory is made here, and its members (running ones too) may
+        attach it from now on."""
+        with self.lock:
+            old = self.topology
+            kept = [(p.id, p.name) for p in topology.partitions[: len(old.partitions)]]
+            slots = [(c.id, c.gpa, c.size) for c in topology.channels[: len(old.channels)]]
+            if kept != [(p.id, p.name) for p in old.partitions] or slots != [
+                (c.id, c.gpa, c.size) for c in old.channels
+            ]:
+                raise ValueError("grow: the topology is not this one extended")
+            made = [ChannelMemory(c.name, c.size) for c in topology.channels[len(old.channels) :]]
+            added = len(topology.partitions) - len(old.partitions)
+            self._adopt(topology, self.state.lifecycle + (STOPPED,) * added, self.state.attachments)
+            self.channels.extend(made)
+
+    def retire(self, partition_id: int) -> tuple[str, ...]:
+        """Partition ``partition_id`` is destroyed (after its run ended): no grant names
+        it any more, and every channel it was a member of is withdrawn: unmapped from
+        every partition that has it attached (a survivor then reads all ones there, its
+        writes dropped), then its memory freed. Returns the withdrawn channels' names."""
+        from osvmm.hypercall.monitor import withdraw_partition
+
+        self.partition_stopped(partition_id)
+        with self.lock:
+            topology, gone = withdraw_partition(self.topology, partition_id)
+            held = frozenset(a for a in self.state.attachments if a.channel in gone)
+            for a in held:  # the memslots go before the memory they map
+                self._unmap(a.partition, self.topology.channels[a.channel].gpa)
+            self._adopt(topology, self.state.lifecycle, self.state.attachments - held)
+            names = tuple(self.channels[c].name for c in gone)
+            for c in gone:
+                self.channels[c].close()
+        return names
+
+    def _adopt(self, topology, lifecycle, attachments) -> None:
+        """The state and topology from now on (under the lock)."""
+        self.state = MonitorState(topology, tuple(lifecycle), frozenset(attachments))
+        self.topology = topology
+        if self.check:
+            from osvmm.hypercall.monitor import config_of
+
+            self._spec = Spec(config_of(topology))
+
     # -- the exit handlers -----------------------------------------------------
     # A hook runs on the vCPU loop's fast path for every single 2- or 4-byte access
     # to the hypercall port (osvmm/vmm/vcpu.py): ``hook(vcpu, direction, size,

@@ -490,7 +490,11 @@ class Supervisor:
         with self._cond:
             del self.partitions[name]
             kept = tuple(p for p in self.assignment.partitions if p.name != name)
-            plan = dataclasses.replace(self.plan, partitions=tuple(p.spec for p in kept))
+            plan = dataclasses.replace(
+                self.plan,
+                partitions=tuple(p.spec for p in kept),
+                channels=tuple(c for c in self.plan.channels if c.mode(name) is None),
+            )
             pool = tuple(sorted({*self.assignment.pool, *entry.placement.cpus}))
             self.assignment = dataclasses.replace(
                 self.assignment, plan=plan, partitions=kept, pool=pool
