@@ -132,18 +132,36 @@ _ESRCH = monitor.ESRCH
 
 @dataclass
 class LiveStats:
-    """What the hypercalls did. A call is counted once, in ``by_partition`` (one
-    dict increment on the exit path); the other views are derived from it."""
+    """What the hypercalls did. A call is counted once: a success in ``ok`` (a list
+    slot per call number of the ABI, an exit's cheapest increment), a failure in
+    ``failed``; the other views are derived from them."""
 
     window_writes: Counter = field(default_factory=Counter)  # partition id -> dropped writes
-    # (partition id, call number, result: 0 for any success, else the -errno) -> calls
-    by_partition: dict = field(default_factory=dict)
+    ok: dict[int, list[int]] = field(default_factory=dict)  # partition id -> by call number
+    failed: Counter = field(default_factory=Counter)  # (partition id, call number, -errno)
+
+    def ok_of(self, pid: int) -> list[int]:
+        """Partition ``pid``'s success counts (made at its first call)."""
+        counts = self.ok.get(pid)
+        if counts is None:
+            counts = self.ok[pid] = [0] * len(monitor.HANDLERS_BY_NR)
+        return counts
+
+    @property
+    def by_partition(self) -> dict[tuple[int, int, int], int]:
+        """(partition id, call number, result: 0 for any success, else the -errno) ->
+        calls."""
+        out = {
+            (pid, nr, 0): n for pid, row in list(self.ok.items()) for nr, n in enumerate(row) if n
+        }
+        out.update(self.failed)
+        return out
 
     @property
     def calls(self) -> Counter:
         """Call number -> calls made with it."""
         out: Counter = Counter()
-        for (_, nr, _), n in list(self.by_partition.items()):
+        for (_, nr, _), n in self.by_partition.items():
             out[nr] += n
         return out
 
@@ -151,9 +169,8 @@ class LiveStats:
     def errors(self) -> Counter:
         """-errno -> calls that failed with it."""
         out: Counter = Counter()
-        for (_, _, result), n in list(self.by_partition.items()):
-            if result < 0:
-                out[result] += n
+        for (_, _, result), n in list(self.failed.items()):
+            out[result] += n
         return out
 
 
@@ -188,7 +205,6 @@ class LiveMonitor:
         # Nothing is bound yet: every partition is "stopped" until its first bind.
         self.state = replace(self.state, lifecycle=(STOPPED,) * len(self.topology.partitions))
         self.stats = LiveStats()
-        self._counts = self.stats.by_partition  # the per-call path: no attribute chains
         self._reader = self._read_guest
         self.violations: list[str] = []
         self._console_partial: dict[int, bool] = {}
@@ -300,7 +316,8 @@ class LiveMonitor:
         (a number outside the ABI, the live invariant checks) goes through ``call``."""
         call = self.call
         lock = self.lock
-        counts = self._counts
+        ok = self.stats.ok_of(pid)
+        failed = self.stats.failed
         reader = self._reader
         handlers = _HANDLERS_BY_NR
         known = len(handlers)
@@ -323,8 +340,10 @@ class LiveMonitor:
                 else:
                     state, result, effects = handlers[nr](state, pid, (rdi, rsi, rbx, rcx), reader)
                     self.state = state
-                key = (pid, nr, result if result < 0 else 0)
-                counts[key] = counts.get(key, 0) + 1
+                if result < 0:
+                    failed[pid, nr, result] += 1
+                else:
+                    ok[nr] += 1
                 if effects:
                     later = self._apply(effects)
             if effects:
@@ -357,9 +376,10 @@ class LiveMonitor:
             src = self.state
             state, result, effects = _dispatch(src, pid, nr, args, self._reader)
             self.state = state
-            key = (pid, nr, result if result < 0 else 0)
-            counts = self._counts
-            counts[key] = counts.get(key, 0) + 1
+            if result < 0:
+                self.stats.failed[pid, nr, result] += 1
+            else:
+                self.stats.ok_of(pid)[nr] += 1
             if not effects and not self.check:
                 return result
             later = self._apply(effects) if effects else ()
