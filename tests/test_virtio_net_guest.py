@@ -9,6 +9,7 @@ frame over 1514 bytes is dropped by the switch, and ``osvmm stat`` counts both."
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -77,3 +78,115 @@ def test_osvmm_stat_counts_the_frames_and_the_switchs_drops(up):
     assert rx["counts"]["rx_dropped"] == 0 and rx["backend"]["queue_full"] == 0
     text = up.cli("stat", "tx").stdout.decode()
     assert re.search(r"device 0 virtio-net lan\.1: .*switch_dropped 1, switch_flooded 2;", text)
+
+
+# --- one partition on a host tap, the host's end in a network namespace -------------
+
+TAP = "osvmmnet0"
+NETNS = "osvmm-netguest"
+HOST_IP, GUEST_IP = "10.98.0.1", "10.98.0.2"
+ETHERTYPE = 0x88B5
+
+
+def pattern_frame(dst: bytes, src: bytes, kind: bytes, seq: int, length: int) -> bytes:
+    """A frame as the virtionet guest builds it (osvmm/guests/src/virtionet.c)."""
+    data = bytes((seq * 13 + i * 7 + 1) & 0xFF for i in range(length))
+    checksum = 0
+    for b in data:
+        checksum = (checksum * 33 + b) & 0xFFFFFFFF
+    frame = dst + src + ETHERTYPE.to_bytes(2, "big") + kind + seq.to_bytes(4, "little")
+    frame += length.to_bytes(2, "little") + data + checksum.to_bytes(4, "little")
+    return frame.ljust(60, b"\0")
+
+
+def host_peer(tap: str, count: int) -> None:
+    """The host's end, run inside the namespace: wait for the guest's HELLO on the
+    tap, then send it ``count`` frames, one for another MAC and END, as the
+    virtionet sender does. Prints the tap's MAC and the guest's."""
+    import socket
+
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
+    s.bind((tap, 0))
+    s.settimeout(60)
+    mine = s.getsockname()[4]
+    print("tap", mine.hex(":"), flush=True)
+    while True:
+        frame, addr = s.recvfrom(2048)
+        if addr[2] != socket.PACKET_OUTGOING and frame[14:15] == b"H":
+            break
+    guest = frame[6:12]
+    print("hello from", guest.hex(":"), flush=True)
+    for seq in range(count):
+        s.send(pattern_frame(guest, mine, b"D", seq, 40 + (seq * 97) % 1400))
+    s.send(pattern_frame(b"\x02\0\0\0\0\x01", mine, b"X", 0, 0))
+    s.send(pattern_frame(guest, mine, b"E", count, 0))
+    print("sent", count, flush=True)
+
+
+def ip_number(dotted: str) -> str:
+    return hex(int.from_bytes(bytes(int(x) for x in dotted.split(".")), "big"))
+
+
+@pytest.fixture
+def netns():
+    """A network namespace with a persistent tap, up, holding the host's address:
+    nothing of the test reaches the machine's own network."""
+    import shutil
+    import subprocess
+
+    if shutil.which("ip") is None or not os.path.exists("/dev/net/tun"):
+        pytest.skip("needs iproute2 (ip) and /dev/net/tun")
+    subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)  # an earlier run's
+    r = subprocess.run(["ip", "netns", "add", NETNS], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot make a network namespace: {r.stderr.decode().strip()}")
+    inside = ("ip", "netns", "exec", NETNS)
+    try:
+        for cmd in (
+            ["ip", "link", "set", "lo", "up"],
+            ["ip", "tuntap", "add", TAP, "mode", "tap"],
+            ["ip", "addr", "add", f"{HOST_IP}/24", "dev", TAP],
+            ["ip", "link", "set", TAP, "up"],
+        ):
+            subprocess.run([*inside, *cmd], check=True, capture_output=True)
+        yield inside
+    finally:
+        subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)  # its tap with it
+
+
+def test_a_guest_on_a_tap_is_answered_by_the_host_and_receives_its_frames(netns):
+    import subprocess
+    import sys
+
+    from osvmm.vmm.tap import default_mac
+    from tests.helpers import REPO, run_osvmm
+
+    code = f"from tests.test_virtio_net_guest import host_peer; host_peer({TAP!r}, 16)"
+    peer = subprocess.Popen(
+        [*netns, sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=str(REPO),
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    try:
+        append = f"ip={ip_number(GUEST_IP)} arp={ip_number(HOST_IP)} count=16"
+        r = run_osvmm(
+            "run", "guests:virtionet", "--net", f"tap={TAP}", "--append", append, prefix=netns
+        )
+        host_out, host_err = peer.communicate(timeout=30)
+    finally:
+        if peer.poll() is None:
+            peer.kill()
+            peer.wait()
+    out, host = r.stdout.decode(), host_out.decode()
+    assert r.returncode == 1, (out, r.stderr.decode(), host, host_err.decode())
+    guest_mac = ":".join(f"{b:02x}" for b in default_mac(TAP))
+    tap_mac = host.split()[1]
+    assert out.splitlines() == [
+        f"virtionet: mac {guest_mac}",
+        f"virtionet: arp {HOST_IP} is at {tap_mac}",  # the host kernel answered
+        "virtionet: received 16 frames ok",
+        "virtionet: ignored 1 frames for other MACs",
+    ], (out, host)
+    assert f"hello from {guest_mac}\n" in host  # the host read the guest's frame

@@ -128,6 +128,9 @@ static u8 mac[6], peer[6];
 static int have_peer;
 static int sender;
 static u32 count;
+static u32 my_ip, arp_ip; /* IPv4 addresses as numbers: 10.0.0.1 is 0x0a000001 */
+static u8 arp_mac[6];
+static int arp_done;
 
 /* Receiver's tally. */
 static u32 received, expect_seq, others, ended, end_count;
@@ -181,6 +184,14 @@ static inline void put32(u8 *p, u32 v)
 	p[3] = (u8)(v >> 24);
 }
 static inline u32 get32(const u8 *p) { return p[0] | p[1] << 8 | p[2] << 16 | (u32)p[3] << 24; }
+static inline void put_ip(u8 *p, u32 ip)
+{
+	p[0] = (u8)(ip >> 24);
+	p[1] = (u8)(ip >> 16);
+	p[2] = (u8)(ip >> 8);
+	p[3] = (u8)ip;
+}
+static inline u32 get_ip(const u8 *p) { return (u32)p[0] << 24 | p[1] << 16 | p[2] << 8 | p[3]; }
 
 static void setup_queue(u32 index, struct ring *q)
 {
@@ -201,18 +212,20 @@ static void setup_queue(u32 index, struct ring *q)
 static void wait_irq(void)
 {
 	if (rdtsc() > deadline)
-		fail(sender ? "timed out (no HELLO from a receiver, or a frame not sent)"
-			    : "timed out (no END from a sender)");
+		fail(arp_ip && !arp_done ? "timed out (no ARP reply)"
+		     : sender	     ? "timed out (no HELLO from a receiver, or a frame not sent)"
+				     : "timed out (no END from a sender)");
 	__asm__ volatile("sti; hlt; cli" ::: "memory");
 	u32 isr = rd(R_INTERRUPT_STATUS);
 	if (isr)
 		wr(R_INTERRUPT_ACK, isr);
 }
 
+static void transmit(u32 frame);
+
 static void send_frame(const u8 *dst, u8 kind, u32 seq, u32 len)
 {
 	u8 *f = txbuf + NET_HDR;
-	memset(txbuf, 0, NET_HDR);
 	memcpy(f, dst, 6);
 	memcpy(f + 6, mac, 6);
 	f[12] = ETHERTYPE >> 8;
@@ -224,9 +237,18 @@ static void send_frame(const u8 *dst, u8 kind, u32 seq, u32 len)
 	for (u32 i = 0; i < len; i++)
 		f[P_DATA + i] = pattern(seq, i);
 	put32(f + P_DATA + len, checksum(f + P_DATA, len));
-	u32 frame = P_DATA + len + 4;
-	if (frame < 60)
+	transmit(P_DATA + len + 4);
+}
+
+/* Send the frame at txbuf + NET_HDR (the header zeroed here) and wait until the
+ * device has taken it. */
+static void transmit(u32 frame)
+{
+	memset(txbuf, 0, NET_HDR);
+	if (frame < 60) {
+		memset(txbuf + NET_HDR + frame, 0, 60 - frame);
 		frame = 60; /* Ethernet's minimum, padded with zeros */
+	}
 	txq.desc[0] = (struct desc){(u64)txbuf, NET_HDR + frame, 0, 0};
 	txq.avail_ring[txq.avail_idx % QSIZE] = 0;
 	mb();
@@ -269,10 +291,42 @@ static void check_data(const u8 *f, u32 n)
 	received++;
 }
 
+/* ARP (RFC 826) for IPv4 over Ethernet: who has arp_ip? tell my_ip. */
+static void send_arp_request(void)
+{
+	u8 *f = txbuf + NET_HDR;
+	static const u8 arp_head[8] = {0, 1, 8, 0, 6, 4, 0, 1}; /* Ethernet, IPv4, request */
+	memcpy(f, bcast, 6);
+	memcpy(f + 6, mac, 6);
+	f[12] = 0x08;
+	f[13] = 0x06;
+	memcpy(f + 14, arp_head, 8);
+	memcpy(f + 22, mac, 6);
+	put_ip(f + 28, my_ip);
+	memset(f + 32, 0, 6);
+	put_ip(f + 38, arp_ip);
+	transmit(42);
+}
+
+static void handle_arp(const u8 *f, u32 n)
+{
+	static const u8 reply_head[8] = {0, 1, 8, 0, 6, 4, 0, 2};
+	if (n < 42 || memcmp(f + 14, reply_head, 8) != 0 || memcmp(f, mac, 6) != 0)
+		return;
+	if (get_ip(f + 28) != arp_ip || get_ip(f + 38) != my_ip)
+		return;
+	memcpy(arp_mac, f + 22, 6);
+	arp_done = 1;
+}
+
 static void handle(const u8 *f, u32 n)
 {
 	if (n > MAX_FRAME)
 		note_bad("a frame over 1514 bytes was delivered");
+	if (arp_ip && n >= ETH_HLEN && f[12] == 0x08 && f[13] == 0x06) {
+		handle_arp(f, n);
+		return;
+	}
 	if (n < P_DATA || f[12] != (ETHERTYPE >> 8) || f[13] != (ETHERTYPE & 0xff))
 		return; /* not ours */
 	u8 kind = f[P_KIND];
@@ -340,6 +394,8 @@ int guest_main(void)
 	sender = (int)rt_arg_u64("send", 0);
 	count = (u32)rt_arg_u64("count", 32);
 	u32 nic = (u32)rt_arg_u64("nic", 0);
+	arp_ip = (u32)rt_arg_u64("arp", 0);
+	my_ip = (u32)rt_arg_u64("ip", 0);
 	deadline = rdtsc() + rt_arg_u64("budget", 60) * 1000000000UL;
 	hc_irq_setup();
 	find_device(nic);
@@ -380,6 +436,18 @@ int guest_main(void)
 	put_mac(mac);
 	rt_putc('\n');
 
+	if (arp_ip) {
+		send_arp_request();
+		while (!arp_done) {
+			poll_rx();
+			if (!arp_done)
+				wait_irq();
+		}
+		rt_printf("virtionet: arp %u.%u.%u.%u is at ", arp_ip >> 24, (arp_ip >> 16) & 255,
+			  (arp_ip >> 8) & 255, arp_ip & 255);
+		put_mac(arp_mac);
+		rt_putc('\n');
+	}
 	if (sender) {
 		send_frame(bcast, K_PROBE, 0, 0);
 		while (!have_peer) {
