@@ -134,6 +134,7 @@ static int arp_done;
 
 /* Receiver's tally. */
 static u32 received, expect_seq, others, ended, end_count;
+static u64 first_tsc, end_tsc; /* the first DATA frame's arrival, END's */
 static const char *bad;
 
 static inline u32 rd(u32 off) { return *(volatile u32 *)(base + off); }
@@ -166,7 +167,8 @@ static void put_mac(const u8 *m)
 }
 
 static inline u8 pattern(u32 seq, u32 i) { return (u8)(seq * 13 + i * 7 + 1); }
-static inline u32 data_len(u32 seq) { return 40 + (seq * 97) % 1400; }
+static u32 fixed_len; /* len=L: every DATA frame's L; 0: 40 + (seq * 97) % 1400 */
+static inline u32 data_len(u32 seq) { return fixed_len ? fixed_len : 40 + (seq * 97) % 1400; }
 
 static u32 checksum(const u8 *p, u32 n)
 {
@@ -343,9 +345,12 @@ static void handle(const u8 *f, u32 n)
 	}
 	if (kind == K_PROBE)
 		send_frame(f + 6, K_HELLO, 0, 0);
-	else if (kind == K_DATA)
+	else if (kind == K_DATA) {
+		if (!first_tsc)
+			first_tsc = rdtsc();
 		check_data(f, n);
-	else if (kind == K_END) {
+	} else if (kind == K_END) {
+		end_tsc = rdtsc();
 		ended = 1;
 		end_count = get32(f + P_SEQ);
 	}
@@ -396,6 +401,12 @@ int guest_main(void)
 	u32 nic = (u32)rt_arg_u64("nic", 0);
 	arp_ip = (u32)rt_arg_u64("arp", 0);
 	my_ip = (u32)rt_arg_u64("ip", 0);
+	fixed_len = (u32)rt_arg_u64("len", 0);
+	int rate = (int)rt_arg_u64("rate", 0);
+	if (fixed_len > MAX_FRAME - P_DATA - 4)
+		fail("len= is over 1489 (a frame over 1514 bytes)");
+	if (rate)
+		rt_calibrate_tsc(); /* before the PIC is masked; the PIT's pin stays masked */
 	deadline = rdtsc() + rt_arg_u64("budget", 60) * 1000000000UL;
 	hc_irq_setup();
 	find_device(nic);
@@ -477,5 +488,10 @@ int guest_main(void)
 		fail("fewer DATA frames than the sender sent");
 	rt_printf("virtionet: received %u frames ok\n", received);
 	rt_printf("virtionet: ignored %u frames for other MACs\n", others);
+	if (rate && received) {
+		u64 us = (end_tsc - first_tsc) / (rt_tsc_hz / 1000000);
+		rt_printf("virtionet: %u frames in %lu us, %lu frames/s\n", received, us,
+			  us ? (u64)received * 1000000 / us : 0);
+	}
 	return EXIT_OK;
 }
