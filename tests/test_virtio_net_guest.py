@@ -85,8 +85,8 @@ def test_osvmm_stat_counts_the_frames_and_the_switchs_drops(up):
 
 # --- one partition on a host tap, the host's end in a network namespace -------------
 
-TAP = "osvmmnet0"
-NETNS = "osvmm-netguest"
+TAP = f"osvmmn{os.getpid() % 10**8}"  # per process: another run of this file may be on
+NETNS = f"osvmm-netguest-{os.getpid()}"
 HOST_IP, GUEST_IP = "10.98.0.1", "10.98.0.2"
 ETHERTYPE = 0x88B5
 
@@ -139,7 +139,6 @@ def netns():
 
     if shutil.which("ip") is None or not os.path.exists("/dev/net/tun"):
         pytest.skip("needs iproute2 (ip) and /dev/net/tun")
-    subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)  # an earlier run's
     r = subprocess.run(["ip", "netns", "add", NETNS], capture_output=True)
     if r.returncode != 0:
         pytest.skip(f"cannot make a network namespace: {r.stderr.decode().strip()}")
