@@ -213,10 +213,12 @@ static void setup_queue(u32 index, struct ring *q)
 /* Sleep until an interrupt (the device's or the timer's); acknowledge the device. */
 static void wait_irq(void)
 {
-	if (rdtsc() > deadline)
-		fail(arp_ip && !arp_done ? "timed out (no ARP reply)"
-		     : sender	     ? "timed out (no HELLO from a receiver, or a frame not sent)"
-				     : "timed out (no END from a sender)");
+	if (rdtsc() > deadline) {
+		if (arp_ip && !arp_done)
+			fail("timed out (no ARP reply)");
+		fail(sender ? "timed out (no HELLO from a receiver, or a frame not sent)"
+			    : "timed out (no END from a sender)");
+	}
 	__asm__ volatile("sti; hlt; cli" ::: "memory");
 	u32 isr = rd(R_INTERRUPT_STATUS);
 	if (isr)

@@ -186,8 +186,16 @@ static void wait_irq(const char *what)
 static void send(struct conn *c, u16 op, u32 flags, const u8 *data, u32 len)
 {
 	struct hdr *h = (struct hdr *)txbuf;
-	*h = (struct hdr){cid,	    HOST_CID, c->local, c->remote, len, TYPE_STREAM,
-			  op,	    flags,    BUF_ALLOC, c->fwd_cnt};
+	*h = (struct hdr){.src_cid = cid,
+			  .dst_cid = HOST_CID,
+			  .src_port = c->local,
+			  .dst_port = c->remote,
+			  .len = len,
+			  .type = TYPE_STREAM,
+			  .op = op,
+			  .flags = flags,
+			  .buf_alloc = BUF_ALLOC,
+			  .fwd_cnt = c->fwd_cnt};
 	if (len)
 		memcpy(txbuf + sizeof(*h), data, len);
 	txq.desc[0] = (struct desc){(u64)txbuf, (u32)sizeof(*h) + len, 0, 0};
@@ -265,7 +273,8 @@ static void handle(const u8 *p, u32 n)
 	const u8 *data = p + sizeof(*h);
 	if (out.state != NONE && h->dst_port == out.local && h->src_port == out.remote)
 		on_out(h, data);
-	else if (listen_port && h->dst_port == listen_port && (in.state == NONE || h->src_port == in.remote))
+	else if (listen_port && h->dst_port == listen_port &&
+		 (in.state == NONE || h->src_port == in.remote))
 		on_in(h, data);
 	else if (h->op != OP_RST)
 		note_bad("a packet for no connection");
@@ -376,9 +385,8 @@ int guest_main(void)
 	while (out.state != CLOSED || (listen_port && in.state != CLOSED)) {
 		poll_rx();
 		if (out.state != CLOSED || (listen_port && in.state != CLOSED))
-			wait_irq(listen_port && in.state != CLOSED
-					 ? "timed out (no connection from the host, or no end of it)"
-					 : "timed out (no RST for our SHUTDOWN)");
+			wait_irq(out.state != CLOSED ? "timed out (no RST for our SHUTDOWN)"
+						     : "timed out (no connection from the host, or no end of it)");
 	}
 	if (bad)
 		fail(bad);
