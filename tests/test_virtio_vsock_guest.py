@@ -3,10 +3,12 @@ guest drives the device at CPL0 under ``osvmm run --vsock uds=PATH`` and opens
 streams both ways with Firecracker's protocol (docs/devices.md): it connects to
 the host's port 6000, which the VMM passes to a host listener at ``PATH_6000``
 that echoes, and the host connects to its port 5000 through PATH (``CONNECT
-5000``), which it echoes."""
+5000``), which it echoes. Under ``osvmm up`` a plan's vsock counts a refused
+connect in ``osvmm stat``."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -111,3 +113,25 @@ def test_a_connect_to_a_port_nobody_listens_on_is_refused(path):
         "virtiovsock: cid 3",
         "virtiovsock: FAIL connect refused (RST): nothing listens at PATH_<port>?",
     ]
+
+
+def test_a_plans_vsock_under_osvmm_up_counts_the_refused_connect():
+    from tests.test_supervisor_up import UpProcess
+
+    up = UpProcess(
+        '[[partition]]\nname = "vs"\ncpus = "floating"\nmemory = "8M"\n'
+        'image = "guests:virtiovsock"\ncmdline = "port=6001"\nrestart = "stop"\n'
+        'vsock = { uds = "v.sock", cid = 5 }\n'
+    )
+    try:
+        up.wait_for(lambda p: p["vs"]["state"] == "stopped" and p["vs"]["boots"] == 1)
+        log = (up.logs / "vs.console.log").read_text()
+        assert "virtiovsock: cid 5\nvirtiovsock: FAIL connect refused" in log, log
+        r = up.cli("stat", "vs", "--json")
+        assert r.returncode == 0, r.stderr
+        ((dev,),) = (s["devices"] for s in json.loads(r.stdout)["partitions"])
+        assert dev["name"] == f"virtio-vsock {up.dir}/v.sock"
+        counts = dev["counts"]
+        assert (counts["tx"], counts["refused"], counts["rst_sent"], counts["rx"]) == (1, 1, 1, 1)
+    finally:
+        up.close()
