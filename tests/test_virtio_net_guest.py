@@ -42,7 +42,7 @@ def up():
     try:
         up.wait_for(
             lambda p: all(p[n]["state"] == "stopped" and p[n]["boots"] == 1 for n in ("rx", "tx")),
-            timeout=90,
+            timeout=150,
         )
         yield up
     finally:

@@ -26,7 +26,7 @@
  *     1514 bytes;
  *   - each wait is `sti; hlt` until the device's interrupt (I/O APIC pin =
  *     the slot's IRQ, vector 0x50) or the LAPIC timer's (every 100 ms, so that
- *     a lost frame ends in a timeout after about budget=S (default 60) times
+ *     a lost frame ends in a timeout after about budget=B (default 150) times
  *     10^9 TSC cycles instead of a hang).
  * Prints "virtionet: mac XX:XX:XX:XX:XX:XX", then the sender "virtionet: sent
  * N frames to XX:XX:XX:XX:XX:XX" and the receiver "virtionet: received N
@@ -409,7 +409,7 @@ int guest_main(void)
 		fail("len= is over 1489 (a frame over 1514 bytes)");
 	if (rate)
 		rt_calibrate_tsc(); /* before the PIC is masked; the PIT's pin stays masked */
-	deadline = rdtsc() + rt_arg_u64("budget", 60) * 1000000000UL;
+	deadline = rdtsc() + rt_arg_u64("budget", 150) * 1000000000UL;
 	hc_irq_setup();
 	find_device(nic);
 	lapic_write(LAPIC_TIMER_DIV, 0xb); /* divide by 1 */

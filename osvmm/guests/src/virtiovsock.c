@@ -17,7 +17,7 @@
  *   - every packet carries buf_alloc 64 KiB and fwd_cnt (what was received:
  *     it is consumed at once); each wait is `sti; hlt` until the device's
  *     interrupt (vector 0x50) or the LAPIC timer's (every 100 ms: a timeout
- *     after about budget=S (default 60) times 10^9 TSC cycles, not a hang).
+ *     after about budget=B (default 150) times 10^9 TSC cycles, not a hang).
  * Prints "virtiovsock: cid C", "virtiovsock: connected to port P",
  * "virtiovsock: echoed N rounds, B bytes ok", with listen= "virtiovsock:
  * accepted host port H on port Q, echoed B bytes", then "virtiovsock: closed"
@@ -320,7 +320,7 @@ int guest_main(void)
 	u32 port = (u32)rt_arg_u64("port", 6000);
 	u32 rounds = (u32)rt_arg_u64("rounds", 8);
 	listen_port = (u32)rt_arg_u64("listen", 0);
-	deadline = rdtsc() + rt_arg_u64("budget", 60) * 1000000000UL;
+	deadline = rdtsc() + rt_arg_u64("budget", 150) * 1000000000UL;
 	hc_irq_setup();
 	find_device();
 	lapic_write(LAPIC_TIMER_DIV, 0xb); /* divide by 1 */
