@@ -83,6 +83,38 @@ def test_osvmm_stat_counts_the_frames_and_the_switchs_drops(up):
     assert re.search(r"device 0 virtio-net lan\.1: .*switch_dropped 1, switch_flooded 2;", text)
 
 
+def test_a_third_member_gets_no_frame_for_a_learned_mac():
+    """A watcher on the same network sees the broadcasts and the flooded frame for
+    an unknown MAC, and none of the DATA frames: the switch learned where their
+    destination is."""
+    text = plan(16).replace('cmdline = "send=1 count=16"', 'cmdline = "send=1 count=16 watchers=1"')
+    text += (
+        '[[partition]]\nname = "obs"\ncpus = "floating"\nmemory = "8M"\n'
+        'image = "guests:virtionet"\ncmdline = "watch=1"\nrestart = "stop"\n'
+    )
+    text = text.replace('members = ["rx", "tx"]', 'members = ["rx", "tx", "obs"]')
+    up = UpProcess(text)
+    try:
+        names = ("rx", "tx", "obs")
+        up.wait_for(
+            lambda p: all(p[n]["state"] == "stopped" and p[n]["boots"] == 1 for n in names),
+            timeout=150,
+        )
+        logs = {n: (up.logs / f"{n}.console.log").read_text() for n in names}
+        assert "virtionet: received 16 frames ok\n" in logs["rx"], logs
+        assert logs["obs"].splitlines()[:3] == [
+            f"virtionet: mac {mac('obs')}",
+            "virtionet: watched 0 DATA frames",
+            "virtionet: ignored 1 frames for other MACs",  # the unknown MAC's, flooded
+        ], logs
+        r = up.cli("stat", "tx", "--json")
+        assert r.returncode == 0, r.stderr
+        ((tx,),) = (s["devices"] for s in json.loads(r.stdout)["partitions"])
+        assert tx["backend"]["switch_flooded"] == 3  # PROBE, the unknown MAC's, BYE
+    finally:
+        up.close()
+
+
 # --- one partition on a host tap, the host's end in a network namespace -------------
 
 TAP = f"osvmmn{os.getpid() % 10**8}"  # per process: another run of this file may be on

@@ -24,13 +24,23 @@
  *     frame (in order, its length, its pattern and checksum), counts the frames
  *     addressed to other MACs, which it ignores, and fails on any frame over
  *     1514 bytes;
+ *   - watch=1 makes a third kind, a watcher: silent but for WATCH (broadcast
+ *     once ready, and the answer to a PROBE), it counts the DATA frames that
+ *     reach its NIC whatever their address (a learning switch sends it none)
+ *     and ends on the sender's broadcast BYE; a sender with watchers=W waits
+ *     for W watchers' WATCH as well as a HELLO, and says BYE after END;
+ *   - arp=IP ip=IP (IPv4 addresses as numbers) first asks by ARP who has arp;
+ *     len=L fixes every DATA frame's L; rate=1 makes the receiver calibrate
+ *     the TSC and time the DATA frames;
  *   - each wait is `sti; hlt` until the device's interrupt (I/O APIC pin =
  *     the slot's IRQ, vector 0x50) or the LAPIC timer's (every 100 ms, so that
  *     a lost frame ends in a timeout after about budget=B (default 150) times
  *     10^9 TSC cycles instead of a hang).
  * Prints "virtionet: mac XX:XX:XX:XX:XX:XX", then the sender "virtionet: sent
  * N frames to XX:XX:XX:XX:XX:XX" and the receiver "virtionet: received N
- * frames ok" and "virtionet: ignored F frames for other MACs"; exits 0. A
+ * frames ok" and "virtionet: ignored F frames for other MACs" (with rate=1
+ * "virtionet: N frames in U us, R frames/s"), a watcher "virtionet: watched N
+ * DATA frames" and the ignored line; exits 0. A
  * failed step prints "virtionet: FAIL <what>" and exits EXIT_FAIL.
  */
 #include "hypercall.h"
@@ -91,6 +101,9 @@
 #define K_OTHER 'X'
 #define K_OVERSIZE 'O'
 #define K_END 'E'
+#define K_WATCH 'W'
+#define K_BYE 'B'
+#define MAX_WATCHERS 8
 #define P_KIND ETH_HLEN
 #define P_SEQ (ETH_HLEN + 1)
 #define P_LEN (ETH_HLEN + 5)
@@ -126,7 +139,10 @@ static u64 base;
 static u64 deadline;
 static u8 mac[6], peer[6];
 static int have_peer;
-static int sender;
+static int sender, watcher;
+static u32 watchers, nwatch; /* the sender waits for this many watchers' WATCH */
+static u8 watcher_mac[MAX_WATCHERS][6];
+static u32 seen_data; /* a watcher's: DATA frames that reached its NIC, for any MAC */
 static u32 count;
 static u32 my_ip, arp_ip; /* IPv4 addresses as numbers: 10.0.0.1 is 0x0a000001 */
 static u8 arp_mac[6];
@@ -216,8 +232,9 @@ static void wait_irq(void)
 	if (rdtsc() > deadline) {
 		if (arp_ip && !arp_done)
 			fail("timed out (no ARP reply)");
-		fail(sender ? "timed out (no HELLO from a receiver, or a frame not sent)"
-			    : "timed out (no END from a sender)");
+		if (sender)
+			fail("timed out (no HELLO from a receiver or WATCH from a watcher)");
+		fail(watcher ? "timed out (no BYE from a sender)" : "timed out (no END from a sender)");
 	}
 	__asm__ volatile("sti; hlt; cli" ::: "memory");
 	u32 isr = rd(R_INTERRUPT_STATUS);
@@ -334,6 +351,8 @@ static void handle(const u8 *f, u32 n)
 	if (n < P_DATA || f[12] != (ETHERTYPE >> 8) || f[13] != (ETHERTYPE & 0xff))
 		return; /* not ours */
 	u8 kind = f[P_KIND];
+	if (watcher && kind == K_DATA)
+		seen_data++; /* before the NIC's filter: what the switch delivered here */
 	if (memcmp(f, mac, 6) != 0 && memcmp(f, bcast, 6) != 0) {
 		others++; /* a NIC takes frames for its own MAC and broadcast only */
 		return;
@@ -342,7 +361,19 @@ static void handle(const u8 *f, u32 n)
 		if (kind == K_HELLO && !have_peer) {
 			memcpy(peer, f + 6, 6);
 			have_peer = 1;
+		} else if (kind == K_WATCH && nwatch < MAX_WATCHERS) {
+			for (u32 i = 0; i < nwatch; i++)
+				if (memcmp(watcher_mac[i], f + 6, 6) == 0)
+					return;
+			memcpy(watcher_mac[nwatch++], f + 6, 6);
 		}
+		return;
+	}
+	if (watcher) {
+		if (kind == K_PROBE)
+			send_frame(f + 6, K_WATCH, 0, 0);
+		else if (kind == K_BYE)
+			ended = 1;
 		return;
 	}
 	if (kind == K_PROBE)
@@ -399,6 +430,10 @@ static void find_device(u32 nic)
 int guest_main(void)
 {
 	sender = (int)rt_arg_u64("send", 0);
+	watcher = !sender && rt_arg_u64("watch", 0);
+	watchers = (u32)rt_arg_u64("watchers", 0);
+	if (watchers > MAX_WATCHERS)
+		fail("watchers= is over 8");
 	count = (u32)rt_arg_u64("count", 32);
 	u32 nic = (u32)rt_arg_u64("nic", 0);
 	arp_ip = (u32)rt_arg_u64("arp", 0);
@@ -463,9 +498,9 @@ int guest_main(void)
 	}
 	if (sender) {
 		send_frame(bcast, K_PROBE, 0, 0);
-		while (!have_peer) {
+		while (!have_peer || nwatch < watchers) {
 			poll_rx();
-			if (!have_peer)
+			if (!have_peer || nwatch < watchers)
 				wait_irq();
 		}
 		for (u32 seq = 0; seq < count; seq++)
@@ -473,12 +508,14 @@ int guest_main(void)
 		send_frame(nowhere, K_OTHER, 0, 0);
 		send_frame(peer, K_OVERSIZE, 0, MAX_FRAME + 1 - P_DATA - 4);
 		send_frame(peer, K_END, count, 0);
+		if (watchers)
+			send_frame(bcast, K_BYE, 0, 0);
 		rt_printf("virtionet: sent %u frames to ", count);
 		put_mac(peer);
 		rt_putc('\n');
 		return EXIT_OK;
 	}
-	send_frame(bcast, K_HELLO, 0, 0);
+	send_frame(bcast, watcher ? K_WATCH : K_HELLO, 0, 0);
 	while (!ended) {
 		poll_rx();
 		if (!ended)
@@ -486,6 +523,11 @@ int guest_main(void)
 	}
 	if (bad)
 		fail(bad);
+	if (watcher) {
+		rt_printf("virtionet: watched %u DATA frames\n", seen_data);
+		rt_printf("virtionet: ignored %u frames for other MACs\n", others);
+		return EXIT_OK;
+	}
 	if (received != end_count)
 		fail("fewer DATA frames than the sender sent");
 	rt_printf("virtionet: received %u frames ok\n", received);
