@@ -271,14 +271,21 @@ def test_every_route_answers_as_the_document_says(tmp_path):
         # partitions created and destroyed at run time
         extra = '[[partition]]\nname = "extra"\ncpus = "floating"\nmemory = "4M"\n'
         extra += 'image = "guests:hello"\n'
+        extra += (
+            '[[channel]]\nname = "side"\nsize = "4K"\nmembers = { extra = "rw", ping = "ro" }\n'
+        )
         made = check("createPartitions", body={"plan": extra, "start": False})
         assert [p["name"] for p in made["partitions"]] == ["extra"]
+        assert made["channels"] == [
+            {"name": "side", "id": 1, "size": 4096, "members": {"extra": "rw", "ping": "ro"}}
+        ]
         check("createPartitions", body={"plan": extra}, status=409)
         check("createPartitions", body={"plan": "[[partition]]\nname = 1\n"}, status=400)
         assert check("destroyPartition", "extra") == {
             "name": "extra",
             "cpus": "",
             "memory": 4 << 20,
+            "channels": ["side"],
         }
         # the console: an upgrade
         upgrade = {"Connection": "Upgrade", "Upgrade": "tcp"}

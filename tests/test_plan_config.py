@@ -336,3 +336,46 @@ def test_parse_errors(tmp_path, text, message):
         parse_plan(text, tmp_path)
     assert message in str(exc.value)
     assert "\n" not in str(exc.value)
+
+
+def test_a_fragment_may_name_running_partitions_and_be_channels_only(tmp_path):
+    """``osvmm create``: channels and doorbells may name what runs (``outside``);
+    a fragment of channels alone is one; a plan is not."""
+    chan = '[[channel]]\nname = "c"\nsize = "4K"\nmembers = { web = "rw", db = "ro" }\n'
+    frag = parse_plan(chan, tmp_path, outside=frozenset({"web", "db"}))
+    assert frag.partitions == () and frag.channels[0].members == (("web", "rw"), ("db", "ro"))
+    with pytest.raises(ConfigError, match="members: no partition is named 'db'"):
+        parse_plan(chan, tmp_path, outside=frozenset({"web"}))
+    with pytest.raises(ConfigError, match=r"the plan has no \[\[partition\]\]"):
+        parse_plan(chan, tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"the fragment has no \[\[partition\]\], \[\[channel\]\] or \[\[doorbell"
+    ):
+        parse_plan("", tmp_path, outside=frozenset({"web"}))
+    part = '[[partition]]\nname = "x"\ncpus = "floating"\nmemory = "4M"\nimage = "guests:hello"\n'
+    frag = parse_plan(part + 'doorbells = ["web"]\n', tmp_path, outside=frozenset({"web"}))
+    assert frag.partitions[0].doorbells == ("web",)
+    with pytest.raises(ConfigError, match="doorbells: no partition is named 'web'"):
+        parse_plan(part + 'doorbells = ["web"]\n', tmp_path)
+
+
+def test_doorbell_tables_are_a_fragments_only(tmp_path):
+    """``[[doorbell]]``: a running partition (``from``) may ring ``to`` from now on."""
+    grant = '[[doorbell]]\nfrom = "web"\nto = ["db", "x"]\n'
+    part = '[[partition]]\nname = "x"\ncpus = "floating"\nmemory = "4M"\nimage = "guests:hello"\n'
+    frag = parse_plan(grant + part, tmp_path, outside=frozenset({"web", "db"}))
+    assert frag.grants == (("web", "db"), ("web", "x"))
+    assert parse_plan(grant.replace(', "x"', ""), tmp_path, outside=frozenset({"web", "db"}))
+    with pytest.raises(ConfigError, match="plan: unknown key 'doorbell'"):
+        parse_plan(part + grant, tmp_path)
+    for text, outside, error in [
+        (grant, {"web", "db"}, "to: no partition is named 'x'"),
+        (grant + part, {"db"}, "from: no partition is named 'web'"),
+        ('[[doorbell]]\nfrom = "x"\nto = ["web"]\n' + part, {"web"}, "give its doorbells in"),
+        ('[[doorbell]]\nfrom = "web"\nto = ["web"]\n', {"web"}, "does not ring its own"),
+        ('[[doorbell]]\nfrom = "web"\nto = ["db", "db"]\n', {"web", "db"}, "web may ring db twice"),
+        ('[[doorbell]]\nfrom = "web"\nto = "db"\n', {"web", "db"}, "to: expected a list"),
+        ('[[doorbell]]\nfrom = "web"\nto = ["db"]\nat = 1\n', {"web", "db"}, "unknown key 'at'"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(error)):
+            parse_plan(text, tmp_path, outside=frozenset(outside))

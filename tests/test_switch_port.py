@@ -113,6 +113,23 @@ def test_a_runt_frame_is_dropped_by_the_switch(lan):
     assert b.receive() == []
 
 
+def test_a_ports_stat_counts_add_the_switchs_drops_and_floods_of_its_frames(lan):
+    net, (a, b, c) = lan
+    a.transmit(b"short")  # dropped by the switch
+    a.transmit(frame(BCAST, MACS[0]))  # flooded
+    a.transmit(frame(MACS[2], MACS[0]))  # unknown unicast: flooded
+    c.transmit(frame(MACS[0], MACS[2]))  # a is known: not flooded
+    a.transmit(frame(b"\x02" + bytes(5), MACS[0], bytes(1501)))  # 1515 bytes: dropped
+    assert a.port.stat_counts() == {
+        "queue_full": 0,
+        "down": 0,
+        "switch_dropped": 2,
+        "switch_flooded": 2,
+    }
+    assert c.port.stat_counts()["switch_flooded"] == 0
+    assert b.port.stat_counts() == dict.fromkeys(a.port.stat_counts(), 0)  # b sent nothing
+
+
 def test_a_port_survives_its_device_and_keeps_the_table(lan):
     net, (a, b, c) = lan
     a.transmit(frame(BCAST, MACS[0]))

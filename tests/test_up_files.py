@@ -8,13 +8,14 @@ import errno
 import fcntl
 import os
 import signal
+import socket
 import stat
 import time
 
 import pytest
 
 from osvmm.errors import ConfigError
-from osvmm.up.consoles import ConsoleHub, LogFile, Spool
+from osvmm.up.consoles import ConsoleClient, ConsoleHub, LogFile, Spool
 from osvmm.up.hostfiles import open_private, private_dir
 from osvmm.up.locks import Held, LockFile, holder
 
@@ -165,6 +166,62 @@ def test_console_log_of_a_hub_is_written_by_its_own_thread(tmp_path):
     assert hub.losses() == {"log": 0, "log_error": "", "clients": 0}
     hub.close()
     os.close(fd)
+
+
+def _direct_client() -> tuple[ConsoleClient, socket.socket, socket.socket]:
+    """A console client writing straight into one end of a socket pair whose buffer
+    is small, as the control server sets it up (a socket with a timeout)."""
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    ours.settimeout(0.25)
+    client = ConsoleClient()
+    client.direct = lambda data: os.write(ours.fileno(), data)
+    return client, ours, theirs
+
+
+def test_console_bytes_that_find_nothing_waiting_go_straight_to_the_socket():
+    client, ours, theirs = _direct_client()
+    assert client.push(b"hello") == 0
+    assert theirs.recv(100) == b"hello"
+    assert client.take(0.01) == b""  # nothing was left for the drain thread
+    ours.close()
+    theirs.close()
+
+
+def test_a_console_socket_that_is_full_never_blocks_and_keeps_the_order():
+    client, ours, theirs = _direct_client()
+    sent = bytearray()
+    start = time.monotonic()
+    for i in range(2000):  # far beyond what the socket holds: nobody reads it
+        chunk = b"%05d" % i
+        client.push(chunk)
+        sent += chunk
+    assert time.monotonic() - start < 2  # the writer (a vCPU) was never held up
+    waiting = client.take(0.01)
+    assert waiting  # what the socket did not take waits for the drain thread
+    # While those are held, later bytes queue behind them, never overtake them.
+    client.push(b"LAST!")
+    assert client.take(0.01) == b"LAST!"
+    received = bytearray()
+    theirs.setblocking(False)
+    while True:
+        try:
+            received += theirs.recv(65536)
+        except BlockingIOError:
+            break
+    assert bytes(received) + waiting == bytes(sent)
+    client.taken()
+    assert client.push(b"more") == 0 and theirs.recv(100) == b"more"
+    ours.close()
+    theirs.close()
+
+
+def test_a_console_socket_that_failed_hands_its_bytes_to_the_drain_thread():
+    client, ours, theirs = _direct_client()
+    theirs.close()
+    client.push(b"lost?")  # EPIPE: not raised to the vCPU, kept for the drain thread
+    assert client.direct is None and client.take(0.01) == b"lost?"
+    ours.close()
 
 
 def test_a_lock_is_held_by_one_process_and_dies_with_it(tmp_path):

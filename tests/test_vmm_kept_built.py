@@ -271,3 +271,88 @@ def test_supervisor_builds_anew_when_the_image_changed_on_disk(tmp_path):
         assert "changed on disk" in (tmp_path / "logs" / "osvmm.log").read_text()
     finally:
         sup.close()
+
+
+def _hello_supervisor(tmp_path) -> Supervisor:
+    plan = parse_plan(
+        f'[vmm]\ncontrol_socket = "{tmp_path}/s"\n\n[[partition]]\nname = "h"\n'
+        f'cpus = "floating"\nmemory = "8M"\nimage = "guests:hello"\n',
+        tmp_path,
+    )
+    return Supervisor(place(plan, read_topology()), log_dir=str(tmp_path / "logs"))
+
+
+def _wait_kept(entry) -> None:
+    deadline = time.monotonic() + 20
+    while entry.state != STOPPED or entry.ready is None:
+        assert time.monotonic() < deadline, entry.state
+        time.sleep(0.02)
+
+
+def test_a_user_start_of_a_kept_partition_lets_it_go_on_the_callers_thread(tmp_path):
+    sup = _hello_supervisor(tmp_path)
+    threads: list[str] = []
+    sup.on_build.append(lambda entry, part: threads.append(threading.current_thread().name))
+    entry = sup.partitions["h"]
+    try:
+        sup.start("h")  # the first boot builds it, on the entry's thread
+        _wait_kept(entry)
+        assert sup.start("h") in (RUNNING, STOPPED)  # kept: let go here, at once
+        _wait_kept(entry)
+        assert threads == ["sup-h", threading.current_thread().name]
+        assert entry.boots == 2 and entry.reason == "debug exit with value 0"
+    finally:
+        sup.close()
+
+
+def test_a_hook_failing_on_the_callers_thread_is_retried_by_the_entrys_thread(tmp_path):
+    sup = _hello_supervisor(tmp_path)
+    calls: list[str] = []
+
+    def hook(entry, part):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 2:  # the second boot's first try, on the caller's thread
+            raise RuntimeError("not now")
+
+    sup.on_build.append(hook)
+    entry = sup.partitions["h"]
+    try:
+        sup.start("h")
+        _wait_kept(entry)
+        first = entry.ready
+        sup.start("h")
+        _wait_kept(entry)
+        assert calls == ["sup-h", threading.current_thread().name, "sup-h"]
+        assert entry.boots == 2 and entry.ready is first  # the kept one ran, once
+    finally:
+        sup.close()
+
+
+def test_a_stop_while_a_kept_partition_is_readied_leaves_it_stopped_and_kept(tmp_path):
+    sup = _hello_supervisor(tmp_path)
+    entry = sup.partitions["h"]
+    stopper: list[threading.Thread] = []
+
+    def hook(entry_, part):
+        if entry_.boots == 1 and not stopper:  # the second boot, on the caller's thread
+            t = threading.Thread(target=sup.stop, args=("h",))
+            stopper.append(t)
+            t.start()
+            deadline = time.monotonic() + 10
+            while entry_.want_running:  # the stop has landed
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+
+    sup.on_build.append(hook)
+    try:
+        sup.start("h")
+        _wait_kept(entry)
+        kept = entry.ready
+        assert sup.start("h") == STOPPED
+        stopper[0].join(10)
+        assert entry.state == STOPPED and entry.ready is kept and entry.boots == 1
+        sup.start("h")  # and it still starts
+        _wait_kept(entry)
+        assert entry.boots == 2
+    finally:
+        sup.close()

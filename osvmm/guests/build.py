@@ -91,6 +91,10 @@ GUESTS: dict[str, GuestSpec] = {
     "leftover": GuestSpec(("leftover.c",), "pvh_entry", True),
     # A virtio-blk driver at CPL0 on the first virtio-mmio device (docs/devices.md).
     "virtioblk": GuestSpec(("virtioblk.c", "hcirq.c"), "pvh_entry", True),
+    # A virtio-net driver at CPL0: two of them on a plan's network (docs/devices.md).
+    "virtionet": GuestSpec(("virtionet.c", "hcirq.c"), "pvh_entry", True),
+    # A virtio-vsock driver at CPL0: streams to and from the host (docs/devices.md).
+    "virtiovsock": GuestSpec(("virtiovsock.c", "hcirq.c"), "pvh_entry", True),
     # The write monitor's kernel with a driver (docs/write-monitor.md).
     "wmkernel": GuestSpec(("wmkernel.c",), "pvh_entry", True),
 }

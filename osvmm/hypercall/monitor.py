@@ -228,6 +228,134 @@ def build_topology(config: MonitorConfig) -> Topology:
 
 
 # ---------------------------------------------------------------------------
+# The topology of a running VMM: grown by ``osvmm create``, cut by ``osvmm destroy``.
+# Ids are positions and are never reused: a partition or channel added at run time
+# takes the next one, and one removed keeps its id, withdrawn (no grants, no members).
+
+
+def extend_topology(
+    topology: Topology,
+    partitions: Sequence[PartitionConfig],
+    channels: Sequence[ChannelConfig],
+    ids: Mapping[str, int],
+    grants: Sequence[tuple[str, str]] = (),
+) -> Topology:
+    """``topology`` with ``partitions`` (ids len(topology.partitions), ... in order) and
+    ``channels`` (the next channel ids, their slots after every slot taken, a withdrawn
+    channel's included) added. ``ids``: name -> id of the partitions that run; the new
+    ones' names are added to it. ``grants``: (ringer, target) pairs, a partition that
+    runs given the right to ring another (a grant only adds: nothing it holds changes).
+    Existing ids and slots are unchanged, so a running partition's attachments stay
+    valid. ConfigError when it does not fit."""
+    names = dict(ids)
+    first = len(topology.partitions)
+    for k, p in enumerate(partitions):
+        if p.name in names:
+            raise ConfigError(f"partition {p.name!r} exists already")
+        names[p.name] = first + k
+    count = first + len(partitions)
+    if count > abi.MAX_PARTITIONS:
+        raise ConfigError(
+            f"hypercall ids: this VMM has numbered {first} partitions; {len(partitions)} more "
+            f"would pass the ABI's {abi.MAX_PARTITIONS} (ids are not reused: a new osvmm up "
+            "numbers them afresh)"
+        )
+    added = []
+    for k, p in enumerate(partitions):
+        ram = tuple((int(start), int(size)) for start, size in p.ram)
+        if not ram or any(
+            start % PAGE_SIZE or size % PAGE_SIZE or size <= 0 for start, size in ram
+        ):
+            raise ConfigError(f"partition {p.name}: RAM ranges {ram} are empty or not page aligned")
+        if not 1 <= p.vcpus <= 255:
+            raise ConfigError(f"partition {p.name}: {p.vcpus} vCPUs (1..255)")
+        if p.privileged:
+            raise ConfigError(
+                f"partition {p.name}: a partition added at run time is not privileged"
+            )
+        rings = set()
+        for target in p.doorbells:
+            if target not in names:
+                raise ConfigError(f"partition {p.name}: doorbell to unknown partition {target!r}")
+            rings.add(names[target])
+        rings.discard(first + k)
+        added.append(Partition(first + k, p.name, ram, p.vcpus, False, frozenset(rings)))
+    taken = {c.name for c in topology.channels if c.members}
+    total = len(topology.channels) + len(channels)
+    if total > abi.MAX_CHANNELS:
+        raise ConfigError(
+            f"channel ids: this VMM has numbered {len(topology.channels)} channels; "
+            f"{len(channels)} more would pass {abi.MAX_CHANNELS} (ids are not reused)"
+        )
+    used = sum(c.size for c in topology.channels)
+    sizes = [c.size for c in channels]
+    if used + sum(sizes) > layout.CHANNEL_WINDOW_SIZE:
+        raise ConfigError(
+            f"channels: {used + sum(sizes):#x} bytes of slots (withdrawn channels' included) "
+            f"do not fit the {layout.CHANNEL_WINDOW_SIZE:#x}-byte channel window"
+        )
+    gpa = layout.CHANNEL_WINDOW_START + used
+    new_channels = []
+    for k, c in enumerate(channels):
+        if c.name in taken:
+            raise ConfigError(f"channel {c.name!r} exists already")
+        taken.add(c.name)
+        if c.size <= 0 or c.size % PAGE_SIZE:
+            raise ConfigError(f"channel {c.name}: size {c.size:#x} is not a multiple of 4 KiB")
+        members = {}
+        for member, perm in c.members.items():
+            if member not in names:
+                raise ConfigError(f"channel {c.name}: unknown member {member!r}")
+            if perm not in ("rw", "ro"):
+                raise ConfigError(f"channel {c.name}: member {member}: {perm!r} is not rw or ro")
+            members[names[member]] = perm == "rw"
+        if not members:
+            raise ConfigError(f"channel {c.name}: no members")
+        new_channels.append(Channel(len(topology.channels) + k, c.name, c.size, gpa, members))
+        gpa += c.size
+    parts = list(topology.partitions) + added
+    for ringer, target in grants:
+        if ringer not in ids or target not in names:
+            missing = ringer if ringer not in ids else target
+            raise ConfigError(f"doorbell from {ringer} to {target}: no partition {missing!r}")
+        p = parts[ids[ringer]]
+        if names[target] in p.doorbells or names[target] == p.id:
+            raise ConfigError(f"partition {ringer!r} may ring {target!r} already")
+        parts[p.id] = replace(p, doorbells=p.doorbells | {names[target]})
+    return Topology(tuple(parts), topology.channels + tuple(new_channels))
+
+
+def withdraw_partition(topology: Topology, partition: int) -> tuple[Topology, tuple[int, ...]]:
+    """``topology`` without partition ``partition`` (destroyed): it keeps its id, with no
+    grants; no partition may ring it any more (a DOORBELL to it answers -EPERM, its bit
+    leaves every doorbell_mask); every channel it was a member of is withdrawn (no
+    members: CHANNEL_ATTACH answers -EPERM, PARTITION_INFO no longer lists it), its id and
+    slot kept. Returns the new topology and the ids of the channels withdrawn."""
+    gone = tuple(c.id for c in topology.channels if partition in c.members)
+    parts = tuple(
+        replace(p, doorbells=frozenset() if p.id == partition else p.doorbells - {partition})
+        for p in topology.partitions
+    )
+    chans = tuple(replace(c, members={}) if c.id in gone else c for c in topology.channels)
+    return Topology(parts, chans), gone
+
+
+def config_of(topology: Topology) -> MonitorConfig:
+    """A ``MonitorConfig`` of the same shape as ``topology`` (ids, RAM, grants, channel
+    sizes and members), each partition named by its id: for the spec's tables
+    (``osvmm.hypercall.spec.Spec``) of a topology changed at run time."""
+    parts = [
+        PartitionConfig(str(p.id), p.ram, p.vcpus, p.privileged, tuple(map(str, p.doorbells)))
+        for p in topology.partitions
+    ]
+    chans = [
+        ChannelConfig(c.name, c.size, {str(m): "rw" if w else "ro" for m, w in c.members.items()})
+        for c in topology.channels
+    ]
+    return MonitorConfig(parts, chans)
+
+
+# ---------------------------------------------------------------------------
 # Effects: what the live VMM does after a call.
 
 
@@ -515,3 +643,8 @@ def partition_control(state, caller, args, memory_reader) -> Outcome:
 _HANDLERS: dict[int, Callable[..., Outcome]] = {
     call.nr: globals()[call.handler] for call in abi.HYPERCALLS
 }
+# The same table as a tuple indexed by call number (the ABI's are 0..n-1), for the
+# live VMM's exit path (osvmm/hypercall/live.py), which does ``dispatch``'s checks
+# inline for a caller it knows: tests/test_hypercall_fastpath.py holds the two equal.
+HANDLERS_BY_NR = tuple(_HANDLERS[nr] for nr in range(len(_HANDLERS)))
+assert sorted(_HANDLERS) == list(range(len(HANDLERS_BY_NR)))

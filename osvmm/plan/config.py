@@ -84,6 +84,8 @@ VSOCK_KEYS = ("uds", "cid")
 CHANNEL_KEYS = ("name", "size", "members")
 NETWORK_KEYS = ("name", "members")
 TOP_KEYS = ("vmm", "partition", "channel", "network")
+DOORBELL_KEYS = ("from", "to")
+FRAGMENT_KEYS = (*TOP_KEYS, "doorbell")  # [[doorbell]]: a running partition's new grants
 MAX_NETWORKS = MAX_DEVICES  # more than a member could hold NICs for
 
 
@@ -250,6 +252,8 @@ class Plan:
     base_dir: str = "."
     source: str = "<plan>"
     networks: tuple[NetworkSpec, ...] = ()
+    # A fragment's [[doorbell]] grants: (running partition, partition it may ring).
+    grants: tuple[tuple[str, str], ...] = ()
 
     def partition(self, name: str) -> PartitionSpec:
         for p in self.partitions:
@@ -277,8 +281,16 @@ def load_plan(path: str | os.PathLike[str]) -> Plan:
     return parse_plan(text, p.resolve().parent, source=str(p))
 
 
-def parse_plan(text: str, base_dir: str | os.PathLike[str], source: str = "<plan>") -> Plan:
-    """Parse and check plan text; ``base_dir`` anchors relative paths."""
+def parse_plan(
+    text: str,
+    base_dir: str | os.PathLike[str],
+    source: str = "<plan>",
+    outside: frozenset[str] | None = None,
+) -> Plan:
+    """Parse and check plan text; ``base_dir`` anchors relative paths. ``outside``:
+    the text is a fragment (``osvmm create``) for a VMM where these partitions run:
+    its channels and doorbells may name them, and it may have no ``[[partition]]``
+    when it has a ``[[channel]]``."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -288,7 +300,7 @@ def parse_plan(text: str, base_dir: str | os.PathLike[str], source: str = "<plan
     except RecursionError:  # arrays or inline tables nested hundreds deep
         raise ConfigError(f"{source}: not valid TOML: arrays or tables nested too deeply") from None
     base = Path(base_dir).resolve()
-    _check_keys(doc, TOP_KEYS, "plan")
+    _check_keys(doc, TOP_KEYS if outside is None else FRAGMENT_KEYS, "plan")
 
     vmm_doc = doc.get("vmm", {})
     if not isinstance(vmm_doc, dict):
@@ -296,8 +308,12 @@ def parse_plan(text: str, base_dir: str | os.PathLike[str], source: str = "<plan
     vmm = _parse_vmm(vmm_doc, base)
 
     part_docs = _table_array(doc, "partition")
-    if not part_docs:
-        raise ConfigError("partition: the plan has no [[partition]]")
+    more = outside is not None and (_table_array(doc, "channel") or _table_array(doc, "doorbell"))
+    if not part_docs and not more:
+        what = "[[partition]]" if outside is None else "[[partition]], [[channel]] or [[doorbell]]"
+        raise ConfigError(
+            f"partition: the {'plan' if outside is None else 'fragment'} has no {what}"
+        )
     if len(part_docs) > MAX_PARTITIONS:
         raise ConfigError(
             f"partition: {len(part_docs)} partitions, at most {MAX_PARTITIONS} "
@@ -321,8 +337,9 @@ def parse_plan(text: str, base_dir: str | os.PathLike[str], source: str = "<plan
             f"channel: {len(chan_docs)} channels, at most {MAX_CHANNELS} "
             "(PARTITION_INFO describes them in one 4 KiB page)"
         )
+    known = seen | (outside or frozenset())  # what channels and doorbells may name
     for i, cd in enumerate(chan_docs):
-        ch = _parse_channel(cd, i, seen)
+        ch = _parse_channel(cd, i, known)
         if ch.name in seen_ch:
             raise ConfigError(f"channel {ch.name!r}: name: duplicate channel name")
         seen_ch.add(ch.name)
@@ -370,11 +387,49 @@ def parse_plan(text: str, base_dir: str | os.PathLike[str], source: str = "<plan
     for spec in partitions:
         where = f"partition {spec.name!r}: doorbells"
         for target in spec.doorbells:
-            if target not in seen:
+            if target not in known:
                 raise ConfigError(f"{where}: no partition is named {_show(target)}")
             if target == spec.name:
                 raise ConfigError(f"{where}: a partition does not ring its own doorbell")
-    return Plan(vmm, tuple(partitions), tuple(channels), str(base), source, tuple(networks))
+    grants = _parse_grants(doc, seen, outside) if outside is not None else ()
+    return Plan(vmm, tuple(partitions), tuple(channels), str(base), source, tuple(networks), grants)
+
+
+def _parse_grants(
+    doc: dict[str, Any], seen: set[str], outside: frozenset[str]
+) -> tuple[tuple[str, str], ...]:
+    """A fragment's ``[[doorbell]]`` tables: ``from`` a running partition, ``to`` the
+    partitions it may ring from now on; (from, to) pairs in order."""
+    pairs: list[tuple[str, str]] = []
+    for i, table in enumerate(_table_array(doc, "doorbell")):
+        where = f"doorbell #{i + 1}"
+        _check_keys(table, DOORBELL_KEYS, where)
+        ringer = table.get("from")
+        if not isinstance(ringer, str):
+            raise ConfigError(f'{where}: from: expected a partition name such as "web"')
+        if ringer in seen:
+            raise ConfigError(
+                f"{where}: from: {ringer!r} is made by this fragment: give its doorbells "
+                "in its [[partition]] table"
+            )
+        if ringer not in outside:
+            raise ConfigError(f"{where}: from: no partition is named {_show(ringer)}")
+        targets = table.get("to")
+        if (
+            not isinstance(targets, list)
+            or not targets
+            or not all(isinstance(t, str) for t in targets)
+        ):
+            raise ConfigError(f'{where}: to: expected a list of partition names such as ["db"]')
+        for target in targets:
+            if target not in seen and target not in outside:
+                raise ConfigError(f"{where}: to: no partition is named {_show(target)}")
+            if target == ringer:
+                raise ConfigError(f"{where}: to: a partition does not ring its own doorbell")
+            if (ringer, target) in pairs:
+                raise ConfigError(f"{where}: to: {ringer} may ring {target} twice")
+            pairs.append((ringer, target))
+    return tuple(pairs)
 
 
 # --- helpers -------------------------------------------------------------------------------

@@ -9,7 +9,9 @@
 
 The CLI wires them with one call: ``add_up_parsers(subparsers)``. Every
 client command finds the VMM by ``--socket PATH``, else by the
-``control_socket`` of ``--plan FILE``, else at
+``control_socket`` of ``--plan FILE``, else on TCP at ``--connect HOST:PORT``
+with the token of ``--token-file FILE`` (or ``$OSVMM_CONNECT`` and
+``$OSVMM_TOKEN_FILE``: the VMM of ``osvmm up --listen``), else at
 ``osvmm.plan.config.default_control_socket()``. docs/partitions.md is the guide.
 
 Each command here is thin: ``up`` hands over to osvmm/up/daemon.py, ``console``
@@ -78,6 +80,16 @@ def add_up_parsers(sub) -> None:
             c.add_argument("name", metavar="NAME", nargs="?", help="only this partition")
         c.add_argument("--socket", metavar="PATH", help="the VMM's control socket")
         c.add_argument("--plan", metavar="FILE", help="find the control socket in this plan")
+        c.add_argument(
+            "--connect",
+            metavar="HOST:PORT",
+            help="the VMM's control API on TCP (osvmm up --listen); default $OSVMM_CONNECT",
+        )
+        c.add_argument(
+            "--token-file",
+            metavar="FILE",
+            help="the token of --connect: a 0600 file of one line; default $OSVMM_TOKEN_FILE",
+        )
         return c
 
     c = client("ps", "list the partitions of the running VMM")
@@ -180,14 +192,41 @@ def add_writemon_parsers(client) -> None:
     c.set_defaults(func=cmd_violations)
 
 
-def socket_path(args) -> str:
-    from osvmm.plan.config import default_control_socket, load_plan
+def control_of(args):
+    """Where the VMM of a client command is: a Unix socket's path, or a ``Remote``
+    (``--connect`` with ``--token-file``, else ``$OSVMM_CONNECT`` with
+    ``$OSVMM_TOKEN_FILE``; ``--socket`` or ``--plan`` go before the environment)."""
+    import os
 
-    if getattr(args, "socket", None):
-        return args.socket
-    if getattr(args, "plan", None):
-        return load_plan(args.plan).vmm.control_socket
-    return default_control_socket()
+    from osvmm.errors import ConfigError
+    from osvmm.plan.config import default_control_socket, load_plan
+    from osvmm.up.protocol import Remote, parse_host_port, read_token
+
+    socket_, plan = getattr(args, "socket", None), getattr(args, "plan", None)
+    connect, token_file = getattr(args, "connect", None), getattr(args, "token_file", None)
+    given = [o for o, v in (("--socket", socket_), ("--plan", plan), ("--connect", connect)) if v]
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(given)}: give one way to the VMM")
+    if token_file and not connect:
+        raise ConfigError("--token-file goes with --connect HOST:PORT")
+    if socket_:
+        return socket_
+    if plan:
+        return load_plan(plan).vmm.control_socket
+    option, token_option = "--connect", "--token-file"
+    if not connect and os.environ.get("OSVMM_CONNECT"):
+        connect, option = os.environ["OSVMM_CONNECT"], "OSVMM_CONNECT"
+    if not connect:
+        return default_control_socket()
+    host, port = parse_host_port(connect, option)
+    if not token_file and os.environ.get("OSVMM_TOKEN_FILE"):
+        token_file, token_option = os.environ["OSVMM_TOKEN_FILE"], "OSVMM_TOKEN_FILE"
+    if not token_file:
+        raise ConfigError(
+            f"{option} {connect}: the VMM's token is needed: --token-file FILE "
+            "(or OSVMM_TOKEN_FILE)"
+        )
+    return Remote(host, port, read_token(token_file, token_option))
 
 
 # -- the commands -----------------------------------------------------------------------------
@@ -210,7 +249,7 @@ def cmd_up(args) -> int:
 
 
 def cmd_ps(args) -> int:
-    reply = call(socket_path(args), "GET", "/v1/vmm")
+    reply = call(control_of(args), "GET", "/v1/vmm")
     if args.json:
         print(json.dumps(reply, indent=2))
         return 0
@@ -221,7 +260,7 @@ def cmd_ps(args) -> int:
 
 
 def cmd_lifecycle(args) -> int:
-    reply = call(socket_path(args), "POST", partition_path(args.name, args.command))
+    reply = call(control_of(args), "POST", partition_path(args.name, args.command))
     detail = f" ({reply['reason']})" if reply["state"] != "running" and reply["reason"] else ""
     print(f"{args.name}: {reply['state']}{detail}")
     return 0
@@ -229,9 +268,9 @@ def cmd_lifecycle(args) -> int:
 
 def cmd_stat(args) -> int:
     if args.name is None:
-        reply = call(socket_path(args), "GET", "/v1/stat")
+        reply = call(control_of(args), "GET", "/v1/stat")
     else:
-        reply = {"partitions": [call(socket_path(args), "GET", partition_path(args.name, "stat"))]}
+        reply = {"partitions": [call(control_of(args), "GET", partition_path(args.name, "stat"))]}
     if args.json:
         print(json.dumps(reply, indent=2))
         return 0
@@ -245,13 +284,17 @@ def cmd_down(args) -> int:
     """Ask the VMM to end; return once it has (its lock file released: every
     partition stopped, its logs closed), or after 60 s."""
     from osvmm.up.locks import holder
+    from osvmm.up.protocol import Remote
 
-    path = socket_path(args)
+    path = control_of(args)
     call(path, "POST", "/v1/down")
     deadline = time.monotonic() + 60
-    while (holder(path + ".lock") is not None or is_listening(path)) and (
-        time.monotonic() < deadline
-    ):
+
+    def ending() -> bool:  # on TCP the lock file is out of sight: the listener is watched
+        local = not isinstance(path, Remote)
+        return (local and holder(path + ".lock") is not None) or is_listening(path)
+
+    while ending() and time.monotonic() < deadline:
         time.sleep(0.1)
     say("osvmm: down")
     return 0
@@ -260,7 +303,7 @@ def cmd_down(args) -> int:
 def cmd_console(args) -> int:
     from osvmm.up.console_client import attach
 
-    return attach(socket_path(args), args.name)
+    return attach(control_of(args), args.name)
 
 
 SNAPSHOT_TIMEOUT_S = 600  # a large partition's memory takes a while to write
@@ -273,7 +316,7 @@ def cmd_snapshot(args) -> int:
     if args.stop:
         msg["stop"] = True
     target = partition_path(args.name, "snapshot")
-    reply = call(socket_path(args), "POST", target, msg, timeout=SNAPSHOT_TIMEOUT_S)
+    reply = call(control_of(args), "POST", target, msg, timeout=SNAPSHOT_TIMEOUT_S)
     if args.json:
         print(json.dumps(reply, indent=2))
         return 0
@@ -291,7 +334,7 @@ def cmd_migrate(args) -> int:
     parse_address(args.to)  # a typo is told here, before the VMM is asked
     msg = {"to": args.to, "downtime_ms": args.downtime_ms}
     target = partition_path(args.name, "migrate")
-    reply = call(socket_path(args), "POST", target, msg, timeout=SNAPSHOT_TIMEOUT_S)
+    reply = call(control_of(args), "POST", target, msg, timeout=SNAPSHOT_TIMEOUT_S)
     if args.json:
         print(json.dumps(reply, indent=2))
         return 0
@@ -328,7 +371,7 @@ def cmd_protect(args) -> int:
     if args.grant:
         msg["grants"] = _named_ranges(args.grant, "--grant")
     target = partition_path(args.name, "protection")
-    path = socket_path(args)
+    path = control_of(args)
     reply = call(path, "POST", target, msg) if msg else call(path, "GET", target)
     if args.json:
         print(json.dumps(reply, indent=2))
@@ -341,7 +384,7 @@ def cmd_protect(args) -> int:
 
 def cmd_violations(args) -> int:
     query = f"?last={args.last}" + (f"&since={args.since}" if args.since is not None else "")
-    reply = call(socket_path(args), "GET", partition_path(args.name, "violations") + query)
+    reply = call(control_of(args), "GET", partition_path(args.name, "violations") + query)
     if args.json:
         print(json.dumps(reply, indent=2))
         return 0
@@ -354,13 +397,13 @@ def cmd_violations(args) -> int:
 def cmd_top(args) -> int:
     from osvmm.up.top import top
 
-    return top(socket_path(args), args.interval, args.once)
+    return top(control_of(args), args.interval, args.once)
 
 
 def cmd_metrics(args) -> int:
     from osvmm.up.exporter import metrics
 
-    return metrics(socket_path(args), args.listen)
+    return metrics(control_of(args), args.listen)
 
 
 def cmd_create(args) -> int:
@@ -377,16 +420,23 @@ def cmd_create(args) -> int:
         raise ConfigError(f"fragment {args.fragment}: not UTF-8 text") from None
     base = os.path.dirname(os.path.abspath(args.fragment))
     body = {"plan": text, "base_dir": base, "start": not args.no_start}
-    reply = call(socket_path(args), "POST", "/v1/partitions", body)
+    reply = call(control_of(args), "POST", "/v1/partitions", body)
     for p in reply["partitions"]:
         detail = f" ({p['reason']})" if p["state"] != "running" and p["reason"] else ""
         cpus = p["cpus"] if p["cpus"] != "floating" else f"floating({p['pool']})"
         print(f"{p['name']}: {p['state']}{detail} on CPUs {cpus}, node {p['node']}")
+    for c in reply.get("channels", ()):
+        members = ", ".join(f"{name} {mode}" for name, mode in c["members"].items())
+        print(f"channel {c['name']}: id {c['id']}, {c['size'] >> 10} KiB, {members}")
+    for g in reply.get("doorbells", ()):
+        print(f"doorbell: {g['from']} may ring {g['to']}")
     return 0
 
 
 def cmd_destroy(args) -> int:
-    reply = call(socket_path(args), "DELETE", partition_path(args.name))
+    reply = call(control_of(args), "DELETE", partition_path(args.name))
     freed = f"CPUs {reply['cpus']} and " if reply["cpus"] else ""
-    print(f"{args.name}: destroyed; {freed}{reply['memory'] >> 20} MiB of memory freed")
+    gone = reply.get("channels")
+    withdrawn = f"; channels {', '.join(gone)} withdrawn" if gone else ""
+    print(f"{args.name}: destroyed; {freed}{reply['memory'] >> 20} MiB of memory freed{withdrawn}")
     return 0

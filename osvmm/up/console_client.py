@@ -21,7 +21,7 @@ from osvmm.up.protocol import attach as open_console
 from osvmm.vmm.escape import ConsoleEscape
 
 
-def attach(path: str, name: str) -> int:
+def attach(path, name: str) -> int:
     import termios
     import tty
 

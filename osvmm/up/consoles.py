@@ -7,7 +7,9 @@ A partition's UART output goes, through its ``ConsoleHub``, to
   rotation), through a ``Spool`` of its own;
 - a short history replayed to a client that attaches;
 - every attached ``ConsoleClient``, each a bounded buffer drained by the
-  client's own thread;
+  client's own thread (bytes that find it empty are written straight to the
+  client's socket, without blocking, when the socket takes them: one thread
+  hand-off fewer for a console that keeps up);
 - ``echo`` (``LineEcho``: line by line, ``NAME | line``, to the supervisor's
   stdout through one shared ``Spool``).
 
@@ -212,17 +214,32 @@ class LogFile:
 
 
 class ConsoleClient:
-    """An attached console: a bounded buffer drained by the client's own thread."""
+    """An attached console: a bounded buffer drained by the client's own thread
+    (``take``, then ``taken`` once sent). With ``direct`` set (a write that never
+    blocks: it returns how many bytes it took, or raises BlockingIOError), ``push``
+    writes bytes straight out when nothing is waiting before them."""
 
     def __init__(self):
         self._buf = bytearray()
         self._cond = threading.Condition()
+        self._held = False  # the drain thread has bytes from take() not yet sent
+        self.direct: Callable[[bytes], int] | None = None
         self.closed = False
         self.dropped = 0
 
     def push(self, data: bytes) -> int:
-        """Append ``data``; the oldest bytes beyond CLIENT_BUFFER go: how many went."""
+        """Send or append ``data``; the oldest bytes beyond CLIENT_BUFFER go: how
+        many went."""
         with self._cond:
+            if self.direct is not None and not self._buf and not self._held and not self.closed:
+                try:
+                    data = data[self.direct(data) :]
+                except BlockingIOError:
+                    pass
+                except OSError:  # the drain thread meets the error on its next send
+                    self.direct = None
+                if not data:
+                    return 0
             self._buf += data
             extra = len(self._buf) - CLIENT_BUFFER
             if extra > 0:
@@ -238,7 +255,13 @@ class ConsoleClient:
                 self._cond.wait(timeout)
             data = bytes(self._buf)
             self._buf.clear()
+            self._held = bool(data)
             return data
+
+    def taken(self) -> None:
+        """The bytes of the last ``take`` are sent: ``push`` may write directly again."""
+        with self._cond:
+            self._held = False
 
     def close(self) -> None:
         with self._cond:

@@ -64,9 +64,9 @@ def up(
     if listen is not None or token_file is not None:
         if listen is None or token_file is None:
             raise ControlError("--listen and --token-file go together: a TCP API needs a token")
-        from osvmm.up.exporter import parse_listen
+        from osvmm.up.protocol import parse_host_port, read_token
 
-        tcp = (parse_listen(listen), read_token(token_file))
+        tcp = (parse_host_port(listen, "--listen"), read_token(token_file))
     plan = load_plan(plan_file)
     assignment = place(plan, read_topology("/sys"))
     for warning in assignment.warnings:
@@ -90,36 +90,6 @@ def up(
             )
         )
     return serve(assignment, path, log_dir, quiet, None, incoming, takeover, group, tcp)
-
-
-MIN_TOKEN = 16  # characters
-
-
-def read_token(path: str) -> str:
-    """The API token in ``path``: a file of this user's (or root's) that no one
-    else may read, holding one line of at least MIN_TOKEN visible characters."""
-    import stat
-
-    from osvmm.errors import ConfigError
-    from osvmm.files import read_input
-
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise ConfigError(f"--token-file {path}: {e.strerror}") from None
-    if st.st_uid not in (os.geteuid(), 0) or st.st_mode & 0o077:
-        raise ConfigError(
-            f"--token-file {path}: readable by others or not yours (mode "
-            f"{stat.S_IMODE(st.st_mode):04o}, uid {st.st_uid}): chmod 600 it"
-        )
-    text = read_input(path, f"--token-file {path}", 4096, ConfigError).decode("ascii", "replace")
-    token = text.strip()
-    if len(token) < MIN_TOKEN or not all(0x21 <= ord(c) < 0x7F for c in token):
-        raise ConfigError(
-            f"--token-file {path}: the token is one line of at least {MIN_TOKEN} visible "
-            "ASCII characters (openssl rand -hex 32 makes one)"
-        )
-    return token
 
 
 def detached(serve_: Callable[[Callable[[str], None]], int]) -> int:
@@ -330,7 +300,7 @@ def api_services(server, sup, hypercalls, on_down: Callable[[], None]) -> Callab
     snapshots = SnapshotService(sup, hypercalls)  # snapshots (docs/snapshots.md)
     migrations = MigrationService(sup, hypercalls)
     takeovers = TakeoverService(sup, hypercalls, on_down)
-    runtime = RuntimePartitions(sup, monitors)
+    runtime = RuntimePartitions(sup, monitors, hypercalls)
     for service in (runtime, monitors, snapshots, migrations, takeovers):
         server.add_routes(service.routes())
     server.stat_fields = (monitors.stat_fields, hypercall_counts(hypercalls))

@@ -14,27 +14,20 @@ from __future__ import annotations
 
 import sys
 
-from osvmm.errors import ConfigError, ControlError, OsvmmError
+from osvmm.errors import ControlError, OsvmmError
 from osvmm.stdio import say
-from osvmm.up.protocol import get_raw
+from osvmm.up.protocol import get_raw, parse_host_port
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"--listen {text!r}: write HOST:PORT (127.0.0.1:9464)")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def metrics(path: str, listen: str | None) -> int:
+def metrics(path, listen: str | None) -> int:
     if listen is None:
         sys.stdout.buffer.write(get_raw(path, "/metrics"))
         return 0
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    host, port = parse_listen(listen)
+    host, port = parse_host_port(listen, "--listen")
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "osvmm-metrics"

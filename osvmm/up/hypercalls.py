@@ -18,12 +18,12 @@ def serve_supervisor(supervisor, check: bool = False) -> LiveMonitor:
     """Run the hypercall interface for every partition of an ``osvmm up`` supervisor.
 
     Each partition the supervisor builds (first boot, restart, reboot) is bound
-    before its vCPUs start, with no channel attached; PARTITION_CONTROL goes to
+    before its vCPUs start, with no channel attached (one created at run time too,
+    once ``LiveMonitor.grow`` has numbered it); PARTITION_CONTROL goes to
     the supervisor's stop/start/restart (SHUTDOWN is a stop, REBOOT a restart)."""
     machines = {name: entry.machine for name, entry in supervisor.partitions.items()}
     config = monitor_config(supervisor.plan, machines)
     live = LiveMonitor(config, lifecycle=None, check=check, console=None)
-    names = {p.id: p.name for p in live.topology.partitions}
     actions = {
         ControlOp.SHUTDOWN: supervisor.stop,
         ControlOp.STOP: supervisor.stop,
@@ -32,20 +32,32 @@ def serve_supervisor(supervisor, check: bool = False) -> LiveMonitor:
         ControlOp.RESTART: supervisor.restart,
     }
 
+    def name_of(pid: int) -> str | None:
+        """The partition of hypercall id ``pid`` now (None: destroyed)."""
+        for entry in list(supervisor.partitions.values()):
+            if entry.index == pid:
+                return entry.name
+        return None
+
     def lifecycle(pid: int, op: ControlOp) -> None:
+        name = name_of(pid)
+        if name is None:  # destroyed: the monitor's "running" is put back to "stopped"
+            live.partition_stopped(pid)
+            supervisor.log(f"hypercall {op.name} of partition id {pid}: it was destroyed")
+            return
         try:
-            actions[op](names[pid], wait=False)
+            actions[op](name, wait=False)
         except OsvmmError as err:  # e.g. a race with the control socket: logged, not fatal
-            supervisor.log(f"{names[pid]}: hypercall {op.name}: {err}")
+            supervisor.log(f"{name}: hypercall {op.name}: {err}")
         except Exception as err:  # noqa: BLE001 - a bug: one line and its traceback logged
-            bug = VmmBug.from_exception(f"hypercall {op.name} on {names[pid]}", err)
-            supervisor.log(f"{names[pid]}: {bug}")
+            bug = VmmBug.from_exception(f"hypercall {op.name} on {name}", err)
+            supervisor.log(f"{name}: {bug}")
             supervisor.log(bug.traceback_text.rstrip("\n"))
 
-    known = len(live.topology.partitions)  # a partition created at run time has no hypercalls
-
+    # A partition created at run time has hypercalls when the monitor numbered it
+    # (osvmm/up/runtime.py grows the topology): all but those past the ABI's 64 ids.
     def on_build(entry, partition) -> None:  # booting: "running" for the monitor
-        if entry.index >= known:
+        if entry.index >= len(live.topology.partitions):
             return
         live.bind(entry.index, partition)
         reattach(live, entry.index, partition)  # a resumed snapshot's channels
@@ -53,7 +65,7 @@ def serve_supervisor(supervisor, check: bool = False) -> LiveMonitor:
     def on_end(entry, partition) -> None:
         # Stopped outside the ABI (power-off, fault, the control socket): it loses
         # its channels, and doorbells to it answer -EBUSY until it boots again.
-        if entry.index < known:
+        if entry.index < len(live.topology.partitions):
             live.partition_stopped(entry.index)
 
     live.lifecycle = lifecycle

@@ -29,6 +29,7 @@ UART; the client detaches by closing the connection.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 import stat
@@ -467,6 +468,11 @@ class ControlServer:
                 daemon=True,
             )
             reader.start()
+            # Output that finds nothing waiting goes out on the partition's own thread,
+            # without blocking (the socket has a timeout, so its descriptor is
+            # non-blocking); the rest, and what would block, is sent from here.
+            fd = conn.fileno()
+            client.direct = functools.partial(os.write, fd)
             while not client.closed and not self._closed:
                 data = client.take()
                 view = memoryview(data)
@@ -475,6 +481,7 @@ class ControlServer:
                         view = view[conn.send(view) :]
                     except TimeoutError:  # a slow client: its buffer drops what overflows
                         continue
+                client.taken()
         except OSError:
             pass
         finally:

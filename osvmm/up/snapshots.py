@@ -34,6 +34,8 @@ def monitor_extra(live, pid: int):
     """(state, images) of what the monitor holds for partition ``pid`` (with its vCPUs
     paused): its attachments by channel name, each channel's memory."""
     with live.lock:
+        if pid >= len(live.topology.partitions):  # one the monitor does not number
+            return {}, {}
         chans = live.topology.channels
         held = live.state.attached(pid)
         state = {
@@ -53,7 +55,7 @@ def reattach(live, pid: int, partition) -> None:
     extra = (partition.snapshot_extra or {}).get(STATE_KEY)
     if not extra:
         return
-    by_name = {c.name: c for c in live.topology.channels}
+    by_name = {c.name: c for c in live.topology.channels if c.members}  # withdrawn: gone
     for att in extra["attachments"]:
         chan = by_name.get(att["channel"])
         if chan is None:

@@ -19,9 +19,12 @@ ends, its Partition is recycled (osvmm/vmm/partition.py ``recycle``: memory
 zeroed and the image written again, vCPUs, LAPICs, I/O APIC, PICs, PIT and
 kvmclock put back as captured before its first run, devices new, the vCPU
 threads made and held), so the next start or restart only lets the vCPUs go;
-nothing of the old run survives. A run that ended in a VMM bug or a KVM
-error, a recycle that fails, and boot inputs changed on disk since the
-build (``inputs_changed``) give a fresh build instead. A guest's own reset request
+nothing of the old run survives. A user's start of a kept partition lets them go
+on the caller's thread (``_launch_kept``), without waiting for the entry's
+thread to wake: that thread then only waits for the run to end. A run that
+ended in a VMM bug or a KVM error, a recycle that fails, and boot inputs
+changed on disk since the build (``inputs_changed``) give a fresh build
+instead. A guest's own reset request
 reboots it at once whatever the policy (as hardware would), without counting
 against the limit. ``start``/``restart`` by a user reset the restart count.
 Every end is logged with its reason, to the event log (stderr in the
@@ -140,6 +143,10 @@ class PartitionEntry:
     restore_next: object = None  # a snapshot the next boot resumes (a migration's)
     gate: StartGate | None = None  # the next boot waits there once built (a takeover)
     thread: threading.Thread | None = None
+    # a start on the caller's thread (Supervisor._launch_kept): the kept partition
+    # being readied there (the entry's thread leaves it alone), then started
+    launching: bool = False
+    launched: Partition | None = None
     removing: bool = False  # being destroyed (osvmm destroy): its thread ends
 
     @property
@@ -290,16 +297,59 @@ class Supervisor:
         with self._cond:
             if entry.want_running:
                 raise WrongState(f"partition {name!r} is already {entry.state}")
+            parked = entry.state in (STOPPED, FAILED) and entry.thread is not None
             entry.restore_next = restore
             entry.gate = gate
             entry.want_running = True
             entry.restarts = 0
             entry.state = BOOTING
+            kept = None
+            if parked and restore is None and gate is None and not self._closing:
+                kept = self._take_ready(entry)
+                entry.launching = kept is not None
             self._ensure_thread(entry)
-            self._cond.notify_all()
+            if kept is None:  # else _launch_kept tells, once it ran
+                self._cond.notify_all()
+        if kept is not None:
+            self._launch_kept(entry, kept)
+        with self._cond:
             if wait:
                 self._cond.wait_for(lambda: entry.state in (RUNNING, STOPPED, FAILED), timeout)
             return entry.state
+
+    def _launch_kept(self, entry: PartitionEntry, part: Partition) -> None:
+        """Start a kept partition on the caller's thread: the build hooks, then the
+        vCPUs let go. The entry's thread, parked meanwhile (``entry.launching``), then
+        only waits for the run. Should a hook fail, or a stop come first, the
+        partition goes back to ``entry.ready`` and the entry's thread does what it
+        does for any boot (it runs the hooks again and reports their failure)."""
+        try:
+            for hook in self.on_build:
+                hook(entry, part)
+            hooked = True
+        except Exception:  # noqa: BLE001 - reported by the entry's thread, which retries
+            hooked = False
+        with self._cond:
+            entry.launching = False
+            if hooked and entry.want_running and not self._closing and not entry.removing:
+                entry.user_stop = entry.user_restart = False
+                self._run_now(entry, part)
+                entry.launched = part
+            elif self._closing or entry.removing:
+                part.close()
+            else:
+                entry.ready = part
+                if not entry.want_running:  # stopped before it ran
+                    entry.state = STOPPED
+            self._cond.notify_all()
+
+    def _run_now(self, entry: PartitionEntry, part: Partition) -> None:
+        """Let ``part`` go as the entry's running partition (``_cond`` held)."""
+        entry.partition = part
+        entry.boots += 1
+        entry.started_at = time.monotonic()
+        part.start()
+        entry.state = RUNNING
 
     def stop(
         self, name: str, wait: bool = True, timeout: float = 30, reason: str = "stopped by the VMM"
@@ -440,7 +490,11 @@ class Supervisor:
         with self._cond:
             del self.partitions[name]
             kept = tuple(p for p in self.assignment.partitions if p.name != name)
-            plan = dataclasses.replace(self.plan, partitions=tuple(p.spec for p in kept))
+            plan = dataclasses.replace(
+                self.plan,
+                partitions=tuple(p.spec for p in kept),
+                channels=tuple(c for c in self.plan.channels if c.mode(name) is None),
+            )
             pool = tuple(sorted({*self.assignment.pool, *entry.placement.cpus}))
             self.assignment = dataclasses.replace(
                 self.assignment, plan=plan, partitions=kept, pool=pool
@@ -645,11 +699,20 @@ class Supervisor:
     def _run_entry_loop(self, entry: PartitionEntry) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: entry.want_running or self._closing or entry.removing)
-                if self._closing or entry.removing:
-                    return
-                entry.user_stop = entry.user_restart = False
-            result_reason, faulted, reset = self._boot_and_run(entry)
+                self._cond.wait_for(
+                    lambda: (
+                        (entry.want_running and not entry.launching)
+                        or entry.launched is not None
+                        or self._closing
+                        or entry.removing
+                    )
+                )
+                launched, entry.launched = entry.launched, None
+                if launched is None:
+                    if self._closing or entry.removing:
+                        return
+                    entry.user_stop = entry.user_restart = False
+            result_reason, faulted, reset = self._boot_and_run(entry, launched)
             entry.reason = result_reason
             with self._cond:
                 if self._closing:
@@ -699,8 +762,13 @@ class Supervisor:
                 entry.state = STOPPED
                 self._cond.notify_all()
 
-    def _boot_and_run(self, entry: PartitionEntry) -> tuple[str, bool, bool]:
-        """Build, start and wait for one run; returns (reason, faulted, reset)."""
+    def _boot_and_run(
+        self, entry: PartitionEntry, launched: Partition | None = None
+    ) -> tuple[str, bool, bool]:
+        """Build, start and wait for one run (``launched``: one started already by
+        ``_launch_kept``); returns (reason, faulted, reset)."""
+        if launched is not None:
+            return self._run_to_end(entry, launched, run_now=True)
         if entry.state != BOOTING:  # start() has set it already: no one to wake
             self._set_state(entry, BOOTING)
         gate, entry.gate = entry.gate, None
@@ -733,9 +801,6 @@ class Supervisor:
         with self._cond:
             if cancelled:
                 entry.want_running = False
-            entry.partition = part
-            entry.boots += 1
-            entry.started_at = time.monotonic()
             run_now = (
                 entry.want_running
                 and not self._closing
@@ -743,9 +808,19 @@ class Supervisor:
                 and not cancelled
             )
             if run_now:
-                part.start()
-                entry.state = RUNNING
+                self._run_now(entry, part)
+            else:
+                entry.partition = part
+                entry.boots += 1
+                entry.started_at = time.monotonic()
             self._cond.notify_all()
+        return self._run_to_end(entry, part, run_now, cancelled)
+
+    def _run_to_end(
+        self, entry: PartitionEntry, part: Partition, run_now: bool, cancelled: bool = False
+    ) -> tuple[str, bool, bool]:
+        """Wait for the run of ``part`` (stop it first unless ``run_now``), keep it
+        built for the next boot and report the end: (reason, faulted, reset)."""
         if run_now:
             self.log(f"{entry.name}: running (boot {entry.boots})")
             for note in (*part.boot_log, *part.enforcement):

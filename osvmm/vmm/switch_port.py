@@ -68,6 +68,19 @@ class SwitchPort:
         if len(self.queue) == 1:
             os.eventfd_write(self.fd, 1)
 
+    def stat_counts(self) -> dict[str, int]:
+        """What ``osvmm stat`` shows of the port: its queue's drops, and the switch's
+        counts of the frames this port sent it since the network was made: dropped
+        (``switch_dropped``: shorter than 14 bytes or longer than 1514) and flooded
+        to every other port (``switch_flooded``: broadcast, multicast, unknown unicast)."""
+        with self.network.lock:
+            ingress = self.network.switch.ports[self.number].counts
+            return {
+                **self.counts,
+                "switch_dropped": ingress["dropped"],
+                "switch_flooded": ingress["flooded"],
+            }
+
     def flush(self) -> None:
         with self.network.lock:
             self.queue.clear()

@@ -113,15 +113,17 @@ class DeviceThread:
 
     def describe(self) -> dict:
         """What ``osvmm stat`` shows of the device: its slot, the model's counts, its
-        backend's (a switch port's drops), and the transport's state."""
+        backend's (a switch port's drops, its switch's drops and floods), and the
+        transport's state."""
         model = self.transport.model
         backend = getattr(model, "backend", None)
+        stat_counts = getattr(backend, "stat_counts", None)  # a switch port's
         return {
             "name": self.name,
             "base": self.base,
             "irq": self.irq,
             "counts": dict(getattr(model, "counts", {})),
-            "backend": dict(getattr(backend, "counts", {})),
+            "backend": stat_counts() if stat_counts else dict(getattr(backend, "counts", {})),
             "rx_starved": bool(getattr(model, "rx_starved", False)),
             **self.transport.describe(),
         }
