@@ -345,7 +345,11 @@ def test_a_bug_behind_a_lifecycle_hypercall_is_logged_not_a_dead_thread(tmp_path
 
     sup = SimpleNamespace(
         plan=plan,
-        partitions={"a": SimpleNamespace(machine=machine_of(assignment, assignment.partitions[0]))},
+        partitions={
+            "a": SimpleNamespace(
+                name="a", index=0, machine=machine_of(assignment, assignment.partitions[0])
+            )
+        },
         stop=broken,
         start=broken,
         restart=broken,
