@@ -125,6 +125,12 @@ FAKE_QEMU = """\
 import os, re, sys, time
 share = re.search(r"path=([^,]+),mount_tag=rig", " ".join(sys.argv)).group(1)
 mode = os.environ["FAKE_L1"]
+if mode == "hang-once":  # the first boot freezes on its way up, the next one runs
+    boots = os.environ["FAKE_BOOTS"]
+    n = int(open(boots).read()) if os.path.exists(boots) else 0
+    with open(boots, "w") as f:
+        f.write(str(n + 1))
+    mode = "hang" if n == 0 else "status"
 def put(name, text):
     with open(f"{{share}}/{{name}}.tmp", "w") as f:
         f.write(text + "\\n")
@@ -299,6 +305,27 @@ def test_run_times_out_and_kills_qemu(stand_in):
         assert f in first, (f, first)
     # Then L1's console, where a hung kernel says why (soft lockups, hung tasks).
     assert console == ["  | watchdog: BUG: soft lockup - CPU#0 stuck for 22s!"], r.stderr
+
+
+def test_an_l1_frozen_on_its_way_up_is_booted_again(stand_in, tmp_path):
+    env, _ = stand_in
+    env["FAKE_L1"] = "hang-once"
+    env["FAKE_BOOTS"] = str(tmp_path / "boots")
+    r = run_rig("run", "--start-timeout", "1", "--", "true", env=env, timeout=60)
+    assert r.returncode == 3, r.stderr  # the second boot's command status
+    assert (tmp_path / "boots").read_text() == "2"
+    assert "L1 did not start the command within 1 s" in r.stderr
+    assert "soft lockup" in r.stderr  # the frozen boot's console, shown
+    assert r.stdout == "out line\n"
+
+
+def test_a_run_boots_l1_at_most_three_times(stand_in, tmp_path):
+    env, _ = stand_in
+    env["FAKE_L1"] = "hang"
+    r = run_rig("run", "--start-timeout", "1", "--timeout", "20", "--", "true", env=env, timeout=60)
+    assert r.returncode == 124 and "Traceback" not in r.stderr
+    assert r.stderr.count("did not start the command within 1 s") == 2  # boots 1 and 2
+    assert "timed out after 20 s (before the command started)" in r.stderr  # the third
 
 
 def test_initramfs_is_rebuilt_when_an_input_changes(stand_in):
