@@ -232,15 +232,19 @@ else
         i=$((i + 1)); [ $i -ge 30 ] && break; sleep 2
     done
     echo "P2P sendtime $t0 $(up)"
+    # TCP's segments out and retransmitted (/proc/net/snmp: OutSegs, RetransSegs):
+    # frames the path dropped show as retransmissions.
+    echo "P2P tcp $(grep '^Tcp:' /proc/net/snmp | tail -1 | cut -d' ' -f12,13)"
 fi
 """
 P2P_SEND = "10.97.0.1 10.97.0.2 send"
 P2P_RECV = "10.97.0.2 10.97.0.1 recv"
 
 
-def p2p_rate(sender: str, receiver: str, what: str) -> tuple[float, float]:
+def p2p_rate(sender: str, receiver: str, what: str) -> tuple[float, float, str]:
     """MiB/s and seconds the receiver's clock saw, from the two consoles' text;
-    the bytes checked whole (size and MD5 against the sender's)."""
+    the bytes checked whole (size and MD5 against the sender's); the sender's TCP
+    segments out and retransmitted."""
 
     def words(text: str, tag: str) -> list[str] | None:
         for line in text.replace("\r", "").splitlines():
@@ -254,11 +258,11 @@ def p2p_rate(sender: str, receiver: str, what: str) -> tuple[float, float]:
             f"{what}: no whole transfer (sent {sent}, received {got}):\n"
             f"sender: {sender[-1500:]}\nreceiver: {receiver[-1500:]}"
         )
-    secs = float(got[3]) - float(got[2])
-    return int(got[0]) / secs / (1 << 20), secs
+    secs = max(float(got[3]) - float(got[2]), 0.01)  # /proc/uptime counts in 10 ms
+    return int(got[0]) / secs / (1 << 20), secs, " ".join(words(sender, "tcp") or ["?"])
 
 
-def p2p_osvmm(t: Path, initrd: Path) -> tuple[float, float]:
+def p2p_osvmm(t: Path, initrd: Path) -> tuple[float, float, str]:
     """Two partitions of one ``osvmm up`` on a plan's [[network]] (the VMM's switch),
     each with an L1 CPU of its own, as tests/test_rig_network.py."""
 
@@ -316,7 +320,7 @@ def listening(port: int) -> bool:
     )
 
 
-def p2p_qemu(t: Path, qemu: list[str], files) -> tuple[float, float]:
+def p2p_qemu(t: Path, qemu: list[str], files) -> tuple[float, float, str]:
     """Two QEMU microvm guests, each with virtio-net-device on ``-netdev socket``
     (one listens, the other connects): frames pass between the two QEMUs'
     userspace over a TCP connection on a loopback, in a network namespace of
@@ -495,12 +499,12 @@ def p2p_net(t, initrd, qemu, files, no_qemu, log) -> Figure:
     """The network partition to partition: osvmm's switch against two QEMUs on
     ``-netdev socket``, the receiver's clock."""
     rd = initrd("p2pbench", P2P_SCRIPT, (), ("virtio_mmio", "virtio_net"))
-    mine, secs = p2p_osvmm(t, rd)
-    log(f"p2p, osvmm: {mine:.3f} MiB/s ({secs:.2f} s)")
+    mine, secs, tcp = p2p_osvmm(t, rd)
+    log(f"p2p, osvmm: {mine:.3f} MiB/s ({secs:.2f} s; sender's TCP out, retransmitted: {tcp})")
     base = None
     if not no_qemu:
-        base, secs = p2p_qemu(t, qemu, lambda append: files(rd, append))
-        log(f"p2p, QEMU microvm: {base:.3f} MiB/s ({secs:.2f} s)")
+        base, secs, tcp = p2p_qemu(t, qemu, lambda append: files(rd, append))
+        log(f"p2p, QEMU microvm: {base:.3f} MiB/s ({secs:.2f} s; TCP out, retransmitted: {tcp})")
     return Figure(
         f"TCP partition to partition, {P2P_MIB} MiB: osvmm's switch (a plan's [[network]])",
         "MiB/s",
