@@ -131,3 +131,24 @@ def test_rig_devices_reads_the_tools_lines_and_makes_ratios():
     assert figs["sequential read, 1 MiB requests"].value.median == 2.0  # MiB/s
     assert figs["random 4 KiB reads"].value.median == 50.0  # IOPS
     assert all(f.ratio == 0.5 for f in figs.values())
+
+
+def test_rig_devices_p2p_takes_only_a_whole_transfer():
+    from bench.rig_devices import P2P_MIB, p2p_rate
+
+    n = P2P_MIB << 20
+    sender = "P2P sent abc\r\nP2P sendtime 10.00 12.00\nP2P tcp 1452 0\n"
+    receiver = f"boot noise\nP2P recv {n} abc 20.00 22.00\n"
+    rate, secs, tcp = p2p_rate(sender, receiver, "t")
+    assert (secs, tcp) == (2.0, "1452 0") and rate == P2P_MIB / 2.0
+    for bad in (f"P2P recv {n - 1} abc 20.00 22.00", f"P2P recv {n} abd 20.00 22.00", ""):
+        with pytest.raises(RuntimeError, match="no whole transfer"):
+            p2p_rate(sender, bad, "t")
+
+
+def test_rig_devices_only_refuses_an_unknown_part(capsys):
+    from bench.rig_devices import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--only", "p2p,bogus"])
+    assert e.value.code == 2 and "bogus" in capsys.readouterr().err
