@@ -22,64 +22,15 @@
  */
 #include "hypercall.h"
 
-#define VIRTIO_BASE 0xc0000000UL
-#define IOAPIC_BASE 0xfec00000UL
-#define IOAPIC_REDTBL(pin) (0x10 + 2 * (pin))
-#define LAPIC_ID 0x20
-#define VIRTIO_PIN 5
 #define VIRTIO_VECTOR 0x50
 #define QSIZE 8
+#include "virtio_mmio.h"
 
-#define R_MAGIC 0x000
-#define R_VERSION 0x004
-#define R_DEVICE_ID 0x008
-#define R_DEVICE_FEATURES 0x010
-#define R_DEVICE_FEATURES_SEL 0x014
-#define R_DRIVER_FEATURES 0x020
-#define R_DRIVER_FEATURES_SEL 0x024
-#define R_QUEUE_SEL 0x030
-#define R_QUEUE_NUM_MAX 0x034
-#define R_QUEUE_NUM 0x038
-#define R_QUEUE_READY 0x044
-#define R_QUEUE_NOTIFY 0x050
-#define R_INTERRUPT_STATUS 0x060
-#define R_INTERRUPT_ACK 0x064
-#define R_STATUS 0x070
-#define R_QUEUE_DESC 0x080
-#define R_QUEUE_DRIVER 0x090
-#define R_QUEUE_DEVICE 0x0a0
-#define R_CONFIG 0x100
-
-#define S_ACKNOWLEDGE 1
-#define S_DRIVER 2
-#define S_DRIVER_OK 4
-#define S_FEATURES_OK 8
-
-#define F_NEXT 1
-#define F_WRITE 2
 
 #define T_IN 0
 #define T_OUT 1
 #define T_FLUSH 4
 #define T_GET_ID 8
-
-struct desc {
-	u64 addr;
-	u32 len;
-	u16 flags;
-	u16 next;
-};
-
-struct ring {
-	struct desc desc[QSIZE];
-	u16 avail_flags, avail_idx, avail_ring[QSIZE], used_event;
-	u8 pad[4096 - 16 * QSIZE - 2 * (QSIZE + 3)];
-	u16 used_flags, used_idx;
-	struct {
-		u32 id, len;
-	} used_ring[QSIZE];
-	u16 avail_event;
-} __attribute__((aligned(4096)));
 
 struct req {
 	u32 type, reserved;
@@ -93,15 +44,6 @@ static u8 status;
 static u16 seen_used;
 static u64 interrupts;
 static u64 requests;
-
-static inline u32 rd(u32 off) { return *(volatile u32 *)(VIRTIO_BASE + off); }
-static inline void wr(u32 off, u32 v) { *(volatile u32 *)(VIRTIO_BASE + off) = v; }
-
-static void ioapic_write(u32 reg, u32 v)
-{
-	*(volatile u32 *)IOAPIC_BASE = reg;
-	*(volatile u32 *)(IOAPIC_BASE + 0x10) = v;
-}
 
 static NORETURN void fail(const char *what)
 {
@@ -126,7 +68,7 @@ static u8 request(u32 type, u64 sector, u32 len, int in)
 	q.avail_ring[q.avail_idx % QSIZE] = 0;
 	__asm__ volatile("" ::: "memory");
 	q.avail_idx++;
-	__asm__ volatile("mfence" ::: "memory");
+	mb();
 	wr(R_QUEUE_NOTIFY, 0); /* a 4-byte store of the queue index: the ioeventfd */
 	requests++;
 	u64 budget = rdtsc() + 20000000000UL;
@@ -136,9 +78,7 @@ static u8 request(u32 type, u64 sector, u32 len, int in)
 		__asm__ volatile("sti; hlt; cli" ::: "memory"); /* woken by the interrupt */
 	}
 	seen_used++;
-	u32 isr = rd(R_INTERRUPT_STATUS);
-	if (isr)
-		wr(R_INTERRUPT_ACK, isr);
+	virtio_ack();
 	return status;
 }
 
@@ -146,37 +86,16 @@ int guest_main(void)
 {
 	int rw = (int)rt_arg_u64("rw", 1);
 	hc_irq_setup();
-	u32 apic_id = *(volatile u32 *)(0xfee00000UL + LAPIC_ID) >> 24;
-	ioapic_write(IOAPIC_REDTBL(VIRTIO_PIN) + 1, apic_id << 24);
-	ioapic_write(IOAPIC_REDTBL(VIRTIO_PIN), VIRTIO_VECTOR); /* edge, active high */
-
-	if (rd(R_MAGIC) != 0x74726976 || rd(R_VERSION) != 2 || rd(R_DEVICE_ID) != 2)
+	virtio_use_slot(0, VIRTIO_VECTOR);
+	if (!virtio_is(2))
 		fail("no virtio-mmio version 2 block device at 0xc0000000");
-	wr(R_STATUS, 0);
-	wr(R_STATUS, S_ACKNOWLEDGE);
-	wr(R_STATUS, S_ACKNOWLEDGE | S_DRIVER);
-	wr(R_DEVICE_FEATURES_SEL, 1);
-	if (!(rd(R_DEVICE_FEATURES) & 1))
-		fail("no VIRTIO_F_VERSION_1");
-	wr(R_DRIVER_FEATURES_SEL, 0);
-	wr(R_DRIVER_FEATURES, 0);
-	wr(R_DRIVER_FEATURES_SEL, 1);
-	wr(R_DRIVER_FEATURES, 1);
-	wr(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
-	if (!(rd(R_STATUS) & S_FEATURES_OK))
-		fail("FEATURES_OK refused");
-	wr(R_QUEUE_SEL, 0);
-	if (rd(R_QUEUE_NUM_MAX) < QSIZE)
-		fail("queue too small");
-	wr(R_QUEUE_NUM, QSIZE);
-	wr(R_QUEUE_DESC, (u32)(u64)q.desc);
-	wr(R_QUEUE_DESC + 4, 0);
-	wr(R_QUEUE_DRIVER, (u32)(u64)&q.avail_flags);
-	wr(R_QUEUE_DRIVER + 4, 0);
-	wr(R_QUEUE_DEVICE, (u32)(u64)&q.used_flags);
-	wr(R_QUEUE_DEVICE + 4, 0);
-	wr(R_QUEUE_READY, 1);
-	wr(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+	virtio_begin();
+	const char *err = virtio_accept(0);
+	if (!err)
+		err = virtio_setup_queue(0, &q);
+	if (err)
+		fail(err);
+	virtio_driver_ok();
 	/* Counted by the doorbell handler from here on. */
 	u64 irq_base = hc_irq_count;
 
@@ -184,7 +103,7 @@ int guest_main(void)
 		fail("GET_ID");
 	data[20] = 0;
 	rt_printf("virtioblk: id %s\n", (const char *)data);
-	u64 capacity = *(volatile u64 *)(VIRTIO_BASE + R_CONFIG);
+	u64 capacity = *(volatile u64 *)(virtio_base + R_CONFIG);
 	if (capacity < 2)
 		fail("capacity under 2 sectors");
 	if (request(T_IN, 0, 512, 1) != 0)

@@ -45,49 +45,14 @@
  */
 #include "hypercall.h"
 
-#define VIRTIO_BASE0 0xc0000000UL
-#define SLOTS 7
-#define IOAPIC_BASE 0xfec00000UL
-#define IOAPIC_REDTBL(pin) (0x10 + 2 * (pin))
-#define LAPIC_BASE 0xfee00000UL
-#define LAPIC_ID 0x20
-#define LAPIC_LVT_TIMER 0x320
-#define LAPIC_TIMER_INIT 0x380
-#define LAPIC_TIMER_DIV 0x3e0
-#define LVT_PERIODIC (1 << 17)
 #define NET_VECTOR 0x50
 #define TIMER_VECTOR 0x41
 #define TIMER_COUNT 100000000 /* KVM's APIC bus runs at 1 GHz: 100 ms */
 #define QSIZE 16
 #define BUF 2048
-
-#define R_MAGIC 0x000
-#define R_VERSION 0x004
-#define R_DEVICE_ID 0x008
-#define R_DEVICE_FEATURES 0x010
-#define R_DEVICE_FEATURES_SEL 0x014
-#define R_DRIVER_FEATURES 0x020
-#define R_DRIVER_FEATURES_SEL 0x024
-#define R_QUEUE_SEL 0x030
-#define R_QUEUE_NUM_MAX 0x034
-#define R_QUEUE_NUM 0x038
-#define R_QUEUE_READY 0x044
-#define R_QUEUE_NOTIFY 0x050
-#define R_INTERRUPT_STATUS 0x060
-#define R_INTERRUPT_ACK 0x064
-#define R_STATUS 0x070
-#define R_QUEUE_DESC 0x080
-#define R_QUEUE_DRIVER 0x090
-#define R_QUEUE_DEVICE 0x0a0
-#define R_CONFIG 0x100
-
-#define S_ACKNOWLEDGE 1
-#define S_DRIVER 2
-#define S_DRIVER_OK 4
-#define S_FEATURES_OK 8
+#include "virtio_mmio.h"
 
 #define VIRTIO_NET_F_MAC 5
-#define F_WRITE 2
 #define RXQ 0
 #define TXQ 1
 #define NET_HDR 12 /* struct virtio_net_hdr_v1 */
@@ -109,25 +74,6 @@
 #define P_LEN (ETH_HLEN + 5)
 #define P_DATA (ETH_HLEN + 7)
 
-struct desc {
-	u64 addr;
-	u32 len;
-	u16 flags;
-	u16 next;
-};
-
-struct ring {
-	struct desc desc[QSIZE];
-	u16 avail_flags, avail_idx, avail_ring[QSIZE], used_event;
-	u8 pad[4096 - 16 * QSIZE - 2 * (QSIZE + 3)];
-	u16 used_flags, used_idx;
-	struct {
-		u32 id, len;
-	} used_ring[QSIZE];
-	u16 avail_event;
-} __attribute__((aligned(4096)));
-
-static const u8 slot_irq[SLOTS] = {5, 6, 7, 10, 11, 14, 15};
 static const u8 bcast[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
 static const u8 nowhere[6] = {0x02, 0x00, 0x00, 0x00, 0x00, 0x01};
 
@@ -135,7 +81,6 @@ static struct ring rxq, txq;
 static u8 rxbuf[QSIZE][BUF] __attribute__((aligned(64)));
 static u8 txbuf[BUF] __attribute__((aligned(64)));
 static u16 rx_seen, tx_seen;
-static u64 base;
 static u64 deadline;
 static u8 mac[6], peer[6];
 static int have_peer;
@@ -152,18 +97,6 @@ static int arp_done;
 static u32 received, expect_seq, others, ended, end_count;
 static u64 first_tsc, end_tsc; /* the first DATA frame's arrival, END's */
 static const char *bad;
-
-static inline u32 rd(u32 off) { return *(volatile u32 *)(base + off); }
-static inline void wr(u32 off, u32 v) { *(volatile u32 *)(base + off) = v; }
-static inline void mb(void) { __asm__ volatile("mfence" ::: "memory"); }
-
-static void ioapic_write(u32 reg, u32 v)
-{
-	*(volatile u32 *)IOAPIC_BASE = reg;
-	*(volatile u32 *)(IOAPIC_BASE + 0x10) = v;
-}
-
-static void lapic_write(u32 reg, u32 v) { *(volatile u32 *)(LAPIC_BASE + reg) = v; }
 
 static NORETURN void fail(const char *what)
 {
@@ -211,21 +144,6 @@ static inline void put_ip(u8 *p, u32 ip)
 }
 static inline u32 get_ip(const u8 *p) { return (u32)p[0] << 24 | p[1] << 16 | p[2] << 8 | p[3]; }
 
-static void setup_queue(u32 index, struct ring *q)
-{
-	wr(R_QUEUE_SEL, index);
-	if (rd(R_QUEUE_NUM_MAX) < QSIZE)
-		fail("queue too small");
-	wr(R_QUEUE_NUM, QSIZE);
-	wr(R_QUEUE_DESC, (u32)(u64)q->desc);
-	wr(R_QUEUE_DESC + 4, 0);
-	wr(R_QUEUE_DRIVER, (u32)(u64)&q->avail_flags);
-	wr(R_QUEUE_DRIVER + 4, 0);
-	wr(R_QUEUE_DEVICE, (u32)(u64)&q->used_flags);
-	wr(R_QUEUE_DEVICE + 4, 0);
-	wr(R_QUEUE_READY, 1);
-}
-
 /* Sleep until an interrupt (the device's or the timer's); acknowledge the device. */
 static void wait_irq(void)
 {
@@ -237,9 +155,7 @@ static void wait_irq(void)
 		fail(watcher ? "timed out (no BYE from a sender)" : "timed out (no END from a sender)");
 	}
 	__asm__ volatile("sti; hlt; cli" ::: "memory");
-	u32 isr = rd(R_INTERRUPT_STATUS);
-	if (isr)
-		wr(R_INTERRUPT_ACK, isr);
+	virtio_ack();
 }
 
 static void transmit(u32 frame);
@@ -411,22 +327,6 @@ static void poll_rx(void)
 	}
 }
 
-static void find_device(u32 nic)
-{
-	for (u32 i = 0; i < SLOTS; i++) {
-		base = VIRTIO_BASE0 + i * 0x1000;
-		if (rd(R_MAGIC) != 0x74726976 || rd(R_VERSION) != 2 || rd(R_DEVICE_ID) != 1)
-			continue;
-		if (nic-- == 0) {
-			u32 apic_id = *(volatile u32 *)(LAPIC_BASE + LAPIC_ID) >> 24;
-			ioapic_write(IOAPIC_REDTBL(slot_irq[i]) + 1, apic_id << 24);
-			ioapic_write(IOAPIC_REDTBL(slot_irq[i]), NET_VECTOR); /* edge, active high */
-			return;
-		}
-	}
-	fail("no virtio-mmio version 2 network device");
-}
-
 int guest_main(void)
 {
 	sender = (int)rt_arg_u64("send", 0);
@@ -446,38 +346,24 @@ int guest_main(void)
 		rt_calibrate_tsc(); /* before the PIC is masked; the PIT's pin stays masked */
 	deadline = rdtsc() + rt_arg_u64("budget", 150) * 1000000000UL;
 	hc_irq_setup();
-	find_device(nic);
-	lapic_write(LAPIC_TIMER_DIV, 0xb); /* divide by 1 */
-	lapic_write(LAPIC_LVT_TIMER, LVT_PERIODIC | TIMER_VECTOR);
-	lapic_write(LAPIC_TIMER_INIT, TIMER_COUNT);
+	if (!virtio_find(1, nic, NET_VECTOR))
+		fail("no virtio-mmio version 2 network device");
+	lapic_periodic(TIMER_VECTOR, TIMER_COUNT);
 
-	wr(R_STATUS, 0);
-	wr(R_STATUS, S_ACKNOWLEDGE);
-	wr(R_STATUS, S_ACKNOWLEDGE | S_DRIVER);
-	wr(R_DEVICE_FEATURES_SEL, 0);
-	if (!(rd(R_DEVICE_FEATURES) & (1 << VIRTIO_NET_F_MAC)))
+	virtio_begin();
+	if (!(virtio_offered(0) & (1 << VIRTIO_NET_F_MAC)))
 		fail("no VIRTIO_NET_F_MAC");
-	wr(R_DEVICE_FEATURES_SEL, 1);
-	if (!(rd(R_DEVICE_FEATURES) & 1))
-		fail("no VIRTIO_F_VERSION_1");
-	wr(R_DRIVER_FEATURES_SEL, 0);
-	wr(R_DRIVER_FEATURES, 1 << VIRTIO_NET_F_MAC);
-	wr(R_DRIVER_FEATURES_SEL, 1);
-	wr(R_DRIVER_FEATURES, 1);
-	wr(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
-	if (!(rd(R_STATUS) & S_FEATURES_OK))
-		fail("FEATURES_OK refused");
+	const char *err = virtio_accept(1 << VIRTIO_NET_F_MAC);
+	if (!err)
+		err = virtio_setup_queue(RXQ, &rxq);
+	if (!err)
+		err = virtio_setup_queue(TXQ, &txq);
+	if (err)
+		fail(err);
 	for (int i = 0; i < 6; i++)
-		mac[i] = *(volatile u8 *)(base + R_CONFIG + i);
-	setup_queue(RXQ, &rxq);
-	setup_queue(TXQ, &txq);
-	for (u16 i = 0; i < QSIZE; i++) {
-		rxq.desc[i] = (struct desc){(u64)rxbuf[i], BUF, F_WRITE, 0};
-		rxq.avail_ring[i] = i;
-	}
-	mb();
-	rxq.avail_idx = QSIZE;
-	wr(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+		mac[i] = *(volatile u8 *)(virtio_base + R_CONFIG + i);
+	virtio_fill_rx(&rxq, &rxbuf[0][0], BUF);
+	virtio_driver_ok();
 	mb();
 	wr(R_QUEUE_NOTIFY, RXQ); /* buffers to take frames into: the device looks */
 	rt_printf("virtionet: mac ");

@@ -26,48 +26,13 @@
  */
 #include "hypercall.h"
 
-#define VIRTIO_BASE0 0xc0000000UL
-#define SLOTS 7
-#define IOAPIC_BASE 0xfec00000UL
-#define IOAPIC_REDTBL(pin) (0x10 + 2 * (pin))
-#define LAPIC_BASE 0xfee00000UL
-#define LAPIC_ID 0x20
-#define LAPIC_LVT_TIMER 0x320
-#define LAPIC_TIMER_INIT 0x380
-#define LAPIC_TIMER_DIV 0x3e0
-#define LVT_PERIODIC (1 << 17)
 #define DEV_VECTOR 0x50
 #define TIMER_VECTOR 0x41
 #define TIMER_COUNT 100000000 /* KVM's APIC bus runs at 1 GHz: 100 ms */
 #define QSIZE 16
 #define BUF 4096
+#include "virtio_mmio.h"
 
-#define R_MAGIC 0x000
-#define R_VERSION 0x004
-#define R_DEVICE_ID 0x008
-#define R_DEVICE_FEATURES 0x010
-#define R_DEVICE_FEATURES_SEL 0x014
-#define R_DRIVER_FEATURES 0x020
-#define R_DRIVER_FEATURES_SEL 0x024
-#define R_QUEUE_SEL 0x030
-#define R_QUEUE_NUM_MAX 0x034
-#define R_QUEUE_NUM 0x038
-#define R_QUEUE_READY 0x044
-#define R_QUEUE_NOTIFY 0x050
-#define R_INTERRUPT_STATUS 0x060
-#define R_INTERRUPT_ACK 0x064
-#define R_STATUS 0x070
-#define R_QUEUE_DESC 0x080
-#define R_QUEUE_DRIVER 0x090
-#define R_QUEUE_DEVICE 0x0a0
-#define R_CONFIG 0x100
-
-#define S_ACKNOWLEDGE 1
-#define S_DRIVER 2
-#define S_DRIVER_OK 4
-#define S_FEATURES_OK 8
-
-#define F_WRITE 2
 #define RXQ 0
 #define TXQ 1
 #define EVQ 2
@@ -85,24 +50,6 @@
 #define SHUTDOWN_SEND 2
 #define BUF_ALLOC (64 << 10)
 #define LOCAL_PORT 1234
-
-struct desc {
-	u64 addr;
-	u32 len;
-	u16 flags;
-	u16 next;
-};
-
-struct ring {
-	struct desc desc[QSIZE];
-	u16 avail_flags, avail_idx, avail_ring[QSIZE], used_event;
-	u8 pad[4096 - 16 * QSIZE - 2 * (QSIZE + 3)];
-	u16 used_flags, used_idx;
-	struct {
-		u32 id, len;
-	} used_ring[QSIZE];
-	u16 avail_event;
-} __attribute__((aligned(4096)));
 
 struct hdr {
 	u64 src_cid, dst_cid;
@@ -123,7 +70,6 @@ struct conn {
 };
 enum { NONE, REQUESTED, ESTABLISHED, CLOSING, CLOSED };
 
-static const u8 slot_irq[SLOTS] = {5, 6, 7, 10, 11, 14, 15};
 
 static struct ring rxq, txq, evq;
 static u8 rxbuf[QSIZE][BUF] __attribute__((aligned(64)));
@@ -131,22 +77,10 @@ static u8 txbuf[BUF] __attribute__((aligned(64)));
 static u8 echo[BUF], msg[BUF];
 static u32 echo_have;
 static u16 rx_seen, tx_seen;
-static u64 base, deadline, cid;
+static u64 deadline, cid;
 static struct conn out, in;
 static u32 listen_port;
 static const char *bad;
-
-static inline u32 rd(u32 off) { return *(volatile u32 *)(base + off); }
-static inline void wr(u32 off, u32 v) { *(volatile u32 *)(base + off) = v; }
-static inline void mb(void) { __asm__ volatile("mfence" ::: "memory"); }
-
-static void ioapic_write(u32 reg, u32 v)
-{
-	*(volatile u32 *)IOAPIC_BASE = reg;
-	*(volatile u32 *)(IOAPIC_BASE + 0x10) = v;
-}
-
-static void lapic_write(u32 reg, u32 v) { *(volatile u32 *)(LAPIC_BASE + reg) = v; }
 
 static NORETURN void fail(const char *what)
 {
@@ -157,29 +91,12 @@ static NORETURN void fail(const char *what)
 static inline u8 pattern(u32 round, u32 i) { return (u8)(round * 31 + i * 5 + 3); }
 static inline u32 round_len(u32 round) { return 64 + (round * 389) % 2000; }
 
-static void setup_queue(u32 index, struct ring *q)
-{
-	wr(R_QUEUE_SEL, index);
-	if (rd(R_QUEUE_NUM_MAX) < QSIZE)
-		fail("queue too small");
-	wr(R_QUEUE_NUM, QSIZE);
-	wr(R_QUEUE_DESC, (u32)(u64)q->desc);
-	wr(R_QUEUE_DESC + 4, 0);
-	wr(R_QUEUE_DRIVER, (u32)(u64)&q->avail_flags);
-	wr(R_QUEUE_DRIVER + 4, 0);
-	wr(R_QUEUE_DEVICE, (u32)(u64)&q->used_flags);
-	wr(R_QUEUE_DEVICE + 4, 0);
-	wr(R_QUEUE_READY, 1);
-}
-
 static void wait_irq(const char *what)
 {
 	if (rdtsc() > deadline)
 		fail(what);
 	__asm__ volatile("sti; hlt; cli" ::: "memory");
-	u32 isr = rd(R_INTERRUPT_STATUS);
-	if (isr)
-		wr(R_INTERRUPT_ACK, isr);
+	virtio_ack();
 }
 
 /* One packet to the host, header and payload in one buffer; waits until taken. */
@@ -301,20 +218,6 @@ static void poll_rx(void)
 	}
 }
 
-static void find_device(void)
-{
-	for (u32 i = 0; i < SLOTS; i++) {
-		base = VIRTIO_BASE0 + i * 0x1000;
-		if (rd(R_MAGIC) == 0x74726976 && rd(R_VERSION) == 2 && rd(R_DEVICE_ID) == 19) {
-			u32 apic_id = *(volatile u32 *)(LAPIC_BASE + LAPIC_ID) >> 24;
-			ioapic_write(IOAPIC_REDTBL(slot_irq[i]) + 1, apic_id << 24);
-			ioapic_write(IOAPIC_REDTBL(slot_irq[i]), DEV_VECTOR); /* edge, active high */
-			return;
-		}
-	}
-	fail("no virtio-mmio version 2 vsock device");
-}
-
 int guest_main(void)
 {
 	u32 port = (u32)rt_arg_u64("port", 6000);
@@ -322,35 +225,24 @@ int guest_main(void)
 	listen_port = (u32)rt_arg_u64("listen", 0);
 	deadline = rdtsc() + rt_arg_u64("budget", 150) * 1000000000UL;
 	hc_irq_setup();
-	find_device();
-	lapic_write(LAPIC_TIMER_DIV, 0xb); /* divide by 1 */
-	lapic_write(LAPIC_LVT_TIMER, LVT_PERIODIC | TIMER_VECTOR);
-	lapic_write(LAPIC_TIMER_INIT, TIMER_COUNT);
+	if (!virtio_find(19, 0, DEV_VECTOR))
+		fail("no virtio-mmio version 2 vsock device");
+	lapic_periodic(TIMER_VECTOR, TIMER_COUNT);
 
-	wr(R_STATUS, 0);
-	wr(R_STATUS, S_ACKNOWLEDGE);
-	wr(R_STATUS, S_ACKNOWLEDGE | S_DRIVER);
-	wr(R_DEVICE_FEATURES_SEL, 1);
-	if (!(rd(R_DEVICE_FEATURES) & 1))
-		fail("no VIRTIO_F_VERSION_1");
-	wr(R_DRIVER_FEATURES_SEL, 0);
-	wr(R_DRIVER_FEATURES, 0);
-	wr(R_DRIVER_FEATURES_SEL, 1);
-	wr(R_DRIVER_FEATURES, 1);
-	wr(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
-	if (!(rd(R_STATUS) & S_FEATURES_OK))
-		fail("FEATURES_OK refused");
+	virtio_begin();
+	const char *err = virtio_accept(0);
+	if (err)
+		fail(err);
 	cid = rd(R_CONFIG) | (u64)rd(R_CONFIG + 4) << 32;
-	setup_queue(RXQ, &rxq);
-	setup_queue(TXQ, &txq);
-	setup_queue(EVQ, &evq);
-	for (u16 i = 0; i < QSIZE; i++) {
-		rxq.desc[i] = (struct desc){(u64)rxbuf[i], BUF, F_WRITE, 0};
-		rxq.avail_ring[i] = i;
-	}
-	mb();
-	rxq.avail_idx = QSIZE;
-	wr(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+	err = virtio_setup_queue(RXQ, &rxq);
+	if (!err)
+		err = virtio_setup_queue(TXQ, &txq);
+	if (!err)
+		err = virtio_setup_queue(EVQ, &evq);
+	if (err)
+		fail(err);
+	virtio_fill_rx(&rxq, &rxbuf[0][0], BUF);
+	virtio_driver_ok();
 	mb();
 	wr(R_QUEUE_NOTIFY, RXQ);
 	rt_printf("virtiovsock: cid %lu\n", cid);
