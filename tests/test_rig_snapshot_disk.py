@@ -13,17 +13,16 @@ restored run ends as the loop does, and the image holds each sector's last line.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, run_osvmm
+from osvmm.boot import kmodules
+from tests.helpers import run_osvmm
+from tests.rig_helpers import osvmm_run, script_initrd
 from tests.test_rig_linux import BOOT_TIMEOUT, VMLINUX, wait_for
 
 pytestmark = pytest.mark.rig
@@ -47,40 +46,10 @@ done
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    if not VMLINUX.exists():
-        pytest.skip(f"no Debian kernel at {VMLINUX}: scripts/fetch-debian-kernel --modules")
-    from osvmm.boot import kmodules
-    from osvmm.boot.initramfs import build_initramfs
-
     tmp = tmp_path_factory.mktemp("snapdisk")
-    script = tmp / "diskloop"
-    script.write_text(SCRIPT)
-    script.chmod(0o755)
-    moddir = kmodules.module_dir(VMLINUX.resolve().parent / "modules")
-    initrd = build_initramfs(
-        tmp / "initrd.cpio",
-        extra_files=[(script, "/bin/diskloop")],
-        modules=kmodules.module_members(moddir, kmodules.VIRTIO_DISK_MODULES),
-    )
+    initrd = script_initrd(tmp, "diskloop", SCRIPT, kmodules.VIRTIO_DISK_MODULES)
     (tmp / "disk.img").write_bytes(bytes((SECTORS + 16) * 512))
     return tmp, initrd
-
-
-def osvmm(out: Path, *args: str) -> subprocess.Popen:
-    """``osvmm run ARGS``, its stdout (the guest's console) into ``out``, its
-    stderr into ``out`` with ``.err`` added: apart, as the snapshot's line on
-    stderr may come in the middle of a console line."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    env.pop("OSVMM_DEBUG", None)
-    with open(out, "wb") as f, open(f"{out}.err", "wb") as err:
-        return subprocess.Popen(
-            [sys.executable, "-m", "osvmm.cli", "run", *args],
-            stdout=f,
-            stderr=err,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=str(REPO),
-        )
 
 
 def text(path: Path) -> str:
@@ -90,7 +59,7 @@ def text(path: Path) -> str:
 def test_a_linux_disk_goes_on_after_a_snapshot_and_a_restore(files):
     tmp, initrd = files
     snap, first, second = tmp / "snap", tmp / "first.out", tmp / "second.out"
-    run = osvmm(
+    run = osvmm_run(
         first,
         "--kernel",
         str(VMLINUX),

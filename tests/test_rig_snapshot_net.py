@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import REPO, run_osvmm
+from tests.rig_helpers import script_initrd
 from tests.test_rig_linux import BOOT_TIMEOUT, VMLINUX, wait_for
 
 pytestmark = pytest.mark.rig
@@ -50,22 +51,8 @@ done
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    if not VMLINUX.exists():
-        pytest.skip(f"no Debian kernel at {VMLINUX}: scripts/fetch-debian-kernel --modules")
-    from osvmm.boot import kmodules
-    from osvmm.boot.initramfs import build_initramfs
-
     tmp = tmp_path_factory.mktemp("snapnet")
-    script = tmp / "netloop"
-    script.write_text(SCRIPT)
-    script.chmod(0o755)
-    moddir = kmodules.module_dir(VMLINUX.resolve().parent / "modules")
-    initrd = build_initramfs(
-        tmp / "initrd.cpio",
-        extra_files=[(script, "/bin/netloop")],
-        modules=kmodules.module_members(moddir, ("virtio_mmio", "virtio_net")),
-    )
-    return tmp, initrd
+    return tmp, script_initrd(tmp, "netloop", SCRIPT, ("virtio_mmio", "virtio_net"))
 
 
 @pytest.fixture

@@ -15,17 +15,16 @@ line, and the run ends as the script does.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO
+from osvmm.boot import kmodules
+from tests.rig_helpers import osvmm_run, script_initrd, vsock_tool
 from tests.test_rig_linux import BOOT_TIMEOUT, VMLINUX, wait_for
 
 pytestmark = pytest.mark.rig
@@ -44,44 +43,10 @@ echo "vsock: second listener ended $?"
 
 @pytest.fixture(scope="module")
 def initrd(tmp_path_factory):
-    if not VMLINUX.exists():
-        pytest.skip(f"no Debian kernel at {VMLINUX}: scripts/fetch-debian-kernel --modules")
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("gcc is not installed (it builds tools/osvmm-vsock.c)")
-    from osvmm.boot import kmodules
-    from osvmm.boot.initramfs import build_initramfs
-
     tmp = tmp_path_factory.mktemp("vsnap")
-    tool = tmp / "osvmm-vsock"
-    subprocess.run(
-        [gcc, "-static", "-O2", "-o", str(tool), str(REPO / "tools" / "osvmm-vsock.c")],
-        check=True,
+    return script_initrd(
+        tmp, "vsnaptest", SCRIPT, kmodules.VIRTIO_VSOCK_MODULES, (vsock_tool(tmp),)
     )
-    script = tmp / "vsnaptest"
-    script.write_text(SCRIPT)
-    script.chmod(0o755)
-    moddir = kmodules.module_dir(VMLINUX.resolve().parent / "modules")
-    return build_initramfs(
-        tmp / "initrd.cpio",
-        extra_files=[(script, "/bin/vsnaptest"), (tool, "/bin/osvmm-vsock")],
-        modules=kmodules.module_members(moddir, kmodules.VIRTIO_VSOCK_MODULES),
-    )
-
-
-def osvmm(out: Path, *args: str) -> subprocess.Popen:
-    """``osvmm run ARGS``: the console into ``out``, stderr into ``out``.err."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    env.pop("OSVMM_DEBUG", None)
-    with open(out, "wb") as f, open(f"{out}.err", "wb") as err:
-        return subprocess.Popen(
-            [sys.executable, "-m", "osvmm.cli", "run", *args],
-            stdout=f,
-            stderr=err,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=str(REPO),
-        )
 
 
 def text(path: Path) -> str:
@@ -123,7 +88,7 @@ def echo(client: socket.socket, data: bytes) -> bytes:
 def test_a_vsock_connection_is_reset_by_a_restore_and_new_ones_work(initrd, tmp_path):
     path = str(tmp_path / "v.sock")
     snap, first, second = tmp_path / "snap", tmp_path / "first.out", tmp_path / "second.out"
-    run = osvmm(
+    run = osvmm_run(
         first,
         "--kernel",
         str(VMLINUX),
@@ -155,7 +120,7 @@ def test_a_vsock_connection_is_reset_by_a_restore_and_new_ones_work(initrd, tmp_
     assert "osvmm: snapshot in" in text(first), text(first)[-3000:]
     assert "first listener ended" not in text(first)
 
-    back = osvmm(second, "--restore", str(snap))
+    back = osvmm_run(second, "--restore", str(snap))
     try:
         wait_for(
             "the first listener reset",

@@ -16,21 +16,19 @@ The socket file at PATH is gone when the partition has ended.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, run_osvmm
+from osvmm.boot import kmodules
+from tests.helpers import run_osvmm
+from tests.rig_helpers import script_initrd, vsock_tool
+from tests.test_rig_linux import VMLINUX
 
 pytestmark = pytest.mark.rig
 
-CACHE = Path(os.environ.get("OSVMM_CACHE", Path.home() / ".cache" / "osvmm"))
-VMLINUX = CACHE / "kernel" / "vmlinux"
 GUEST_PORT = 5000
 HOST_PORT = 6000
 PING = b"ping over vsock, host to guest\n"
@@ -45,26 +43,9 @@ grep virtio /proc/interrupts | sed 's/^ */vsock: irq /'
 
 @pytest.fixture(scope="module")
 def initrd(tmp_path_factory):
-    if not VMLINUX.exists():
-        pytest.skip(f"no Debian kernel at {VMLINUX}: scripts/fetch-debian-kernel --modules")
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("gcc is not installed (it builds tools/osvmm-vsock.c)")
-    from osvmm.boot import kmodules
-    from osvmm.boot.initramfs import build_initramfs
-
     tmp = tmp_path_factory.mktemp("vsock")
-    tool = tmp / "osvmm-vsock"
-    source = REPO / "tools" / "osvmm-vsock.c"
-    subprocess.run([gcc, "-static", "-O2", "-o", str(tool), str(source)], check=True)
-    script = tmp / "vsocktest"
-    script.write_text(SCRIPT)
-    script.chmod(0o755)
-    moddir = kmodules.module_dir(VMLINUX.resolve().parent / "modules")
-    return build_initramfs(
-        tmp / "initrd.cpio",
-        extra_files=[(script, "/bin/vsocktest"), (tool, "/bin/osvmm-vsock")],
-        modules=kmodules.module_members(moddir, kmodules.VIRTIO_VSOCK_MODULES),
+    return script_initrd(
+        tmp, "vsocktest", SCRIPT, kmodules.VIRTIO_VSOCK_MODULES, (vsock_tool(tmp),)
     )
 
 
