@@ -19,11 +19,11 @@ Construction validates: a Machine that exists is one the tables can describe.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from osvmm.arch.x86 import irq, layout
 from osvmm.arch.x86.layout import KVM_PRIVATE_SIZE, PAGE_SIZE
 from osvmm.errors import ConfigError
+from osvmm.records import Frozen
 
 # The highest APIC ID an xAPIC (8-bit ID, 0xff = broadcast) can be given.
 MAX_XAPIC_ID = 254
@@ -43,8 +43,7 @@ REMOTE_DISTANCE = 20
 Range = tuple[int, int]  # (guest-physical start, size)
 
 
-@dataclass(frozen=True)
-class NumaNode:
+class NumaNode(Frozen):
     """One NUMA node: its proximity domain, its vCPUs' APIC IDs, its RAM ranges."""
 
     node_id: int
@@ -56,8 +55,7 @@ class NumaNode:
         object.__setattr__(self, "mem_ranges", tuple(tuple(r) for r in self.mem_ranges))
 
 
-@dataclass(frozen=True)
-class Machine:
+class Machine(Frozen):
     """One partition's guest-visible platform.
 
     ``memory``: bytes of RAM; ``ram_ranges`` (derived, stored) places them.
@@ -75,7 +73,7 @@ class Machine:
     reserved: tuple[Range, ...] = ()
     distances: tuple[tuple[int, ...], ...] | None = None
     virtio_mmio: int = 0
-    ram_ranges: tuple[Range, ...] = field(init=False)
+    # ram_ranges: tuple[Range, ...], derived from memory (not a field: __post_init__)
 
     def __post_init__(self) -> None:
         if not isinstance(self.memory, int) or isinstance(self.memory, bool):

@@ -20,11 +20,10 @@ never takes it for free address space to place PCI BARs or hotplug memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from osvmm.arch.x86 import layout
 from osvmm.arch.x86.layout import KVM_PRIVATE_SIZE
 from osvmm.machine import Machine
+from osvmm.records import Frozen
 
 E820_RAM = 1
 E820_RESERVED = 2
@@ -33,8 +32,7 @@ E820_NVS = 4
 E820_UNUSABLE = 5
 
 
-@dataclass(frozen=True)
-class E820Entry:
+class E820Entry(Frozen):
     """One e820 entry, as in Linux's struct boot_e820_entry."""
 
     addr: int

@@ -14,13 +14,12 @@ against the Machine's RAM; the VMM copies them into guest memory later
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from osvmm.arch.x86.regs import EntryState
 from osvmm.errors import ConfigError, GuestMemoryError, ImageError
 from osvmm.loader.elf import is_linux, parse_elf
 from osvmm.loader.result import LoadedImage, read_image
 from osvmm.loader.setup_header import BOOT_FLAG, HDRS_MAGIC
+from osvmm.records import Frozen
 
 HDRS_OFFSET = 0x202  # the setup header's "HdrS" magic (Documentation/arch/x86/boot.rst)
 BOOT_FLAG_OFFSET = 0x1FE  # boot_flag: 0xAA55, the boot sector signature
@@ -36,8 +35,7 @@ def looks_like_boot_sector(data: bytes) -> bool:
     return data[BOOT_FLAG_OFFSET : BOOT_FLAG_OFFSET + 2] == BOOT_FLAG.to_bytes(2, "little")
 
 
-@dataclass(frozen=True)
-class BootSource:
+class BootSource(Frozen):
     """The files a partition boots: their names, bytes, and the convention."""
 
     name: str  # the image or kernel path (for messages)
@@ -78,8 +76,7 @@ def read_boot_source(
     return BootSource(path, data, linux, initrd_data)
 
 
-@dataclass(frozen=True)
-class Quirks:
+class Quirks(Frozen):
     """What this host needs a Linux kernel to avoid (osvmm.vmm.host_quirks)."""
 
     cpuid_mask: tuple[str, ...] = ()  # CPUID features to clear (arch.x86.cpuid names)
@@ -129,8 +126,7 @@ class StagedMemory:
         self.writes.append((gpa, ZeroFill(size)))
 
 
-@dataclass(frozen=True)
-class ZeroFill:
+class ZeroFill(Frozen):
     """``size`` zero bytes, staged by their size alone: an ELF's .bss (p_memsz beyond
     p_filesz) may be most of guest memory, and a small image must not make the VMM
     hold that much in bytes while it prepares the boot."""
@@ -141,8 +137,7 @@ class ZeroFill:
         return self.size
 
 
-@dataclass(frozen=True)
-class BootImage:
+class BootImage(Frozen):
     """A partition's boot, ready to write: bytes at addresses, the entry state, the
     CPUID features to hide, and what was adapted for this host (notes)."""
 

@@ -11,19 +11,15 @@ command line, initrd), so the VMM builds it with ``bootparams.build_zero_page``.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections import namedtuple
 
 from osvmm.arch.x86 import layout
 from osvmm.boot.acpi import build_acpi
 from osvmm.boot.mptable import build_mptable
 from osvmm.machine import Machine
 
-
-class BootTables(NamedTuple):
-    """(guest-physical address, bytes) pairs to write, and where the RSDP is."""
-
-    regions: list[tuple[int, bytes]]
-    rsdp_addr: int
+# regions: (guest-physical address, bytes) pairs to write; rsdp_addr: where the RSDP is.
+BootTables = namedtuple("BootTables", "regions rsdp_addr")
 
 
 def build_boot_tables(machine: Machine) -> BootTables:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from typing import NamedTuple
+from collections import namedtuple
 
 from osvmm.kvm import structs as s
 
@@ -34,45 +34,25 @@ _INTERNAL_HDR = struct.Struct("<II")
 _SYSEV_HDR = struct.Struct("<II")
 
 
-class IoOut(NamedTuple):
-    port: int
-    size: int
-    data: bytes  # size * count bytes (``rep outs`` gives count > 1)
+# Each exit is a named tuple (``collections.namedtuple``: ``typing.NamedTuple`` would
+# import ``typing`` on ``osvmm run``'s path, docs/performance.md "Cold start").
+# IoOut.data: size * count bytes (``rep outs`` gives count > 1). IoIn.data_offset:
+# where the VMM writes size * count bytes (Vcpu.complete_io_in).
+IoOut = namedtuple("IoOut", "port size data")
+IoIn = namedtuple("IoIn", "port size count data_offset")
+MmioWrite = namedtuple("MmioWrite", "addr data")
+MmioRead = namedtuple("MmioRead", "addr length")
+Hlt = namedtuple("Hlt", "")
+Shutdown = namedtuple("Shutdown", "")  # a triple fault (or another shutdown condition)
+FailEntry = namedtuple("FailEntry", "hardware_entry_failure_reason cpu")
+SystemEvent = namedtuple("SystemEvent", "type data")
+Interrupted = namedtuple("Interrupted", "")  # KVM_RUN ended by a signal or immediate_exit
 
 
-class IoIn(NamedTuple):
-    port: int
-    size: int
-    count: int
-    data_offset: int  # where the VMM writes size * count bytes (Vcpu.complete_io_in)
+class InternalError(namedtuple("InternalError", "suberror data")):
+    """KVM_EXIT_INTERNAL_ERROR: a suberror and its data words."""
 
-
-class MmioWrite(NamedTuple):
-    addr: int
-    data: bytes
-
-
-class MmioRead(NamedTuple):
-    addr: int
-    length: int
-
-
-class Hlt(NamedTuple):
-    pass
-
-
-class Shutdown(NamedTuple):
-    """A triple fault (or another shutdown condition) in the guest."""
-
-
-class FailEntry(NamedTuple):
-    hardware_entry_failure_reason: int
-    cpu: int
-
-
-class InternalError(NamedTuple):
-    suberror: int
-    data: tuple[int, ...]
+    __slots__ = ()
 
     def describe(self) -> str:
         """A one-line description, with instruction bytes for emulation failures."""
@@ -101,17 +81,10 @@ class InternalError(NamedTuple):
         return raw[1 : 1 + size]
 
 
-class SystemEvent(NamedTuple):
-    type: int
-    data: tuple[int, ...]
+class Unhandled(namedtuple("Unhandled", "reason")):
+    """An exit reason the VMM does not handle."""
 
-
-class Interrupted(NamedTuple):
-    """KVM_RUN returned because of a signal or immediate_exit (EINTR / KVM_EXIT_INTR)."""
-
-
-class Unhandled(NamedTuple):
-    reason: int
+    __slots__ = ()
 
     @property
     def name(self) -> str:

@@ -14,7 +14,6 @@ Every inconsistency raises ImageError with one line naming the image.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
 
 from osvmm.arch.x86.layout import HIGH_MEMORY_START, MiB
 from osvmm.errors import ImageError
@@ -25,6 +24,7 @@ from osvmm.loader.vmlinux import (
     default_setup_header,
     is_linux_note,
 )
+from osvmm.records import Frozen, Record
 
 # e_ident
 EI_NIDENT = 16
@@ -178,8 +178,7 @@ assert ctypes.sizeof(Elf64_Shdr) == 64
 assert ctypes.sizeof(Elf_Nhdr) == 12
 
 
-@dataclass(frozen=True)
-class Note:
+class Note(Frozen):
     """One ELF note: name, type, descriptor."""
 
     name: bytes  # without the terminating NUL
@@ -187,8 +186,7 @@ class Note:
     desc: bytes
 
 
-@dataclass
-class ElfFile:
+class ElfFile(Record):
     """A parsed (not yet loaded) ELF image."""
 
     name: str

@@ -5,10 +5,10 @@ an ImageError."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 from osvmm.errors import ImageError
 from osvmm.files import read_input
+from osvmm.records import Record
 
 # Kinds of loaded image, and the entry convention the VMM uses for each.
 KIND_PVH = "pvh"  # Xen PVH: 32-bit protected mode, ebx = hvm_start_info
@@ -19,8 +19,7 @@ KIND_LINUX64 = "linux64"  # Linux 64-bit boot protocol: rsi = boot_params
 MAX_IMAGE_SIZE = 1 << 30
 
 
-@dataclass
-class LoadedImage:
+class LoadedImage(Record):
     """A guest image placed in guest memory.
 
     ``entry`` is guest-physical: the PVH 32-bit entry for kind "pvh",
@@ -38,7 +37,7 @@ class LoadedImage:
     end: int
     name: str = "image"
     pvh_entry: int | None = None
-    setup_header: object | None = field(default=None, repr=False)
+    setup_header: object | None = None
     elf_class: int = 64
     linux: bool = False
 

@@ -7,7 +7,6 @@ none of it (start-up time is part of every command's cost).
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from osvmm.arch.x86.layout import PAGE_SIZE
 from osvmm.errors import ConfigError
@@ -22,7 +21,7 @@ def clip(text: str, n: int = 60) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def show_value(value: Any) -> str:
+def show_value(value: object) -> str:
     """A value for a one-line message: TOML's spelling of booleans, a repr cut short."""
     if isinstance(value, bool):
         return "true" if value else "false"

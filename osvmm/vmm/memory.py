@@ -32,11 +32,11 @@ import ctypes
 import errno
 import mmap
 import os
-from dataclasses import dataclass, field
 
 from osvmm.arch.x86.layout import PAGE_SIZE
 from osvmm.errors import EnforceError, GuestMemoryError
 from osvmm.files import format_bytes
+from osvmm.records import Record
 
 FILL_CHUNK = 1 << 20  # bytes written at a time by fill
 
@@ -75,13 +75,12 @@ def _map_over(mem: mmap.mmap, fd: int, offset: int, flags: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-@dataclass
-class Region:
+class Region(Record):
     """One contiguous guest-physical range backed by one host mapping."""
 
     gpa: int
     size: int
-    mem: mmap.mmap = field(repr=False)
+    mem: mmap.mmap
     backing: str = "anonymous"  # "memfd", "anonymous" or "file" (above)
     fd: int | None = None  # the memfd or the snapshot file (owned: closed with the region)
     fd_offset: int = 0  # where the region starts in ``fd``

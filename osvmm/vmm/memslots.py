@@ -19,15 +19,13 @@ parked (Partition.protect_pages).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from osvmm.arch.x86.layout import PAGE_SIZE
 from osvmm.errors import GuestMemoryError
 from osvmm.kvm.structs import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
+from osvmm.records import Frozen
 
 
-@dataclass(frozen=True)
-class Slot:
+class Slot(Frozen):
     """One memslot over a RAM region: guest-physical [gpa, gpa + size) at
     ``host_offset`` into the region's mapping."""
 

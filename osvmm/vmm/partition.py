@@ -55,7 +55,6 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 from osvmm.arch.x86.cpuid import vcpu_cpuid
 from osvmm.arch.x86.layout import HUGEPAGE_MIN_RANGE
@@ -73,6 +72,7 @@ from osvmm.kvm import Kvm
 from osvmm.kvm.ioctls import KVM_CAP_NR_MEMSLOTS
 from osvmm.kvm.structs import KVM_MEM_READONLY
 from osvmm.machine import Machine
+from osvmm.records import Record
 from osvmm.vmm import enforce
 from osvmm.vmm.bringup import create_vcpu, create_vm, register_memory_in_background
 from osvmm.vmm.memory import GuestMemory
@@ -82,8 +82,11 @@ from osvmm.vmm.vcpu import VcpuThread, install_kick_handler
 MSI_ADDRESS_BASE = 0xFEE0_0000  # MSI address: 0xfee00000 | destination APIC ID << 12
 
 
-@dataclass
-class PartitionConfig:
+def discard(data: bytes) -> None:
+    """A console that goes nowhere (PartitionConfig's default)."""
+
+
+class PartitionConfig(Record):
     """What to build: the machine, what it boots, where its console goes, and what
     the host enforces. The defaults leave the host alone, as ``osvmm run`` does."""
 
@@ -93,7 +96,7 @@ class PartitionConfig:
     kernel: str | None = None  # a Linux kernel: bzImage or vmlinux
     initrd: str | None = None
     cmdline: str = ""
-    console: Callable[[bytes], None] = field(default=lambda data: None, repr=False)
+    console: Callable[[bytes], None] = discard
     # Enforcement (osvmm/vmm/enforce.py).
     host_cpus: tuple[int, ...] = ()  # dedicated host CPUs: vCPU i pinned to host_cpus[i]
     float_cpus: tuple[int, ...] = ()  # floating: every vCPU allowed on these (the pool)
@@ -154,8 +157,7 @@ def _quirks_for(source):
     return quirks_for(source)
 
 
-@dataclass
-class RunResult:
+class RunResult(Record):
     """How a run ended."""
 
     status: int  # the osvmm process exit status this run stands for

@@ -11,10 +11,12 @@ RBX = hvm_start_info for ELF64 images, RSI = boot_params for Linux.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from types import MappingProxyType
 
 from osvmm.arch.x86 import gdt
 from osvmm.arch.x86.layout import BOOT_STACK_POINTER, GDT_ADDR, IDT_ADDR, PML4_ADDR
+from osvmm.records import Frozen
 
 CR0_PE = 1 << 0
 CR0_MP = 1 << 1
@@ -28,8 +30,7 @@ EFER_LMA = 1 << 10
 RFLAGS_RESERVED = 1 << 1
 
 
-@dataclass(frozen=True)
-class EntryState:
+class EntryState(Frozen):
     """The registers a guest is entered with (its entry convention's)."""
 
     mode: str  # "pvh32" or "long64"
@@ -42,7 +43,7 @@ class EntryState:
     cr3: int = 0
     cr4: int = 0
     efer: int = 0
-    segments: dict = field(default_factory=dict)
+    segments: Mapping = MappingProxyType({})  # name -> kvm_segment fields (gdt.py)
     gdt: tuple[int, int] = (0, 0)  # base, limit
     idt: tuple[int, int] = (0, 0)
 

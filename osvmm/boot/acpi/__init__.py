@@ -14,8 +14,6 @@ each table with its address (for tests and ``tests/golden_gen.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from osvmm.arch.x86 import layout
 from osvmm.boot.acpi.dsdt import build_dsdt
 from osvmm.boot.acpi.fadt import FACS_ALIGN, FACS_SIZE, FADT_SIZE, build_facs, build_fadt
@@ -24,19 +22,19 @@ from osvmm.boot.acpi.numa import build_slit, build_srat
 from osvmm.boot.acpi.rsdp import RSDP_SIZE, build_rsdp, build_xsdt, xsdt_size
 from osvmm.errors import ConfigError
 from osvmm.machine import Machine
+from osvmm.records import Frozen
 
 TABLE_ALIGN = 16
 
 
-@dataclass(frozen=True)
-class AcpiTables:
+class AcpiTables(Frozen):
     """The ACPI blob and where it and each of its tables go in guest-physical memory."""
 
     addr: int
     data: bytes
     rsdp_addr: int
     # signature ("RSDP", "FACS", "XSDT", "FACP", "DSDT", "APIC", "SRAT", "SLIT") -> (addr, bytes)
-    tables: dict[str, tuple[int, bytes]] = field(default_factory=dict)
+    tables: dict[str, tuple[int, bytes]]
 
 
 def _align(value: int, align: int) -> int:
