@@ -1,0 +1,238 @@
+"""Live migration and takeover of partitions with devices (needs /dev/kvm): the
+``virtioblk`` guest writes and reads back its disk round after round while it is
+migrated between two ``osvmm up`` processes on this host (the same image: the
+source releases its lock at stop-and-copy, the destination takes it), or taken
+over by a new VMM (the image's descriptor, its lock with it, and the vsock's
+listening socket handed over): every round runs once and the disk ends as a
+run without either leaves it. And the failures: a destination whose disk has
+another size refuses in one line before anything moves; a destination that
+drops the connection after the source released its devices leaves the source
+running with its image locked again and its vsock listening again."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from osvmm.errors import SnapshotError
+from osvmm.plan.config import parse_plan
+from osvmm.plan.placement import place
+from osvmm.plan.topology import read_topology
+from osvmm.up.hypercalls import serve_supervisor
+from osvmm.up.migrate import MigrationService
+from osvmm.up.supervisor import RUNNING, Supervisor
+from tests.helpers import VMM_NOTE, guest_text, run_osvmm
+from tests.test_migration import Vmm, up_process, wait_until
+from tests.test_virtio_guest import ROUNDS, SECTORS, _final_sectors, _round_lines
+
+pytestmark = pytest.mark.kvm
+
+
+@pytest.fixture
+def tmp():
+    path = Path(tempfile.mkdtemp(prefix="osvmm-dm-", dir="/tmp"))  # short socket paths
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def make_image(path: Path, sectors: int = SECTORS) -> Path:
+    path.write_bytes(b"osvmm disk image".ljust(512, b"\0") + bytes(512 * (sectors - 1)))
+    return path
+
+
+def disk_plan(tmp: Path, side: str, image: Path, vsock: Path | None = None) -> str:
+    return (
+        f'[vmm]\ncontrol_socket = "{tmp}/{side}.sock"\nlog_dir = "{tmp}/{side}-logs"\n'
+        '[[partition]]\nname = "d"\ncpus = "floating"\nmemory = "16M"\n'
+        f'image = "guests:virtioblk"\ncmdline = "rounds={ROUNDS}"\ndrives = ["{image}"]\n'
+        'restart = "stop"\n' + (f'vsock = "uds={vsock},cid=5"\n' if vsock else "")
+    )
+
+
+def log_until(path: Path, needle: str, timeout: float = 180) -> str:
+    deadline = time.monotonic() + timeout
+    while needle not in (text := path.read_text() if path.exists() else ""):
+        assert time.monotonic() < deadline, text[-2000:]
+        time.sleep(0.05)
+    return text
+
+
+def locked(image: Path) -> bool:
+    """Whether another open file holds the image's lock."""
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError as e:
+        assert e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+        return True
+    finally:
+        os.close(fd)
+
+
+def listening(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def check_disk_and_rounds(text: str, image: Path) -> None:
+    assert "FAIL" not in text, text
+    assert _round_lines(text) == list(range(50, ROUNDS + 1, 50)), text  # no gap, no repeat
+    assert f"virtioblk: rounds {ROUNDS} done" in text
+    disk = image.read_bytes()
+    for sector, block in _final_sectors().items():
+        assert disk[sector * 512 : (sector + 1) * 512] == block, sector
+
+
+def test_osvmm_migrate_moves_a_disk_guest_mid_run_to_osvmm_up_incoming(tmp):
+    image = make_image(tmp / "disk.img")
+    bigger = make_image(tmp / "bigger.img", SECTORS + 8)
+    (tmp / "src.toml").write_text(disk_plan(tmp, "src", image))
+    (tmp / "dst.toml").write_text(disk_plan(tmp, "dst", image))  # the same disk: shared
+    (tmp / "big.toml").write_text(disk_plan(tmp, "big", bigger))
+    src_log, dst_log = tmp / "src-logs/d.console.log", tmp / "dst-logs/d.console.log"
+    procs = []
+    try:
+        procs.append(up_process(tmp / "src.toml"))
+        # The source holds the image locked: a destination's plan check does not mind.
+        procs.append(up_process(tmp / "dst.toml", "--incoming", f"unix:{tmp}/in.sock"))
+        procs.append(up_process(tmp / "big.toml", "--incoming", f"unix:{tmp}/big.sock"))
+        wait_until(lambda: all((tmp / f"{n}.sock").exists() for n in ("src", "in", "big")), 60)
+        log_until(src_log, "virtioblk: round 100 ok")
+
+        # A destination whose disk has another size: refused before anything moves.
+        r = run_osvmm("migrate", "d", "--to", f"unix:{tmp}/big.sock", "--socket", f"{tmp}/src.sock")
+        err = r.stderr.decode()
+        assert r.returncode == 2 and len(err.splitlines()) == 1, err
+        assert f"disk 0 {bigger} has {512 * (SECTORS + 8)} bytes, the migrated one" in err, err
+        assert locked(image)  # the source's still
+        at = len(_round_lines(guest_text(src_log)))
+        wait_until(lambda: len(_round_lines(guest_text(src_log))) > at, 120)  # it goes on
+
+        r = run_osvmm("migrate", "d", "--to", f"unix:{tmp}/in.sock", "--socket", f"{tmp}/src.sock")
+        assert r.returncode == 0, r.stderr
+        assert re.match(rb"d: migrated to unix:.*; here stopped\n", r.stdout), r.stdout
+        log_until(dst_log, f"virtioblk: rounds {ROUNDS} done", 300)
+        assert locked(image) or "[osvmm: ended" in dst_log.read_text()
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    src_text = guest_text(src_log)
+    assert f"rounds {ROUNDS} done" not in src_text  # it ended at the destination
+    check_disk_and_rounds(src_text + guest_text(dst_log), image)
+
+
+def test_a_connection_dropped_after_the_release_leaves_the_source_with_its_devices(tmp):
+    """A destination that takes everything up to DONE, checks that the source let the
+    image go, and hangs up: the source locks its image again, listens on its vsock
+    again, and the guest goes on to the end."""
+    image = make_image(tmp / "disk.img")
+    vsock = tmp / "v.sock"
+    src = Vmm.__new__(Vmm)  # Vmm's, with the console logged to a file
+    src.sup = Supervisor(
+        place(parse_plan(disk_plan(tmp, "src", image, vsock), tmp), read_topology()),
+        log_dir=str(tmp / "src-logs"),
+    )
+    src.live = serve_supervisor(src.sup)
+    src.migrations = MigrationService(src.sup, src.live)
+    src.receiver = None
+    src.sup.start_all()
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(f"{tmp}/drop.sock")
+    listener.listen(1)
+    seen = {}
+
+    def destination():
+        conn, _ = listener.accept()
+        with conn:
+            while True:
+                kind, length = struct.unpack("<4sQ", conn.recv(12, socket.MSG_WAITALL))
+                while length:
+                    length -= len(conn.recv(min(length, 1 << 20)))
+                if kind == b"HELO":
+                    conn.sendall(struct.pack("<4sQ", b"OKAY", 2) + b"{}")
+                if kind == b"DONE":
+                    seen["locked"] = locked(image)
+                    seen["vsock"] = vsock.exists()
+                    return
+
+    try:
+        src.wait_running("d")
+        part = src.sup.partitions["d"].partition
+        log = tmp / "src-logs/d.console.log"
+        log_until(log, "virtioblk: round 100 ok")
+        assert locked(image) and listening(vsock)
+        threading.Thread(target=destination, daemon=True).start()
+        with pytest.raises(SnapshotError, match="failed"):
+            src.migrations.migrate({"name": "d", "to": f"unix:{tmp}/drop.sock"})
+        assert seen == {"locked": False, "vsock": False}  # released before DONE
+        assert src.sup.partitions["d"].state == RUNNING
+        assert src.sup.partitions["d"].partition is part  # the very same run
+        assert locked(image) and listening(vsock)  # taken back
+        text = log_until(log, f"virtioblk: rounds {ROUNDS} done", 300)
+    finally:
+        listener.close()
+        src.close()
+    check_disk_and_rounds(guest_text_of(text), image)
+
+
+def guest_text_of(text: str) -> str:
+    return VMM_NOTE.sub("", text)
+
+
+def test_a_new_vmm_takes_over_a_disk_guest_and_its_vsock(tmp):
+    from tests.test_supervisor_up import UpProcess
+
+    image = make_image(tmp / "disk.img")
+    vsock = tmp / "v.sock"
+    body = (
+        '[[partition]]\nname = "d"\ncpus = "floating"\nmemory = "16M"\n'
+        f'image = "guests:virtioblk"\ncmdline = "rounds={ROUNDS}"\ndrives = ["{image}"]\n'
+        f'restart = "stop"\nvsock = "uds={vsock},cid=5"\n'
+    )
+    old = UpProcess(body)
+    new_up = False
+    try:
+        log = old.logs / "d.console.log"
+        log_until(log, "virtioblk: round 100 ok")
+        r = run_osvmm("up", "-d", str(old.plan), "--takeover", timeout=120)
+        assert r.returncode == 0, r.stderr
+        new_up = True
+        assert old.proc.wait(30) == 0  # the old VMM ended by itself
+        new_pid = int(re.search(rb"pid (\d+)", r.stderr).group(1))
+        # The image the new VMM has open is locked (the lock came with the descriptor),
+        # the socket file is still there and it listens on it.
+        assert locked(image) and listening(vsock)
+        fds = [os.readlink(f"/proc/{new_pid}/fd/{n}") for n in os.listdir(f"/proc/{new_pid}/fd")]
+        assert str(image) in fds
+        text = log_until(log, f"virtioblk: rounds {ROUNDS} done", 300)
+        assert "took over 1 partitions" in (old.logs / "osvmm.log").read_text()
+    finally:
+        if new_up:
+            run_osvmm("down", "--socket", old.sock)
+        old.close()
+    check_disk_and_rounds(guest_text_of(text), image)
