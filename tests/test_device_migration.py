@@ -7,7 +7,9 @@ listening socket handed over): every round runs once and the disk ends as a
 run without either leaves it. And the failures: a destination whose disk has
 another size refuses in one line before anything moves; a destination that
 drops the connection after the source released its devices leaves the source
-running with its image locked again and its vsock listening again."""
+running with its image locked again and its vsock listening again. The
+``virtiovsock`` guest, taken over or migrated while it waits for the host, is
+reached through the same socket path at the new VMM."""
 
 from __future__ import annotations
 
@@ -236,3 +238,72 @@ def test_a_new_vmm_takes_over_a_disk_guest_and_its_vsock(tmp):
             run_osvmm("down", "--socket", old.sock)
         old.close()
     check_disk_and_rounds(guest_text_of(text), image)
+
+
+@pytest.mark.parametrize("how", ["takeover", "migrate"])
+def test_a_vsock_guest_moved_mid_run_is_reached_through_its_socket_again(tmp, how):
+    """The ``virtiovsock`` guest has echoed the host's listener and waits for the
+    host's connection to its port 5000: once its VMM is replaced (or it migrated to
+    an ``osvmm up --incoming`` on the same socket path), the host connects through
+    the same path, to the new VMM, and the guest echoes it."""
+    from tests.test_virtio_vsock_guest import SENT, echo_listener
+
+    path = tmp / "v.sock"
+
+    def body(side: str) -> str:
+        return (
+            f'[vmm]\ncontrol_socket = "{tmp}/{side}.sock"\nlog_dir = "{tmp}/{side}-logs"\n'
+            '[[partition]]\nname = "vs"\ncpus = "floating"\nmemory = "8M"\n'
+            'image = "guests:virtiovsock"\ncmdline = "listen=5000"\nrestart = "stop"\n'
+            f'vsock = {{ uds = "{path}", cid = 5 }}\n'
+        )
+
+    srv, got, thread = echo_listener(f"{path}_6000")
+    procs, down = [], []
+    (tmp / "src.toml").write_text(body("src"))
+    (tmp / "dst.toml").write_text(body("dst"))
+    src_log = tmp / "src-logs/vs.console.log"
+    dst_log = src_log if how == "takeover" else tmp / "dst-logs/vs.console.log"
+    try:
+        procs.append(up_process(tmp / "src.toml"))
+        if how == "migrate":
+            procs.append(up_process(tmp / "dst.toml", "--incoming", f"unix:{tmp}/in.sock"))
+            wait_until(lambda: (tmp / "in.sock").exists(), 60)
+        log_until(src_log, f"virtiovsock: echoed 8 rounds, {SENT} bytes ok")
+        thread.join(30)
+        assert not thread.is_alive() and len(b"".join(got)) == SENT  # that stream closed
+        time.sleep(0.5)  # the guest saw the end of it
+        if how == "takeover":
+            r = run_osvmm("up", "-d", str(tmp / "src.toml"), "--takeover", timeout=120)
+            assert r.returncode == 0, r.stderr
+            down.append(f"{tmp}/src.sock")
+            assert procs[0].wait(30) == 0  # the old VMM ended, the socket file stays
+        else:
+            r = run_osvmm(
+                "migrate", "vs", "--to", f"unix:{tmp}/in.sock", "--socket", f"{tmp}/src.sock"
+            )
+            assert r.returncode == 0, r.stderr
+        host = socket.socket(socket.AF_UNIX)
+        host.settimeout(60)
+        host.connect(str(path))
+        host.sendall(b"CONNECT 5000\n")
+        reader = host.makefile("rb")
+        assert reader.readline().startswith(b"OK ")
+        host.sendall(b"hello again\n")
+        assert reader.readline() == b"hello again\n"
+        host.shutdown(socket.SHUT_WR)
+        assert reader.read() == b""
+        text = log_until(dst_log, "virtiovsock: closed")
+        assert "echoed 12 bytes" in text and "FAIL" not in text, text
+    finally:
+        for sock in down:
+            run_osvmm("down", "--socket", sock)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        srv.close()
