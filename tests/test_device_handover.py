@@ -18,6 +18,7 @@ from osvmm.plan.drives import Drive, Vsock
 from osvmm.vmm import device_handover as dh
 from osvmm.vmm.blockfile import open_drive
 from osvmm.vmm.vsock_uds import open_vsock_uds
+from tests import test_virtio_net_guest
 
 
 @pytest.fixture
@@ -139,3 +140,53 @@ def test_a_takeover_adopts_the_plans_own_files_only(image, tmp_path):
     finally:
         disk.close()
         vsock.close()
+
+
+netns = test_virtio_net_guest.netns  # the fixture: a namespace with a persistent tap
+
+TAP_CODE = """
+import os
+from types import SimpleNamespace
+from osvmm.errors import ConfigError
+from osvmm.vmm import device_handover as dh
+from osvmm.vmm.tap import open_tap
+
+def attach():
+    try:
+        open_tap(TAP).close()
+        return "free"
+    except ConfigError as err:
+        return "busy" if "in use by another process" in str(err) else str(err)
+
+tap = open_tap(TAP)
+print(attach())
+released = dh.release(SimpleNamespace(virtio=SimpleNamespace(backends=[tap])))
+print(attach())
+print(released.reacquire())
+print(attach())
+config = SimpleNamespace(drives=(), nets=(SimpleNamespace(tap=TAP),), vsock=None)
+_, (adopted,), _ = dh.adopt([("net", os.dup(tap.fd))], config, "p")
+tap.close()
+print(adopted.name, attach())
+"""
+
+
+def test_a_migration_releases_its_tap_and_takes_it_back_and_a_takeover_adopts_it(netns):
+    """In a network namespace (tests/test_virtio_net_guest.py's): the tap attached
+    is busy for another process; released, it is free; taken back, busy again; its
+    descriptor adopted (a takeover), it stays attached when the first one closes."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    TAP = test_virtio_net_guest.TAP  # noqa: N806 - its name there
+    r = subprocess.run(
+        [*netns, sys.executable, "-c", f"TAP = {TAP!r}\n" + TAP_CODE],
+        capture_output=True,
+        cwd=str(REPO),
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.decode().splitlines() == ["busy", "free", "[]", "busy", f"{TAP} busy"]
