@@ -197,9 +197,12 @@ def send(
 def hand_over(parts, stream, then=None) -> Report:
     """A takeover: every partition of ``parts`` ((name, Partition, extra) triples,
     ``extra`` as in ``send``) to a new VMM on this host over ``stream`` (a Unix
-    socket). All are paused at once (partitions sharing a channel stay in step);
-    guest memory in memfds is passed as file descriptors, not copied (any other
-    region's pages are sent); the new VMM resumes them all and answers RUNS; then
+    socket). All are quiesced at once (partitions sharing a channel stay in step;
+    device threads stopped between two requests); guest memory in memfds is
+    passed as file descriptors, not copied (any other region's pages are sent),
+    and so are the devices' disk images (their locks with them), taps and vsock
+    listener (vmm/device_handover.py); the new VMM resumes them all and answers
+    RUNS; then the devices here are handed off (they never serve again) and
     ``then()`` runs, every partition still paused (it stops them for good). On
     any failure before RUNS they all go on here as they were."""
     t0 = time.perf_counter()

@@ -630,7 +630,6 @@ class Partition:
         paused; returns (vmm.snapshot.Written, milliseconds paused). ``extra()``, called
         while paused, gives the layers above's (state, images); ``then()`` runs before
         the vCPUs go on (a stop: they never do)."""
-        from osvmm.errors import SnapshotError
         from osvmm.vmm import snapshot
 
         if not self.running:
