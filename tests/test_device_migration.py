@@ -6,8 +6,9 @@ over by a new VMM (the image's descriptor, its lock with it, and the vsock's
 listening socket handed over): every round runs once and the disk ends as a
 run without either leaves it. And the failures: a destination whose disk has
 another size refuses in one line before anything moves; a destination that
-drops the connection after the source released its devices leaves the source
-running with its image locked again and its vsock listening again. The
+cannot open its devices, or drops the connection, after the source released
+its devices leaves the source running with its image locked again and its
+vsock listening again. The
 ``virtiovsock`` guest, taken over or migrated while it waits for the host, is
 reached through the same socket path at the new VMM."""
 
@@ -34,7 +35,7 @@ from osvmm.plan.config import parse_plan
 from osvmm.plan.placement import place
 from osvmm.plan.topology import read_topology
 from osvmm.up.hypercalls import serve_supervisor
-from osvmm.up.migrate import MigrationService
+from osvmm.up.migrate import IncomingServer, MigrationService
 from osvmm.up.supervisor import RUNNING, Supervisor
 from tests.helpers import VMM_NOTE, guest_text, run_osvmm
 from tests.test_migration import Vmm, up_process, wait_until
@@ -148,21 +149,61 @@ def test_osvmm_migrate_moves_a_disk_guest_mid_run_to_osvmm_up_incoming(tmp):
     check_disk_and_rounds(src_text + guest_text(dst_log), image)
 
 
+def logged_vmm(tmp: Path, body: str, side: str, incoming: str | None = None) -> Vmm:
+    """tests/test_migration.py's Vmm, its consoles logged in ``tmp/SIDE-logs``."""
+    vmm = Vmm.__new__(Vmm)
+    vmm.sup = Supervisor(
+        place(parse_plan(body, tmp), read_topology()), log_dir=str(tmp / f"{side}-logs")
+    )
+    vmm.live = serve_supervisor(vmm.sup)
+    vmm.migrations = MigrationService(vmm.sup, vmm.live)
+    vmm.receiver = None
+    if incoming:
+        vmm.receiver = IncomingServer(incoming, vmm.sup, vmm.sup.kvm)
+        vmm.receiver.start()
+    else:
+        vmm.sup.start_all()
+    return vmm
+
+
+def test_a_destination_that_cannot_open_its_devices_leaves_the_source_with_them(tmp):
+    """The destination accepts, takes the pages and the state, but cannot listen on
+    its vsock's path (another program does) when it builds the partition, after
+    the source released its devices: it answers FAIL, and the source locks its
+    image and listens on its socket again and goes on; the destination runs nothing."""
+    image = make_image(tmp / "disk.img")
+    vsock, taken = tmp / "v.sock", tmp / "taken.sock"
+    squatter = socket.socket(socket.AF_UNIX)
+    squatter.bind(str(taken))
+    squatter.listen(1)
+    addr = f"unix:{tmp}/in.sock"
+    src = logged_vmm(tmp, disk_plan(tmp, "src", image, vsock), "src")
+    dst = logged_vmm(tmp, disk_plan(tmp, "dst", image, taken), "dst", addr)
+    log = tmp / "src-logs/d.console.log"
+    try:
+        src.wait_running("d")
+        part = src.sup.partitions["d"].partition
+        log_until(log, "virtioblk: round 100 ok")
+        with pytest.raises(SnapshotError, match=f"uds={taken}: another process listens there"):
+            src.migrations.migrate({"name": "d", "to": addr})
+        assert src.sup.partitions["d"].partition is part and part.running
+        assert locked(image) and listening(vsock)
+        assert dst.sup.partitions["d"].state != RUNNING
+        text = log_until(log, f"virtioblk: rounds {ROUNDS} done", 300)
+    finally:
+        squatter.close()
+        src.close()
+        dst.close()
+    check_disk_and_rounds(guest_text_of(text), image)
+
+
 def test_a_connection_dropped_after_the_release_leaves_the_source_with_its_devices(tmp):
     """A destination that takes everything up to DONE, checks that the source let the
     image go, and hangs up: the source locks its image again, listens on its vsock
     again, and the guest goes on to the end."""
     image = make_image(tmp / "disk.img")
     vsock = tmp / "v.sock"
-    src = Vmm.__new__(Vmm)  # Vmm's, with the console logged to a file
-    src.sup = Supervisor(
-        place(parse_plan(disk_plan(tmp, "src", image, vsock), tmp), read_topology()),
-        log_dir=str(tmp / "src-logs"),
-    )
-    src.live = serve_supervisor(src.sup)
-    src.migrations = MigrationService(src.sup, src.live)
-    src.receiver = None
-    src.sup.start_all()
+    src = logged_vmm(tmp, disk_plan(tmp, "src", image, vsock), "src")
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(f"{tmp}/drop.sock")
     listener.listen(1)
