@@ -134,8 +134,8 @@ def test_osvmm_migrate_moves_a_disk_guest_mid_run_to_osvmm_up_incoming(tmp):
         r = run_osvmm("migrate", "d", "--to", f"unix:{tmp}/in.sock", "--socket", f"{tmp}/src.sock")
         assert r.returncode == 0, r.stderr
         assert re.match(rb"d: migrated to unix:.*; here stopped\n", r.stdout), r.stdout
+        assert locked(image)  # the destination's now (its guest still has rounds to go)
         log_until(dst_log, f"virtioblk: rounds {ROUNDS} done", 300)
-        assert locked(image) or "[osvmm: ended" in dst_log.read_text()
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
