@@ -59,6 +59,22 @@ def test_a_destination_with_the_same_devices_accepts(image):
     dh.check_profile([DISK, VSOCK], [Drive(str(image))], (), Vsock("/x.sock", 5), "here")
 
 
+def test_a_takeover_needs_the_very_files_and_socket_path(image, tmp_path):
+    st = os.stat(image)
+    disk = DISK | {"path": str(image), "file": [st.st_dev, st.st_ino]}
+    vsock = VSOCK | {"uds": "/v.sock"}
+    dh.check_profile([disk, vsock], [Drive(str(image))], (), Vsock("/v.sock", 5), "here", True)
+    copy = tmp_path / "copy.img"
+    copy.write_bytes(image.read_bytes())
+    with pytest.raises(SnapshotError) as err:
+        dh.check_profile([disk], [Drive(str(copy))], (), None, "here", takeover=True)
+    assert str(err.value) == f"here: disk 0 {copy} is not the running partition's ({image})"
+    dh.check_profile([disk], [Drive(str(copy))], (), None, "here")  # a migration's: a copy
+    with pytest.raises(SnapshotError) as err:
+        dh.check_profile([vsock], [], (), Vsock("/w.sock", 5), "here", takeover=True)
+    assert str(err.value) == "here: vsock /w.sock, the running partition's listens at /v.sock"
+
+
 @pytest.mark.parametrize(
     "devices,drives,vsock,message",
     [

@@ -348,3 +348,38 @@ def test_a_vsock_guest_moved_mid_run_is_reached_through_its_socket_again(tmp, ho
             except subprocess.TimeoutExpired:
                 p.kill()
         srv.close()
+
+
+def test_a_takeover_whose_plan_names_another_disk_leaves_the_old_vmm_with_its_devices(tmp):
+    """The new plan names another image of the same size for the partition: the
+    new VMM refuses it at the HELO (not the running partition's file), in one line;
+    the old VMM goes on, its image locked, its socket file there and listened on,
+    and the guest does every round once."""
+    from tests.test_supervisor_up import UpProcess
+
+    image, other = make_image(tmp / "disk.img"), make_image(tmp / "other.img")
+    vsock = tmp / "v.sock"
+    body = (
+        '[[partition]]\nname = "d"\ncpus = "floating"\nmemory = "16M"\n'
+        f'image = "guests:virtioblk"\ncmdline = "rounds={ROUNDS}"\ndrives = ["{image}"]\n'
+        f'restart = "stop"\nvsock = "uds={vsock},cid=5"\n'
+    )
+    old = UpProcess(body)
+    try:
+        log = old.logs / "d.console.log"
+        log_until(log, "virtioblk: round 100 ok")
+        before = old.ps()["d"]
+        plan = old.dir / "other.toml"
+        plan.write_text(old.plan.read_text().replace(str(image), str(other)))
+        r = run_osvmm("up", str(plan), "--takeover", timeout=120)
+        err = r.stderr.decode()
+        assert r.returncode == 2 and len(err.splitlines()) == 1, err
+        assert f"disk 0 {other} is not the running partition's ({image})" in err, err
+        assert old.proc.poll() is None
+        after = old.ps()["d"]
+        assert after["state"] == "running" and after["tids"] == before["tids"]  # the same run
+        assert locked(image) and not locked(other) and listening(vsock)
+        text = log_until(log, f"virtioblk: rounds {ROUNDS} done", 300)
+    finally:
+        old.close()
+    check_disk_and_rounds(guest_text_of(text), image)

@@ -348,8 +348,15 @@ def test_a_migration_profile_names_each_disk_with_its_size(image):
     part = _disk_partition(image)
     try:
         part.start()
+        st = os.stat(image)
         assert migration.profile(part)["devices"] == [
-            {"kind": "blk", "path": str(image), "size": 512 * SECTORS, "ro": False}
+            {
+                "kind": "blk",
+                "path": str(image),
+                "size": 512 * SECTORS,
+                "ro": False,
+                "file": [st.st_dev, st.st_ino],
+            }
         ]
         assert part.wait(120).status == 1  # the guest went on
     finally:

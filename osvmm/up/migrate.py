@@ -174,9 +174,10 @@ class IncomingServer:
         start_arrived(self.sup, stream, arrived)
 
 
-def accept_partition(sup, kvm, name: str, profile: dict):
+def accept_partition(sup, kvm, name: str, profile: dict, takeover: bool = False):
     """Check that partition ``name`` of this VMM can take the one arriving (not
-    running here, the same machine, vCPUs this host can run); the backing of its
+    running here, the same machine, its devices, vCPUs this host can run; with
+    ``takeover``, the very disk files and socket path it has); the backing of its
     new memory regions (``backing(size)``), or the error."""
     from osvmm.up.supervisor import FAILED, STOPPED
     from osvmm.vmm import enforce, snapshot
@@ -197,9 +198,8 @@ def accept_partition(sup, kvm, name: str, profile: dict):
     # Its disks (the same size: shared storage, or a copy), NICs and vsock (its CID);
     # opened only when the partition is built, after the source released them.
     spec = entry.spec
-    check_profile(
-        profile.get("devices", []), spec.drives, (), spec.vsock, f"partition {name!r} here"
-    )
+    who = f"partition {name!r} here"
+    check_profile(profile.get("devices", []), spec.drives, (), spec.vsock, who, takeover)
     snapshot.check_host(kvm, profile, kvm.supported_cpuid(), snapshot.host_tsc_khz(kvm))
     hugepages = entry.spec.hugepages
 
@@ -332,7 +332,9 @@ def take_over(path: str, sup, timeout: float = 300) -> dict:
         conn.settimeout(120)
         stream = wire.Stream(conn, "the old VMM")
         try:
-            arrived = migration.receive(stream, lambda n, p: accept_partition(sup, sup.kvm, n, p))
+            arrived = migration.receive(
+                stream, lambda n, p: accept_partition(sup, sup.kvm, n, p, takeover=True)
+            )
             start_arrived(sup, stream, arrived)
             outcome["names"] = [a.name for a in arrived]
         except OsvmmError as err:

@@ -56,8 +56,15 @@ def profile(part) -> list[dict]:
     for dev, backend in zip(part.virtio.devices, part.virtio.backends, strict=True):
         model, kind = dev.transport.model, _kind(backend)
         if kind == "blk":
+            st = os.fstat(backend.fd)  # the file itself, for a takeover (same host)
             out.append(
-                {"kind": kind, "path": backend.path, "size": backend.size, "ro": backend.readonly}
+                {
+                    "kind": kind,
+                    "path": backend.path,
+                    "size": backend.size,
+                    "ro": backend.readonly,
+                    "file": [st.st_dev, st.st_ino],
+                }
             )
         elif kind == "net":
             out.append({"kind": kind, "tap": backend.name, "mac": model.mac.hex(":")})
@@ -66,11 +73,14 @@ def profile(part) -> list[dict]:
     return out
 
 
-def check_profile(devices: list[dict], drives, nets, vsock, who: str) -> None:
+def check_profile(
+    devices: list[dict], drives, nets, vsock, who: str, takeover: bool = False
+) -> None:
     """SnapshotError (one line) unless a partition given ``drives`` (plan/drives.py
     Drive), ``nets`` (Net) and ``vsock`` (Vsock or None) can take the devices of
     ``profile``: as many disks, each of the same size (the guest knows its
-    capacity: shared storage, or a copy) and mode; as many NICs; the vsock's CID."""
+    capacity: shared storage, or a copy) and mode; as many NICs; the vsock's CID.
+    ``takeover``: and the very files (this host's), which the new VMM adopts."""
     disks = [d for d in devices if d["kind"] == "blk"]
     if len(disks) != len(drives):
         raise SnapshotError(f"{who} has {len(drives)} disks, the migrated one {len(disks)}")
@@ -87,6 +97,10 @@ def check_profile(devices: list[dict], drives, nets, vsock, who: str) -> None:
         if drive.readonly != had["ro"]:
             mode = "read-only" if had["ro"] else "writable"
             raise SnapshotError(f"{who}: disk {i} {drive.path}: the migrated one is {mode}")
+        if takeover and list(_identity(drive.path)) != had.get("file"):
+            raise SnapshotError(
+                f"{who}: disk {i} {drive.path} is not the running partition's ({had['path']})"
+            )
     taps = [d for d in devices if d["kind"] == "net"]
     if len(taps) != len(nets):
         raise SnapshotError(f"{who} has {len(nets)} tap NICs, the migrated one {len(taps)}")
@@ -100,6 +114,15 @@ def check_profile(devices: list[dict], drives, nets, vsock, who: str) -> None:
         raise SnapshotError(
             f"{who}: vsock cid {vsock.cid}, the migrated one's is {socks[0]['cid']}"
         )
+    if socks and takeover and socks[0]["uds"] != vsock.uds:
+        raise SnapshotError(
+            f"{who}: vsock {vsock.uds}, the running partition's listens at {socks[0]['uds']}"
+        )
+
+
+def _identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 # -- a migration: released at stop-and-copy, taken back if it fails -------------------------------
