@@ -342,15 +342,22 @@ def test_up_snapshots_a_partition_with_a_disk_and_a_plan_restores_it(image, tmp_
         assert disk[sector * 512 : (sector + 1) * 512] == block, sector
 
 
-def test_a_partition_with_disks_is_not_migrated(image):
-    from osvmm.errors import SnapshotError
+def test_a_migration_profile_names_each_disk_with_its_size(image):
     from osvmm.vmm import migration
 
     part = _disk_partition(image)
     try:
         part.start()
-        with pytest.raises(SnapshotError, match="has disks, tap NICs or a vsock: a migration"):
-            migration.profile(part)
+        st = os.stat(image)
+        assert migration.profile(part)["devices"] == [
+            {
+                "kind": "blk",
+                "path": str(image),
+                "size": 512 * SECTORS,
+                "ro": False,
+                "file": [st.st_dev, st.st_ino],
+            }
+        ]
         assert part.wait(120).status == 1  # the guest went on
     finally:
         part.close()

@@ -71,7 +71,9 @@ def up(
     assignment = place(plan, read_topology("/sys"))
     for warning in assignment.warnings:
         say(f"osvmm: warning: {warning}")
-    check_boot(assignment)  # every image loads and every boot prepares, before anything starts
+    # Every image loads and every boot prepares, before anything starts (an arriving
+    # partition's images and socket may be its VMM's until it hands them over).
+    check_boot(assignment, held_elsewhere=incoming is not None or takeover)
     check_protection(assignment)  # every write-monitor range, symbol and grant resolves
     path = plan.vmm.control_socket
     if takeover and incoming is not None:

@@ -80,6 +80,7 @@ class MigrationService:
                 downtime_ms=downtime,
                 extra=lambda: monitor_extra(self.live, entry.index),
                 then=lambda: self.sup.stop(name, wait=False, reason=reason),
+                log=self.sup.log,
             )
         except SnapshotError as err:
             self.failed[name] += 1
@@ -173,12 +174,14 @@ class IncomingServer:
         start_arrived(self.sup, stream, arrived)
 
 
-def accept_partition(sup, kvm, name: str, profile: dict):
+def accept_partition(sup, kvm, name: str, profile: dict, takeover: bool = False):
     """Check that partition ``name`` of this VMM can take the one arriving (not
-    running here, the same machine, vCPUs this host can run); the backing of its
+    running here, the same machine, its devices, vCPUs this host can run; with
+    ``takeover``, the very disk files and socket path it has); the backing of its
     new memory regions (``backing(size)``), or the error."""
     from osvmm.up.supervisor import FAILED, STOPPED
     from osvmm.vmm import enforce, snapshot
+    from osvmm.vmm.device_handover import check_profile
 
     entry = sup.entry(name)
     if entry.want_running or entry.state not in (STOPPED, FAILED):
@@ -192,6 +195,11 @@ def accept_partition(sup, kvm, name: str, profile: dict):
             f"{machine.memory >> 20} MiB and {machine.vcpus}"
             f"{' (another layout)' if machine.memory == entry.machine.memory else ''}"
         )
+    # Its disks (the same size: shared storage, or a copy), NICs and vsock (its CID);
+    # opened only when the partition is built, after the source released them.
+    spec = entry.spec
+    who = f"partition {name!r} here"
+    check_profile(profile.get("devices", []), spec.drives, (), spec.vsock, who, takeover)
     snapshot.check_host(kvm, profile, kvm.supported_cpuid(), snapshot.host_tsc_khz(kvm))
     hugepages = entry.spec.hugepages
 
@@ -207,6 +215,7 @@ def start_arrived(sup, stream, arrived) -> None:
     then all run (``StartGate``); if one cannot be built, none runs, FAIL is
     answered and the error raised."""
     from osvmm.up.supervisor import RUNNING, StartGate
+    from osvmm.vmm.device_handover import claim
 
     gate = StartGate(len(arrived))
     asked = []
@@ -234,6 +243,9 @@ def start_arrived(sup, stream, arrived) -> None:
         raise SnapshotError(failure)
     stream.send_json(b"RUNS", {"partitions": asked})
     for name in asked:
+        part = sup.entry(name).partition
+        if part is not None:
+            claim(part)  # a takeover's vsock file is this VMM's now
         sup.log(f"{name}: running, arrived from {stream.peer}")
 
 
@@ -320,7 +332,9 @@ def take_over(path: str, sup, timeout: float = 300) -> dict:
         conn.settimeout(120)
         stream = wire.Stream(conn, "the old VMM")
         try:
-            arrived = migration.receive(stream, lambda n, p: accept_partition(sup, sup.kvm, n, p))
+            arrived = migration.receive(
+                stream, lambda n, p: accept_partition(sup, sup.kvm, n, p, takeover=True)
+            )
             start_arrived(sup, stream, arrived)
             outcome["names"] = [a.name for a in arrived]
         except OsvmmError as err:

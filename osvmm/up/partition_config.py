@@ -80,12 +80,14 @@ def partition_config(
     )
 
 
-def check_boot(assignment: Assignment) -> dict[str, Machine]:
+def check_boot(assignment: Assignment, held_elsewhere: bool = False) -> dict[str, Machine]:
     """Every partition's Machine, after checking that each one's boot prepares (its
     image, kernel, initrd and command line), that each disk image can be opened as
     one (vmm/blockfile.py, closed again), that nothing else holds its vsock's
     socket path (vmm/vsock_uds.py) and that its ``restore`` snapshot reads
-    whole and fits it; the first failure as a ConfigError."""
+    whole and fits it; the first failure as a ConfigError. ``held_elsewhere``: the
+    partitions come from another VMM (``--incoming``, ``--takeover``), which may hold
+    the images locked and listen on the socket: neither is a failure then."""
     from osvmm.vmm.snapshot import Snapshot, check_disks, check_vsock
 
     machines = {}
@@ -100,14 +102,16 @@ def check_boot(assignment: Assignment) -> dict[str, Machine]:
 
                 try:
                     for drive in config.drives:
-                        disks.append(open_drive(drive.path, drive.readonly, "drive"))
+                        disks.append(
+                            open_drive(drive.path, drive.readonly, "drive", not held_elsewhere)
+                        )
                 finally:
                     for disk in disks:
                         disk.close()
             if config.vsock is not None:
                 from osvmm.vmm.vsock_uds import check_uds_path
 
-                check_uds_path(config.vsock.uds, "vsock")
+                check_uds_path(config.vsock.uds, "vsock", held_elsewhere)
             prepare(source, machine, config.cmdline, NO_QUIRKS)
             if placement.spec.restore:
                 snap = Snapshot.read(placement.spec.restore)

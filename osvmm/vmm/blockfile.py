@@ -97,9 +97,23 @@ def _probe_discard(fd: int, size: int) -> bool:
     return True
 
 
-def open_drive(path: str, readonly: bool, what: str = "--drive") -> RawImage:
+def lock_image(fd: int, readonly: bool) -> None:
+    """The image's lock: shared for a read-only disk, exclusive for a writable one;
+    BlockingIOError when another open file holds one that conflicts. It belongs to
+    the open file, so a descriptor passed to another process (a takeover) carries it."""
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise BlockingIOError(e.errno, e.strerror) from None
+        raise
+
+
+def open_drive(path: str, readonly: bool, what: str = "--drive", lock: bool = True) -> RawImage:
     """Open and check the raw image at ``path``; ConfigError (one line) when it
-    cannot be a drive. ``what`` names the option or plan field in the message."""
+    cannot be a drive. ``what`` names the option or plan field in the message.
+    ``lock=False``: checked only, not locked (a plan checked while the VMM its
+    partition comes from holds the image: ``osvmm up --incoming``, ``--takeover``)."""
     flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC | os.O_NOCTTY
     try:
         fd = os.open(path, flags)
@@ -123,15 +137,16 @@ def open_drive(path: str, readonly: bool, what: str = "--drive") -> RawImage:
                 f"{what} {path}: {st.st_size} bytes is not a whole number of "
                 f"{SECTOR_SIZE}-byte sectors"
             )
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+        if lock:
+            try:
+                lock_image(fd, readonly)
+            except BlockingIOError:
                 raise ConfigError(
                     f"{what} {path}: in use by another VM (locked); "
                     "give it to one at a time, or ,ro to all"
                 ) from None
-            raise ConfigError(f"{what} {path}: cannot be locked: {e.strerror}") from None
+            except OSError as e:
+                raise ConfigError(f"{what} {path}: cannot be locked: {e.strerror}") from None
         return RawImage(fd, st.st_size, readonly, path)
     except BaseException:
         os.close(fd)

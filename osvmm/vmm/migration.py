@@ -13,14 +13,20 @@ Source (``send``), over a connected ``snapshot.stream.Stream``:
                         ``max_rounds``, or STALL_ROUNDS rounds without fewer
                         pages left than the best round (the guest writes faster
                         than they are sent: going on would not help)
-    3. stop-and-copy, the partition paused (Partition.paused):
-              the last written pages, the state (STAT: vmm/snapshot.py ``collect``),
-              the images of the layers above (IMAG: channels), DONE
-    4. the destination builds the partition, starts it and answers RUNS; only
-       then does ``then()`` run, still paused, and stop the source for good.
+    3. stop-and-copy, the partition quiesced (Partition.quiesced: its vCPUs
+              paused, its device threads stopped between two requests):
+              the last written pages, the state (STAT: vmm/snapshot.py ``collect``,
+              the virtio devices' included), the images of the layers above (IMAG:
+              channels); the disks, taps and vsock socket released
+              (vmm/device_handover.py ``release``: a destination on this host
+              opens them next); DONE
+    4. the destination builds the partition (opening its disks, taps and socket),
+       starts it and answers RUNS; only then does ``then()`` run, still paused,
+       and stop the source for good (its devices never serve again).
 
 Whatever fails before RUNS (the connection drops, the destination answers FAIL
-or nothing) leaves the source as it was: its vCPUs go on, dirty tracking off.
+or nothing) leaves the source as it was: its devices taken back (images locked,
+taps attached, the socket listening again), its vCPUs go on, dirty tracking off.
 The downtime measured is from the pause to RUNS.
 
 Destination (``receive``): the frames of one migration into an
@@ -41,7 +47,7 @@ from osvmm.errors import GuestMemoryError, OsvmmError, SnapshotError
 from osvmm.snapshot import format as fmt
 from osvmm.snapshot import memfile
 from osvmm.snapshot.stream import STREAM_VERSION
-from osvmm.vmm import snapshot
+from osvmm.vmm import device_handover, snapshot
 
 MAX_RUN = 4 << 20  # bytes of one PAGE frame at most
 STALL_ROUNDS = 5
@@ -70,6 +76,7 @@ def profile(part) -> dict:
             {"cpuid": b"".join(bytes(e) for e in cpuid), "tsc_khz": khz, "xsave": xsave}
             for cpuid, khz in zip(part.cpuids, part.tsc_khz, strict=True)
         ],
+        "devices": device_handover.profile(part),  # disks, NICs, vsock (their size, MAC, CID)
     }
 
 
@@ -107,10 +114,13 @@ def send(
     extra=None,
     then=None,
     max_rounds: int = 30,
+    log=None,
 ) -> Report:
     """Migrate the running ``part`` over ``stream`` (above). ``extra()`` gives the
     layers above's (state, images) with the partition paused; ``then()`` runs once
-    the destination runs it, still paused (a stop: the source never goes on)."""
+    the destination runs it, still paused (a stop: the source never goes on).
+    ``log(line)``: what could not be taken back after a failure (an image another
+    process locked meanwhile: the partition goes on without the lock)."""
     t0 = time.perf_counter()
     stream.send(
         b"HELO", fmt.encode({"version": STREAM_VERSION, "name": name, "profile": profile(part)})
@@ -146,7 +156,7 @@ def send(
             pages_sent += sent
             rounds += 1
             rate = max(rate * 0.5, sent * PAGE_SIZE / max(time.perf_counter() - t, 1e-6))
-        with part.paused():
+        with part.quiesced():
             t_stop = time.perf_counter()
             if not part.running:
                 raise SnapshotError(f"partition {name!r} ended during its migration")
@@ -157,10 +167,18 @@ def send(
             for image, buf in images.items():
                 key = image.encode()
                 stream.send(b"IMAG", struct.pack("<H", len(key)), key, memoryview(buf))
-            stream.send(b"DONE")
-            stream.expect(b"RUNS")
+            released = device_handover.release(part)
+            try:
+                stream.send(b"DONE")
+                stream.expect(b"RUNS")
+            except BaseException:
+                for problem in released.reacquire():
+                    if log is not None:
+                        log(f"{name}: after the failed migration: {problem}")
+                raise
             downtime = time.perf_counter() - t_stop
             done = True
+            device_handover.hand_off(part)
             if then is not None:
                 then()
     finally:
@@ -179,9 +197,12 @@ def send(
 def hand_over(parts, stream, then=None) -> Report:
     """A takeover: every partition of ``parts`` ((name, Partition, extra) triples,
     ``extra`` as in ``send``) to a new VMM on this host over ``stream`` (a Unix
-    socket). All are paused at once (partitions sharing a channel stay in step);
-    guest memory in memfds is passed as file descriptors, not copied (any other
-    region's pages are sent); the new VMM resumes them all and answers RUNS; then
+    socket). All are quiesced at once (partitions sharing a channel stay in step;
+    device threads stopped between two requests); guest memory in memfds is
+    passed as file descriptors, not copied (any other region's pages are sent),
+    and so are the devices' disk images (their locks with them), taps and vsock
+    listener (vmm/device_handover.py); the new VMM resumes them all and answers
+    RUNS; then the devices here are handed off (they never serve again) and
     ``then()`` runs, every partition still paused (it stops them for good). On
     any failure before RUNS they all go on here as they were."""
     t0 = time.perf_counter()
@@ -195,7 +216,7 @@ def hand_over(parts, stream, then=None) -> Report:
     pages = 0
     with ExitStack() as paused:
         for _, part, _ in parts:
-            paused.enter_context(part.paused())
+            paused.enter_context(part.quiesced())
         t_stop = time.perf_counter()
         for name, part, extra in parts:
             if not part.running:
@@ -203,7 +224,16 @@ def hand_over(parts, stream, then=None) -> Report:
             stream.send_json(b"PART", {"name": name})
             shared = [r for r in part.memory.regions if r.backing == "memfd"]
             spec = [{"gpa": r.gpa, "size": r.size, "fd": i} for i, r in enumerate(shared)]
-            stream.send_fds(b"FDS ", {"regions": spec}, [r.fd for r in shared])
+            # The devices' disk images, taps and vsock listener, open (an image's lock
+            # goes with its open file): the new VMM adopts them (vmm/device_handover.py).
+            devices, device_fds = device_handover.fds(part)
+            for dev in devices:
+                dev["fd"] += len(shared)
+            stream.send_fds(
+                b"FDS ",
+                {"regions": spec, "devices": devices},
+                [r.fd for r in shared] + device_fds,
+            )
             for r in shared:
                 r.shared_out = True  # the new VMM's pages too: never zeroed here
             for region in part.memory.regions:
@@ -220,6 +250,8 @@ def hand_over(parts, stream, then=None) -> Report:
         stream.send(b"DONE")
         stream.expect(b"RUNS")
         downtime = time.perf_counter() - t_stop
+        for _, part, _ in parts:
+            device_handover.hand_off(part)
         if then is not None:
             then()
     total = (time.perf_counter() - t0) * 1000
@@ -233,7 +265,9 @@ class IncomingSnapshot(snapshot.Snapshot):
     """A migrated partition's state and memory, as ``Partition.build`` takes a
     snapshot (PartitionConfig.restore); the memory moves into the partition."""
 
-    def __init__(self, origin: str, state: dict, memory, images: dict[str, bytearray], ready=None):
+    def __init__(
+        self, origin: str, state: dict, memory, images: dict[str, bytearray], ready=None, handed=()
+    ):
         super().__init__(origin, state, {})
         self.origin = f"a migration from {origin}"
         self.name = state.get("name")  # the partition's name (the HELO's, once received)
@@ -242,6 +276,14 @@ class IncomingSnapshot(snapshot.Snapshot):
         # vmm/ready.py ReadyVm made while the pages came, its memory the reservations':
         # the partition's build takes it (no VM made, no memslot registered then).
         self.ready = ready
+        # A takeover's device backends: (kind, open fd) in slot order, which the build
+        # adopts instead of opening its disks, taps and socket (``take_handed``).
+        self._handed = list(handed)
+
+    def take_handed(self) -> list[tuple[str, int]]:
+        """The handed-over device descriptors, the caller's from now on."""
+        handed, self._handed = self._handed, []
+        return handed
 
     def map_memory(self, memory, lazy: bool, backing, reserved=None) -> None:
         """The regions that arrived move into ``memory`` (``reserved`` is unused: they
@@ -255,6 +297,8 @@ class IncomingSnapshot(snapshot.Snapshot):
 
     def close(self) -> None:
         self._memory.close()  # what the partition did not take
+        for _, fd in self.take_handed():
+            os.close(fd)
         if self.ready is not None:
             self.ready.close()  # taken (then nothing is left to close), or not
 
@@ -301,6 +345,7 @@ class _Arriving:
         self.memory = GuestMemory([])
         self.state = None
         self.images: dict[str, bytearray] = {}
+        self.handed: list[tuple[str, int]] = []  # a takeover's device fds (kind, fd)
 
     def allocate_rest(self) -> None:
         """Zeroed regions for every RAM range no file descriptor brought; when none
@@ -321,6 +366,11 @@ class _Arriving:
         """FDS: the regions given as memfds (the very pages of the old VMM)."""
         used = set()
         try:
+            for dev in spec.get("devices", []):
+                if dev["kind"] not in ("blk", "net", "vsock"):
+                    raise SnapshotError(f"a {dev['kind']!r} device handed over")
+                self.handed.append((dev["kind"], fds[dev["fd"]]))
+                used.add(fds[dev["fd"]])
             for reg in spec["regions"]:
                 if (reg["gpa"], reg["size"]) not in self.ranges:
                     where = f"{reg['gpa']:#x}+{reg['size']:#x}"
@@ -384,14 +434,18 @@ class _Arriving:
         if not self.memory.regions:
             self.allocate_rest()
         incoming = IncomingSnapshot(
-            self.stream.peer, self.state, self.memory, self.images, self.ready
+            self.stream.peer, self.state, self.memory, self.images, self.ready, self.handed
         )
         self.ready = None  # the arrival's now
+        self.handed = []
         incoming.name = self.name
         return incoming
 
     def close(self) -> None:
         self.memory.close()
+        for _, fd in self.handed:
+            os.close(fd)
+        self.handed = []
         if self.ready is not None:
             self.ready.close()
 

@@ -67,7 +67,7 @@ from osvmm.devices.pm_timer import register_pm_timer
 from osvmm.devices.power import register_power_devices
 from osvmm.devices.rtc import register_rtc
 from osvmm.devices.serial import COM1_IRQ, COM1_PORT, Serial
-from osvmm.errors import ConfigError, OsvmmError, VmmBug
+from osvmm.errors import ConfigError, OsvmmError, SnapshotError, VmmBug
 from osvmm.kvm import Kvm
 from osvmm.kvm.ioctls import KVM_CAP_NR_MEMSLOTS
 from osvmm.kvm.structs import KVM_MEM_READONLY
@@ -270,6 +270,13 @@ class Partition:
         NIC's tap attached (vmm/tap.py), the vsock's socket listening
         (vmm/vsock_uds.py); or none."""
         drives, nets = self.config.drives, self.config.nets
+        handed = getattr(self.config.restore, "take_handed", None)
+        if handed is not None and (handed := handed()):  # a takeover's, open already
+            from osvmm.vmm.device_handover import adopt
+
+            who = f"partition {self.config.name!r}"
+            self._disks, self._taps, self._vsock = adopt(handed, self.config, who)
+            return
         try:
             if drives:
                 from osvmm.vmm.blockfile import open_drive
@@ -512,6 +519,8 @@ class Partition:
         if self.result is None and self._armed and self._gate.is_set():
             raise VmmBug(f"partition {name!r} is running: stop it before recycling it")
         self.memory.check_own("recycled")  # a takeover's memory is the new VMM's
+        if self.virtio is not None and self.virtio.handed_off:
+            raise SnapshotError(f"partition {name!r}: its devices are another VMM's now")
         self._end_threads()  # held at the gate when it was stopped before it started
         if any(t.alive for t in self.threads):
             raise VmmBug(f"partition {name!r}: a vCPU thread did not end")
@@ -623,7 +632,6 @@ class Partition:
         paused; returns (vmm.snapshot.Written, milliseconds paused). ``extra()``, called
         while paused, gives the layers above's (state, images); ``then()`` runs before
         the vCPUs go on (a stop: they never do)."""
-        from osvmm.errors import SnapshotError
         from osvmm.vmm import snapshot
 
         if not self.running:

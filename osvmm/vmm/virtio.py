@@ -167,6 +167,9 @@ class VirtioDevices:
         self.devices: list[DeviceThread] = []
         self.backends: list = []
         self._partition_name = "guest"  # for the names of the threads (start)
+        # Handed to another VMM (a migration, a takeover: vmm/device_handover.py): the
+        # threads never run here again, whatever is left in the queues is its.
+        self.handed_off = False
 
     def add_blk(self, vm, memory, mmio_bus, backend, on_error) -> DeviceThread:
         serial = f"osvmm-vd{chr(ord('a') + len(self.devices))}".encode()
@@ -194,6 +197,8 @@ class VirtioDevices:
 
     def start(self, partition_name: str) -> None:
         self._partition_name = partition_name
+        if self.handed_off:
+            return
         for i, dev in enumerate(self.devices):
             if dev.thread is None:
                 dev.start(enforce.thread_name(partition_name, f"vd{i}"))
@@ -210,7 +215,7 @@ class VirtioDevices:
             yield
         finally:
             for i, dev in enumerate(self.devices):
-                if dev in running and dev.thread is None:
+                if dev in running and dev.thread is None and not self.handed_off:
                     dev.start(enforce.thread_name(self._partition_name, f"vd{i}"))
 
     def state(self) -> list[dict]:

@@ -85,11 +85,14 @@ class UdsBackend:
     """The listening socket at PATH, the host connections still sending their
     CONNECT line, and guest connects to ``PATH_<port>``."""
 
-    def __init__(self, path: str, listener: socket.socket):
+    def __init__(self, path: str, listener: socket.socket, owns_file: bool = True):
+        """``owns_file=False``: a listener another VMM handed over, whose file is not
+        ours to remove until ``own_file`` (the takeover confirmed)."""
         self.path = path
         self.listener = listener
-        st = os.stat(path)
-        self._identity = (st.st_dev, st.st_ino)
+        self._identity = None
+        if owns_file:
+            self.own_file()
         self.pending: dict[int, tuple[socket.socket, bytearray]] = {}
         self.streams: set[UdsStream] = set()  # handed to the model, not closed yet
         self.counts = {"accepted": 0, "bad_line": 0, "too_many": 0}
@@ -170,9 +173,34 @@ class UdsBackend:
         self.listener.close()
         self.listener = None
 
+    def own_file(self) -> None:
+        """The socket file at ``path`` is this backend's: removed by ``unlink``."""
+        st = os.stat(self.path)
+        self._identity = (st.st_dev, st.st_ino)
+
+    def disown_file(self) -> None:
+        """The socket file is another VMM's now (a takeover's): left where it is."""
+        self._identity = None
+
+    def stop_listening(self) -> None:
+        """The listener closed and its file removed; the connections go on (a
+        migration hands the path to the destination, ``listen_again`` if it fails)."""
+        if self.listener is not None:
+            self.unlink()
+            self.listener.close()
+            self.listener = None
+
+    def listen_again(self) -> None:
+        """Listen at ``path`` again after ``stop_listening`` (ConfigError if it cannot)."""
+        if self.listener is None:
+            fresh = open_vsock_uds(self.path, "vsock")
+            self.listener, self._identity = fresh.listener, fresh._identity
+
     def unlink(self) -> None:
         """The socket file removed, if it is still the one we made (a process about
         to end leaves its sockets to the kernel, not its files)."""
+        if self._identity is None:
+            return
         try:
             st = os.stat(self.path)
             if (st.st_dev, st.st_ino) == self._identity:
@@ -193,9 +221,10 @@ def _listening(path: str) -> bool:
         probe.close()
 
 
-def check_uds_path(path: str, what: str = "--vsock") -> bool:
+def check_uds_path(path: str, what: str = "--vsock", listener_ok: bool = False) -> bool:
     """Whether a stale socket file is at ``path`` (nothing: False); a ConfigError
-    when the path cannot be ours: too long, something else there, a listener."""
+    when the path cannot be ours: too long, something else there, a listener
+    (unless ``listener_ok``: the VMM a partition comes from listens there)."""
     where = f"{what} uds={path}"
     if len(os.fsencode(path)) + PORT_SUFFIX_MAX > SUN_PATH_MAX:
         raise ConfigError(
@@ -213,6 +242,8 @@ def check_uds_path(path: str, what: str = "--vsock") -> bool:
     if not stat.S_ISSOCK(st.st_mode):
         raise ConfigError(f"{where}: exists and is not a socket")
     if _listening(path):
+        if listener_ok:
+            return False
         raise ConfigError(f"{where}: another process listens there")
     return True
 
