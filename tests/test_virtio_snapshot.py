@@ -284,13 +284,6 @@ def test_quiesce_stops_the_thread_between_requests_and_serves_what_came_meanwhil
     "devices,what,message",
     [
         (
-            {"switch_nics": ("port",)},
-            "a snapshot",
-            "partition 'p' is on a network: a snapshot does not hold the state of the switch "
-            "and its other members, so it is refused",
-        ),
-        ({"switch_nics": ("port",)}, "a migration or a takeover", "is on a network: a migr"),
-        (
             {"drives": ("disk",)},
             "a migration or a takeover",
             "partition 'p' has disks, tap NICs or a vsock: a migration or a takeover is refused "
@@ -322,6 +315,16 @@ def test_a_partition_with_disks_tap_nics_and_a_vsock_may_be_snapshotted():
 
     config = SimpleNamespace(name="p", drives=("d",), nets=("t",), switch_nics=(), vsock="v")
     check_snapshottable(SimpleNamespace(config=config))
+
+
+@pytest.mark.parametrize("what", ["a snapshot", "a migration or a takeover"])
+def test_a_partition_on_a_network_may_be_snapshotted_migrated_and_taken_over(what):
+    from types import SimpleNamespace
+
+    from osvmm.vmm.snapshot import check_snapshottable
+
+    config = SimpleNamespace(name="p", drives=(), nets=(), switch_nics=("port",), vsock=None)
+    check_snapshottable(SimpleNamespace(config=config), what)
 
 
 # -- virtio-net on a tap ------------------------------------------------------------------------
@@ -439,3 +442,80 @@ def test_a_vsock_that_is_not_the_snapshots_is_refused_in_one_line():
         assert str(err.value) == message
     with pytest.raises(SnapshotError, match="the snapshot has no vsock, one given"):
         check_vsock({}, Vsock("/a", 5), "partition 'p'")
+
+
+# -- virtio-net on a plan's network -------------------------------------------------------------
+
+LAN_MAC = bytes.fromhex("026e01020304")
+
+
+def test_a_network_nics_state_holds_its_network_and_mac_not_the_switch():
+    from osvmm.devices.virtio.net import RX, VirtioNet
+    from osvmm.devices.virtio.queue import Virtqueue
+    from osvmm.vmm.snapshot import snapshot_nets, snapshot_networks
+    from osvmm.vmm.switch_port import SwitchNetwork
+
+    mem, net = memory(), SwitchNetwork("lan")
+    try:
+        port, peer = net.add_port(), net.add_port()
+        model = VirtioNet(port, mem, LAN_MAC)
+        frame = LAN_MAC + bytes.fromhex("026e0a0b0c0d") + b"\x88\xb5" + bytes(46)
+        peer.send(b"\xff" * 6 + frame[6:])  # the switch learns the peer
+        peer.send(frame)  # flooded (the port's MAC is unknown): queued at the port
+        rxq = Virtqueue(mem, 8, DESC, AVAIL, USED)
+        assert model.serve(RX, rxq) is False and model.rx_starved  # no buffer: one held
+        state = fmt.decode(fmt.encode({"m": model.state()}))["m"]
+        assert state == {
+            "kind": "net",
+            "tap": None,
+            "network": "lan",
+            "mac": "02:6e:01:02:03:04",
+            "held": b"\xff" * 6 + frame[6:],
+            "rx_starved": True,
+        }
+        assert len(port.queue) == 1  # the switch port's queue: not the partition's state
+        whole = {"virtio": [{"model": state}]}
+        assert snapshot_networks(whole) == (("lan", LAN_MAC),)
+        assert snapshot_nets(whole) == ()  # not a tap NIC: nothing for osvmm run to attach
+    finally:
+        net.close()
+        mem.close()
+
+
+def test_network_nics_that_are_not_the_snapshots_are_refused_in_one_line():
+    from osvmm.vmm.snapshot import check_networks, check_nics
+
+    other = bytes.fromhex("026eaabbccdd")
+    state = {
+        "virtio": [
+            {"model": {"kind": "blk"}},
+            {"model": {"kind": "net", "tap": None, "network": "lan", "mac": LAN_MAC.hex(":")}},
+            {"model": {"kind": "net", "tap": None, "network": "san", "mac": other.hex(":")}},
+        ]
+    }
+    check_networks(state, [("lan", LAN_MAC), ("san", other)], "restore")
+    check_nics(state, [], "restore")  # no tap NIC among them
+    cases = [
+        (
+            [],
+            "restore: the snapshot's NICs are on networks lan, san; this plan puts the "
+            "partition on none",
+        ),
+        ([("lan", LAN_MAC)], "restore: the snapshot's NICs are on networks lan, san; this plan"),
+        ([("san", other), ("lan", LAN_MAC)], "on networks lan, san; this plan puts the partition "),
+        ([("lan", LAN_MAC), ("wan", other)], "this plan puts the partition on lan, wan"),
+        (
+            [("lan", other), ("san", other)],
+            "restore: NIC on network 'lan': MAC 02:6e:aa:bb:cc:dd, the snapshot's had "
+            "02:6e:01:02:03:04 (a plan's MAC is its network's and partition's: restore it as "
+            "the partition it was)",
+        ),
+    ]
+    for nics, message in cases:
+        with pytest.raises(SnapshotError) as err:
+            check_networks(state, nics, "restore")
+        assert message in str(err.value) and "\n" not in str(err.value), nics
+        assert err.value.exit_status == 2
+    tap = {"virtio": [{"model": {"kind": "net", "tap": "t0", "mac": MAC.hex(":")}}]}
+    with pytest.raises(SnapshotError, match="the snapshot's NICs are on networks none; this plan"):
+        check_networks(tap, [("lan", LAN_MAC)], "restore")

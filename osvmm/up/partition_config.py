@@ -85,8 +85,10 @@ def check_boot(assignment: Assignment) -> dict[str, Machine]:
     image, kernel, initrd and command line), that each disk image can be opened as
     one (vmm/blockfile.py, closed again), that nothing else holds its vsock's
     socket path (vmm/vsock_uds.py) and that its ``restore`` snapshot reads
-    whole and fits it; the first failure as a ConfigError."""
-    from osvmm.vmm.snapshot import Snapshot, check_disks, check_vsock
+    whole and fits it (its machine, disks, NICs: none on a tap, those on networks
+    on this plan's networks of those names with their MACs, and vsock); the first
+    failure as a ConfigError."""
+    from osvmm.vmm.snapshot import Snapshot, check_disks, check_networks, check_nics, check_vsock
 
     machines = {}
     for placement in assignment.partitions:
@@ -112,6 +114,13 @@ def check_boot(assignment: Assignment) -> dict[str, Machine]:
             if placement.spec.restore:
                 snap = Snapshot.read(placement.spec.restore)
                 try:
+                    # The NICs first: a missing network also makes another machine.
+                    check_nics(snap.state, [], "restore")  # a plan gives no tap NICs
+                    nics = [
+                        (net.name, net.mac(placement.name))
+                        for net in assignment.plan.networks_of(placement.name)
+                    ]
+                    check_networks(snap.state, nics, "restore")
                     snap.check_machine(machine, "restore")
                     check_disks(snap.state, disks, "restore")
                     check_vsock(snap.state, config.vsock, "restore")

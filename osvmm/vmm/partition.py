@@ -226,11 +226,6 @@ class Partition:
         # 1. inputs
         snap = None
         if cfg.restore is not None:
-            if cfg.switch_nics:
-                raise ConfigError(
-                    f"partition {cfg.name!r}: a snapshot is resumed without networks "
-                    "(it holds no state of theirs)"
-                )
             snap = self._read_snapshot()
         else:
             self._inputs = input_stamps(cfg)
@@ -246,11 +241,12 @@ class Partition:
         try:
             self._open_disks()
             if snap is not None:  # the snapshot's disks and NICs, before anything is built
-                from osvmm.vmm.snapshot import check_disks, check_nics, check_vsock
+                from osvmm.vmm.snapshot import check_disks, check_networks, check_nics, check_vsock
 
                 who = f"partition {cfg.name!r}"
                 check_disks(snap.state, self._disks, who)
                 check_nics(snap.state, self._macs(), who)
+                check_networks(snap.state, self._network_nics(), who)
                 check_vsock(snap.state, cfg.vsock, who)
             return self._build(snap)
         except BaseException:
@@ -469,6 +465,10 @@ class Partition:
             net.mac or default_mac(tap.name)
             for net, tap in zip(self.config.nets, self._taps, strict=True)
         ]
+
+    def _network_nics(self) -> list[tuple[str, bytes]]:
+        """(network name, MAC) of each NIC on a plan's network, in slot order."""
+        return [(port.network.name, mac) for port, mac in self.config.switch_nics]
 
     def _make_threads(self) -> None:
         self.threads = []

@@ -63,14 +63,19 @@ class VirtioNet:
             flush()
 
     def state(self) -> dict:
-        """What a snapshot holds of the model: the tap it was on and its MAC (the
-        backend's identity, reattached at a restore), and a received frame
-        waiting for a receive buffer (with ``rx_starved``). Frames still in the
-        tap's queue on the host are not the partition's: a restore on the same
-        tap reads them, as a NIC would after a pause."""
+        """What a snapshot holds of the model: the tap it was on, or the plan network
+        its switch port belongs to (``network``; ``tap`` is then None), and its MAC
+        (the backend's identity, attached again at a restore), and a received
+        frame waiting for a receive buffer (with ``rx_starved``). Frames still in
+        the tap's queue on the host, or in the switch port's, are not the
+        partition's: a restore on the same tap reads them, as a NIC would after a
+        pause; a switch port's are dropped while its partition is stopped, as on a
+        wire whose station is down."""
+        network = getattr(self.backend, "network", None)  # a switch port's (vmm/switch_port.py)
         return {
             "kind": "net",
-            "tap": getattr(self.backend, "name", None),
+            "tap": getattr(self.backend, "name", None) if network is None else None,
+            **({"network": network.name} if network is not None else {}),
             "mac": self.mac.hex(":"),
             "held": self._held,
             "rx_starved": self.rx_starved,
