@@ -450,7 +450,7 @@ LAN_MAC = bytes.fromhex("026e01020304")
 
 
 def test_a_network_nics_state_holds_its_network_and_mac_not_the_switch():
-    from osvmm.devices.virtio.net import RX, VirtioNet
+    from osvmm.devices.virtio.net import HEADER_SIZE, RX, VirtioNet
     from osvmm.devices.virtio.queue import Virtqueue
     from osvmm.vmm.snapshot import snapshot_nets, snapshot_networks
     from osvmm.vmm.switch_port import SwitchNetwork
@@ -472,11 +472,36 @@ def test_a_network_nics_state_holds_its_network_and_mac_not_the_switch():
             "mac": "02:6e:01:02:03:04",
             "held": b"\xff" * 6 + frame[6:],
             "rx_starved": True,
+            "queued": [frame],  # the port's queue: the NIC's receive FIFO
         }
-        assert len(port.queue) == 1  # the switch port's queue: not the partition's state
+        assert len(port.queue) == 1  # read, not taken
         whole = {"virtio": [{"model": state}]}
         assert snapshot_networks(whole) == (("lan", LAN_MAC),)
         assert snapshot_nets(whole) == ()  # not a tap NIC: nothing for osvmm run to attach
+
+        # Restored onto a port of a new switch (no table): held, then queued, then
+        # what came since the port was attached; the switch's table is not restored.
+        again_net = SwitchNetwork("lan")
+        try:
+            new_port, new_peer = again_net.add_port(), again_net.add_port()
+            later = LAN_MAC + frame[6:12] + b"\x88\xb5" + b"\x01" * 46
+            new_peer.send(later)  # flooded: the new switch knows no one
+            again = VirtioNet(new_port, mem, LAN_MAC)
+            again.restore(state)
+            assert not again_net.switch.table or LAN_MAC not in again_net.switch.table
+            assert again.poll_fds() == {}  # starved until the driver adds buffers
+            d = Driver(mem, 8)
+            for i in range(3):
+                d.make_available(d.chain([(d.buffer(2048), 2048, True)], first=i))
+            assert again.serve(RX, rxq) is True and not again.rx_starved
+            got = [mem.read(DATA + i * 2048 + HEADER_SIZE, 60) for i in range(3)]
+            assert got == [b"\xff" * 6 + frame[6:], frame, later], got
+        finally:
+            again_net.close()
+        with pytest.raises(ValueError, match="no frame"):
+            again.restore(state | {"queued": [bytes(70000)]})
+        with pytest.raises(ValueError, match="no queue"):
+            again.restore(state | {"queued": [b""] * 257})
     finally:
         net.close()
         mem.close()

@@ -146,7 +146,7 @@ def send(
             pages_sent += sent
             rounds += 1
             rate = max(rate * 0.5, sent * PAGE_SIZE / max(time.perf_counter() - t, 1e-6))
-        with part.paused():
+        with part.quiesced():  # its devices too: their state agrees with its memory
             t_stop = time.perf_counter()
             if not part.running:
                 raise SnapshotError(f"partition {name!r} ended during its migration")
@@ -195,7 +195,7 @@ def hand_over(parts, stream, then=None) -> Report:
     pages = 0
     with ExitStack() as paused:
         for _, part, _ in parts:
-            paused.enter_context(part.paused())
+            paused.enter_context(part.quiesced())  # devices too: none left to write memory
         t_stop = time.perf_counter()
         for name, part, extra in parts:
             if not part.running:

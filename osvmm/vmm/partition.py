@@ -608,12 +608,13 @@ class Partition:
     def quiesced(self):
         """``paused``, and the virtio devices' threads stopped too (each between two
         requests, vmm/virtio.py): guest memory and every device's state stay as
-        they are for the block (a snapshot)."""
+        they are for the block (a snapshot, a migration's stop-and-copy, a
+        takeover); they start again only if the partition still runs after it."""
         with self.paused():
             if self.virtio is None:
                 yield
             else:
-                with self.virtio.quiesced():
+                with self.virtio.quiesced(resume=lambda: self.running):
                     yield
 
     def snapshot(self, directory: str, extra=None, then=None):
