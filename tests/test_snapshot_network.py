@@ -207,3 +207,69 @@ def test_osvmm_run_refuses_to_restore_a_partition_that_was_on_a_network(rx_snaps
         "network "
         f'(restore = "{rx_snapshot}")\n'
     )
+
+
+def test_a_takeover_moves_the_members_of_a_network_together_onto_its_new_switch():
+    """``osvmm up --takeover`` mid-exchange: every member is paused at once, the
+    frames the old switch had queued for a member go with its NIC, and the new
+    VMM's switch (empty table) carries the rest: every frame arrives, in order."""
+    import json
+
+    from tests.helpers import run_osvmm
+    from tests.test_supervisor_up import UpProcess
+
+    old = UpProcess(plan())
+    new_up = False
+    try:
+        old.wait_for(lambda p: p["rx"]["state"] == p["tx"]["state"] == "running")
+
+        def sent() -> int:
+            r = old.cli("stat", "tx", "--json")
+            assert r.returncode == 0, r.stderr
+            ((nic,),) = (s["devices"] for s in json.loads(r.stdout)["partitions"])
+            return nic["counts"]["tx"]
+
+        deadline = time.monotonic() + 60
+        while sent() < 20:  # DATA frames on their way
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r = run_osvmm("up", "-d", str(old.plan), "--takeover", timeout=120)
+        assert r.returncode == 0, r.stderr
+        new_up = True
+        assert old.proc.wait(30) == 0  # the old VMM ended by itself
+        log = (old.logs / "osvmm.log").read_text()
+        assert "took over 2 partitions" in log, log
+        parts = old.wait_for(
+            lambda p: p["rx"]["state"] == p["tx"]["state"] == "stopped", timeout=150
+        )
+        rx_out = (old.logs / "rx.console.log").read_text()
+        tx_out = (old.logs / "tx.console.log").read_text()
+        for name in ("rx", "tx"):
+            assert parts[name]["reason"] == "debug exit with value 0", rx_out + tx_out
+        assert rx_out.count("virtionet: mac ") == tx_out.count("virtionet: mac ") == 1
+        assert f"virtionet: sent {COUNT} frames to {mac('rx')}\n" in tx_out
+        assert f"virtionet: received {COUNT} frames ok\n" in rx_out, rx_out
+    finally:
+        if new_up:
+            run_osvmm("down", "--socket", old.sock)
+        old.close()
+
+
+def test_a_migration_destination_without_the_network_refuses_before_any_page(tmp_path):
+    from osvmm.errors import SnapshotError
+    from osvmm.up.migrate import accept_partition
+    from osvmm.vmm.snapshot import machine_state
+
+    text = f'[vmm]\ncontrol_socket = "{tmp_path}/s"\n' + plan(network="san")
+    sup = Supervisor(place(parse_plan(text, tmp_path), read_topology()))
+    try:
+        machine = machine_state(sup.partitions["tx"].machine)
+        profile = {"machine": machine, "networks": [["lan", mac("tx")]]}
+        with pytest.raises(SnapshotError) as err:
+            accept_partition(sup, None, "tx", profile)
+        assert str(err.value) == (
+            "partition 'tx': the snapshot's NICs are on networks lan; this plan puts the "
+            "partition on san"
+        )
+    finally:
+        sup.close()

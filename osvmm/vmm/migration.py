@@ -70,6 +70,8 @@ def profile(part) -> dict:
             {"cpuid": b"".join(bytes(e) for e in cpuid), "tsc_khz": khz, "xsave": xsave}
             for cpuid, khz in zip(part.cpuids, part.tsc_khz, strict=True)
         ],
+        # Its NICs on plan networks, checked by the destination before any page comes.
+        "networks": [[port.network.name, mac.hex(":")] for port, mac in part.config.switch_nics],
     }
 
 

@@ -504,7 +504,12 @@ def check_networks(state: dict, nics: list[tuple[str, bytes]], who: str) -> None
     (the driver read it; a plan derives it from the network's and the partition's
     names). The networks' other members may differ: they are not the partition's
     state (a peer relearns, as after a cable is plugged again)."""
-    had = snapshot_networks(state)
+    match_networks(snapshot_networks(state), nics, who)
+
+
+def match_networks(had, nics: list[tuple[str, bytes]], who: str) -> None:
+    """``check_networks`` on the snapshot's (network name, MAC) pairs ``had`` (a
+    migration's profile sends them ahead of the state)."""
     names, given = [n for n, _ in had], [n for n, _ in nics]
     if names != given:
         on = ", ".join(names) or "none"
