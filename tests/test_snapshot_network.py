@@ -127,6 +127,59 @@ def test_a_sender_snapshotted_mid_run_goes_on_and_the_receiver_gets_every_frame(
         up.close()
 
 
+def test_osvmm_snapshot_stop_and_osvmm_start_restore_under_the_same_up(rx_snapshot):
+    """The same through the CLI and the control API, as a user: ``osvmm snapshot tx
+    DIR --stop`` mid-exchange, ``osvmm start tx --restore DIR``; and a snapshot
+    that is not the partition's (the receiver's, another MAC) refused in one line
+    with nothing started."""
+    import json
+
+    from tests.test_supervisor_up import UpProcess
+
+    up = UpProcess(plan(length=""))  # long frames: the exchange outlasts the CLI's calls
+    try:
+        up.wait_for(lambda p: p["rx"]["state"] == p["tx"]["state"] == "running")
+
+        def nic(name: str) -> dict:
+            r = up.cli("stat", name, "--json")
+            assert r.returncode == 0, r.stderr
+            ((dev,),) = (s["devices"] for s in json.loads(r.stdout)["partitions"])
+            return dev
+
+        deadline = time.monotonic() + 60
+        while nic("tx")["counts"]["tx"] < 10:  # DATA frames on their way
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        snap = up.dir / "tx.snap"
+        r = up.cli("snapshot", "tx", str(snap), "--stop")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.decode().endswith("; stopped\n"), r.stdout
+        sent = nic("tx")["counts"]["tx"]
+        assert sent < COUNT + 3, sent  # mid-run
+
+        r = up.cli("start", "tx", "--restore", str(rx_snapshot))
+        assert r.returncode == 2
+        assert r.stderr.decode() == (
+            f"osvmm: error: partition 'tx': restore: NIC on network 'lan': MAC {mac('tx')}, "
+            f"the snapshot's had {mac('rx')} (a plan's MAC is its network's and partition's: "
+            "restore it as the partition it was)\n"
+        )
+        r = up.cli("start", "tx", "--restore", str(snap))
+        assert (r.returncode, r.stdout.decode()) == (0, "tx: running\n"), r.stderr
+        parts = up.wait_for(
+            lambda p: p["rx"]["state"] == p["tx"]["state"] == "stopped", timeout=150
+        )
+        rx_out = (up.logs / "rx.console.log").read_text()
+        tx_out = (up.logs / "tx.console.log").read_text()
+        for name in ("rx", "tx"):
+            assert parts[name]["reason"] == "debug exit with value 0", rx_out + tx_out
+        assert parts["tx"]["boots"] == 2 and tx_out.count("virtionet: mac ") == 1
+        assert f"virtionet: received {COUNT} frames ok\n" in rx_out, rx_out
+        assert nic("rx")["backend"]["queue_full"] == 0
+    finally:
+        up.close()
+
+
 @pytest.fixture(scope="module")
 def rx_snapshot(tmp_path_factory):
     """The receiver snapshotted with ``stop`` while it waits for a sender (HELLO said,
