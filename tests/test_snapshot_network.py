@@ -164,6 +164,14 @@ def test_osvmm_snapshot_stop_and_osvmm_start_restore_under_the_same_up(rx_snapsh
             f"the snapshot's had {mac('rx')} (a plan's MAC is its network's and partition's: "
             "restore it as the partition it was)\n"
         )
+        from osvmm.errors import ControlError
+        from osvmm.up.protocol import call
+
+        target = "/v1/partitions/tx/start"
+        with pytest.raises(ControlError, match="^startPartition: restore needs an absolute dir"):
+            call(up.sock, "POST", target, {"restore": "tx.snap"})
+        with pytest.raises(ControlError, match="^partition .rx. is already running$"):
+            call(up.sock, "POST", "/v1/partitions/rx/start", {"restore": str(snap)})
         r = up.cli("start", "tx", "--restore", str(snap))
         assert (r.returncode, r.stdout.decode()) == (0, "tx: running\n"), r.stderr
         parts = up.wait_for(
