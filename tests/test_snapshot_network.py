@@ -335,3 +335,64 @@ def test_a_migration_destination_without_the_network_refuses_before_any_page(tmp
         )
     finally:
         sup.close()
+
+
+def test_a_sender_migrated_to_osvmm_up_incoming_joins_that_vmms_network(tmp_path):
+    """``osvmm migrate`` of a member waiting for its peer: it lands on its port of the
+    destination's network of the same name, and a receiver started there meets it
+    (the destination's switch learns it from its answer) and gets every frame."""
+    import json
+    import signal
+    import subprocess
+
+    from tests.helpers import run_osvmm
+    from tests.test_migration import up_process
+    from tests.test_supervisor_up import UpProcess
+
+    # At the source the sender's only peer is a guest that says nothing and ends.
+    src_plan = partition("tx", f"send=1 count={COUNT}") + (
+        '[[partition]]\nname = "mute"\ncpus = "floating"\nmemory = "4M"\n'
+        'image = "guests:hello"\nrestart = "stop"\n'
+        '[[network]]\nname = "lan"\nmembers = ["tx", "mute"]\n'
+    )
+    src = UpProcess(src_plan)
+    dst_plan = tmp_path / "dst.toml"
+    dst_plan.write_text(
+        f'[vmm]\ncontrol_socket = "{tmp_path}/dst.sock"\nlog_dir = "{tmp_path}/logs"\n' + plan()
+    )
+    addr = f"unix:{tmp_path}/in.sock"
+    dst = up_process(dst_plan, "--incoming", addr)
+    try:
+        src.wait_for(lambda p: p["tx"]["state"] == "running")
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "in.sock").exists():
+            assert time.monotonic() < deadline and dst.poll() is None
+            time.sleep(0.05)
+        r = src.cli("migrate", "tx", "--to", addr)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.decode().endswith("; here stopped\n"), r.stdout
+        r = run_osvmm("start", "rx", "--socket", f"{tmp_path}/dst.sock")
+        assert r.returncode == 0, r.stderr
+        deadline = time.monotonic() + 150
+        while True:
+            r = run_osvmm("ps", "--json", "--socket", f"{tmp_path}/dst.sock")
+            assert r.returncode == 0, r.stderr
+            parts = {p["name"]: p for p in json.loads(r.stdout)["partitions"]}
+            if parts["rx"]["state"] == parts["tx"]["state"] == "stopped":
+                break
+            assert time.monotonic() < deadline, parts
+            time.sleep(0.1)
+        rx_out = (tmp_path / "logs" / "rx.console.log").read_text()
+        tx_out = (tmp_path / "logs" / "tx.console.log").read_text()
+        for name in ("rx", "tx"):
+            assert parts[name]["reason"] == "debug exit with value 0", rx_out + tx_out
+        assert "virtionet: mac" not in tx_out  # it went on from where it waited
+        assert f"virtionet: sent {COUNT} frames to {mac('rx')}\n" in tx_out
+        assert f"virtionet: received {COUNT} frames ok\n" in rx_out, rx_out
+    finally:
+        src.close()
+        dst.send_signal(signal.SIGTERM)
+        try:
+            dst.wait(30)
+        except subprocess.TimeoutExpired:
+            dst.kill()
