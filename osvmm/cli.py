@@ -111,8 +111,10 @@ def _run_machine(args, disks: int = 0):
 
 
 def _restore_source(args):
-    """The snapshot ``--restore`` names, read and checked whole."""
-    from osvmm.vmm.snapshot import Snapshot
+    """The snapshot ``--restore`` names, read and checked whole; one of a partition
+    that was on a plan's network is refused (``osvmm run`` has no networks: its
+    NIC would be on a switch with no one else, a cable to nowhere)."""
+    from osvmm.vmm.snapshot import Snapshot, snapshot_networks
 
     given = [
         opt
@@ -131,7 +133,17 @@ def _restore_source(args):
         raise ConfigError(
             f"--restore resumes the snapshot's guest and machine: leave out {', '.join(given)}"
         )
-    return Snapshot.read(args.restore)
+    snap = Snapshot.read(args.restore)
+    networks = [name for name, _ in snapshot_networks(snap.state)]
+    if networks:
+        snap.close()
+        raise ConfigError(
+            f"--restore {args.restore}: partition {snap.state.get('name')!r} was on "
+            f"network{'s' if len(networks) > 1 else ''} {', '.join(networks)} of a plan, "
+            "which osvmm run does not have: resume it under osvmm up, from a plan with "
+            f'that network (restore = "{args.restore}")'
+        )
+    return snap
 
 
 def cmd_run(args) -> int:

@@ -280,42 +280,6 @@ def test_quiesce_stops_the_thread_between_requests_and_serves_what_came_meanwhil
         mem.close()
 
 
-@pytest.mark.parametrize(
-    "devices,what,message",
-    [
-        (
-            {"switch_nics": ("port",)},
-            "a snapshot",
-            "partition 'p' is on a network: a snapshot does not hold the state of the switch "
-            "and its other members, so it is refused",
-        ),
-        ({"switch_nics": ("port",)}, "a migration or a takeover", "is on a network: a migr"),
-    ],
-)
-def test_what_a_snapshot_or_migration_does_not_hold_is_refused_in_one_line(devices, what, message):
-    from types import SimpleNamespace
-
-    from osvmm.vmm.snapshot import check_snapshottable
-
-    fields = {"drives": (), "nets": (), "switch_nics": (), "vsock": None} | devices
-    config = SimpleNamespace(name="p", **fields)
-    part = SimpleNamespace(config=config)
-    with pytest.raises(SnapshotError) as err:
-        check_snapshottable(part, what)
-    assert message in str(err.value) and "\n" not in str(err.value)
-    assert err.value.exit_status == 2
-
-
-@pytest.mark.parametrize("what", ["a snapshot", "a migration or a takeover"])
-def test_a_partition_with_disks_tap_nics_and_a_vsock_may_be_snapshotted_or_moved(what):
-    from types import SimpleNamespace
-
-    from osvmm.vmm.snapshot import check_snapshottable
-
-    config = SimpleNamespace(name="p", drives=("d",), nets=("t",), switch_nics=(), vsock="v")
-    check_snapshottable(SimpleNamespace(config=config), what)
-
-
 # -- virtio-net on a tap ------------------------------------------------------------------------
 
 MAC = bytes.fromhex("026f73010203")
@@ -431,3 +395,105 @@ def test_a_vsock_that_is_not_the_snapshots_is_refused_in_one_line():
         assert str(err.value) == message
     with pytest.raises(SnapshotError, match="the snapshot has no vsock, one given"):
         check_vsock({}, Vsock("/a", 5), "partition 'p'")
+
+
+# -- virtio-net on a plan's network -------------------------------------------------------------
+
+LAN_MAC = bytes.fromhex("026e01020304")
+
+
+def test_a_network_nics_state_holds_its_network_and_mac_not_the_switch():
+    from osvmm.devices.virtio.net import HEADER_SIZE, RX, VirtioNet
+    from osvmm.devices.virtio.queue import Virtqueue
+    from osvmm.vmm.snapshot import snapshot_nets, snapshot_networks
+    from osvmm.vmm.switch_port import SwitchNetwork
+
+    mem, net = memory(), SwitchNetwork("lan")
+    try:
+        port, peer = net.add_port(), net.add_port()
+        model = VirtioNet(port, mem, LAN_MAC)
+        frame = LAN_MAC + bytes.fromhex("026e0a0b0c0d") + b"\x88\xb5" + bytes(46)
+        peer.send(b"\xff" * 6 + frame[6:])  # the switch learns the peer
+        peer.send(frame)  # flooded (the port's MAC is unknown): queued at the port
+        rxq = Virtqueue(mem, 8, DESC, AVAIL, USED)
+        assert model.serve(RX, rxq) is False and model.rx_starved  # no buffer: one held
+        state = fmt.decode(fmt.encode({"m": model.state()}))["m"]
+        assert state == {
+            "kind": "net",
+            "tap": None,
+            "network": "lan",
+            "mac": "02:6e:01:02:03:04",
+            "held": b"\xff" * 6 + frame[6:],
+            "rx_starved": True,
+            "queued": [frame],  # the port's queue: the NIC's receive FIFO
+        }
+        assert len(port.queue) == 1  # read, not taken
+        whole = {"virtio": [{"model": state}]}
+        assert snapshot_networks(whole) == (("lan", LAN_MAC),)
+        assert snapshot_nets(whole) == ()  # not a tap NIC: nothing for osvmm run to attach
+
+        # Restored onto a port of a new switch (no table): held, then queued, then
+        # what came since the port was attached; the switch's table is not restored.
+        again_net = SwitchNetwork("lan")
+        try:
+            new_port, new_peer = again_net.add_port(), again_net.add_port()
+            later = LAN_MAC + frame[6:12] + b"\x88\xb5" + b"\x01" * 46
+            new_peer.send(later)  # flooded: the new switch knows no one
+            again = VirtioNet(new_port, mem, LAN_MAC)
+            again.restore(state)
+            assert not again_net.switch.table or LAN_MAC not in again_net.switch.table
+            assert again.poll_fds() == {}  # starved until the driver adds buffers
+            d = Driver(mem, 8)
+            for i in range(3):
+                d.make_available(d.chain([(d.buffer(2048), 2048, True)], first=i))
+            assert again.serve(RX, rxq) is True and not again.rx_starved
+            got = [mem.read(DATA + i * 2048 + HEADER_SIZE, 60) for i in range(3)]
+            assert got == [b"\xff" * 6 + frame[6:], frame, later], got
+        finally:
+            again_net.close()
+        with pytest.raises(ValueError, match="no frame"):
+            again.restore(state | {"queued": [bytes(70000)]})
+        with pytest.raises(ValueError, match="no queue"):
+            again.restore(state | {"queued": [b""] * 257})
+    finally:
+        net.close()
+        mem.close()
+
+
+def test_network_nics_that_are_not_the_snapshots_are_refused_in_one_line():
+    from osvmm.vmm.snapshot import check_networks, check_nics
+
+    other = bytes.fromhex("026eaabbccdd")
+    state = {
+        "virtio": [
+            {"model": {"kind": "blk"}},
+            {"model": {"kind": "net", "tap": None, "network": "lan", "mac": LAN_MAC.hex(":")}},
+            {"model": {"kind": "net", "tap": None, "network": "san", "mac": other.hex(":")}},
+        ]
+    }
+    check_networks(state, [("lan", LAN_MAC), ("san", other)], "restore")
+    check_nics(state, [], "restore")  # no tap NIC among them
+    cases = [
+        (
+            [],
+            "restore: the snapshot's NICs are on networks lan, san; this plan puts the "
+            "partition on none",
+        ),
+        ([("lan", LAN_MAC)], "restore: the snapshot's NICs are on networks lan, san; this plan"),
+        ([("san", other), ("lan", LAN_MAC)], "on networks lan, san; this plan puts the partition "),
+        ([("lan", LAN_MAC), ("wan", other)], "this plan puts the partition on lan, wan"),
+        (
+            [("lan", other), ("san", other)],
+            "restore: NIC on network 'lan': MAC 02:6e:aa:bb:cc:dd, the snapshot's had "
+            "02:6e:01:02:03:04 (a plan's MAC is its network's and partition's: restore it as "
+            "the partition it was)",
+        ),
+    ]
+    for nics, message in cases:
+        with pytest.raises(SnapshotError) as err:
+            check_networks(state, nics, "restore")
+        assert message in str(err.value) and "\n" not in str(err.value), nics
+        assert err.value.exit_status == 2
+    tap = {"virtio": [{"model": {"kind": "net", "tap": "t0", "mac": MAC.hex(":")}}]}
+    with pytest.raises(SnapshotError, match="the snapshot's NICs are on networks none; this plan"):
+        check_networks(tap, [("lan", LAN_MAC)], "restore")

@@ -100,7 +100,14 @@ def add_up_parsers(sub) -> None:
         ("stop", "stop a partition"),
         ("restart", "stop a partition and boot it afresh"),
     ):
-        client(name, what, "required").set_defaults(func=cmd_lifecycle, command=name)
+        c = client(name, what, "required")
+        c.set_defaults(func=cmd_lifecycle, command=name, restore=None)
+        if name == "start":
+            c.add_argument(
+                "--restore",
+                metavar="DIR",
+                help="resume the snapshot in DIR instead of booting, this once (docs/snapshots.md)",
+            )
     client(
         "console", "attach to a partition's serial console (Ctrl-A x detaches)", "required"
     ).set_defaults(func=cmd_console)
@@ -260,7 +267,12 @@ def cmd_ps(args) -> int:
 
 
 def cmd_lifecycle(args) -> int:
-    reply = call(control_of(args), "POST", partition_path(args.name, args.command))
+    import os
+
+    body = {"restore": os.path.abspath(args.restore)} if args.restore else None
+    target = partition_path(args.name, args.command)
+    timeout = SNAPSHOT_TIMEOUT_S if body else 60  # a restore reads the whole snapshot
+    reply = call(control_of(args), "POST", target, body, timeout=timeout)
     detail = f" ({reply['reason']})" if reply["state"] != "running" and reply["reason"] else ""
     print(f"{args.name}: {reply['state']}{detail}")
     return 0

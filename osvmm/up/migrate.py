@@ -176,8 +176,9 @@ class IncomingServer:
 
 def accept_partition(sup, kvm, name: str, profile: dict, takeover: bool = False):
     """Check that partition ``name`` of this VMM can take the one arriving (not
-    running here, the same machine, its devices, vCPUs this host can run; with
-    ``takeover``, the very disk files and socket path it has); the backing of its
+    running here, the same machine, its devices, on networks of the same names with
+    the same MACs, vCPUs this host can run; with ``takeover``, the very disk files
+    and socket path it has); the backing of its
     new memory regions (``backing(size)``), or the error."""
     from osvmm.up.supervisor import FAILED, STOPPED
     from osvmm.vmm import enforce, snapshot
@@ -200,6 +201,10 @@ def accept_partition(sup, kvm, name: str, profile: dict, takeover: bool = False)
     spec = entry.spec
     who = f"partition {name!r} here"
     check_profile(profile.get("devices", []), spec.drives, (), spec.vsock, who, takeover)
+    if "networks" in profile:  # the NICs on plan networks: this plan's networks of those names
+        had = [(n, bytes.fromhex(m.replace(":", ""))) for n, m in profile["networks"]]
+        here = [(net.name, net.mac(name)) for net in sup.plan.networks_of(name)]
+        snapshot.match_networks(had, here, f"partition {name!r}")
     snapshot.check_host(kvm, profile, kvm.supported_cpuid(), snapshot.host_tsc_khz(kvm))
     hugepages = entry.spec.hugepages
 

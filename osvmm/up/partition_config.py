@@ -85,11 +85,11 @@ def check_boot(assignment: Assignment, held_elsewhere: bool = False) -> dict[str
     image, kernel, initrd and command line), that each disk image can be opened as
     one (vmm/blockfile.py, closed again), that nothing else holds its vsock's
     socket path (vmm/vsock_uds.py) and that its ``restore`` snapshot reads
-    whole and fits it; the first failure as a ConfigError. ``held_elsewhere``: the
-    partitions come from another VMM (``--incoming``, ``--takeover``), which may hold
-    the images locked and listen on the socket: neither is a failure then."""
-    from osvmm.vmm.snapshot import Snapshot, check_disks, check_vsock
-
+    whole and fits it (its machine, disks, NICs: none on a tap, those on networks
+    on this plan's networks of those names with their MACs, and vsock); the first
+    failure as a ConfigError. ``held_elsewhere``: the partitions come from another
+    VMM (``--incoming``, ``--takeover``), which may hold the images locked and
+    listen on the socket: neither is a failure then."""
     machines = {}
     for placement in assignment.partitions:
         machine = machine_of(assignment, placement)
@@ -114,14 +114,39 @@ def check_boot(assignment: Assignment, held_elsewhere: bool = False) -> dict[str
                 check_uds_path(config.vsock.uds, "vsock", held_elsewhere)
             prepare(source, machine, config.cmdline, NO_QUIRKS)
             if placement.spec.restore:
-                snap = Snapshot.read(placement.spec.restore)
-                try:
-                    snap.check_machine(machine, "restore")
-                    check_disks(snap.state, disks, "restore")
-                    check_vsock(snap.state, config.vsock, "restore")
-                finally:
-                    snap.close()
+                check_restore(assignment, placement, machine, placement.spec.restore, disks)
         except OsvmmError as err:
             raise ConfigError(f"partition {placement.name!r}: {err}") from None
         machines[placement.name] = machine
     return machines
+
+
+def check_restore(
+    assignment: Assignment,
+    placement: PartitionAssignment,
+    machine: Machine,
+    directory: str,
+    disks: list | None = None,
+) -> None:
+    """That the snapshot in ``directory`` reads whole and fits the partition: its
+    NICs (none on a tap: a plan gives none; those on networks on this plan's
+    networks of those names, with their MACs), its machine, its disks (``disks``,
+    opened as by ``check_boot``; None: left to the build, which reopens them) and
+    its vsock; else a SnapshotError. Nothing is kept open."""
+    from osvmm.vmm.snapshot import Snapshot, check_disks, check_networks, check_nics, check_vsock
+
+    snap = Snapshot.read(directory)
+    try:
+        # The NICs first: a missing network also makes another machine.
+        check_nics(snap.state, [], "restore")
+        nics = [
+            (net.name, net.mac(placement.name))
+            for net in assignment.plan.networks_of(placement.name)
+        ]
+        check_networks(snap.state, nics, "restore")
+        snap.check_machine(machine, "restore")
+        if disks is not None:
+            check_disks(snap.state, disks, "restore")
+        check_vsock(snap.state, placement.spec.vsock, "restore")
+    finally:
+        snap.close()

@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from osvmm.errors import ControlError, OsvmmError, VmmBug
+from osvmm.errors import ConfigError, ControlError, OsvmmError, VmmBug, WrongState
 from osvmm.up import http
 from osvmm.up.api import API_VERSION, ApiError, Raw, Route, check, match, status_of
 from osvmm.up.hostfiles import private_dir
@@ -61,7 +61,13 @@ def core_routes(server: ControlServer) -> list[Route]:
         Route("GET", "/v1/vmm", "getVmm", server.vmm),
         Route("GET", "/v1/partitions", "listPartitions", server.list_partitions),
         Route("GET", p, "getPartition", server.get_partition),
-        Route("POST", p + "/start", "startPartition", server.lifecycle("start")),
+        Route(
+            "POST",
+            p + "/start",
+            "startPartition",
+            server.start_partition,
+            {"restore": ((str,), False)},
+        ),
         Route("POST", p + "/stop", "stopPartition", server.lifecycle("stop")),
         Route("POST", p + "/restart", "restartPartition", server.lifecycle("restart")),
         Route("GET", "/v1/stat", "getStat", server.stat),
@@ -411,6 +417,27 @@ class ControlServer:
 
     def get_partition(self, msg: dict) -> dict:
         return self.sup.describe(self.sup.entry(msg["name"]))
+
+    def start_partition(self, msg: dict) -> dict:
+        """Boot a stopped partition; with ``restore`` (an absolute directory), resume
+        that snapshot instead, this once (docs/snapshots.md), the snapshot read and
+        checked against the partition first (up/partition_config.py check_restore:
+        its machine, NICs, networks and vsock; its disks at the build)."""
+        name, restore = msg["name"], msg.get("restore")
+        if restore is not None:
+            from osvmm.up.partition_config import check_restore
+
+            if not os.path.isabs(restore):
+                raise ControlError("startPartition: restore needs an absolute directory")
+            entry = self.sup.entry(name)
+            if entry.want_running:
+                raise WrongState(f"partition {name!r} is already {entry.state}")
+            try:
+                check_restore(self.sup.assignment, entry.placement, entry.machine, restore)
+            except OsvmmError as err:
+                raise ConfigError(f"partition {name!r}: {err}") from None
+        state = self.sup.start(name, **({"restore": restore} if restore is not None else {}))
+        return {"name": name, "state": state, "reason": self.sup.entry(name).reason}
 
     def lifecycle(self, verb: str) -> Callable[[dict], dict]:
         def act(msg: dict) -> dict:

@@ -66,9 +66,9 @@ class Report:
 
 
 def profile(part) -> dict:
-    """The HELO's vCPU profile, read without touching the running vCPUs; a partition
-    a snapshot cannot hold is refused here, before the first byte is sent."""
-    snapshot.check_snapshottable(part, "a migration or a takeover")
+    """The HELO's profile, read without touching the running vCPUs: the machine,
+    each vCPU's CPUID, TSC and XSAVE size, the devices and the networks, which the
+    destination checks before the first page is sent."""
     xsave = snapshot.xsave_size(part.vm)
     return {
         "machine": snapshot.machine_state(part.machine),
@@ -77,6 +77,8 @@ def profile(part) -> dict:
             for cpuid, khz in zip(part.cpuids, part.tsc_khz, strict=True)
         ],
         "devices": device_handover.profile(part),  # disks, NICs, vsock (their size, MAC, CID)
+        # Its NICs on plan networks, checked by the destination before any page comes.
+        "networks": [[port.network.name, mac.hex(":")] for port, mac in part.config.switch_nics],
     }
 
 
@@ -156,7 +158,7 @@ def send(
             pages_sent += sent
             rounds += 1
             rate = max(rate * 0.5, sent * PAGE_SIZE / max(time.perf_counter() - t, 1e-6))
-        with part.quiesced():
+        with part.quiesced():  # its devices too: their state agrees with its memory
             t_stop = time.perf_counter()
             if not part.running:
                 raise SnapshotError(f"partition {name!r} ended during its migration")
@@ -216,7 +218,7 @@ def hand_over(parts, stream, then=None) -> Report:
     pages = 0
     with ExitStack() as paused:
         for _, part, _ in parts:
-            paused.enter_context(part.quiesced())
+            paused.enter_context(part.quiesced())  # devices too: none left to write memory
         t_stop = time.perf_counter()
         for name, part, extra in parts:
             if not part.running:

@@ -228,11 +228,6 @@ class Partition:
         # 1. inputs
         snap = None
         if cfg.restore is not None:
-            if cfg.switch_nics:
-                raise ConfigError(
-                    f"partition {cfg.name!r}: a snapshot is resumed without networks "
-                    "(it holds no state of theirs)"
-                )
             snap = self._read_snapshot()
         else:
             self._inputs = input_stamps(cfg)
@@ -248,11 +243,12 @@ class Partition:
         try:
             self._open_disks()
             if snap is not None:  # the snapshot's disks and NICs, before anything is built
-                from osvmm.vmm.snapshot import check_disks, check_nics, check_vsock
+                from osvmm.vmm.snapshot import check_disks, check_networks, check_nics, check_vsock
 
                 who = f"partition {cfg.name!r}"
                 check_disks(snap.state, self._disks, who)
                 check_nics(snap.state, self._macs(), who)
+                check_networks(snap.state, self._network_nics(), who)
                 check_vsock(snap.state, cfg.vsock, who)
             return self._build(snap)
         except BaseException:
@@ -479,6 +475,10 @@ class Partition:
             for net, tap in zip(self.config.nets, self._taps, strict=True)
         ]
 
+    def _network_nics(self) -> list[tuple[str, bytes]]:
+        """(network name, MAC) of each NIC on a plan's network, in slot order."""
+        return [(port.network.name, mac) for port, mac in self.config.switch_nics]
+
     def _make_threads(self) -> None:
         self.threads = []
         self._gate = threading.Event()
@@ -619,12 +619,13 @@ class Partition:
     def quiesced(self):
         """``paused``, and the virtio devices' threads stopped too (each between two
         requests, vmm/virtio.py): guest memory and every device's state stay as
-        they are for the block (a snapshot)."""
+        they are for the block (a snapshot, a migration's stop-and-copy, a
+        takeover); they start again only if the partition still runs after it."""
         with self.paused():
             if self.virtio is None:
                 yield
             else:
-                with self.virtio.quiesced():
+                with self.virtio.quiesced(resume=lambda: self.running):
                     yield
 
     def snapshot(self, directory: str, extra=None, then=None):
@@ -636,7 +637,6 @@ class Partition:
 
         if not self.running:
             raise SnapshotError(f"partition {self.config.name!r} is not running")
-        snapshot.check_snapshottable(self)  # before anything is paused or written
         t0 = time.perf_counter()
         with self.quiesced():
             if not self.running:

@@ -181,23 +181,9 @@ class Written:
     seconds: float  # writing, from the first state read to the renames
 
 
-def check_snapshottable(part, what: str = "a snapshot") -> None:
-    """SnapshotError for a partition whose state ``what`` cannot hold: one on a
-    plan's network (the switch's state, its peers, are not saved). A snapshot, a
-    migration and a takeover hold disks, tap NICs and a vsock (its connections
-    reset at the other end; vmm/device_handover.py moves their backends)."""
-    cfg = part.config
-    if cfg.switch_nics:
-        raise SnapshotError(
-            f"partition {cfg.name!r} is on a network: {what} does not hold the state of "
-            "the switch and its other members, so it is refused"
-        )
-
-
 def collect(part, extra: dict | None = None) -> dict:
     """The state of ``part`` (every vCPU parked, or not started) but its images: the
     state file's content without ``images`` (a migration sends it as it is)."""
-    check_snapshottable(part)
     msr_indices = part.kvm.msr_index_list()
     xsave_bytes = xsave_size(part.vm)
     cfg = part.config
@@ -474,10 +460,53 @@ def snapshot_nets(state: dict) -> tuple:
     from osvmm.plan.drives import Net
 
     return tuple(
-        Net(dev["model"]["tap"], bytes.fromhex(dev["model"]["mac"].replace(":", "")))
+        Net(dev["model"]["tap"], _mac(dev["model"]))
         for dev in state.get("virtio", [])
-        if dev["model"]["kind"] == "net"
+        if dev["model"]["kind"] == "net" and dev["model"].get("network") is None
     )
+
+
+def _mac(model: dict) -> bytes:
+    return bytes.fromhex(model["mac"].replace(":", ""))
+
+
+def snapshot_networks(state: dict) -> tuple[tuple[str, bytes], ...]:
+    """The NICs of a snapshot's partition on a plan's networks: (network name, MAC)
+    in slot order (after its tap NICs, as a build places them)."""
+    return tuple(
+        (dev["model"]["network"], _mac(dev["model"]))
+        for dev in state.get("virtio", [])
+        if dev["model"]["kind"] == "net" and dev["model"].get("network") is not None
+    )
+
+
+def check_networks(state: dict, nics: list[tuple[str, bytes]], who: str) -> None:
+    """SnapshotError unless the network NICs to restore, (network name, MAC) in slot
+    order, are the snapshot's: on the same networks, in the same order (which
+    device is on which network is the guest's configuration), each with its MAC
+    (the driver read it; a plan derives it from the network's and the partition's
+    names). The networks' other members may differ: they are not the partition's
+    state (a peer relearns, as after a cable is plugged again)."""
+    match_networks(snapshot_networks(state), nics, who)
+
+
+def match_networks(had, nics: list[tuple[str, bytes]], who: str) -> None:
+    """``check_networks`` on the snapshot's (network name, MAC) pairs ``had`` (a
+    migration's profile sends them ahead of the state)."""
+    names, given = [n for n, _ in had], [n for n, _ in nics]
+    if names != given:
+        on = ", ".join(names) or "none"
+        raise SnapshotError(
+            f"{who}: the snapshot's NICs are on networks {on}; this plan puts the "
+            f"partition on {', '.join(given) or 'none'}"
+        )
+    for (network, mac), (_, want) in zip(had, nics, strict=True):
+        if mac != want:
+            raise SnapshotError(
+                f"{who}: NIC on network {network!r}: MAC {want.hex(':')}, the snapshot's had "
+                f"{mac.hex(':')} (a plan's MAC is its network's and partition's: restore it "
+                "as the partition it was)"
+            )
 
 
 def check_nics(state: dict, macs: list[bytes], who: str) -> None:

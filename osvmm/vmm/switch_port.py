@@ -68,6 +68,20 @@ class SwitchPort:
         if len(self.queue) == 1:
             os.eventfd_write(self.fd, 1)
 
+    def pending(self) -> list[bytes]:
+        """The frames queued for the device, oldest first (a snapshot's: vmm/snapshot.py)."""
+        with self.network.lock:
+            return list(self.queue)
+
+    def requeue(self, frames: list[bytes]) -> None:
+        """Put a snapshot's ``pending`` frames back, ahead of any that came since the
+        port was attached (they are older); as many as the queue holds."""
+        with self.network.lock:
+            room = max(self.depth - len(self.queue), 0)
+            self.queue.extendleft(reversed(frames[:room]))
+            if self.queue:
+                os.eventfd_write(self.fd, 1)
+
     def stat_counts(self) -> dict[str, int]:
         """What ``osvmm stat`` shows of the port: its queue's drops, and the switch's
         counts of the frames this port sent it since the network was made: dropped

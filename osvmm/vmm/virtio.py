@@ -204,19 +204,22 @@ class VirtioDevices:
                 dev.start(enforce.thread_name(partition_name, f"vd{i}"))
 
     @contextmanager
-    def quiesced(self):
+    def quiesced(self, resume=lambda: True):
         """Every device's thread stopped for the block (none half way through a
-        request: a snapshot's state and memory agree), then started again. Queue
-        notifications that came meanwhile wait in their eventfds."""
+        request: a snapshot's state and memory agree), then started again unless
+        ``resume()`` says no (the partition was stopped in the block: after a
+        migration or a takeover its memory is another VMM's, never to be written
+        here again). Queue notifications that came meanwhile wait in their eventfds."""
         running = [dev for dev in self.devices if dev.thread is not None and dev.thread.is_alive()]
         try:
             for dev in running:
                 dev.stop()
             yield
         finally:
-            for i, dev in enumerate(self.devices):
-                if dev in running and dev.thread is None and not self.handed_off:
-                    dev.start(enforce.thread_name(self._partition_name, f"vd{i}"))
+            if resume():
+                for i, dev in enumerate(self.devices):
+                    if dev in running and dev.thread is None and not self.handed_off:
+                        dev.start(enforce.thread_name(self._partition_name, f"vd{i}"))
 
     def state(self) -> list[dict]:
         """Each device's transport state (VirtioMmio.state), in slot order; quiesced."""

@@ -63,25 +63,41 @@ class VirtioNet:
             flush()
 
     def state(self) -> dict:
-        """What a snapshot holds of the model: the tap it was on and its MAC (the
-        backend's identity, reattached at a restore), and a received frame
-        waiting for a receive buffer (with ``rx_starved``). Frames still in the
-        tap's queue on the host are not the partition's: a restore on the same
-        tap reads them, as a NIC would after a pause."""
-        return {
+        """What a snapshot holds of the model: the tap it was on, or the plan network
+        its switch port belongs to (``network``; ``tap`` is then None), and its MAC
+        (the backend's identity, attached again at a restore), and a received
+        frame waiting for a receive buffer (with ``rx_starved``). Frames still in
+        the tap's queue on the host are not the partition's: a restore on the
+        same tap reads them, as a NIC would after a pause. A switch port's queue
+        (``queued``: the frames the switch delivered to this NIC and the device
+        has not yet taken) is the NIC's receive FIFO: held, and queued again at
+        the restore; what is sent to the port while its partition is stopped is
+        dropped, as on a wire whose station is down."""
+        network = getattr(self.backend, "network", None)  # a switch port's (vmm/switch_port.py)
+        st = {
             "kind": "net",
-            "tap": getattr(self.backend, "name", None),
+            "tap": getattr(self.backend, "name", None) if network is None else None,
             "mac": self.mac.hex(":"),
             "held": self._held,
             "rx_starved": self.rx_starved,
         }
+        if network is not None:
+            st["network"] = network.name
+            st["queued"] = self.backend.pending()
+        return st
 
     def restore(self, st: dict) -> None:
-        held = st["held"]
+        held, queued = st["held"], st.get("queued") or []
         if held is not None and (not isinstance(held, bytes) or len(held) > MAX_FRAME):
             raise ValueError("a held frame that is no frame")
+        if not isinstance(queued, list) or len(queued) > QUEUE_MAX:
+            raise ValueError("queued frames that are no queue")
+        if any(not isinstance(f, bytes) or len(f) > MAX_FRAME for f in queued):
+            raise ValueError("a queued frame that is no frame")
         self._held = held
         self.rx_starved = bool(st["rx_starved"])
+        if queued:
+            self.backend.requeue(queued)  # a switch port's (a tap's state has none)
 
     def poll_fds(self) -> dict[int, int]:
         """The backend's fd while frames can go somewhere (vmm/virtio.py polls it)."""
