@@ -21,6 +21,11 @@ the state as in a snapshot; what moves here is what a snapshot reopens by path:
 - ``hand_off(part)``, once the other VMM runs the partition: the device threads
   never run here again (a request still in a queue is the other VMM's to serve),
   and the vsock's file is left to it.
+
+NICs on a plan's network are not here: their port is the VMM's own switch's, so
+there is nothing to release or hand over; the migration profile names their
+networks and MACs (vmm/migration.py), and the other VMM attaches each to its
+port of the network of that name.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import time
 
 from osvmm.errors import ConfigError, SnapshotError
 from osvmm.vmm.blockfile import RawImage, lock_image
+from osvmm.vmm.switch_port import SwitchPort
 from osvmm.vmm.tap import Tap, open_tap
 from osvmm.vmm.vsock_uds import UdsBackend
 
@@ -45,6 +51,8 @@ def _kind(backend) -> str:
         return "net"
     if isinstance(backend, UdsBackend):
         return "vsock"
+    if isinstance(backend, SwitchPort):
+        return "switch"  # a port of the VMM's own switch: nothing to hand over
     raise SnapshotError(f"a device on {getattr(backend, 'path', backend)!r} cannot be moved")
 
 
@@ -55,6 +63,8 @@ def profile(part) -> list[dict]:
     out = []
     for dev, backend in zip(part.virtio.devices, part.virtio.backends, strict=True):
         model, kind = dev.transport.model, _kind(backend)
+        if kind == "switch":  # the migration profile's "networks" names them
+            continue
         if kind == "blk":
             st = os.fstat(backend.fd)  # the file itself, for a takeover (same host)
             out.append(
@@ -215,6 +225,8 @@ def fds(part) -> tuple[list[dict], list[int]]:
     spec, out = [], []
     for backend in part.virtio.backends if part.virtio is not None else ():
         kind = _kind(backend)
+        if kind == "switch":  # the new VMM's switch has its own ports
+            continue
         if kind == "vsock":
             if backend.listener is None:
                 raise SnapshotError(f"vsock {backend.path}: not listening")
