@@ -304,8 +304,9 @@ class ConsoleHub:
         self._fan_out(f"[osvmm: {text}]\n".encode())
 
     def _fan_out(self, data: bytes) -> None:
-        if self._log_spool is not None:
-            self._log_spool.put(data)
+        # Attached clients first: a client's bytes may go straight to its socket
+        # (ConsoleClient.direct), and waking the log's thread first would put a
+        # thread switch before them (the start's first byte, bench/warm_start.py).
         with self._lock:
             self.bytes_out += len(data)
             self._history.append(data)
@@ -314,6 +315,8 @@ class ConsoleHub:
                 self._history_len -= len(self._history.popleft())
             for c in self._clients:
                 self.clients_dropped += c.push(data)
+        if self._log_spool is not None:
+            self._log_spool.put(data)
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until the console log has what was written so far."""
