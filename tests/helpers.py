@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +87,28 @@ def guest_text(path: Path) -> str:
     """A console log with the VMM's ``[osvmm: ...]`` notes taken out: what the guest
     wrote (a note may land in the middle of a line the guest is writing)."""
     return VMM_NOTE.sub("", path.read_text())
+
+
+def locked(path) -> bool:
+    """Whether another open file holds ``path``'s ``flock`` lock (a disk image a VMM
+    has open)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError as e:
+        assert e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+        return True
+    finally:
+        os.close(fd)
+
+
+def end_all(procs, timeout: float = 30) -> None:
+    """SIGTERM to each process, then wait for each (killed after ``timeout``)."""
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()

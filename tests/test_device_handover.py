@@ -5,8 +5,6 @@ descriptors (the plan's own files only, every descriptor closed on a refusal).""
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import socket
 from types import SimpleNamespace
@@ -19,6 +17,7 @@ from osvmm.vmm import device_handover as dh
 from osvmm.vmm.blockfile import open_drive
 from osvmm.vmm.vsock_uds import open_vsock_uds
 from tests import test_virtio_net_guest
+from tests.helpers import locked
 
 
 @pytest.fixture
@@ -26,18 +25,6 @@ def image(tmp_path):
     path = tmp_path / "disk.img"
     path.write_bytes(bytes(4096))
     return path
-
-
-def _locked_elsewhere(path) -> bool:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except OSError as e:
-        assert e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
-        return True
-    finally:
-        os.close(fd)
 
 
 def _listening(path) -> bool:
@@ -112,14 +99,14 @@ def test_a_migration_releases_the_image_and_socket_and_takes_them_back(image, tm
     vsock = open_vsock_uds(str(uds))
     part = SimpleNamespace(virtio=SimpleNamespace(backends=[disk, vsock]))
     try:
-        assert _locked_elsewhere(image) and _listening(uds)
+        assert locked(image) and _listening(uds)
         released = dh.release(part)
-        assert not _locked_elsewhere(image) and not uds.exists()  # a destination may open them
+        assert not locked(image) and not uds.exists()  # a destination may open them
         other = open_drive(str(image), False)  # as a destination on this host does
         assert released.reacquire(0.2) == [f"{image}: not locked again (held elsewhere)"]
         other.close()
         assert released.reacquire() == []
-        assert _locked_elsewhere(image) and _listening(uds)
+        assert locked(image) and _listening(uds)
         # Once handed off, the socket file is the other VMM's: left where it is.
         dh.hand_off(SimpleNamespace(virtio=SimpleNamespace(backends=[vsock], handed_off=False)))
         vsock.close()
@@ -140,7 +127,7 @@ def test_a_takeover_adopts_the_plans_own_files_only(image, tmp_path):
         assert [d.size for d in disks] == [4096] and taps == [] and adopted.path == str(uds)
         for backend in (*disks, adopted):
             backend.close()  # a failed takeover: the old VMM's lock and socket file stay
-        assert _locked_elsewhere(image) and uds.exists()
+        assert locked(image) and uds.exists()
 
         other = tmp_path / "other.img"
         other.write_bytes(bytes(4096))

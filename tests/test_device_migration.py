@@ -14,8 +14,6 @@ reached through the same socket path at the new VMM."""
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import re
 import shutil
@@ -37,7 +35,7 @@ from osvmm.plan.topology import read_topology
 from osvmm.up.hypercalls import serve_supervisor
 from osvmm.up.migrate import IncomingServer, MigrationService
 from osvmm.up.supervisor import RUNNING, Supervisor
-from tests.helpers import VMM_NOTE, guest_text, run_osvmm
+from tests.helpers import VMM_NOTE, end_all, guest_text, locked, run_osvmm
 from tests.test_migration import Vmm, up_process, wait_until
 from tests.test_virtio_guest import ROUNDS, SECTORS, _final_sectors, _round_lines
 
@@ -71,19 +69,6 @@ def log_until(path: Path, needle: str, timeout: float = 180) -> str:
         assert time.monotonic() < deadline, text[-2000:]
         time.sleep(0.05)
     return text
-
-
-def locked(image: Path) -> bool:
-    """Whether another open file holds the image's lock."""
-    fd = os.open(image, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except OSError as e:
-        assert e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
-        return True
-    finally:
-        os.close(fd)
 
 
 def listening(path: Path) -> bool:
@@ -137,13 +122,7 @@ def test_osvmm_migrate_moves_a_disk_guest_mid_run_to_osvmm_up_incoming(tmp):
         assert locked(image)  # the destination's now (its guest still has rounds to go)
         log_until(dst_log, f"virtioblk: rounds {ROUNDS} done", 300)
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        end_all(procs)
     src_text = guest_text(src_log)
     assert f"rounds {ROUNDS} done" not in src_text  # it ended at the destination
     check_disk_and_rounds(src_text + guest_text(dst_log), image)
@@ -247,17 +226,21 @@ def guest_text_of(text: str) -> str:
     return VMM_NOTE.sub("", text)
 
 
+def disk_and_vsock_plan(image: Path, vsock: Path) -> str:
+    """A plan's partition ``d``: the virtioblk guest on ``image``, with a vsock."""
+    return (
+        '[[partition]]\nname = "d"\ncpus = "floating"\nmemory = "16M"\n'
+        f'image = "guests:virtioblk"\ncmdline = "rounds={ROUNDS}"\ndrives = ["{image}"]\n'
+        f'restart = "stop"\nvsock = "uds={vsock},cid=5"\n'
+    )
+
+
 def test_a_new_vmm_takes_over_a_disk_guest_and_its_vsock(tmp):
     from tests.test_supervisor_up import UpProcess
 
     image = make_image(tmp / "disk.img")
     vsock = tmp / "v.sock"
-    body = (
-        '[[partition]]\nname = "d"\ncpus = "floating"\nmemory = "16M"\n'
-        f'image = "guests:virtioblk"\ncmdline = "rounds={ROUNDS}"\ndrives = ["{image}"]\n'
-        f'restart = "stop"\nvsock = "uds={vsock},cid=5"\n'
-    )
-    old = UpProcess(body)
+    old = UpProcess(disk_and_vsock_plan(image, vsock))
     new_up = False
     try:
         log = old.logs / "d.console.log"
@@ -359,12 +342,7 @@ def test_a_takeover_whose_plan_names_another_disk_leaves_the_old_vmm_with_its_de
 
     image, other = make_image(tmp / "disk.img"), make_image(tmp / "other.img")
     vsock = tmp / "v.sock"
-    body = (
-        '[[partition]]\nname = "d"\ncpus = "floating"\nmemory = "16M"\n'
-        f'image = "guests:virtioblk"\ncmdline = "rounds={ROUNDS}"\ndrives = ["{image}"]\n'
-        f'restart = "stop"\nvsock = "uds={vsock},cid=5"\n'
-    )
-    old = UpProcess(body)
+    old = UpProcess(disk_and_vsock_plan(image, vsock))
     try:
         log = old.logs / "d.console.log"
         log_until(log, "virtioblk: round 100 ok")

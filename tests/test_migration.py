@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -28,7 +27,7 @@ from osvmm.plan.topology import read_topology
 from osvmm.up.hypercalls import serve_supervisor
 from osvmm.up.migrate import IncomingServer, MigrationService
 from osvmm.up.supervisor import RUNNING, STOPPED, Supervisor
-from tests.helpers import REPO, guest_text, run_osvmm
+from tests.helpers import REPO, end_all, guest_text, run_osvmm
 
 pytestmark = pytest.mark.kvm
 
@@ -225,13 +224,7 @@ def test_osvmm_migrate_to_osvmm_up_incoming(tmp):
         ), r.stdout
         wait_until(lambda: len(counter_lines(dst_log)) >= 2, 60)
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        end_all(procs)
     # The guest may be paused in the middle of a line: its first part ends the
     # source's log (before the VMM's note), the rest begins the destination's.
     text = guest_text(src_log) + guest_text(dst_log)
