@@ -359,7 +359,36 @@ def cmd_guests(args) -> int:
 # -- main ---------------------------------------------------------------------------
 
 
+def _columns() -> int:
+    """The terminal's width as ``shutil.get_terminal_size`` gives it: $COLUMNS, else
+    stdout's terminal, else 80."""
+    try:
+        columns = int(os.environ.get("COLUMNS", 0))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's formatter, its width from ``_columns``: argparse makes one for each
+    argument it adds (to check its metavar), and without a width each imports
+    ``shutil`` (with zlib, bz2, lzma and fnmatch), 5 ms of a run's start
+    (docs/performance.md, "Cold start")."""
+
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        super().__init__(prog, indent_increment, max_help_position, width or _columns() - 2)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # usage errors: one line, status 2
         raise ConfigError(f"{self.prog}: {message}")
 

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from osvmm.records import Frozen, Record
@@ -98,17 +93,3 @@ def test_post_init_and_inheritance():
 
 def test_repr_shows_the_fields():
     assert repr(Point(1, 2)) == "Point(x=1, y=2, tags=())"
-
-
-def test_a_run_imports_neither_dataclasses_nor_inspect():
-    """The point of records.py: the modules of ``osvmm run`` stay clear of them."""
-    code = (
-        "import sys, osvmm.cli, osvmm.vmm.partition, osvmm.boot.prepare, osvmm.vmm.console;"
-        "print(sorted(m for m in ('dataclasses', 'inspect') if m in sys.modules))"
-    )
-    # -S: without site, whose .pth hooks (the environment's, not osvmm's) may import them
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    out = subprocess.run(
-        [sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True, env=env
-    )
-    assert out.stdout.strip() == "[]"
