@@ -399,13 +399,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="osvmm", description="A lightweight partitioning VMM on KVM.")
     parser.add_argument("--version", action="version", version=f"osvmm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    add_run_parser(sub)
-    add_caps_parser(sub)
-    add_guests_parser(sub)
     chosen = next((a for a in argv or () if not a.startswith("-")), None)
+    own = {"run": add_run_parser, "caps": add_caps_parser, "guests": add_guests_parser}
+    if chosen in own:  # each parser costs about a millisecond to make
+        own[chosen](sub)
+        return parser
+    for add in own.values():
+        add(sub)
     wanted = [e for e in EXTRA_COMMANDS if chosen in e[2]] or EXTRA_COMMANDS
-    if chosen in ("run", "caps", "guests"):
-        wanted = []
     for module, func, _names in wanted:
         getattr(importlib.import_module(module), func)(sub)
     return parser
