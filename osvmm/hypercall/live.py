@@ -320,7 +320,10 @@ class LiveMonitor:
         failed = self.stats.failed
         reader = self._reader
         handlers = _HANDLERS_BY_NR
-        known = len(handlers)
+        # Every call goes through ``call`` when the live checks are on (``check``,
+        # fixed at construction): no call number is below 0.
+        known = 0 if self.check else len(handlers)
+        running, esrch, u64 = RUNNING, -_ESRCH, U64_MAX  # locals: no global look-ups
 
         def hook(vcpu, direction, size, data_offset) -> None:
             if not direction or size != 4:
@@ -329,13 +332,13 @@ class LiveMonitor:
             sync = vcpu.sync
             rax, rbx, rcx, _, rsi, rdi = sync.first()
             nr = rax & 0xFFFFFFFF
-            if nr >= known or self.check:
-                sync.return_rax(call(pid, nr, (rdi, rsi, rbx, rcx)) & U64_MAX)
+            if nr >= known:
+                sync.return_rax(call(pid, nr, (rdi, rsi, rbx, rcx)) & u64)
                 return
             with lock:
                 state = self.state
-                if state.lifecycle[pid] != RUNNING:
-                    result = -_ESRCH
+                if state.lifecycle[pid] != running:
+                    result = esrch
                     effects = ()
                 else:
                     state, result, effects = handlers[nr](state, pid, (rdi, rsi, rbx, rcx), reader)
@@ -349,7 +352,7 @@ class LiveMonitor:
             if effects:
                 for effect in later:
                     self._lifecycle(pid, effect)
-            sync.return_rax(result & U64_MAX)
+            sync.return_rax(result & u64)
 
         return hook
 
