@@ -9,14 +9,14 @@ measured apart. Goal: under 50 ms here.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
 
 from bench.common import Figure, Sample
+from osvmm.guests.build import cache_root
 
-CACHE = Path(os.environ.get("OSVMM_CACHE", Path.home() / ".cache" / "osvmm"))
+KERNEL_DIR = cache_root() / "kernel"  # where scripts/fetch-debian-kernel puts it
 
 
 def _prepare_once(kernel: str, initrd: str) -> float:
@@ -43,8 +43,8 @@ def run(repeats: int = 7) -> list[Figure]:
     with tempfile.TemporaryDirectory() as tmp:
         initrd = str(build_initramfs(Path(tmp) / "initrd.cpio"))
         for label, path in (
-            ("bzImage", CACHE / "kernel" / "vmlinuz"),
-            ("vmlinux", CACHE / "kernel" / "vmlinux"),
+            ("bzImage", KERNEL_DIR / "vmlinuz"),
+            ("vmlinux", KERNEL_DIR / "vmlinux"),
         ):
             if not path.exists():
                 continue

@@ -43,9 +43,9 @@ import time
 from pathlib import Path
 
 from bench.common import REPO, Figure, Sample
+from osvmm.guests.build import cache_root
 
-CACHE = Path(os.environ.get("OSVMM_CACHE", Path.home() / ".cache" / "osvmm"))
-VMLINUX = CACHE / "kernel" / "vmlinux"
+VMLINUX = cache_root() / "kernel" / "vmlinux"  # where scripts/fetch-debian-kernel puts it
 READY = b"osvmm-initramfs: ready"
 MEMORY = "256M"
 APPEND = "console=ttyS0 quiet -- true"

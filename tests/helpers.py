@@ -11,11 +11,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from osvmm.guests.build import QEMU_MICROVM
+from osvmm.guests.build import QEMU_MICROVM, cache_root
 
 REPO = Path(__file__).resolve().parent.parent
 
 QEMU_CMD = list(QEMU_MICROVM)
+
+# Debian's stock kernel, where scripts/fetch-debian-kernel leaves it (setup.sh runs it).
+KERNEL_DIR = cache_root() / "kernel"
+VMLINUX = KERNEL_DIR / "vmlinux"
+BZIMAGE = KERNEL_DIR / "vmlinuz"
 
 
 def run_osvmm(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import lzma
-import os
 import shutil
 from pathlib import Path
 
@@ -15,9 +14,8 @@ import pytest
 from osvmm.boot import kmodules
 from osvmm.boot.initramfs import INIT_SCRIPT, cmd_initramfs
 from osvmm.errors import ConfigError
+from tests.helpers import VMLINUX
 from tests.test_initramfs_build import cpio_extract, fake_busybox  # noqa: F401 - fixture
-
-CACHE = Path(os.environ.get("OSVMM_CACHE", Path.home() / ".cache" / "osvmm"))
 
 
 @pytest.fixture
@@ -115,7 +113,7 @@ def test_module_without_modules_is_refused(tmp_path):
 
 
 def test_debian_virtio_disk_modules():
-    base = CACHE / "kernel" / "vmlinux"
+    base = VMLINUX
     if not base.exists():
         pytest.skip("no Debian kernel cached (scripts/fetch-debian-kernel --modules)")
     mods = base.resolve().parent / "modules"
@@ -135,7 +133,7 @@ def test_debian_virtio_mmio_takes_no_command_line_devices():
     """Why the DSDT announces the devices (docs/devices.md): Debian's virtio_mmio has no
     ``device`` parameter (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES is not set); its .modinfo
     section (what modinfo prints) holds the ACPI alias and no parm= entry."""
-    base = CACHE / "kernel" / "vmlinux"
+    base = VMLINUX
     found = (
         list((base.resolve().parent / "modules").rglob("virtio_mmio.ko")) if base.exists() else []
     )
@@ -154,7 +152,7 @@ def test_debian_virtio_mmio_takes_no_command_line_devices():
 def test_debian_vsock_transport_comes_with_its_dependencies():
     """The guest's side of virtio-vsock (docs/devices.md): --module
     vmw_vsock_virtio_transport brings vsock and the common transport, after virtio."""
-    base = CACHE / "kernel" / "vmlinux"
+    base = VMLINUX
     mods = base.resolve().parent / "modules" if base.exists() else None
     if mods is None or not mods.is_dir():
         pytest.skip("Debian's modules are not unpacked (scripts/fetch-debian-kernel --modules)")

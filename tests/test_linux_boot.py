@@ -14,21 +14,17 @@ more there).
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import pytest
 
 from osvmm.arch.x86.layout import MiB
 from osvmm.boot.e820 import E820_RAM, e820_map
 from osvmm.machine import Machine
-from tests.helpers import run_osvmm
+from tests.helpers import VMLINUX, run_osvmm
 
 pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 
-CACHE = Path(os.environ.get("OSVMM_CACHE", Path.home() / ".cache" / "osvmm"))
-VMLINUX = CACHE / "kernel" / "vmlinux"
 KERNEL_PARAMS = "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 osvmm.test=marker"
 INIT_COMMAND = "uname -a"
 APPEND = f"{KERNEL_PARAMS} -- {INIT_COMMAND}"

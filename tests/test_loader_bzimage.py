@@ -6,9 +6,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
-import os
 import struct
-from pathlib import Path
 
 import pytest
 from test_loader_elf import elf, note
@@ -25,6 +23,7 @@ from osvmm.loader.elf import load_elf
 from osvmm.loader.result import read_image
 from osvmm.loader.setup_header import SetupHeader
 from osvmm.vmm.memory import GuestMemory
+from tests import helpers
 
 MiB = 1 << 20
 VMLINUX = elf(
@@ -193,18 +192,15 @@ def test_main_extract_and_errors(tmp_path, capsys):
 
 
 # The real Debian kernel, when scripts/fetch-debian-kernel has put it in the cache.
-KERNEL_DIR = Path(os.environ.get("OSVMM_CACHE", Path.home() / ".cache/osvmm")) / "kernel"
-REAL_BZIMAGE = KERNEL_DIR / "vmlinuz"
-REAL_VMLINUX = KERNEL_DIR / "vmlinux"
 need_real = pytest.mark.skipif(
-    not (REAL_BZIMAGE.exists() and REAL_VMLINUX.exists()),
-    reason=f"no Debian kernel in {KERNEL_DIR}: run scripts/fetch-debian-kernel",
+    not (helpers.BZIMAGE.exists() and helpers.VMLINUX.exists()),
+    reason=f"no Debian kernel in {helpers.KERNEL_DIR}: run scripts/fetch-debian-kernel",
 )
 
 
 @need_real
 def test_real_bzimage_header_and_load():
-    data = read_image(REAL_BZIMAGE)
+    data = read_image(helpers.BZIMAGE)
     h = parse_setup_header(data, "vmlinuz")
     assert h.version >= 0x020F and h.relocatable_kernel == 1
     assert h.cmdline_size == 2047 and h.initrd_addr_max == 0x7FFFFFFF
@@ -222,8 +218,8 @@ def test_real_bzimage_header_and_load():
 @need_real
 @pytest.mark.slow
 def test_real_extract_matches_and_loads_vmlinux():
-    vmlinux = extract_vmlinux(read_image(REAL_BZIMAGE), "vmlinuz")
-    assert vmlinux == read_image(REAL_VMLINUX)
+    vmlinux = extract_vmlinux(read_image(helpers.BZIMAGE), "vmlinuz")
+    assert vmlinux == read_image(helpers.VMLINUX)
     mem = GuestMemory([(0, 256 * MiB)])
     try:
         img = load_elf(vmlinux, mem, "vmlinux")

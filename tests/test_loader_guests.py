@@ -3,7 +3,6 @@ the Debian vmlinux, checked against GNU readelf as an independent parser."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ from osvmm.errors import BuildError
 from osvmm.loader.elf import PT_LOAD, load_elf, parse_elf, pvh_entry
 from osvmm.loader.result import read_image
 from osvmm.vmm.memory import GuestMemory
+from tests.helpers import VMLINUX
 
 MiB = 1 << 20
 READELF = shutil.which("readelf")
@@ -90,22 +90,17 @@ def test_bundled_guest_loads(guests_dir, name):
         mem.close()
 
 
-KERNEL_DIR_VMLINUX = (
-    Path(os.environ.get("OSVMM_CACHE", Path.home() / ".cache/osvmm")) / "kernel" / "vmlinux"
-)
-
-
 @pytest.mark.skipif(
-    not KERNEL_DIR_VMLINUX.exists(),
+    not VMLINUX.exists(),
     reason="no Debian vmlinux in the cache: run scripts/fetch-debian-kernel",
 )
 @pytest.mark.skipif(READELF is None, reason="readelf (binutils) is not installed")
 def test_debian_vmlinux_agrees_with_readelf():
-    data = read_image(KERNEL_DIR_VMLINUX)
+    data = read_image(VMLINUX)
     elf = parse_elf(data, "vmlinux")
     ours = [
         (p.p_offset, p.p_paddr, p.p_filesz, p.p_memsz) for p in elf.phdrs if p.p_type == PT_LOAD
     ]
-    assert ours == readelf_loads(KERNEL_DIR_VMLINUX)
-    assert pvh_entry(elf) == readelf_pvh_entry(KERNEL_DIR_VMLINUX)
+    assert ours == readelf_loads(VMLINUX)
+    assert pvh_entry(elf) == readelf_pvh_entry(VMLINUX)
     assert "__ksymtab" in elf.section_names

@@ -44,12 +44,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, run_osvmm
+from tests.helpers import REPO, VMLINUX, run_osvmm
 
 pytestmark = pytest.mark.rig
 
-CACHE = Path(os.environ.get("OSVMM_CACHE", Path.home() / ".cache" / "osvmm"))
-VMLINUX = CACHE / "kernel" / "vmlinux"
 READY = "osvmm-initramfs: ready"
 BOOT_TIMEOUT = 400  # one Linux boot in the rig takes 0.5-2 minutes; L1 may be loaded
 SLEEP_S = 8  # the guest's sleep between its two uptime readings

@@ -11,16 +11,13 @@ import json
 import os
 import re
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_osvmm
+from tests.helpers import VMLINUX, run_osvmm
 
 pytestmark = pytest.mark.rig
 
-CACHE = Path(os.environ.get("OSVMM_CACHE", Path.home() / ".cache" / "osvmm"))
-VMLINUX = CACHE / "kernel" / "vmlinux"
 TIMEOUT = 400
 
 BLOB_KIB = 1024

@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_osvmm
+from tests.helpers import VMLINUX, run_osvmm
 
 pytestmark = pytest.mark.rig
 
-CACHE = Path(os.environ.get("OSVMM_CACHE", Path.home() / ".cache" / "osvmm"))
-VMLINUX = CACHE / "kernel" / "vmlinux"
 MARKER = b"osvmm disk image"
 RO_BYTES = bytes(range(256)) * 4096  # 1 MiB
 
