@@ -22,9 +22,8 @@ from osvmm.arch.x86.regs import EntryState, apply_entry_state
 from osvmm.errors import KvmError
 
 
-def create_vm(kvm, memory, pit: bool = True, register_memory: bool = True):
-    """A VM with ``memory``'s regions as memslots 0..n-1 (with
-    ``register_memory=False``, none yet) and its irqchip (and PIT).
+def create_vm(kvm, memory, pit: bool = True):
+    """A VM with ``memory``'s regions as memslots 0..n-1 and its irqchip (and PIT).
 
     The memslots go in first, before the irqchip: on the development machines
     (nested KVM) a memslot registered on a VM without an irqchip took 0.06-0.2
@@ -32,19 +31,24 @@ def create_vm(kvm, memory, pit: bool = True, register_memory: bool = True):
     grace period), whatever the size (docs/performance.md)."""
     vm = kvm.create_vm()
     try:
-        if register_memory:
-            for slot, region in enumerate(memory.regions):
-                vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
-        vm.set_tss_addr(layout.KVM_TSS_ADDR)
-        vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
-        vm.create_irqchip()
-        vm.set_gsi_routing(irq.gsi_routes())
-        if pit:
-            vm.create_pit2()
+        for slot, region in enumerate(memory.regions):
+            vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
+        create_irqchip(vm, pit)
     except BaseException:
         vm.close()
         raise
     return vm
+
+
+def create_irqchip(vm, pit: bool = True) -> None:
+    """``vm``'s TSS and identity map pages, irqchip with the PC's GSI routes, and PIT:
+    after its memslots (``create_vm``)."""
+    vm.set_tss_addr(layout.KVM_TSS_ADDR)
+    vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+    vm.create_irqchip()
+    vm.set_gsi_routing(irq.gsi_routes())
+    if pit:
+        vm.create_pit2()
 
 
 def create_vcpu(
