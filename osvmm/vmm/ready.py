@@ -1,11 +1,11 @@
 """A VM made ready ahead of the partition that will use it, for a fast restore.
 
-Most of a restore's build is KVM making the VM, not the snapshot: on the
-development machines (nested KVM) registering a memslot waits for an SRCU grace
-period, 4-6 ms whatever its size, and the VM with its irqchip, GSI routes and
-PIT another millisecond (docs/performance.md). None of it depends on the
-snapshot, only on the machine (its RAM ranges and vCPUs), so a ``ReadyVm``
-does it before the request:
+Much of a restore's build is KVM making the VM, not the snapshot: on the
+development machines (nested KVM) the VM with its memslots, irqchip, GSI routes
+and PIT and its vCPUs take about 1.5 ms, more on a loaded host (the PIT starts
+a kernel thread; docs/performance.md). None of it depends on the snapshot,
+only on the machine (its RAM ranges and vCPUs), so a ``ReadyVm`` does it
+before the request:
 
     address space reserved for each RAM range     memory.reserve (never touched)
     the VM, its RAM memslots on the reservations  KVM_CREATE_VM, KVM_SET_USER_MEMORY_REGION
