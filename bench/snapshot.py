@@ -28,9 +28,11 @@ resume comes as soon as its vCPU runs again.
   5 ms for 64 MiB (Firecracker publishes under 8 ms for its snapshot load).
 
 The split of each restore (read, build, first byte) is in the JSON and the
-notes: on the development machines (nested PVM KVM) registering a memslot
-waits for an SRCU grace period, 4-6 ms whatever its size, which only a VM
-made ahead takes out of the restore.
+notes. On the development machines (nested PVM KVM) a memslot registered after
+the VM's irqchip waits 6-7 ms for a grace period, one registered before it
+0.1-0.2 ms: osvmm registers it first (vmm/bringup.py create_vm); what a VM made
+ahead still takes out of the restore is the rest of KVM's making of the VM
+(about 1.5 ms, more on a loaded host).
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ firing, and a host that cannot run a snapshot refuses it in one line."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import re
 import struct
 import threading
@@ -13,7 +15,7 @@ import time
 
 import pytest
 
-from osvmm.errors import SnapshotError
+from osvmm.errors import KvmError, SnapshotError
 from osvmm.guests.build import guest_path
 from osvmm.machine import Machine
 from osvmm.snapshot import format as fmt
@@ -279,3 +281,24 @@ def test_another_machine_refuses_it(counter_snapshot):
             PartitionConfig(Machine.build(16 << 20, 1), restore=str(counter_snapshot))
         ).build().close()
     assert "does not fit" in str(err.value) and "memory 8 MiB" in str(err.value)
+
+
+def test_a_memslot_kvm_refuses_fails_the_restore_in_one_line_and_leaves_nothing(
+    counter_snapshot, monkeypatch
+):
+    from osvmm.kvm.system import Vm
+
+    def refuse(self, slot, *args, **kwargs):
+        raise KvmError(errno.ENOMEM, "KVM_SET_USER_MEMORY_REGION")
+
+    monkeypatch.setattr(Vm, "set_user_memory_region", refuse)
+    fds, threads = set(os.listdir("/proc/self/fd")), threading.active_count()
+    part = Partition(PartitionConfig(Machine.build(8 << 20, 1), restore=str(counter_snapshot)))
+    with pytest.raises(KvmError) as err:
+        part.build()
+    part.close()
+    assert str(err.value).startswith("KVM_SET_USER_MEMORY_REGION failed: ENOMEM")
+    assert "\n" not in str(err.value)
+    assert part.vm is None and part.vcpus == []  # the VM closed as the build failed
+    assert threading.active_count() == threads
+    assert set(os.listdir("/proc/self/fd")) == fds

@@ -8,6 +8,7 @@ the installed kernel headers through a C compiler.
 from __future__ import annotations
 
 import ctypes
+import functools
 from ctypes import c_int16, c_uint8, c_uint16, c_uint32, c_uint64
 
 # -- memory slots -------------------------------------------------------------
@@ -170,8 +171,11 @@ class kvm_cpuid2_header(ctypes.Structure):
 assert ctypes.sizeof(kvm_cpuid2_header) == 8
 
 
+@functools.lru_cache(maxsize=32)
 def kvm_cpuid2(nent: int) -> type[ctypes.Structure]:
-    """struct kvm_cpuid2 with room for ``nent`` entries (a flexible array in C)."""
+    """struct kvm_cpuid2 with room for ``nent`` entries (a flexible array in C).
+    Each of these sized types is made once per size (making a ctypes type takes
+    some 25 us, a restore needs eight)."""
 
     class _kvm_cpuid2(ctypes.Structure):
         _fields_ = [
@@ -223,6 +227,7 @@ class kvm_irq_routing_header(ctypes.Structure):
 assert ctypes.sizeof(kvm_irq_routing_header) == 8
 
 
+@functools.lru_cache(maxsize=32)
 def kvm_irq_routing(n: int) -> type[ctypes.Structure]:
     """struct kvm_irq_routing with room for ``n`` entries."""
 
@@ -530,6 +535,7 @@ class kvm_xsave(ctypes.Structure):
 assert ctypes.sizeof(kvm_xsave) == 4096
 
 
+@functools.lru_cache(maxsize=32)
 def kvm_xsave2(size: int) -> type[ctypes.Structure]:
     """struct kvm_xsave with its flexible ``extra`` array: ``size`` bytes in all."""
 
@@ -577,6 +583,7 @@ class kvm_msrs_header(ctypes.Structure):
 assert ctypes.sizeof(kvm_msrs_header) == 8
 
 
+@functools.lru_cache(maxsize=32)
 def kvm_msrs(n: int) -> type[ctypes.Structure]:
     """struct kvm_msrs with room for ``n`` entries."""
 
@@ -595,6 +602,7 @@ class kvm_msr_list_header(ctypes.Structure):
 assert ctypes.sizeof(kvm_msr_list_header) == 4
 
 
+@functools.lru_cache(maxsize=32)
 def kvm_msr_list(n: int) -> type[ctypes.Structure]:
     class _kvm_msr_list(ctypes.Structure):
         _fields_ = [("nmsrs", c_uint32), ("indices", c_uint32 * n)]

@@ -62,14 +62,11 @@ def _to_json(value):
     raise TypeError(f"cannot store {type(value).__name__} in a snapshot state")
 
 
-def _from_json(value):
-    if isinstance(value, dict):
-        if len(value) == 1 and _BYTES in value:
-            return base64.b64decode(value[_BYTES], validate=True)
-        return {k: _from_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_from_json(v) for v in value]
-    return value
+def _from_json(obj: dict):
+    """json.loads's object_hook: each object as parsed, innermost first."""
+    if len(obj) == 1 and _BYTES in obj:
+        return base64.b64decode(obj[_BYTES], validate=True)
+    return obj
 
 
 def version_for(state: dict) -> int:
@@ -108,7 +105,7 @@ def decode(data: bytes, what: str = "snapshot state") -> dict:
     if hashlib.sha256(payload).digest() != digest:
         raise SnapshotError(f"{what}: checksum mismatch (the file is corrupted)")
     try:
-        state = _from_json(json.loads(payload))
+        state = json.loads(payload, object_hook=_from_json)
     except ValueError as err:  # json and base64 errors alike: a checksummed file we did not write
         raise SnapshotError(f"{what}: unreadable state ({err})") from None
     if not isinstance(state, dict):

@@ -13,8 +13,9 @@ reported before /dev/kvm is touched.
                   bound to its NUMA node, huge pages advised, optionally
                   prefaulted and locked (enforce.py)
     3. vm         the KVM VM with its in-kernel LAPICs, I/O APIC, PIC and PIT,
-                  guest RAM as memslots (bringup.py: registered on a thread while
-                  steps 4-6 go on); HLT/PAUSE exits disabled on dedicated cores
+                  guest RAM as memslots (bringup.py: registered before the
+                  irqchip, which makes each registration after it wait for a
+                  grace period); HLT/PAUSE exits disabled on dedicated cores
     4. devices    COM1 (8250), isa-debug-exit, the power ports, the CMOS RTC and
                   the ACPI PM timer on the port bus; virtio-blk, virtio-net and
                   virtio-vsock devices on the MMIO bus, their ioeventfds and
@@ -74,7 +75,7 @@ from osvmm.kvm.structs import KVM_MEM_READONLY
 from osvmm.machine import Machine
 from osvmm.records import Record
 from osvmm.vmm import enforce
-from osvmm.vmm.bringup import create_vcpu, create_vm, register_memory_in_background
+from osvmm.vmm.bringup import create_vcpu, create_vm
 from osvmm.vmm.memory import GuestMemory
 from osvmm.vmm.memslots import Memslots
 from osvmm.vmm.vcpu import VcpuThread, install_kick_handler
@@ -325,8 +326,8 @@ class Partition:
         if machine.vcpus > max_vcpus:
             raise ConfigError(f"--cpus {machine.vcpus}: this host's KVM allows at most {max_vcpus}")
         # 2. memory (3. the VM: a ReadyVm's, its memslots on the address space the
-        # snapshot's memory is mapped over; else made now, its memory registered
-        # on a thread from the VM's creation on, waited for below)
+        # snapshot's memory is mapped over; else made now, the memory registered
+        # before its irqchip, vmm/bringup.py)
         ready = None
         made: list = [None] * machine.vcpus  # vCPUs made ahead, not yet the partition's
         offered = self._ready or getattr(snap, "ready", None)  # given, or a migration's
@@ -348,22 +349,10 @@ class Partition:
         except BaseException:
             _close_made(made)
             raise
-        if ready is not None:
-            vm = self.vm
-
-            def memory_registered() -> None:
-                pass
+        if ready is None:
+            vm = self.vm = create_vm(self.kvm, self.memory)
         else:
-            started = []  # the registration's wait function, once the VM exists
-
-            def register(vm):
-                started.append(register_memory_in_background(vm, self.memory))
-                return started[0]
-
-            vm = self.vm = create_vm(
-                self.kvm, self.memory, register_memory=False, on_created=register
-            )
-            memory_registered = started[0]
+            vm = self.vm
         try:
             self.slots = Memslots(vm, self.memory.regions, vm.check_extension(KVM_CAP_NR_MEMSLOTS))
             if cfg.disable_exits:
@@ -409,12 +398,7 @@ class Partition:
                 self._stats_fds.append(vcpu.stats_fd())
         except BaseException:
             _close_made(made)
-            try:
-                memory_registered()
-            except Exception:  # noqa: BLE001, S110 - the first failure is the one reported
-                pass
             raise
-        memory_registered()  # raises what the registration raised
         self._make_threads()
         if snap is not None:
             snapshot.apply(self, snap)

@@ -1,15 +1,15 @@
 """A VM made ready ahead of the partition that will use it, for a fast restore.
 
-Most of a restore's build is KVM making the VM, not the snapshot: on the
-development machines (nested KVM) registering a memslot waits for an SRCU grace
-period, 4-6 ms whatever its size, and the VM with its irqchip, GSI routes and
-PIT another millisecond (docs/performance.md). None of it depends on the
-snapshot, only on the machine (its RAM ranges and vCPUs), so a ``ReadyVm``
-does it before the request:
+Much of a restore's build is KVM making the VM, not the snapshot: on the
+development machines (nested KVM) the VM with its memslots, irqchip, GSI routes
+and PIT and its vCPUs take about 1.5 ms, more on a loaded host (the PIT starts
+a kernel thread; docs/performance.md). None of it depends on the snapshot,
+only on the machine (its RAM ranges and vCPUs), so a ``ReadyVm`` does it
+before the request:
 
     address space reserved for each RAM range     memory.reserve (never touched)
-    the VM, as bringup.create_vm makes it         TSS, identity map, irqchip, GSI routes, PIT
-    its RAM memslots, on the reservations         KVM_SET_USER_MEMORY_REGION
+    the VM, its RAM memslots on the reservations  KVM_CREATE_VM, KVM_SET_USER_MEMORY_REGION
+    as bringup.create_vm makes the rest           TSS, identity map, irqchip, GSI routes, PIT
     the boot processor's APIC ID, the vCPUs       KVM_SET_BOOT_CPU_ID, KVM_CREATE_VCPU
 
 A restore that takes it (``Partition(config, kvm, ready=...)``) maps the
@@ -26,7 +26,7 @@ does not fit is closed and the partition built as usual (``fits``).
 from __future__ import annotations
 
 from osvmm.machine import Machine
-from osvmm.vmm.bringup import create_vm
+from osvmm.vmm.bringup import create_irqchip
 from osvmm.vmm.memory import reserve
 
 
@@ -49,9 +49,10 @@ class ReadyVm:
             for gpa, size in machine.ram_ranges:
                 mem = ready.reserved[gpa] = reserve(size)
                 ready.slots.append((gpa, size, _address(mem)))
-            vm = ready.vm = create_vm(kvm, None, register_memory=False)
+            vm = ready.vm = kvm.create_vm()
             for slot, (gpa, size, addr) in enumerate(ready.slots):
                 vm.set_user_memory_region(slot, gpa, size, addr)
+            create_irqchip(vm)  # after the memslots, as create_vm does
             vm.set_boot_cpu_id(machine.bsp_apic_id)  # before any vCPU exists
             for apic_id in machine.apic_ids:
                 ready.vcpus.append(vm.create_vcpu(apic_id))

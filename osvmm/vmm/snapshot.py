@@ -276,12 +276,13 @@ class Snapshot:
     """A snapshot read from its directory and checked whole (``read``); its images
     stay open until ``close``."""
 
-    def __init__(self, directory: str, state: dict, fds: dict[str, int]):
+    def __init__(self, directory: str, state: dict, fds: dict[str, int], machine=None):
+        """``machine``: ``state``'s, where the caller has it already."""
         self.directory = directory
         self.origin = f"the snapshot in {directory}"  # what a resumed partition came from
         self.state = state
         self._fds = fds  # image name -> open file
-        self.machine = machine_from_state(state["machine"])
+        self.machine = machine or machine_from_state(state["machine"])
 
     @classmethod
     def read(cls, directory: str) -> Snapshot:
@@ -297,7 +298,7 @@ class Snapshot:
         state = fmt.decode(data, path)
         try:
             check_sections(state)
-            machine_from_state(state["machine"])
+            machine = machine_from_state(state["machine"])
         except (KeyError, TypeError, ValueError) as err:
             raise SnapshotError(f"{path}: malformed state ({err!r})") from None
         except SnapshotError as err:
@@ -315,7 +316,7 @@ class Snapshot:
             for fd in fds.values():
                 os.close(fd)
             raise
-        return cls(directory, state, fds)
+        return cls(directory, state, fds, machine)
 
     def image(self, name: str) -> tuple[int, dict] | None:
         """(open file, its description) of an image, None if the snapshot has none."""
@@ -604,11 +605,11 @@ def check_host(kvm, profile: dict, supported, tsc_khz: int | None = None) -> Non
     ``profile`` (``vcpu_profile``) as they were: CPUID features, XSAVE size, and with
     ``tsc_khz`` (this host's) the TSC frequency (else each vCPU's is checked when
     its state is applied)."""
-    machine = machine_from_state(profile["machine"])
+    apic_ids = profile["machine"]["apic_ids"]
     deadline = kvm.tsc_deadline_timer()
-    for i, apic_id in enumerate(machine.apic_ids):
+    for i, apic_id in enumerate(apic_ids):
         vcpu = profile["vcpus"][i]
-        offered = vcpu_cpuid(supported, apic_id, machine.vcpus, (), deadline)
+        offered = vcpu_cpuid(supported, apic_id, len(apic_ids), (), deadline)
         size = ctypes.sizeof(s.kvm_cpuid_entry2)
         wanted = [
             s.kvm_cpuid_entry2.from_buffer_copy(vcpu["cpuid"], o)
