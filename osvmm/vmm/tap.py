@@ -19,12 +19,12 @@ import struct
 import zlib
 
 from osvmm.errors import ConfigError
+from osvmm.plan.drives import check_tap_name
 
 TUN_PATH = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
-IFNAMSIZ = 16
 MAX_FRAME = 65535 + 14
 
 
@@ -72,8 +72,7 @@ def default_mac(name: str, salt: str = "") -> bytes:
 
 
 def open_tap(name: str, what: str = "--net") -> Tap:
-    if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or name.strip() != name:
-        raise ConfigError(f"{what} tap={name}: not an interface name (1-15 bytes, no '/')")
+    check_tap_name(name, what)
     try:
         fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
