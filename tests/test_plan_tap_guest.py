@@ -39,6 +39,7 @@ from tests.test_virtio_net_guest import (
 pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("netns")]
 INSIDE = ("ip", "netns", "exec", NETNS)  # what the fixture yields
 
+OTHER = bytes.fromhex("020000000099")  # a MAC on no NIC
 COUNT = 250  # DATA frames of 40-1439 bytes: seconds of sending here, time to move it
 
 
@@ -75,6 +76,9 @@ def host_receiver(tap: str, count: int) -> None:
         if kind == b"P":
             print("FAIL a second PROBE: the guest started again", flush=True)
             return
+        if kind == b"D" and frame[:6] != mine:
+            print(f"FAIL DATA {n} for {frame[:6].hex(':')}", flush=True)
+            return
         if kind == b"D":
             length = int.from_bytes(frame[19:21], "little")
             want = pattern_frame(mine, guest, b"D", n, length)[: 21 + length + 4]
@@ -87,6 +91,15 @@ def host_receiver(tap: str, count: int) -> None:
             ok = "ok" if seq == n == count else f"FAIL (END says {n})"
             print("received", seq, ok, flush=True)
             return
+
+
+def host_send(tap: str, frame: str) -> None:
+    """One frame (hex) onto the tap from the host's side, run inside the namespace."""
+    import socket
+
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+        s.bind((tap, 0))
+        s.send(bytes.fromhex(frame))
 
 
 class Receiver:
@@ -186,8 +199,15 @@ def test_a_plan_with_a_tap_nic_exchanges_frames_with_the_host_and_again_when_kep
         text = up.cli("stat", "g").stdout.decode()
         assert f"device 0 virtio-net {TAP}: " in text, text
 
-        # Kept built between runs, its tap attached: a second start sends again.
+        # Kept built between runs, its tap attached: a second start sends again, from
+        # an empty queue (a stale HELLO from elsewhere would make the guest send there).
         receiver.close()
+        stale = pattern_frame(bytes.fromhex(guest_mac().replace(":", "")), OTHER, b"H", 0, 0)
+        code = (
+            f"from tests.test_plan_tap_guest import host_send; host_send({TAP!r}, {stale.hex()!r})"
+        )
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        subprocess.run([*INSIDE, sys.executable, "-c", code], check=True, cwd=str(REPO), env=env)
         receiver = Receiver(16)
         r = up.cli("start", "g")
         assert r.returncode == 0, r.stderr
@@ -195,6 +215,8 @@ def test_a_plan_with_a_tap_nic_exchanges_frames_with_the_host_and_again_when_kep
         parts = up.wait_for(lambda p: p["g"]["state"] == "stopped" and p["g"]["boots"] == 2)
         assert parts["g"]["reason"] == "debug exit with value 0"
         assert "not kept built" not in (up.logs / "osvmm.log").read_text()
+        console = (up.logs / "g.console.log").read_text()
+        assert console.count(f"virtionet: sent 16 frames to {receiver.tap_mac}\n") == 2, console
 
         # A partition created at run time cannot have the same tap.
         fragment = up.dir / "more.toml"

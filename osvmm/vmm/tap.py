@@ -26,6 +26,7 @@ TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 MAX_FRAME = 65535 + 14
+FLUSH_MAX = 4096  # frames a flush drops at most (a tap's queue holds txqueuelen, 1000 by default)
 
 
 class Tap:
@@ -57,6 +58,15 @@ class Tap:
                 return False
             raise
         return True
+
+    def flush(self) -> None:
+        """Drop what the host queued on the tap (the device reset: by its driver, or
+        for the next boot of a partition kept built), so that a boot starts from
+        an empty queue as one built anew does (attaching a tap finds its queue
+        purged). At most FLUSH_MAX frames: a host that keeps sending is not waited out."""
+        for _ in range(FLUSH_MAX):
+            if self.recv() is None:
+                return
 
     def close(self) -> None:
         if self.fd >= 0:
