@@ -272,13 +272,13 @@ def test_a_takeover_mid_exchange_hands_the_tap_over():
         old.close()
 
 
-def test_a_migration_to_osvmm_up_incoming_releases_the_tap_to_the_destination(tmp_path):
-    receiver = Receiver()
-    src = NetnsUp(plan())
+def incoming(tmp_path, body: str) -> tuple[subprocess.Popen, str, str]:
+    """``osvmm up --incoming`` in the namespace with plan ``body``, listening: the
+    process, its address and its control socket."""
     dst_plan = tmp_path / "dst.toml"
     dst_sock = f"{tmp_path}/dst.sock"
     dst_plan.write_text(
-        f'[vmm]\ncontrol_socket = "{dst_sock}"\nlog_dir = "{tmp_path}/logs"\n' + plan()
+        f'[vmm]\ncontrol_socket = "{dst_sock}"\nlog_dir = "{tmp_path}/logs"\n' + body
     )
     addr = f"unix:{tmp_path}/in.sock"
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -291,11 +291,29 @@ def test_a_migration_to_osvmm_up_incoming_releases_the_tap_to_the_destination(tm
         env=env,
         cwd=str(REPO),
     )
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "in.sock").exists():
+        if time.monotonic() > deadline or dst.poll() is not None:
+            dst.kill()
+            raise AssertionError(f"osvmm up --incoming did not start: {dst.communicate()[1]}")
+        time.sleep(0.05)
+    return dst, addr, dst_sock
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
     try:
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "in.sock").exists():
-            assert time.monotonic() < deadline and dst.poll() is None, dst.stderr
-            time.sleep(0.05)
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_migration_to_osvmm_up_incoming_releases_the_tap_to_the_destination(tmp_path):
+    receiver = Receiver()
+    src = NetnsUp(plan())
+    dst, addr, dst_sock = incoming(tmp_path, plan())
+    try:
         receiver.until("got 20")
         r = src.cli("migrate", "g", "--to", addr)
         moved = time.monotonic()
@@ -320,8 +338,27 @@ def test_a_migration_to_osvmm_up_incoming_releases_the_tap_to_the_destination(tm
     finally:
         receiver.close()
         src.close()
-        dst.send_signal(signal.SIGTERM)
-        try:
-            dst.wait(30)
-        except subprocess.TimeoutExpired:
-            dst.kill()
+        stop(dst)
+
+
+def test_a_migration_whose_destination_cannot_attach_leaves_the_source_its_tap(tmp_path):
+    """The destination names an interface that is no tap (with the NIC's MAC, so its
+    plan passes the HELO's check): its build fails after the source released its
+    tap, and the source attaches it again before the guest goes on."""
+    receiver = Receiver()
+    src = NetnsUp(plan())
+    dst, addr, _ = incoming(tmp_path, plan().replace(f"tap={TAP}", f"tap=lo,mac={guest_mac()}"))
+    try:
+        receiver.until("got 20")
+        r = src.cli("migrate", "g", "--to", addr)
+        moved = time.monotonic()
+        assert r.returncode == 2, r.stderr
+        assert "tap=lo: cannot attach: not a tap" in r.stderr.decode(), r.stderr
+        assert r.stderr.decode().count("\n") == 1, r.stderr
+        check_guest_done(src, receiver)
+        assert receiver.got_after(moved) > 0, receiver.lines[-3:]
+        assert "after the failed migration" not in (src.logs / "osvmm.log").read_text()
+    finally:
+        receiver.close()
+        src.close()
+        stop(dst)
