@@ -8,10 +8,13 @@ answers once, so no frame is in flight towards the guest while its tap moves.
 - A plan with a tap NIC boots, the host gets every frame, ``osvmm stat`` counts
   them; stopped, the partition is kept built with its tap and a second start
   exchanges again; a fragment naming its tap is refused.
-- ``osvmm snapshot --stop`` mid-exchange, then ``osvmm start --restore``.
+- ``osvmm snapshot --stop`` mid-exchange, then ``osvmm start --restore``, or a
+  new ``osvmm up`` whose plan's ``restore`` names it (one without the tap NIC
+  refused).
 - ``osvmm up --takeover`` mid-exchange: the tap's descriptor handed over.
 - ``osvmm migrate`` to ``osvmm up --incoming`` on the same host: the source
-  releases its tap at stop-and-copy, the destination attaches it.
+  releases its tap at stop-and-copy, the destination attaches it; a destination
+  that cannot attach its tap leaves the source its own, attached again.
 
 Each time the host gets every frame once and the guest says its MAC once."""
 
@@ -249,6 +252,46 @@ def test_a_snapshot_of_a_tap_nic_resumes_with_osvmm_start_restore():
     finally:
         receiver.close()
         up.close()
+
+
+def test_a_snapshot_of_a_tap_nic_resumes_from_a_plans_restore(tmp_path):
+    """``osvmm snapshot --stop`` mid-exchange, that VMM ended, and a new ``osvmm up``
+    whose plan has ``restore`` and the same tap NIC: the guest goes on from where
+    it was, and a plan without the tap NIC is refused before anything starts."""
+    receiver = Receiver()
+    up = NetnsUp(plan())
+    try:
+        receiver.until("got 20")
+        snap = tmp_path / "g.snap"
+        r = up.cli("snapshot", "g", str(snap), "--stop")
+        assert r.returncode == 0, r.stderr
+    finally:
+        up.close()
+    try:
+        from osvmm.errors import ConfigError
+        from osvmm.plan.config import parse_plan
+        from osvmm.plan.placement import place
+        from osvmm.plan.topology import read_topology
+        from osvmm.up.partition_config import check_boot
+
+        text = plan().replace(f'nets = ["tap={TAP}"]', "") + f'restore = "{snap}"\n'
+        with pytest.raises(ConfigError) as err:
+            check_boot(place(parse_plan(text, tmp_path), read_topology()))
+        assert str(err.value) == "partition 'g': restore: the snapshot has 1 NICs, 0 given"
+        new = NetnsUp(plan() + f'restore = "{snap}"\n')
+        moved = time.monotonic()
+        try:
+            assert receiver.until("received") == f"received {COUNT} ok", receiver.lines[-3:]
+            parts = new.wait_for(lambda p: p["g"]["state"] == "stopped", timeout=120)
+            console = (new.logs / "g.console.log").read_text()
+            assert parts["g"]["reason"] == "debug exit with value 0", console
+            assert "virtionet: mac" not in console  # resumed, not booted
+            assert f"virtionet: sent {COUNT} frames to {receiver.tap_mac}\n" in console
+            assert receiver.got_after(moved) > 0, receiver.lines[-3:]
+        finally:
+            new.close()
+    finally:
+        receiver.close()
 
 
 def test_a_takeover_mid_exchange_hands_the_tap_over():
