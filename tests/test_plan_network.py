@@ -62,7 +62,7 @@ def test_no_networks(tmp_path):
             part(extra="drives = [" + ", ".join(f'"d{i}"' for i in range(MAX_DEVICES)) + "]")
             + part("b")
             + net(),
-            f"partition 'a': {MAX_DEVICES} disks, 1 network NICs and 0 vsock, "
+            f"partition 'a': {MAX_DEVICES} disks, 0 tap NICs, 1 network NICs and 0 vsock, "
             f"at most {MAX_DEVICES}",
         ),
     ],

@@ -154,3 +154,29 @@ def test_default_mac_is_local_unicast_and_stable():
     mac = default_mac("tap0")
     assert len(mac) == 6 and mac[0] == 0x02 and mac == default_mac("tap0")
     assert mac != default_mac("tap1")
+
+
+def test_a_tap_flush_drops_what_the_host_queued_and_a_reset_flushes():
+    """A device reset (the driver's, or a partition kept built recycled for its next
+    boot) starts from an empty tap queue, as a tap attached anew does."""
+    import socket
+
+    from osvmm.vmm.tap import Tap
+
+    host, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)  # one read, one frame
+    ours.setblocking(False)
+    tap = Tap(ours.detach(), "t0")
+    try:
+        for i in range(3):
+            host.send(bytes([i]) * 60)
+        tap.flush()
+        assert tap.recv() is None
+        host.send(b"\x07" * 60)
+        model = VirtioNet(tap, memory(), b"\x02\0\0\0\0\x01")
+        model.reset()
+        assert tap.recv() is None
+        host.send(b"\x08" * 60)
+        assert tap.recv() == b"\x08" * 60
+    finally:
+        tap.close()
+        host.close()

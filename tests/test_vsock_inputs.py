@@ -97,7 +97,7 @@ def test_plan_vsock_with_restore(tmp_path):
 def test_plan_counts_the_vsock_among_the_devices(tmp_path):
     drives = str([f"d{i}.img" for i in range(7)]).replace("'", '"')
     text = plan_text(tmp_path, '"uds=a.sock"', extra=f"drives = {drives}\n")
-    with pytest.raises(ConfigError, match="7 disks, 0 network NICs and 1 vsock"):
+    with pytest.raises(ConfigError, match="7 disks, 0 tap NICs, 0 network NICs and 1 vsock"):
         parse_plan(text, tmp_path)
 
 

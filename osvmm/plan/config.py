@@ -33,9 +33,11 @@ from osvmm.plan.drives import (
     MAX_DEVICES,
     MAX_DRIVES,
     Drive,
+    Net,
     Vsock,
     check_vsock,
     parse_drive,
+    parse_net,
     parse_vsock,
 )
 from osvmm.plan.paths import default_control_socket  # noqa: F401 - re-exported
@@ -78,6 +80,7 @@ PARTITION_KEYS = (
     "protect",
     "restore",
     "drives",
+    "nets",
     "vsock",
 )
 VSOCK_KEYS = ("uds", "cid")
@@ -185,6 +188,7 @@ class PartitionSpec:
     protect: ProtectSpec | None = None  # [partition.protect]: the write monitor
     restore: str | None = None  # a snapshot directory its first boot resumes (docs/snapshots.md)
     drives: tuple[Drive, ...] = ()  # disks: raw images as virtio-blk (docs/devices.md)
+    nets: tuple[Net, ...] = ()  # NICs on host taps as virtio-net (docs/devices.md)
     vsock: Vsock | None = None  # a virtio-vsock device and its Unix socket (docs/devices.md)
 
     @property
@@ -328,6 +332,7 @@ def parse_plan(
         seen.add(spec.name)
         partitions.append(spec)
     _check_shared_drives(partitions)
+    _check_shared_taps(partitions)
 
     channels: list[ChannelSpec] = []
     seen_ch: set[str] = set()
@@ -358,10 +363,11 @@ def parse_plan(
     for spec in partitions:
         nics = sum(spec.name in n.members for n in networks)
         vsocks = int(spec.vsock is not None)
-        if len(spec.drives) + nics + vsocks > MAX_DEVICES:
+        if len(spec.drives) + len(spec.nets) + nics + vsocks > MAX_DEVICES:
             raise ConfigError(
-                f"partition {spec.name!r}: {len(spec.drives)} disks, {nics} network NICs "
-                f"and {vsocks} vsock, at most {MAX_DEVICES} virtio devices in all"
+                f"partition {spec.name!r}: {len(spec.drives)} disks, {len(spec.nets)} tap "
+                f"NICs, {nics} network NICs and {vsocks} vsock, at most {MAX_DEVICES} "
+                "virtio devices in all"
             )
         if spec.vsock is not None:
             other = sockets.setdefault(spec.vsock.uds, spec.name)
@@ -596,6 +602,14 @@ def _parse_partition(table: dict[str, Any], index: int, base: Path) -> Partition
     fields["drives"] = tuple(Drive(_path(d.path, base), d.readonly) for d in parsed)
     if len({d.path for d in fields["drives"]}) != len(parsed):
         raise ConfigError(f"{where}: drives: an image is listed twice: {_show(drives)}")
+    nets = _get(table, "nets", list, where, [])
+    if not all(isinstance(n, str) for n in nets):
+        raise ConfigError(
+            f'{where}: nets: a list of "tap=NAME[,mac=XX:XX:XX:XX:XX:XX]" strings: {_show(nets)}'
+        )
+    if len(nets) > MAX_DEVICES:
+        raise ConfigError(f"{where}: nets: {len(nets)} NICs, at most {MAX_DEVICES}")
+    fields["nets"] = tuple(parse_net(n, f"{where}: nets:") for n in nets)
     if "vsock" in table:
         fields["vsock"] = _parse_vsock(table["vsock"], where, base)
 
@@ -662,6 +676,21 @@ def _check_shared_drives(partitions: list[PartitionSpec]) -> None:
                     f"{other[0]!r}'s disk too; an image is shared only read-only (,ro) by all"
                 )
             users.setdefault(drive.path, (part.name, drive.readonly))
+
+
+def _check_shared_taps(partitions: list[PartitionSpec]) -> None:
+    """A tap is one NIC's: attaching it a second time fails (EBUSY), so a plan that
+    names one twice, in one partition or two, could never run all its NICs."""
+    users: dict[str, str] = {}
+    for part in partitions:
+        for net in part.nets:
+            other = users.setdefault(net.tap, part.name)
+            if other != part.name or sum(n.tap == net.tap for n in part.nets) > 1:
+                whose = "this partition's" if other == part.name else f"partition {other!r}'s"
+                raise ConfigError(
+                    f"partition {part.name!r}: nets: tap {net.tap} is {whose} NIC already "
+                    "(a tap is one NIC's)"
+                )
 
 
 def _parse_channel(table: dict[str, Any], index: int, partitions: set[str]) -> ChannelSpec:

@@ -76,8 +76,18 @@ def parse_mac(text: str, what: str) -> bytes:
     return mac
 
 
+IFNAMSIZ = 16  # linux/if.h: an interface's name and its NUL
+
+
+def check_tap_name(name: str, what: str) -> None:
+    """ConfigError unless ``name`` can name a host interface (checked before a tap is
+    attached: vmm/tap.py ``open_tap``, and a plan's ``nets`` when it is read)."""
+    if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or name.strip() != name:
+        raise ConfigError(f"{what} tap={name}: not an interface name (1-15 bytes, no '/')")
+
+
 def parse_net(text: str, what: str = "--net") -> Net:
-    """``tap=NAME[,mac=XX:XX:XX:XX:XX:XX]`` into a Net."""
+    """``tap=NAME[,mac=XX:XX:XX:XX:XX:XX]`` into a Net, its tap's name checked."""
     tap = None
     mac = None
     for opt in text.split(","):
@@ -94,6 +104,7 @@ def parse_net(text: str, what: str = "--net") -> Net:
             )
     if tap is None:
         raise ConfigError(f"{what} {text}: give tap=NAME (tap=NAME[,mac=XX:XX:XX:XX:XX:XX])")
+    check_tap_name(tap, what)
     return Net(tap, mac)
 
 

@@ -4,7 +4,7 @@ Per NUMA node: its cores, one cell per core with the core's SMT threads joined
 by '/' and the owning partition after ':' ('.' for a CPU no partition owns,
 where floating partitions run; 'a,b' when the threads have different owners),
 then the node's memory by partition and what is left. Then one line per
-partition, the channels, and the warnings.
+partition, the channels, the networks, the tap NICs and the warnings.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 from osvmm.plan.config import format_cpu_list, format_size
 from osvmm.plan.placement import Assignment, PartitionAssignment
 from osvmm.plan.topology import HostTopology
+from osvmm.vmm.tap import default_mac
 
 WIDTH = 100
 FREE = "."
@@ -79,6 +80,12 @@ def render_assignment(assignment: Assignment, topology: HostTopology) -> str:
         for net in assignment.plan.networks:
             members = ", ".join(f"{name} {net.mac(name).hex(':')}" for name in net.members)
             lines.append(f"network {net.name}: {members}")
+
+    taps = [(p.name, net) for p in assignment.partitions for net in p.spec.nets]
+    if taps:
+        lines.append("")
+        for name, net in taps:
+            lines.append(f"tap {net.tap}: {name} {(net.mac or default_mac(net.tap)).hex(':')}")
 
     if assignment.warnings:
         lines.append("")

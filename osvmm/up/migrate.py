@@ -200,7 +200,7 @@ def accept_partition(sup, kvm, name: str, profile: dict, takeover: bool = False)
     # opened only when the partition is built, after the source released them.
     spec = entry.spec
     who = f"partition {name!r} here"
-    check_profile(profile.get("devices", []), spec.drives, (), spec.vsock, who, takeover)
+    check_profile(profile.get("devices", []), spec.drives, spec.nets, spec.vsock, who, takeover)
     if "networks" in profile:  # the NICs on plan networks: this plan's networks of those names
         had = [(n, bytes.fromhex(m.replace(":", ""))) for n, m in profile["networks"]]
         here = [(net.name, net.mac(name)) for net in sup.plan.networks_of(name)]

@@ -32,6 +32,7 @@ def machine_of(assignment: Assignment, placement: PartitionAssignment) -> Machin
             1,
             channels=channels,
             virtio_mmio=len(spec.drives)
+            + len(spec.nets)
             + len(assignment.plan.networks_of(spec.name))
             + (spec.vsock is not None),
         )
@@ -75,6 +76,7 @@ def partition_config(
         restore=spec.restore if restore else None,
         restore_lazy=False,
         drives=spec.drives,
+        nets=spec.nets,
         switch_nics=switch_nics,
         vsock=spec.vsock,
     )
@@ -85,8 +87,9 @@ def check_boot(assignment: Assignment, held_elsewhere: bool = False) -> dict[str
     image, kernel, initrd and command line), that each disk image can be opened as
     one (vmm/blockfile.py, closed again), that nothing else holds its vsock's
     socket path (vmm/vsock_uds.py) and that its ``restore`` snapshot reads
-    whole and fits it (its machine, disks, NICs: none on a tap, those on networks
-    on this plan's networks of those names with their MACs, and vsock); the first
+    whole and fits it (its machine, disks, NICs: those on taps with the plan's tap
+    NICs' MACs, those on networks on this plan's networks of those names with
+    their MACs, and vsock); the first
     failure as a ConfigError. ``held_elsewhere``: the partitions come from another
     VMM (``--incoming``, ``--takeover``), which may hold the images locked and
     listen on the socket: neither is a failure then."""
@@ -129,16 +132,19 @@ def check_restore(
     disks: list | None = None,
 ) -> None:
     """That the snapshot in ``directory`` reads whole and fits the partition: its
-    NICs (none on a tap: a plan gives none; those on networks on this plan's
-    networks of those names, with their MACs), its machine, its disks (``disks``,
+    NICs (those on taps: as many tap NICs in the plan, each with its MAC, the tap
+    may be another; those on networks on this plan's networks of those names,
+    with their MACs), its machine, its disks (``disks``,
     opened as by ``check_boot``; None: left to the build, which reopens them) and
     its vsock; else a SnapshotError. Nothing is kept open."""
     from osvmm.vmm.snapshot import Snapshot, check_disks, check_networks, check_nics, check_vsock
+    from osvmm.vmm.tap import default_mac
 
     snap = Snapshot.read(directory)
     try:
         # The NICs first: a missing network also makes another machine.
-        check_nics(snap.state, [], "restore")
+        macs = [net.mac or default_mac(net.tap) for net in placement.spec.nets]
+        check_nics(snap.state, macs, "restore")
         nics = [
             (net.name, net.mac(placement.name))
             for net in assignment.plan.networks_of(placement.name)

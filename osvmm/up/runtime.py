@@ -90,7 +90,14 @@ class RuntimePartitions:
                     "the fragment: a partition created at run time joins no network (the "
                     "plan's networks and their ports are made when the VMM starts)"
                 )
+            taps = {net.tap: e.name for e in sup.partitions.values() for net in e.spec.nets}
             for spec in fragment.partitions:
+                for net in spec.nets:  # a tap is one NIC's (plan/config.py)
+                    if net.tap in taps:
+                        raise ConfigError(
+                            f"partition {spec.name!r}: nets: tap {net.tap} is partition "
+                            f"{taps[net.tap]!r}'s NIC already (a tap is one NIC's)"
+                        )
                 if spec.privileged:
                     raise ConfigError(
                         f"partition {spec.name!r}: privileged: a partition created at run "

@@ -38,7 +38,7 @@ import time
 from osvmm.errors import ConfigError, SnapshotError
 from osvmm.vmm.blockfile import RawImage, lock_image
 from osvmm.vmm.switch_port import SwitchPort
-from osvmm.vmm.tap import Tap, open_tap
+from osvmm.vmm.tap import Tap, default_mac, open_tap
 from osvmm.vmm.vsock_uds import UdsBackend
 
 RELOCK_SECONDS = 10  # a failed migration's destination may still be closing the image
@@ -89,8 +89,9 @@ def check_profile(
     """SnapshotError (one line) unless a partition given ``drives`` (plan/drives.py
     Drive), ``nets`` (Net) and ``vsock`` (Vsock or None) can take the devices of
     ``profile``: as many disks, each of the same size (the guest knows its
-    capacity: shared storage, or a copy) and mode; as many NICs; the vsock's CID.
-    ``takeover``: and the very files (this host's), which the new VMM adopts."""
+    capacity: shared storage, or a copy) and mode; as many tap NICs, each with its
+    MAC (the tap may be another); the vsock's CID. ``takeover``: and the very
+    files and taps (this host's), which the new VMM adopts."""
     disks = [d for d in devices if d["kind"] == "blk"]
     if len(disks) != len(drives):
         raise SnapshotError(f"{who} has {len(drives)} disks, the migrated one {len(disks)}")
@@ -114,6 +115,17 @@ def check_profile(
     taps = [d for d in devices if d["kind"] == "net"]
     if len(taps) != len(nets):
         raise SnapshotError(f"{who} has {len(nets)} tap NICs, the migrated one {len(taps)}")
+    for i, (had, net) in enumerate(zip(taps, nets, strict=True)):
+        mac = (net.mac or default_mac(net.tap)).hex(":")
+        if mac != had["mac"]:  # the driver read it: the guest knows it
+            raise SnapshotError(
+                f"{who}: NIC {i} tap={net.tap}: MAC {mac}, the migrated one's (tap "
+                f"{had['tap']}) is {had['mac']}: give mac={had['mac']}"
+            )
+        if takeover and net.tap != had["tap"]:  # its descriptor is handed over
+            raise SnapshotError(
+                f"{who}: NIC {i}: tap {net.tap}, the running partition's is {had['tap']}"
+            )
     socks = [d for d in devices if d["kind"] == "vsock"]
     if bool(socks) != (vsock is not None):
         raise SnapshotError(

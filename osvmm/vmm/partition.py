@@ -116,7 +116,7 @@ class PartitionConfig(Record):
     # the partition ready for another boot (osvmm up); ``osvmm run`` boots once.
     reusable: bool = False
     # Disks: raw images as virtio-blk devices (plan/drives.py Drive), in slot order;
-    # then NICs on host taps as virtio-net devices (plan/drives.py Net).
+    # then NICs on host taps as virtio-net devices (plan/drives.py Net: --net, a plan's nets).
     drives: tuple = ()
     nets: tuple = ()
     # Then NICs on a plan's networks: (vmm/switch_port.py SwitchPort, MAC) pairs; the

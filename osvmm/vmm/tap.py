@@ -19,13 +19,14 @@ import struct
 import zlib
 
 from osvmm.errors import ConfigError
+from osvmm.plan.drives import check_tap_name
 
 TUN_PATH = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
-IFNAMSIZ = 16
 MAX_FRAME = 65535 + 14
+FLUSH_MAX = 4096  # frames a flush drops at most (a tap's queue holds txqueuelen, 1000 by default)
 
 
 class Tap:
@@ -58,6 +59,15 @@ class Tap:
             raise
         return True
 
+    def flush(self) -> None:
+        """Drop what the host queued on the tap (the device reset: by its driver, or
+        for the next boot of a partition kept built), so that a boot starts from
+        an empty queue as one built anew does (attaching a tap finds its queue
+        purged). At most FLUSH_MAX frames: a host that keeps sending is not waited out."""
+        for _ in range(FLUSH_MAX):
+            if self.recv() is None:
+                return
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -72,8 +82,7 @@ def default_mac(name: str, salt: str = "") -> bytes:
 
 
 def open_tap(name: str, what: str = "--net") -> Tap:
-    if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or name.strip() != name:
-        raise ConfigError(f"{what} tap={name}: not an interface name (1-15 bytes, no '/')")
+    check_tap_name(name, what)
     try:
         fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
