@@ -7,6 +7,7 @@ import fcntl
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,15 @@ def end_all(procs, timeout: float = 30) -> None:
             p.wait(timeout)
         except subprocess.TimeoutExpired:
             p.kill()
+
+
+def listening(path) -> bool:
+    """Whether something accepts connections on the Unix socket ``path``."""
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()

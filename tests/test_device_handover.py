@@ -6,7 +6,6 @@ descriptors (the plan's own files only, every descriptor closed on a refusal).""
 from __future__ import annotations
 
 import os
-import socket
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +16,7 @@ from osvmm.vmm import device_handover as dh
 from osvmm.vmm.blockfile import open_drive
 from osvmm.vmm.vsock_uds import open_vsock_uds
 from tests import test_virtio_net_guest
-from tests.helpers import locked
+from tests.helpers import listening, locked
 
 
 @pytest.fixture
@@ -25,17 +24,6 @@ def image(tmp_path):
     path = tmp_path / "disk.img"
     path.write_bytes(bytes(4096))
     return path
-
-
-def _listening(path) -> bool:
-    probe = socket.socket(socket.AF_UNIX)
-    try:
-        probe.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
 
 
 DISK = {"kind": "blk", "path": "/src/disk.img", "size": 4096, "ro": False}
@@ -99,14 +87,14 @@ def test_a_migration_releases_the_image_and_socket_and_takes_them_back(image, tm
     vsock = open_vsock_uds(str(uds))
     part = SimpleNamespace(virtio=SimpleNamespace(backends=[disk, vsock]))
     try:
-        assert locked(image) and _listening(uds)
+        assert locked(image) and listening(uds)
         released = dh.release(part)
         assert not locked(image) and not uds.exists()  # a destination may open them
         other = open_drive(str(image), False)  # as a destination on this host does
         assert released.reacquire(0.2) == [f"{image}: not locked again (held elsewhere)"]
         other.close()
         assert released.reacquire() == []
-        assert locked(image) and _listening(uds)
+        assert locked(image) and listening(uds)
         # Once handed off, the socket file is the other VMM's: left where it is.
         dh.hand_off(SimpleNamespace(virtio=SimpleNamespace(backends=[vsock], handed_off=False)))
         vsock.close()

@@ -35,9 +35,9 @@ from osvmm.plan.topology import read_topology
 from osvmm.up.hypercalls import serve_supervisor
 from osvmm.up.migrate import IncomingServer, MigrationService
 from osvmm.up.supervisor import RUNNING, Supervisor
-from tests.helpers import VMM_NOTE, end_all, guest_text, locked, run_osvmm
+from tests.helpers import VMM_NOTE, end_all, guest_text, listening, locked, run_osvmm
 from tests.test_migration import Vmm, up_process, wait_until
-from tests.test_virtio_guest import ROUNDS, SECTORS, _final_sectors, _round_lines
+from tests.test_virtio_guest import ROUNDS, SECTORS, _round_lines, check_disk_and_rounds
 
 pytestmark = pytest.mark.kvm
 
@@ -69,26 +69,6 @@ def log_until(path: Path, needle: str, timeout: float = 180) -> str:
         assert time.monotonic() < deadline, text[-2000:]
         time.sleep(0.05)
     return text
-
-
-def listening(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX)
-    try:
-        probe.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
-
-
-def check_disk_and_rounds(text: str, image: Path) -> None:
-    assert "FAIL" not in text, text
-    assert _round_lines(text) == list(range(50, ROUNDS + 1, 50)), text  # no gap, no repeat
-    assert f"virtioblk: rounds {ROUNDS} done" in text
-    disk = image.read_bytes()
-    for sector, block in _final_sectors().items():
-        assert disk[sector * 512 : (sector + 1) * 512] == block, sector
 
 
 def test_osvmm_migrate_moves_a_disk_guest_mid_run_to_osvmm_up_incoming(tmp):
