@@ -77,6 +77,7 @@ def test_mmio_read():
         (s.KVM_EXIT_SHUTDOWN, exits.Shutdown()),
         (s.KVM_EXIT_HLT, exits.Hlt()),
         (s.KVM_EXIT_INTR, exits.Interrupted()),
+        (s.KVM_EXIT_DIRTY_RING_FULL, exits.DirtyRingFull()),
     ],
 )
 def test_exits_without_payload(reason, expected):

@@ -23,6 +23,7 @@ from osvmm.kvm import structs as s
 MIRRORS = {
     s.kvm_userspace_memory_region: "kvm_userspace_memory_region",
     s.kvm_dirty_log: "kvm_dirty_log",
+    s.kvm_dirty_gfn: "kvm_dirty_gfn",
     s.kvm_regs: "kvm_regs",
     s.kvm_segment: "kvm_segment",
     s.kvm_dtable: "kvm_dtable",

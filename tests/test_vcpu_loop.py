@@ -15,6 +15,7 @@ REASONS = {
     exits.FailEntry: structs.KVM_EXIT_FAIL_ENTRY,
     exits.InternalError: structs.KVM_EXIT_INTERNAL_ERROR,
     exits.SystemEvent: structs.KVM_EXIT_SYSTEM_EVENT,
+    exits.DirtyRingFull: structs.KVM_EXIT_DIRTY_RING_FULL,
     exits.Unhandled: 3,
 }
 
@@ -104,7 +105,7 @@ class Machine:
         self.resets.append(index)
 
 
-def run_script(script, rip=0x1234, cs_base=0, hooks=None):
+def run_script(script, rip=0x1234, cs_base=0, hooks=None, ring_full=None):
     bus = PortBus()
     dev = Recorder()
     bus.register(0x3F8, 8, dev)
@@ -114,6 +115,7 @@ def run_script(script, rip=0x1234, cs_base=0, hooks=None):
     vcpu.rip, vcpu.cs_base = rip, cs_base
     t = VcpuThread(vcpu, 0, bus, MmioBus(), machine)
     t.port_hooks.update(hooks or {})
+    t.dirty_ring_full = ring_full
     box[0] = t
     t._main()  # run on this thread
     return dev, vcpu, machine, t
@@ -215,3 +217,18 @@ def test_handled_exits_are_counted_by_kind():
 def test_system_event_reset_asks_the_machine_to_reset():
     _, _, machine, _ = run_script([exits.SystemEvent(2, ())])
     assert machine.resets == [0]
+
+
+def test_a_full_dirty_ring_is_emptied_on_the_vcpu_thread_and_the_vcpu_runs_on():
+    emptied = []
+    script = [exits.DirtyRingFull(), exits.IoOut(0x3F8, 1, b"A"), exits.DirtyRingFull()]
+    dev, _, machine, t = run_script(script, ring_full=lambda: emptied.append(1))
+    assert emptied == [1, 1]
+    assert dev.writes == [(0, 0x41)]  # it ran on after the first
+    assert machine.faults == []
+    assert t.handled_counts()["DirtyRingFull"] == 2
+
+
+def test_a_dirty_ring_full_exit_without_a_ring_is_a_fault_not_a_hang():
+    _, _, machine, _ = run_script([exits.DirtyRingFull()])
+    assert len(machine.faults) == 1 and "dirty ring full" in str(machine.faults[0])

@@ -3,7 +3,7 @@
 Reading:
 ``decode_exit`` turns the mapped kvm_run into one value of a closed set:
 IoOut, IoIn, MmioWrite, MmioRead, Hlt, Shutdown, FailEntry, InternalError,
-SystemEvent, Interrupted, Unhandled. The exit loop dispatches on the type.
+SystemEvent, Interrupted, DirtyRingFull, Unhandled. The exit loop dispatches on the type.
 Decoding uses precompiled ``struct`` formats on the mapping (the port-I/O
 path is the hot one: ``RUN_HEADER``).
 
@@ -47,6 +47,9 @@ Shutdown = namedtuple("Shutdown", "")  # a triple fault (or another shutdown con
 FailEntry = namedtuple("FailEntry", "hardware_entry_failure_reason cpu")
 SystemEvent = namedtuple("SystemEvent", "type data")
 Interrupted = namedtuple("Interrupted", "")  # KVM_RUN ended by a signal or immediate_exit
+# KVM_EXIT_DIRTY_RING_FULL: the vCPU's dirty ring must be harvested and reset before
+# it runs again (vmm/dirty_ring.py).
+DirtyRingFull = namedtuple("DirtyRingFull", "")
 
 
 class InternalError(namedtuple("InternalError", "suberror data")):
@@ -94,6 +97,7 @@ class Unhandled(namedtuple("Unhandled", "reason")):
 _HLT = Hlt()
 _SHUTDOWN = Shutdown()
 _INTR = Interrupted()
+_RING_FULL = DirtyRingFull()
 
 
 def decode_exit(mm, reason: int | None = None):
@@ -127,6 +131,8 @@ def decode_exit(mm, reason: int | None = None):
         etype, ndata = _SYSEV_HDR.unpack_from(mm, _EXIT_OFF)
         ndata = min(ndata, 16)
         return SystemEvent(etype, struct.unpack_from(f"<{ndata}Q", mm, _EXIT_OFF + 8))
+    if reason == s.KVM_EXIT_DIRTY_RING_FULL:
+        return _RING_FULL
     return Unhandled(reason)
 
 

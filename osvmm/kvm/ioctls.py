@@ -55,6 +55,7 @@ KVM_SET_BOOT_CPU_ID = _IO(KVMIO, 0x78)
 KVM_ENABLE_CAP = _IOW(KVMIO, 0xA3, s.kvm_enable_cap)
 KVM_SIGNAL_MSI = _IOW(KVMIO, 0xA5, s.kvm_msi)
 KVM_GET_STATS_FD = _IO(KVMIO, 0xCE)
+KVM_RESET_DIRTY_RINGS = _IO(KVMIO, 0xC7)  # VM: the harvested ring entries may be reused
 # vCPU
 KVM_RUN = _IO(KVMIO, 0x80)
 KVM_GET_REGS = _IOR(KVMIO, 0x81, s.kvm_regs)

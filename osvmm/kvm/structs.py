@@ -52,6 +52,21 @@ class kvm_dirty_log(ctypes.Structure):
 
 assert ctypes.sizeof(kvm_dirty_log) == 16
 
+
+class kvm_dirty_gfn(ctypes.Structure):
+    """One entry of a vCPU's dirty ring (KVM_CAP_DIRTY_LOG_RING): page ``offset``
+    (in pages) of memslot ``slot`` was written; ``flags`` is KVM_DIRTY_GFN_F_*."""
+
+    _fields_ = [("flags", c_uint32), ("slot", c_uint32), ("offset", c_uint64)]
+
+
+assert ctypes.sizeof(kvm_dirty_gfn) == 16
+assert kvm_dirty_gfn.offset.offset == 8
+
+KVM_DIRTY_GFN_F_DIRTY = 1 << 0
+KVM_DIRTY_GFN_F_RESET = 1 << 1
+KVM_DIRTY_LOG_PAGE_OFFSET = 64  # a vCPU's ring is mmap'ed at this many pages into its fd
+
 # -- registers ------------------------------------------------------------------
 
 
@@ -479,6 +494,7 @@ KVM_EXIT_SYSTEM_EVENT = 24
 KVM_EXIT_IOAPIC_EOI = 26
 KVM_EXIT_X86_RDMSR = 29
 KVM_EXIT_X86_WRMSR = 30
+KVM_EXIT_DIRTY_RING_FULL = 31
 KVM_EXIT_X86_BUS_LOCK = 33
 KVM_EXIT_MEMORY_FAULT = 39
 

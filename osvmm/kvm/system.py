@@ -120,6 +120,7 @@ class Vm:
         self.kvm = kvm
         self.fd = fd
         self._sync_regs: bool | None = None
+        self.dirty_ring_size = 0  # bytes per vCPU; 0: no dirty ring (the bitmap)
 
     def check_extension(self, cap: int) -> int:
         return _ioctl(self.fd, io.KVM_CHECK_EXTENSION, cap)
@@ -214,6 +215,16 @@ class Vm:
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         return Vcpu(self, vcpu_id, _ioctl(self.fd, io.KVM_CREATE_VCPU, vcpu_id))
 
+    def enable_dirty_ring(self, size: int) -> None:
+        """KVM's dirty ring of ``size`` bytes per vCPU (vmm/dirty_ring.py), before any
+        vCPU exists; KVM_GET_DIRTY_LOG is refused from then on."""
+        self.enable_cap(io.KVM_CAP_DIRTY_LOG_RING, size)
+        self.dirty_ring_size = size
+
+    def reset_dirty_rings(self) -> int:
+        """Let KVM reuse the ring entries the VMM marked RESET (KVM_RESET_DIRTY_RINGS)."""
+        return _ioctl(self.fd, io.KVM_RESET_DIRTY_RINGS)
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -265,6 +276,19 @@ class Vcpu:
             fd, vm.kvm.vcpu_mmap_size(), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
         )
         self.sync = SyncRegs(self.run_mmap)
+        self.dirty_ring = None  # the mapped dirty ring, where the VM has one
+
+    def map_dirty_ring(self) -> mmap.mmap:
+        """Map this vCPU's dirty ring (the VM's ring size, at KVM_DIRTY_LOG_PAGE_OFFSET pages)."""
+        if self.dirty_ring is None:
+            self.dirty_ring = mmap.mmap(
+                self.fd,
+                self.vm.dirty_ring_size,
+                mmap.MAP_SHARED,
+                mmap.PROT_READ | mmap.PROT_WRITE,
+                offset=s.KVM_DIRTY_LOG_PAGE_OFFSET * mmap.PAGESIZE,
+            )
+        return self.dirty_ring
 
     # -- the hot path --------------------------------------------------------
     def run(self):
@@ -348,6 +372,9 @@ class Vcpu:
         if self.fd >= 0:
             del self.sync
             self.run_mmap.close()
+            if self.dirty_ring is not None:
+                self.dirty_ring.close()
+                self.dirty_ring = None
             os.close(self.fd)
             self.fd = -1
 

@@ -22,6 +22,10 @@ lets it run on. A stop releases a parked vCPU.
 A write into guest RAM that KVM maps read-only (vmm/memslots.py) exits as an
 MMIO write; ``ram_write(thread, addr, data)``, when set, sees it first and
 returns True when the address was guest RAM it handled (the write monitor).
+
+With KVM's dirty ring (vmm/dirty_ring.py) a vCPU whose ring is full exits with
+KVM_EXIT_DIRTY_RING_FULL; ``dirty_ring_full()`` empties the rings on the vCPU's
+thread before it runs again (counted in ``handled`` as DirtyRingFull).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from collections import Counter
 
 from osvmm.errors import GuestFault, KvmError, VmmBug
 from osvmm.kvm.exits import (
+    DirtyRingFull,
     FailEntry,
     Hlt,
     InternalError,
@@ -87,6 +92,8 @@ class VcpuThread:
         self.port_hooks: dict = {}
         # fn(thread, addr, data) -> bool: writes into read-only guest RAM (see above).
         self.ram_write = None
+        # fn(): empties the VM's dirty rings after KVM_EXIT_DIRTY_RING_FULL (vmm/dirty_ring.py).
+        self.dirty_ring_full = None
         self.stop_requested = False
         self._park_wanted = False
         self._parked = threading.Event()
@@ -251,6 +258,10 @@ class VcpuThread:
         elif kind is Hlt:
             # Only without an in-kernel LAPIC; osvmm always has one.
             raise self._fault("hlt exit without an in-kernel irqchip")
+        elif kind is DirtyRingFull:
+            if self.dirty_ring_full is None:
+                raise self._fault("dirty ring full, and this VM has no dirty ring to empty")
+            self.dirty_ring_full()  # then run again: KVM lets the vCPU on once reset
         elif kind is Unhandled:
             raise self._fault(f"unhandled exit reason {ex.name}")
 
