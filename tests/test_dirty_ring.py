@@ -130,3 +130,27 @@ def test_ring_bytes_is_a_power_of_two_within_what_kvm_offers():
     assert ring_bytes(1 << 20, MIN_RING_BYTES) == MIN_RING_BYTES
     assert ring_bytes(1 << 20, 3000) == 0  # not a power of two
     assert ring_bytes(1 << 20, 2048) == 0  # under the minimum
+
+
+def test_osvmm_up_asks_for_the_default_ring_or_the_one_osvmm_dirty_ring_names(monkeypatch):
+    import pytest
+
+    from osvmm.errors import ConfigError
+    from osvmm.up.partition_config import dirty_ring_setting
+
+    monkeypatch.delenv("OSVMM_DIRTY_RING", raising=False)
+    assert dirty_ring_setting() == DEFAULT_RING_BYTES
+    monkeypatch.setenv("OSVMM_DIRTY_RING", "0")
+    assert dirty_ring_setting() == 0
+    monkeypatch.setenv("OSVMM_DIRTY_RING", "4096")
+    assert dirty_ring_setting() == 4096
+    for bad in ("3000", "2048", "lots"):
+        monkeypatch.setenv("OSVMM_DIRTY_RING", bad)
+        with pytest.raises(ConfigError, match="OSVMM_DIRTY_RING"):
+            dirty_ring_setting()
+
+
+def test_osvmm_run_asks_for_no_ring():
+    from osvmm.vmm.partition import PartitionConfig
+
+    assert PartitionConfig._defaults["dirty_ring"] == 0  # cli.py sets none

@@ -86,7 +86,30 @@ def wait_until(pred, timeout: float = 30):
         time.sleep(0.02)
 
 
-def test_pre_copy_rounds_while_the_guest_rewrites_its_memory(tmp):
+def host_dirty_ring() -> int:
+    """The largest dirty ring this host's KVM offers per vCPU (0: none)."""
+    from osvmm.kvm.ioctls import KVM_CAP_DIRTY_LOG_RING
+    from osvmm.kvm.system import Kvm
+
+    kvm = Kvm()
+    try:
+        return kvm.check_extension(KVM_CAP_DIRTY_LOG_RING)
+    finally:
+        kvm.close()
+
+
+# OSVMM_DIRTY_RING: unset (the default ring), the smallest ring KVM takes (one page:
+# full after about 192 pages, so the vCPU exits KVM_EXIT_DIRTY_RING_FULL many times
+# a round), or 0 (the dirty bitmap, as on a host without the ring).
+@pytest.mark.parametrize("ring", [None, "4096", "0"], ids=["default", "small-ring", "bitmap"])
+def test_pre_copy_rounds_while_the_guest_rewrites_its_memory(tmp, monkeypatch, ring):
+    if ring is None:
+        monkeypatch.delenv("OSVMM_DIRTY_RING", raising=False)
+    else:
+        monkeypatch.setenv("OSVMM_DIRTY_RING", ring)
+    has_ring = host_dirty_ring() >= 4096 and ring != "0"
+    if ring == "4096" and not has_ring:
+        pytest.skip("this host's KVM has no dirty ring")
     cmdline = "mib=24 wait_us=2000 every=1000000"
     src = Vmm(tmp, plan(tmp, "touch", "64M", "guests:memtouch", cmdline))
     addr = f"unix:{tmp}/in.sock"
@@ -100,7 +123,14 @@ def test_pre_copy_rounds_while_the_guest_rewrites_its_memory(tmp):
         assert answer["downtime_ms"] > 0 and answer["pages"] >= 24 << 8
         assert answer["bytes"] > 24 << 20
         assert src.sup.partitions["touch"].reason == f"migrated to {addr}"
+        assert answer["dirty_log"] == ("dirty ring" if has_ring else "dirty bitmap")
+        if ring == "4096":  # the ring filled, and was emptied, many times
+            assert answer["ring_full_exits"] > 0, answer
+        else:
+            assert answer["ring_full_exits"] == 0, answer
         dst.wait_running("touch")
+        # The arrival has the same dirty log (it can migrate again).
+        assert dst.sup.partitions["touch"].partition.dirty_log == answer["dirty_log"]
         # Its VM was made while the pages came (vmm/ready.py), not in the downtime.
         assert dst.sup.partitions["touch"].partition.built_ready
         at = dst.u64("touch", MEMTOUCH_PASS)
@@ -218,7 +248,8 @@ def test_osvmm_migrate_to_osvmm_up_incoming(tmp):
         )
         assert r.returncode == 0, r.stderr
         assert re.match(
-            rb"counter: migrated to unix:.* in \d+ rounds, [\d.]+ MiB sent, \d+ ms, "
+            rb"counter: migrated to unix:.* in \d+ rounds \(dirty (ring|bitmap)\), "
+            rb"[\d.]+ MiB sent, \d+ ms, "
             rb"downtime [\d.]+ ms; here stopped\n",
             r.stdout,
         ), r.stdout

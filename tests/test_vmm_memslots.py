@@ -34,6 +34,9 @@ class FakeVm:
             assert slot in self.slots, f"deleting slot {slot} that is not mapped"
             del self.slots[slot]
         else:
+            if slot in self.slots and self.slots[slot][:3] == (gpa, size, host_addr):
+                self.slots[slot] = (gpa, size, host_addr, flags)  # KVM changes flags in place
+                return
             assert slot not in self.slots, f"slot {slot} is mapped already"
             for s, (g, z, _, _) in self.slots.items():
                 assert gpa + size <= g or g + z <= gpa, f"slot {slot} overlaps slot {s}"
@@ -129,3 +132,33 @@ def test_memslots_refuse_a_layout_over_the_kvm_limit_before_touching_kvm():
     assert slots.take() == 1 and slots.take() == 2
     slots.give(1)
     assert slots.take() == 1
+
+
+class FakeRings:
+    """vmm/dirty_ring.py DirtyRings' ``collect``: (slot, offset) entries, given."""
+
+    def __init__(self):
+        self.entries: set = set()
+
+    def collect(self):
+        out, self.entries = self.entries, set()
+        return out
+
+
+def test_dirty_pages_from_the_dirty_ring_map_slot_and_offset_to_addresses():
+    vm = FakeVm()
+    regions = [Region(0, 16 * P, 0x1000_0000), Region(0x100000, 16 * P, 0x2000_0000)]
+    for i, r in enumerate(regions):
+        vm.set_user_memory_region(i, r.gpa, r.size, r.host_addr)
+    slots = Memslots(vm, regions, limit=8)
+    slots.rings = rings = FakeRings()
+    rings.entries = {(0, 99)}  # left from before the log: dropped when it is turned on
+    slots.set_dirty_logging(True)
+    rings.entries = {(0, 3), (1, 0), (1, 15), (7, 1), (1, 16)}  # slot 7: none; 16: past the end
+    assert sorted(slots.dirty_pages()) == [3 * P, 0x100000, 0x100000 + 15 * P]
+    assert slots.dirty_pages() == []
+    # A region re-slotted while logging counts whole; its new slots' entries map too.
+    slots.set_readonly([(0x102000, 0x103000)])
+    rings.entries = {(2, 0)}  # the new slot 2 starts at 0x102000
+    pages = slots.dirty_pages()
+    assert set(range(0x100000, 0x110000, P)) <= set(pages) and 0x102000 in pages

@@ -351,7 +351,8 @@ def cmd_migrate(args) -> int:
         print(json.dumps(reply, indent=2))
         return 0
     print(
-        f"{args.name}: migrated to {reply['to']} in {reply['rounds']} rounds, "
+        f"{args.name}: migrated to {reply['to']} in {reply['rounds']} rounds "
+        f"({reply.get('dirty_log') or 'dirty log'}), "
         f"{reply['bytes'] / (1 << 20):.1f} MiB sent, {reply['total_ms']:.0f} ms, "
         f"downtime {reply['downtime_ms']:.1f} ms; here {reply['state']}"
     )

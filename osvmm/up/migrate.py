@@ -90,7 +90,8 @@ class MigrationService:
             stream.close()
         self.sup.log(
             f"{name}: {reason} in {report.rounds} rounds, {report.bytes_sent >> 10} KiB, "
-            f"{report.total_ms:.0f} ms, downtime {report.downtime_ms:.1f} ms"
+            f"{report.total_ms:.0f} ms, downtime {report.downtime_ms:.1f} ms, "
+            f"{report.dirty_log} ({report.ring_full_exits} ring-full exits)"
         )
         self.sent[name] += 1
         return {
@@ -103,6 +104,8 @@ class MigrationService:
             "stop_pages": report.stop_pages,
             "total_ms": round(report.total_ms, 3),
             "downtime_ms": round(report.downtime_ms, 3),
+            "dirty_log": report.dirty_log,
+            "ring_full_exits": report.ring_full_exits,
         }
 
 
@@ -159,9 +162,10 @@ class IncomingServer:
     def make_ready(self, machine):
         """The arriving partition's VM, made during the pre-copy: its build then
         makes none, which the downtime would hold (vmm/ready.py)."""
+        from osvmm.up.partition_config import dirty_ring_setting
         from osvmm.vmm.ready import ReadyVm
 
-        return ReadyVm.make(self.kvm, machine)
+        return ReadyVm.make(self.kvm, machine, dirty_ring_setting())
 
     def _one(self, stream) -> None:
         from osvmm.vmm import migration

@@ -11,6 +11,7 @@ before any partition starts.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from osvmm.boot.image import NO_QUIRKS, read_boot_source
@@ -38,6 +39,26 @@ def machine_of(assignment: Assignment, placement: PartitionAssignment) -> Machin
         )
     except ConfigError as err:
         raise ConfigError(f"partition {spec.name!r}: {err}") from None
+
+
+def dirty_ring_setting() -> int:
+    """The dirty ring an ``osvmm up`` partition asks for (bytes per vCPU; 0: the
+    dirty bitmap): OSVMM_DIRTY_RING if set (a power of two of at least 4096, or 0),
+    else vmm/dirty_ring.py's default. The host may offer less, or no ring."""
+    from osvmm.vmm.dirty_ring import DEFAULT_RING_BYTES, MIN_RING_BYTES
+
+    text = os.environ.get("OSVMM_DIRTY_RING")
+    if text is None:
+        return DEFAULT_RING_BYTES
+    try:
+        size = int(text, 0)
+    except ValueError:
+        size = -1
+    if size and (size < MIN_RING_BYTES or size & (size - 1)):
+        raise ConfigError(
+            f"OSVMM_DIRTY_RING={text!r}: not 0 nor a power of two of at least {MIN_RING_BYTES}"
+        )
+    return size
 
 
 def partition_config(
@@ -73,6 +94,7 @@ def partition_config(
         hugepages=spec.hugepages,
         prefault=spec.prefault,
         disable_exits=bool(placement.cpus),
+        dirty_ring=dirty_ring_setting(),
         restore=spec.restore if restore else None,
         restore_lazy=False,
         drives=spec.drives,

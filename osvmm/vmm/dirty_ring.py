@@ -47,6 +47,18 @@ def ring_bytes(offered: int, wanted: int) -> int:
     return size if size >= MIN_RING_BYTES else 0
 
 
+def enable(vm, wanted: int) -> int:
+    """Enable KVM's dirty ring on ``vm`` (no vCPU yet): ``wanted`` bytes per vCPU,
+    capped at what KVM offers; returns the size, 0 where the host has no ring
+    (the partition then uses the dirty bitmap)."""
+    from osvmm.kvm.ioctls import KVM_CAP_DIRTY_LOG_RING
+
+    size = ring_bytes(vm.check_extension(KVM_CAP_DIRTY_LOG_RING), wanted)
+    if size:
+        vm.enable_dirty_ring(size)
+    return size
+
+
 class DirtyRing:
     """One vCPU's ring of ``len(buf) // 16`` entries and the VMM's fetch index."""
 

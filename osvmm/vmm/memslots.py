@@ -93,6 +93,9 @@ class Memslots:
         }
         self.log_dirty = False  # KVM_MEM_LOG_DIRTY_PAGES on every RAM slot (a migration)
         self._reslotted: list[tuple[int, int]] = []  # regions re-slotted while logging
+        # vmm/dirty_ring.py DirtyRings where the VM has KVM's dirty ring (then
+        # KVM_GET_DIRTY_LOG is refused and the log is read from the rings).
+        self.rings = None
 
     def _flags(self, slot: Slot) -> int:
         return (KVM_MEM_READONLY if slot.readonly else 0) | (
@@ -109,6 +112,8 @@ class Memslots:
                 self.vm.set_user_memory_region(
                     n, slot.gpa, slot.size, region.host_addr + slot.host_offset, self._flags(slot)
                 )
+        if self.rings is not None:
+            self.rings.collect()  # what a previous log left in the rings: not this one's
 
     def dirty_pages(self) -> list[int]:
         """The guest-physical pages the guest wrote since the last call (or since the
@@ -118,6 +123,8 @@ class Memslots:
         for gpa, size in self._reslotted:
             pages.extend(range(gpa, gpa + size, PAGE_SIZE))
         self._reslotted = []
+        if self.rings is not None:
+            return pages + self._ring_pages()
         for slots in self._ram.values():
             for n, slot in slots:
                 bitmap = self.vm.get_dirty_log(n, slot.size // PAGE_SIZE)
@@ -128,6 +135,18 @@ class Memslots:
                         pages.append(slot.gpa + (w * 64 + low.bit_length() - 1) * PAGE_SIZE)
                         word ^= low
                 words.release()
+        return pages
+
+    def _ring_pages(self) -> list[int]:
+        """The pages in the dirty rings' (slot, offset) entries. An entry of a slot
+        since deleted or re-made names no page or another of the same region, which
+        was re-slotted and so counts whole anyway."""
+        by_number = {n: slot for slots in self._ram.values() for n, slot in slots}
+        pages = []
+        for n, offset in self.rings.collect():
+            slot = by_number.get(n)
+            if slot is not None and offset * PAGE_SIZE < slot.size:
+                pages.append(slot.gpa + offset * PAGE_SIZE)
         return pages
 
     def take(self) -> int:

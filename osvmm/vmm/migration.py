@@ -7,7 +7,9 @@ Source (``send``), over a connected ``snapshot.stream.Stream``:
     2. pre-copy, the partition running:
               round 1   every page it ever touched that is not all zeros
               round n   the pages written since the previous round (KVM's dirty
-                        log for the guest's writes, GuestMemory.written_pages for
+                        log for the guest's writes: its dirty ring where the
+                        partition has one, vmm/dirty_ring.py, else its dirty
+                        bitmap; GuestMemory.written_pages for
                         the VMM's own), until what is left would take no longer
                         than the downtime target at the bandwidth measured, or
                         ``max_rounds``, or STALL_ROUNDS rounds without fewer
@@ -63,6 +65,8 @@ class Report:
     stop_pages: int  # pages sent with the partition paused
     total_ms: float
     downtime_ms: float  # paused: from the pause to the destination's RUNS
+    dirty_log: str = ""  # "dirty ring" or "dirty bitmap" (Partition.dirty_log)
+    ring_full_exits: int = 0  # vCPU exits for a full dirty ring during the migration
 
 
 def profile(part) -> dict:
@@ -130,6 +134,7 @@ def send(
     stream.expect(b"OKAY")
     memory = part.memory
     part.track_dirty(True)
+    full_before = part.dirty_ring_full_exits
     done = False
     try:
         # Round 1: what the partition ever touched, zero pages left out (the
@@ -193,6 +198,8 @@ def send(
         stop_pages,
         (time.perf_counter() - t0) * 1000,
         downtime * 1000,
+        part.dirty_log,
+        part.dirty_ring_full_exits - full_before,
     )
 
 

@@ -107,6 +107,10 @@ class PartitionConfig(Record):
     hugepages: bool | None = False
     prefault: bool = False  # populate all guest memory at build and mlock it
     disable_exits: bool = False  # KVM_CAP_X86_DISABLE_EXITS HLT|PAUSE (dedicated cores)
+    # KVM's dirty ring of this many bytes per vCPU for a migration's dirty log, where
+    # the host has it (vmm/dirty_ring.py); 0: the dirty bitmap. Set by osvmm up (a
+    # partition that can migrate); ``osvmm run``'s cannot.
+    dirty_ring: int = 0
     # Resume a snapshot (a directory, or a vmm.snapshot.Snapshot already read) instead
     # of booting; its memory mapped from the snapshot copy-on-write (``restore_lazy``)
     # or copied into the partition's own memory.
@@ -355,6 +359,10 @@ class Partition:
             vm = self.vm
         try:
             self.slots = Memslots(vm, self.memory.regions, vm.check_extension(KVM_CAP_NR_MEMSLOTS))
+            if cfg.dirty_ring and ready is None:  # before any vCPU (a ReadyVm's has it)
+                from osvmm.vmm.dirty_ring import enable
+
+                enable(vm, cfg.dirty_ring)
             if cfg.disable_exits:
                 self.enforcement.append(enforce.disable_exits(vm))
             # 4. devices
@@ -396,6 +404,12 @@ class Partition:
                 # Its statistics fd now: KVM_GET_STATS_FD waits for the vCPU's lock,
                 # which a running vCPU holds. Read only when asked (_kvm_exit_counts).
                 self._stats_fds.append(vcpu.stats_fd())
+            if vm.dirty_ring_size:
+                from osvmm.vmm.dirty_ring import DirtyRings
+
+                self.slots.rings = DirtyRings(vm, vm.dirty_ring_size)
+                for vcpu in self.vcpus:
+                    self.slots.rings.add(vcpu.map_dirty_ring())
         except BaseException:
             _close_made(made)
             raise
@@ -470,6 +484,8 @@ class Partition:
         for index, vcpu in enumerate(self.vcpus):
             thread = VcpuThread(vcpu, index, self.pio, self.mmio, self)
             thread.on_start = self._vcpu_on_start(thread)
+            if self.slots.rings is not None:
+                thread.dirty_ring_full = self.slots.rings.ring_full
             self.threads.append(thread)
 
     def _arm_threads(self) -> None:
@@ -638,6 +654,16 @@ class Partition:
         with self._slots_lock:
             self.slots.set_dirty_logging(on)
             self.memory.written_pages = set() if on else None
+
+    @property
+    def dirty_log(self) -> str:
+        """How the guest's writes are tracked: "dirty ring" or "dirty bitmap"."""
+        return "dirty bitmap" if self.slots.rings is None else "dirty ring"
+
+    @property
+    def dirty_ring_full_exits(self) -> int:
+        """KVM_EXIT_DIRTY_RING_FULL exits handled so far (0 with the bitmap)."""
+        return 0 if self.slots.rings is None else self.slots.rings.full_exits
 
     def dirty_pages(self) -> list[int]:
         """The guest-physical pages changed since the last call (sorted), and forget them."""

@@ -10,6 +10,7 @@ before the request:
     address space reserved for each RAM range     memory.reserve (never touched)
     the VM, its RAM memslots on the reservations  KVM_CREATE_VM, KVM_SET_USER_MEMORY_REGION
     as bringup.create_vm makes the rest           TSS, identity map, irqchip, GSI routes, PIT
+    the dirty ring (an ``osvmm up`` partition's)  KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING)
     the boot processor's APIC ID, the vCPUs       KVM_SET_BOOT_CPU_ID, KVM_CREATE_VCPU
 
 A restore that takes it (``Partition(config, kvm, ready=...)``) maps the
@@ -19,7 +20,9 @@ notifier), gives each vCPU its CPUID and state, and starts: no memslot is
 registered and no VM created on the way. A ready VM fits one partition only
 if that partition's machine is the one it was made for, it resumes a snapshot
 read from a directory with its memory mapped (``restore_lazy``), and it asks
-for nothing KVM must have before the vCPUs exist (``disable_exits``); one that
+for nothing KVM must have before the vCPUs exist (``disable_exits``) other than
+the dirty ring it was made with (``dirty_ring``: a migrated partition can
+migrate again); one that
 does not fit is closed and the partition built as usual (``fits``).
 """
 
@@ -34,17 +37,18 @@ class ReadyVm:
     """A VM with its irqchip, PIT, RAM memslots on reserved address space and its
     vCPUs, for a partition of ``machine``; owned until a partition takes it."""
 
-    def __init__(self, kvm, machine: Machine):
+    def __init__(self, kvm, machine: Machine, dirty_ring: int = 0):
         self.kvm = kvm
         self.machine = machine
+        self.dirty_ring = dirty_ring  # the PartitionConfig.dirty_ring it was made for
         self.slots: list[tuple[int, int, int]] = []  # (gpa, size, host address) per memslot
         self.reserved: dict[int, object] = {}  # gpa -> its reservation, until claimed
         self.vm = None
         self.vcpus: list = []
 
     @classmethod
-    def make(cls, kvm, machine: Machine) -> ReadyVm:
-        ready = cls(kvm, machine)
+    def make(cls, kvm, machine: Machine, dirty_ring: int = 0) -> ReadyVm:
+        ready = cls(kvm, machine, dirty_ring)
         try:
             for gpa, size in machine.ram_ranges:
                 mem = ready.reserved[gpa] = reserve(size)
@@ -53,6 +57,10 @@ class ReadyVm:
             for slot, (gpa, size, addr) in enumerate(ready.slots):
                 vm.set_user_memory_region(slot, gpa, size, addr)
             create_irqchip(vm)  # after the memslots, as create_vm does
+            if dirty_ring:  # before any vCPU, as Partition._build does
+                from osvmm.vmm.dirty_ring import enable
+
+                enable(vm, dirty_ring)
             vm.set_boot_cpu_id(machine.bsp_apic_id)  # before any vCPU exists
             for apic_id in machine.apic_ids:
                 ready.vcpus.append(vm.create_vcpu(apic_id))
@@ -72,6 +80,8 @@ class ReadyVm:
         from osvmm.vmm.snapshot import MEMORY_IMAGE, Snapshot
 
         if self.vm is None or config.machine != self.machine or config.disable_exits:
+            return False
+        if config.dirty_ring != self.dirty_ring:
             return False
         if getattr(snap, "ready", None) is self:
             return not self.reserved
