@@ -10,6 +10,9 @@ runs the partition, the destination accepts migrations on a Unix socket
 - ``memtouch`` in 256 MiB rewriting 24 MiB pass after pass (a 2 ms pause between
   passes): the pre-copy rounds have to chase it.
 
+The dirty log is what ``osvmm up`` gives (the dirty ring where the host has it;
+OSVMM_DIRTY_RING=0 in the environment measures the bitmap); the notes say which.
+
 Baseline for the downtime, same run: moving the same partition offline with a
 snapshot, the partition paused while it is written (``Partition.snapshot``) and
 then restored in the destination's process until it runs again
@@ -130,7 +133,8 @@ def run(repeats: int = 3) -> list[Figure]:
                     "offline move (snapshot paused + restore)",
                     Sample.of(offline),
                     goal="<= 300 ms (the default target)",
-                    notes=f"rounds {rounds.median:g} [{rounds.min:g}, {rounds.max:g}], "
+                    notes=f"{answers[0]['dirty_log']}, "
+                    f"rounds {rounds.median:g} [{rounds.min:g}, {rounds.max:g}], "
                     f"{mib.median:.1f} MiB sent, pages at the stop "
                     f"{Sample.of([a['stop_pages'] for a in answers]).median:g}",
                     extra={"answers": answers},
