@@ -154,3 +154,36 @@ def test_osvmm_run_asks_for_no_ring():
     from osvmm.vmm.partition import PartitionConfig
 
     assert PartitionConfig._defaults["dirty_ring"] == 0  # cli.py sets none
+
+
+class CapVm:
+    """A VM whose KVM offers ``offered`` bytes and refuses rings under ``least``."""
+
+    def __init__(self, offered: int, least: int):
+        self.offered, self.least, self.tried, self.dirty_ring_size = offered, least, [], 0
+
+    def check_extension(self, cap):
+        return self.offered
+
+    def enable_dirty_ring(self, size):
+        import errno
+
+        from osvmm.errors import KvmError
+
+        self.tried.append(size)
+        if size < self.least:
+            raise KvmError(errno.EINVAL, "KVM_ENABLE_CAP")
+        self.dirty_ring_size = size
+
+
+def test_enable_takes_the_next_size_kvm_accepts_or_none():
+    from osvmm.vmm.dirty_ring import enable
+
+    vm = CapVm(1 << 20, 4096)
+    assert enable(vm, 4096) == 4096 and vm.tried == [4096]
+    vm = CapVm(1 << 20, 9216)  # Intel with PML: 64 + 512 entries in reserve
+    assert enable(vm, 4096) == 16384 and vm.tried == [4096, 8192, 16384]
+    vm = CapVm(0, 4096)  # no ring on this host: the bitmap
+    assert enable(vm, DEFAULT_RING_BYTES) == 0 and vm.tried == []
+    vm = CapVm(8192, 1 << 20)  # nothing it offers is accepted
+    assert enable(vm, 4096) == 0 and vm.dirty_ring_size == 0

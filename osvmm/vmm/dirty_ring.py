@@ -51,12 +51,25 @@ def enable(vm, wanted: int) -> int:
     """Enable KVM's dirty ring on ``vm`` (no vCPU yet): ``wanted`` bytes per vCPU,
     capped at what KVM offers; returns the size, 0 where the host has no ring
     (the partition then uses the dirty bitmap)."""
+    import errno
+
+    from osvmm.errors import KvmError
     from osvmm.kvm.ioctls import KVM_CAP_DIRTY_LOG_RING
 
-    size = ring_bytes(vm.check_extension(KVM_CAP_DIRTY_LOG_RING), wanted)
-    if size:
-        vm.enable_dirty_ring(size)
-    return size
+    offered = vm.check_extension(KVM_CAP_DIRTY_LOG_RING)
+    size = ring_bytes(offered, wanted)
+    # KVM keeps some entries in reserve, more where the CPU logs writes itself
+    # (Intel's PML: 512 more): a ring smaller than that is refused (EINVAL), a
+    # larger one then serves.
+    while size and size <= offered:
+        try:
+            vm.enable_dirty_ring(size)
+            return size
+        except KvmError as err:
+            if err.errno != errno.EINVAL:
+                raise
+        size *= 2
+    return 0
 
 
 class DirtyRing:
