@@ -126,8 +126,9 @@ def test_pre_copy_rounds_while_the_guest_rewrites_its_memory(tmp, monkeypatch, r
         assert answer["dirty_log"] == ("dirty ring" if has_ring else "dirty bitmap")
         if ring == "4096":  # the ring filled, and was emptied, many times
             assert answer["ring_full_exits"] > 0, answer
-        else:
+        elif not has_ring:
             assert answer["ring_full_exits"] == 0, answer
+        # (the default ring, 4096 pages, may fill too: a pass writes 6144 pages)
         dst.wait_running("touch")
         # The arrival has the same dirty log (it can migrate again).
         assert dst.sup.partitions["touch"].partition.dirty_log == answer["dirty_log"]
