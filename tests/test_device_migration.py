@@ -29,12 +29,7 @@ from pathlib import Path
 import pytest
 
 from osvmm.errors import SnapshotError
-from osvmm.plan.config import parse_plan
-from osvmm.plan.placement import place
-from osvmm.plan.topology import read_topology
-from osvmm.up.hypercalls import serve_supervisor
-from osvmm.up.migrate import IncomingServer, MigrationService
-from osvmm.up.supervisor import RUNNING, Supervisor
+from osvmm.up.supervisor import RUNNING
 from tests.helpers import VMM_NOTE, end_all, guest_text, listening, locked, run_osvmm
 from tests.test_migration import Vmm, up_process, wait_until
 from tests.test_virtio_guest import ROUNDS, SECTORS, _round_lines, check_disk_and_rounds
@@ -110,19 +105,7 @@ def test_osvmm_migrate_moves_a_disk_guest_mid_run_to_osvmm_up_incoming(tmp):
 
 def logged_vmm(tmp: Path, body: str, side: str, incoming: str | None = None) -> Vmm:
     """tests/test_migration.py's Vmm, its consoles logged in ``tmp/SIDE-logs``."""
-    vmm = Vmm.__new__(Vmm)
-    vmm.sup = Supervisor(
-        place(parse_plan(body, tmp), read_topology()), log_dir=str(tmp / f"{side}-logs")
-    )
-    vmm.live = serve_supervisor(vmm.sup)
-    vmm.migrations = MigrationService(vmm.sup, vmm.live)
-    vmm.receiver = None
-    if incoming:
-        vmm.receiver = IncomingServer(incoming, vmm.sup, vmm.sup.kvm)
-        vmm.receiver.start()
-    else:
-        vmm.sup.start_all()
-    return vmm
+    return Vmm(tmp, body, incoming, log_dir=str(tmp / f"{side}-logs"))
 
 
 def test_a_destination_that_cannot_open_its_devices_leaves_the_source_with_them(tmp):

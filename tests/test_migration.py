@@ -45,8 +45,10 @@ def plan(tmp, name: str, memory: str, image: str, cmdline: str) -> str:
 class Vmm:
     """A supervisor with its hypercall monitor and migration service, in process."""
 
-    def __init__(self, tmp: Path, body: str, incoming: str | None = None):
-        self.sup = Supervisor(place(parse_plan(body, tmp), read_topology()))
+    def __init__(
+        self, tmp: Path, body: str, incoming: str | None = None, log_dir: str | None = None
+    ):
+        self.sup = Supervisor(place(parse_plan(body, tmp), read_topology()), log_dir=log_dir)
         self.live = serve_supervisor(self.sup)
         self.migrations = MigrationService(self.sup, self.live)
         self.receiver = None

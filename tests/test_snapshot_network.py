@@ -90,6 +90,17 @@ class Up:
         self.live.close()
 
 
+def both_ended(up) -> tuple[dict, str, str]:
+    """Wait until rx and tx under ``up`` (tests/test_supervisor_up.py UpProcess) both
+    ended by their debug exit 0; (``ps``'s partitions, rx's console, tx's console)."""
+    parts = up.wait_for(lambda p: p["rx"]["state"] == p["tx"]["state"] == "stopped", timeout=150)
+    rx_out = (up.logs / "rx.console.log").read_text()
+    tx_out = (up.logs / "tx.console.log").read_text()
+    for name in ("rx", "tx"):
+        assert parts[name]["reason"] == "debug exit with value 0", rx_out + tx_out
+    return parts, rx_out, tx_out
+
+
 def test_a_sender_snapshotted_mid_run_goes_on_and_the_receiver_gets_every_frame(tmp_path):
     snap = tmp_path / "tx.snap"
     up = Up(tmp_path / "up", plan())
@@ -174,13 +185,7 @@ def test_osvmm_snapshot_stop_and_osvmm_start_restore_under_the_same_up(rx_snapsh
             call(up.sock, "POST", "/v1/partitions/rx/start", {"restore": str(snap)})
         r = up.cli("start", "tx", "--restore", str(snap))
         assert (r.returncode, r.stdout.decode()) == (0, "tx: running\n"), r.stderr
-        parts = up.wait_for(
-            lambda p: p["rx"]["state"] == p["tx"]["state"] == "stopped", timeout=150
-        )
-        rx_out = (up.logs / "rx.console.log").read_text()
-        tx_out = (up.logs / "tx.console.log").read_text()
-        for name in ("rx", "tx"):
-            assert parts[name]["reason"] == "debug exit with value 0", rx_out + tx_out
+        parts, rx_out, tx_out = both_ended(up)
         assert parts["tx"]["boots"] == 2 and tx_out.count("virtionet: mac ") == 1
         assert f"virtionet: received {COUNT} frames ok\n" in rx_out, rx_out
         assert nic("rx")["backend"]["queue_full"] == 0
@@ -301,13 +306,7 @@ def test_a_takeover_moves_the_members_of_a_network_together_onto_its_new_switch(
         assert old.proc.wait(30) == 0  # the old VMM ended by itself
         log = (old.logs / "osvmm.log").read_text()
         assert "took over 2 partitions" in log, log
-        parts = old.wait_for(
-            lambda p: p["rx"]["state"] == p["tx"]["state"] == "stopped", timeout=150
-        )
-        rx_out = (old.logs / "rx.console.log").read_text()
-        tx_out = (old.logs / "tx.console.log").read_text()
-        for name in ("rx", "tx"):
-            assert parts[name]["reason"] == "debug exit with value 0", rx_out + tx_out
+        parts, rx_out, tx_out = both_ended(old)
         assert rx_out.count("virtionet: mac ") == tx_out.count("virtionet: mac ") == 1
         assert f"virtionet: sent {COUNT} frames to {mac('rx')}\n" in tx_out
         assert f"virtionet: received {COUNT} frames ok\n" in rx_out, rx_out
