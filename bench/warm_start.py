@@ -134,7 +134,9 @@ def _wait_state(sock: str, name: str, state: str, timeout: float = 20) -> None:
         time.sleep(0.02)
 
 
-def supervisor_runs(image: str, repeats: int) -> tuple[list[float], list[float]]:
+def supervisor_runs(
+    image: str, repeats: int, cpus: str = "floating"
+) -> tuple[list[float], list[float]]:
     """ms from a ``start`` request on a running ``osvmm up``'s control socket to the
     hello guest's first byte on an attached console connection: (requests on a
     control connection held open, requests each on a new connection), alternating."""
@@ -146,7 +148,7 @@ def supervisor_runs(image: str, repeats: int) -> tuple[list[float], list[float]]
         plan = Path(tmp) / "plan.toml"
         plan.write_text(
             f'[vmm]\ncontrol_socket = "{sock}"\nlog_dir = "{tmp}/logs"\n\n[[partition]]\n'
-            f'name = "hello"\ncpus = "floating"\nmemory = "64M"\nimage = "{image}"\n'
+            f'name = "hello"\ncpus = "{cpus}"\nmemory = "64M"\nimage = "{image}"\n'
         )
         proc = subprocess.Popen(
             [sys.executable, "-m", "osvmm.cli", "up", "--quiet", str(plan)],

@@ -232,3 +232,31 @@ def test_a_full_dirty_ring_is_emptied_on_the_vcpu_thread_and_the_vcpu_runs_on():
 def test_a_dirty_ring_full_exit_without_a_ring_is_a_fault_not_a_hang():
     _, _, machine, _ = run_script([exits.DirtyRingFull()])
     assert len(machine.faults) == 1 and "dirty ring full" in str(machine.faults[0])
+
+
+def test_a_gate_holds_its_waiters_until_it_opens_then_lets_every_one_through():
+    import threading
+    import time
+
+    from osvmm.vmm.vcpu import Gate
+
+    gate = Gate()
+    assert not gate.is_set()
+    t0 = time.monotonic()
+    assert gate.wait(0.05) is False  # shut: a timed wait gives up
+    assert time.monotonic() - t0 >= 0.04
+    passed: list[int] = []
+    waiters = [
+        threading.Thread(target=lambda i=i: passed.append(i) if gate.wait() else None)
+        for i in range(3)
+    ]
+    for t in waiters:
+        t.start()
+    time.sleep(0.05)
+    assert passed == []  # all held
+    gate.set()
+    gate.set()  # opening it again changes nothing
+    for t in waiters:
+        t.join(5)
+    assert sorted(passed) == [0, 1, 2] and gate.is_set()
+    assert gate.wait(0) and gate.wait()  # open: no wait, later waiters too

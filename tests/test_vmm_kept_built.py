@@ -356,3 +356,46 @@ def test_a_stop_while_a_kept_partition_is_readied_leaves_it_stopped_and_kept(tmp
         assert entry.boots == 2
     finally:
         sup.close()
+
+
+def test_a_kept_partition_is_prepared_when_kept_and_its_next_boot_serves_hypercalls(tmp_path):
+    """The hypercall port hook and the write monitor of a kept partition's next boot
+    are put on it when it is kept (Supervisor.on_ready); its start only says it
+    runs. Rules changed while it was stopped get a monitor made at the start."""
+    from osvmm.up.hypercalls import serve_supervisor
+    from osvmm.up.writemon import WriteMonitors
+    from osvmm.writemon.rules import Rules
+
+    plan = parse_plan(
+        f'[vmm]\ncontrol_socket = "{tmp_path}/s"\n\n[[partition]]\nname = "h"\n'
+        f'cpus = "floating"\nmemory = "8M"\nimage = "guests:hcinfo"\n',
+        tmp_path,
+    )
+    sup = Supervisor(place(plan, read_topology()), log_dir=str(tmp_path / "logs"))
+    serve_supervisor(sup)
+    monitors = WriteMonitors(sup)
+    used = []  # the write monitor each boot ran with (hooks run in order)
+    sup.on_build.append(lambda entry, part: used.append(monitors.states["h"].monitor))
+    entry = sup.partitions["h"]
+    console = Console()
+    entry.console.write = console
+    state = monitors.states["h"]
+    try:
+        sup.start("h")  # built on the entry's thread: nothing prepared ahead
+        _wait_kept(entry)
+        kept = entry.ready
+        assert state.ready is not None and state.ready[:2] == (kept, kept.generation)
+        prepared = state.ready[3]
+        sup.start("h")
+        _wait_kept(entry)
+        assert used[1] is prepared and state.ready[3] is not prepared  # and the next made
+        state.rules = Rules("log", ())  # what `osvmm protect` sets for a stopped partition
+        sup.start("h")
+        _wait_kept(entry)
+        assert used[2] is not state.ready[3] and used[2].rules is state.rules
+        text = console.take()
+        assert entry.boots == 3 and entry.ready is kept
+        assert text.count("hcinfo: info=40 abi=1 id=0 vcpus=1 memory=0x800000") == 3, text
+        assert text.count("hcinfo: console=36 misaligned=-22 short=-28 unknown=-38") == 3, text
+    finally:
+        sup.close()

@@ -202,6 +202,7 @@ class LiveMonitor:
         self.channels = [ChannelMemory(c.name, c.size) for c in self.topology.channels]
         self.partitions: dict[int, object] = {}  # id -> the bound Partition
         self._windows: weakref.WeakSet = weakref.WeakSet()  # partitions with the window device
+        self._prepared: dict[int, tuple] = {}  # id -> (Partition, its generation) prepared
         # Nothing is bound yet: every partition is "stopped" until its first bind.
         self.state = replace(self.state, lifecycle=(STOPPED,) * len(self.topology.partitions))
         self.stats = LiveStats()
@@ -210,13 +211,12 @@ class LiveMonitor:
         self._console_partial: dict[int, bool] = {}
 
     # -- partitions ------------------------------------------------------------
-    def bind(self, partition_id: int, partition) -> None:
-        """Serve the hypercalls of a built, not yet started ``Partition`` (its first
-        boot or a later one): it is "running", with no channel attached."""
-        if partition.shared_mappings():
-            raise ValueError(f"partition {partition_id} already has shared memory mapped")
-        self._set_lifecycle(partition_id, STOPPED)  # whatever an earlier boot held is gone
-        self.partitions[partition_id] = partition
+    def prepare(self, partition_id: int, partition) -> None:
+        """Put on a built, not yet started ``Partition`` what serving its hypercalls
+        needs (the port hook on its vCPU threads, sync regs, the channel window),
+        telling no one it runs: a partition kept built for its next boot is
+        prepared when it is kept, and its ``bind`` then has only to say it runs.
+        What is put on its threads lasts until it is recycled (``generation``)."""
         use_sync = self.sync_regs and partition.vm.supports_sync_regs()
         if use_sync:
             for vcpu in partition.vcpus:
@@ -231,7 +231,20 @@ class LiveMonitor:
                 ChannelWindow(lambda offset: counts.update((partition_id,))),
             )
             self._windows.add(partition)
-        self._set_lifecycle(partition_id, RUNNING)
+        self._prepared[partition_id] = (partition, partition.generation)
+
+    def bind(self, partition_id: int, partition) -> None:
+        """Serve the hypercalls of a built, not yet started ``Partition`` (its first
+        boot or a later one): it is "running", with no channel attached. Prepared
+        here unless ``prepare`` did it since its last recycle."""
+        if partition.shared_mappings():
+            raise ValueError(f"partition {partition_id} already has shared memory mapped")
+        ready = self._prepared.pop(partition_id, None)
+        if ready is None or ready[0] is not partition or ready[1] != partition.generation:
+            self.prepare(partition_id, partition)
+            self._prepared.pop(partition_id)
+        # Whatever an earlier boot held is gone (unmapped from it), in the same step.
+        self._set_lifecycle(partition_id, RUNNING, bound=partition)
 
     def partition_stopped(self, partition_id: int) -> None:
         """The partition's run ended (power-off, fault, the supervisor): it loses its
@@ -239,13 +252,17 @@ class LiveMonitor:
         self._set_lifecycle(partition_id, STOPPED)
         self.partitions.pop(partition_id, None)
 
-    def _set_lifecycle(self, pid: int, life: str) -> None:
+    def _set_lifecycle(self, pid: int, life: str, bound=None) -> None:
+        """Partition ``pid`` is ``life`` now, with no channel attached (what it held is
+        unmapped first); ``bound``: its Partition from then on (``bind``)."""
         with self.lock:
             held = self.state.attached(pid)
-            if not held and self.state.lifecycle[pid] == life:
-                return  # nothing to change (bind after partition_stopped)
             for a in held:
                 self._unmap(pid, self.topology.channels[a.channel].gpa)
+            if bound is not None:
+                self.partitions[pid] = bound
+            if not held and self.state.lifecycle[pid] == life:
+                return  # nothing to change (bind after partition_stopped)
             lifecycle = list(self.state.lifecycle)
             lifecycle[pid] = life
             self.state = replace(
@@ -281,6 +298,7 @@ class LiveMonitor:
         from osvmm.hypercall.monitor import withdraw_partition
 
         self.partition_stopped(partition_id)
+        self._prepared.pop(partition_id, None)
         with self.lock:
             topology, gone = withdraw_partition(self.topology, partition_id)
             held = frozenset(a for a in self.state.attachments if a.channel in gone)

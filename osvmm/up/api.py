@@ -51,10 +51,11 @@ class Route:
     handler: Callable[[dict], object] | None = None  # None: the server serves it itself
     body: Fields = field(default_factory=dict)
     query: dict[str, type] = field(default_factory=dict)  # name -> int or str
+    # The path's segments, split once: ``match`` reads them for every request.
+    segments: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
-    @property
-    def segments(self) -> tuple[str, ...]:
-        return tuple(self.path.strip("/").split("/"))
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "segments", tuple(self.path.strip("/").split("/")))
 
 
 class ApiError(ControlError):

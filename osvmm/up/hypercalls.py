@@ -18,7 +18,8 @@ def serve_supervisor(supervisor, check: bool = False) -> LiveMonitor:
     """Run the hypercall interface for every partition of an ``osvmm up`` supervisor.
 
     Each partition the supervisor builds (first boot, restart, reboot) is bound
-    before its vCPUs start, with no channel attached (one created at run time too,
+    before its vCPUs start, with no channel attached (one kept built is prepared
+    when it is kept: its bind then only says it runs) (one created at run time too,
     once ``LiveMonitor.grow`` has numbered it); PARTITION_CONTROL goes to
     the supervisor's stop/start/restart (SHUTDOWN is a stop, REBOOT a restart)."""
     machines = {name: entry.machine for name, entry in supervisor.partitions.items()}
@@ -62,6 +63,10 @@ def serve_supervisor(supervisor, check: bool = False) -> LiveMonitor:
         live.bind(entry.index, partition)
         reattach(live, entry.index, partition)  # a resumed snapshot's channels
 
+    def on_ready(entry, partition) -> None:  # kept built: ready for its next boot
+        if entry.index < len(live.topology.partitions):
+            live.prepare(entry.index, partition)
+
     def on_end(entry, partition) -> None:
         # Stopped outside the ABI (power-off, fault, the control socket): it loses
         # its channels, and doorbells to it answer -EBUSY until it boots again.
@@ -70,6 +75,7 @@ def serve_supervisor(supervisor, check: bool = False) -> LiveMonitor:
 
     live.lifecycle = lifecycle
     supervisor.on_build.append(on_build)
+    supervisor.on_ready.append(on_ready)
     supervisor.on_end.append(on_end)
     return live
 

@@ -4,7 +4,8 @@
 when it is made (a bad range, symbol or grant is a one-line ConfigError before
 any partition starts) and keeps, per partition, its current ProtectSpec and
 Rules and a ViolationLog that outlives its runs. Each build (first boot,
-restart, reboot) gets a fresh WriteMonitor attached before its vCPUs start --
+restart, reboot) gets a fresh WriteMonitor attached before its vCPUs start (one
+kept built gets it when it is kept, for its next run) --
 every partition, so ``osvmm protect`` can add rules to any running one -- and
 armed at once when its spec says ``arm = "boot"``; with ``arm = "command"``
 it waits for ``osvmm protect NAME --arm`` (a kernel patches its own text
@@ -97,6 +98,9 @@ class _State:
         self.log = ViolationLog()
         self.monitor: WriteMonitor | None = None
         self.last_stats: dict | None = None
+        # A monitor made and attached ahead for a partition kept built:
+        # (Partition, its generation, the rules it has, the WriteMonitor).
+        self.ready: tuple | None = None
 
 
 class WriteMonitors:
@@ -107,6 +111,7 @@ class WriteMonitors:
         for entry in supervisor.partitions.values():
             self.track(entry)
         supervisor.on_build.append(self._on_build)
+        supervisor.on_ready.append(self._on_ready)
         supervisor.on_end.append(self._on_end)
 
     def track(self, entry) -> None:
@@ -125,16 +130,39 @@ class WriteMonitors:
             self.states.pop(name, None)
 
     # -- each run ----------------------------------------------------------------------------
+    def _attached(self, entry, state: _State, partition) -> WriteMonitor:
+        monitor = WriteMonitor(
+            entry.name, state.rules or Rules("deny", ()), state.log, entry.console.note
+        )
+        monitor.attach(partition)
+        return monitor
+
+    def _on_ready(self, entry, partition) -> None:
+        """A partition kept built: its next run's monitor made and attached now."""
+        state = self.states.get(entry.name)
+        if state is None:
+            return
+        with self._lock:
+            monitor = self._attached(entry, state, partition)
+            state.ready = (partition, partition.generation, state.rules, monitor)
+
     def _on_build(self, entry, partition) -> None:
         state = self.states.get(entry.name)
         if state is None:  # destroyed meanwhile
             return
         with self._lock:
-            rules = state.rules or Rules("deny", ())
-            monitor = WriteMonitor(entry.name, rules, state.log, entry.console.note)
-            monitor.attach(partition)
+            ready, state.ready = state.ready, None
+            if (
+                ready is not None
+                and ready[0] is partition
+                and ready[1] == partition.generation
+                and ready[2] is state.rules  # not changed by `osvmm protect` since
+            ):
+                monitor = ready[3]
+            else:
+                monitor = self._attached(entry, state, partition)
             state.monitor = monitor
-            if state.spec is not None and state.spec.arm == "boot" and rules.protected:
+            if state.spec is not None and state.spec.arm == "boot" and monitor.rules.protected:
                 monitor.arm()
                 self.sup.log(f"{entry.name}: {describe(monitor)}")
 

@@ -78,9 +78,12 @@ from osvmm.vmm import enforce
 from osvmm.vmm.bringup import create_vcpu, create_vm
 from osvmm.vmm.memory import GuestMemory
 from osvmm.vmm.memslots import Memslots
-from osvmm.vmm.vcpu import VcpuThread, install_kick_handler
+from osvmm.vmm.vcpu import Gate, VcpuThread, install_kick_handler
 
 MSI_ADDRESS_BASE = 0xFEE0_0000  # MSI address: 0xfee00000 | destination APIC ID << 12
+# How long start() waits for the boot vCPU's thread to pass its gate (it then lets go
+# of the GIL in KVM_RUN); only a host too busy to schedule it waits the whole time.
+ENTER_WAIT_S = 0.05
 
 
 def discard(data: bytes) -> None:
@@ -207,7 +210,11 @@ class Partition:
         self.snapshot_images: dict[str, bytearray] = {}
         self._reset = None  # vmm/reset.py ResetImage, captured at build when config.reusable
         self._recycled = False  # made ready by recycle(), not started since
-        self._gate = threading.Event()  # opened by start(): the vCPU threads run
+        # How many times recycle() made it ready again: its vCPU threads, and what
+        # was installed on them (port hooks, a RAM write handler), are this many's.
+        self.generation = 0
+        self._gate = Gate()  # opened by start(): the vCPU threads run
+        self._entered = Gate()  # the boot vCPU's thread is past the gate
         self._armed = False  # the vCPU threads are started, held at the gate
         self._inputs: tuple = ()  # what the boot inputs were when build read them
         self._stats_base: list[dict[str, int]] = []  # KVM's counts at the last recycle
@@ -479,11 +486,14 @@ class Partition:
 
     def _make_threads(self) -> None:
         self.threads = []
-        self._gate = threading.Event()
+        self._gate = Gate()
+        self._entered = Gate()
         self._armed = False
         for index, vcpu in enumerate(self.vcpus):
             thread = VcpuThread(vcpu, index, self.pio, self.mmio, self)
             thread.on_start = self._vcpu_on_start(thread)
+            if index == 0:
+                thread.on_enter = self._entered.set
             if self.slots.rings is not None:
                 thread.dirty_ring_full = self.slots.rings.ring_full
             self.threads.append(thread)
@@ -550,6 +560,7 @@ class Partition:
         self._done.clear()
         self.result = None
         self._recycled = True
+        self.generation += 1
 
     def inputs_changed(self) -> bool:
         """Whether the image, kernel or initrd on disk differ from what ``build`` read
@@ -680,7 +691,11 @@ class Partition:
 
     # -- running -----------------------------------------------------------------
     def start(self) -> None:
-        """Run the vCPUs: their threads made ahead by ``recycle`` (or now) are let go."""
+        """Run the vCPUs: their threads made ahead by ``recycle`` (or now) are let go.
+        Returns once the boot vCPU's thread is past its gate (at most ENTER_WAIT_S):
+        a thread let go needs the GIL to reach KVM_RUN, and the caller, holding it,
+        would otherwise keep it until its own next blocking call (an answer to
+        send, say), so that the guest would start that much later."""
         install_kick_handler()
         if self.virtio is not None:
             self.virtio.start(self.config.name)
@@ -688,6 +703,7 @@ class Partition:
             self._arm_threads()
         self._recycled = False
         self._gate.set()
+        self._entered.wait(ENTER_WAIT_S)
 
     def wait(self, timeout: float | None = None) -> RunResult | None:
         if not self._done.wait(timeout):

@@ -5,9 +5,12 @@ States (the terminal one is marked *):
     CREATED --start()--> RUNNING --guest stops / VMM stops it--> FINISHED*
 
 ``start(gate)`` starts the host thread at once but holds it before its first
-KVM_RUN until the gate (a threading.Event) is set: a partition kept ready for
+KVM_RUN until the gate (a ``Gate``) opens: a partition kept ready for
 its next boot has its vCPU threads made, named and pinned ahead of the start.
 A stop of a vCPU held at its gate takes effect when the gate opens.
+``on_enter``, when set, is called on the thread once it is past the gate, just
+before its first KVM_RUN (the partition's start waits for it: see
+partition.py ``start``).
 
 Every exit is handled on the vCPU's own thread; the port-I/O path is kept
 short because on a real host it is the VMM's whole per-exit cost. Stopping a
@@ -30,6 +33,7 @@ thread before it runs again (counted in ``handled`` as DirtyRingFull).
 
 from __future__ import annotations
 
+import _thread
 import signal
 import threading
 import time
@@ -70,6 +74,40 @@ def install_kick_handler() -> None:
         _kick_installed = True
 
 
+class Gate:
+    """A gate threads wait at until it opens, once (threading.Event's ``set``,
+    ``is_set`` and ``wait``). It is one lock held while the gate is shut: a
+    waiter let go returns straight from the lock's acquire, where an Event's
+    waiter, woken, must then take the Event's condition lock (still held by the
+    thread that set it) before it returns, a second wake-up on the start path."""
+
+    __slots__ = ("_lock", "_guard", "_open")
+
+    def __init__(self):
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()
+        self._guard = _thread.allocate_lock()  # one opener at a time
+        self._open = False
+
+    def set(self) -> None:
+        with self._guard:
+            if not self._open:
+                self._open = True
+                self._lock.release()
+
+    def is_set(self) -> bool:
+        return self._open
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the gate is open (at most ``timeout`` s); whether it is."""
+        if self._open:
+            return True
+        if self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            self._lock.release()  # the next waiter passes too
+            return True
+        return self._open
+
+
 class VcpuThread:
     CREATED, RUNNING, FINISHED = "created", "running", "finished"
 
@@ -100,9 +138,10 @@ class VcpuThread:
         self._release = threading.Event()
         self._thread = threading.Thread(target=self._main, name=f"vcpu{index}", daemon=True)
         self.on_start = None  # optional callable run first on the thread (pinning)
-        self._gate: threading.Event | None = None
+        self.on_enter = None  # optional callable run once past the gate, before KVM_RUN
+        self._gate: Gate | None = None
 
-    def start(self, gate: threading.Event | None = None) -> None:
+    def start(self, gate: Gate | None = None) -> None:
         """Start the thread; with ``gate``, it runs ``on_start`` and then waits for the
         gate to open before it enters the guest (a partition made ready ahead of
         its start: opening the gate is all that start has left to do)."""
@@ -172,6 +211,8 @@ class VcpuThread:
                 self.on_start()
             if self._gate is not None:
                 self._gate.wait()
+            if self.on_enter is not None:
+                self.on_enter()
             self._loop()
         except GuestFault as fault:
             self.machine.fault(fault)
