@@ -83,3 +83,61 @@ def test_counts_by_call_and_by_error_come_from_one_counter():
     _hook_call(live, 0, 999, (0, 0, 0, 0))  # no such call: ENOSYS
     assert live.stats.calls == {abi.CONSOLE_WRITE: 3, 999: 1}
     assert live.stats.errors == {-monitor.ESRCH: 1, -monitor.ENOSYS: 1}
+
+
+class _Lock:
+    """The monitor's lock, watched: how often it was taken, and ``before``
+    run as it is taken (another thread's call that got there first)."""
+
+    def __init__(self, before=None):
+        self.taken = 0
+        self.before = before
+
+    def __enter__(self):
+        self.taken += 1
+        if self.before is not None:
+            self.before()
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_a_call_that_changes_nothing_takes_no_lock_and_one_that_does_takes_it():
+    live, applied = _live((RUNNING, RUNNING))
+    live.lock = _Lock()
+    assert _hook_call(live, 1, abi.CONSOLE_WRITE, (0, 0, 0, 0)) == 0  # nothing to write
+    assert _hook_call(live, 1, abi.DOORBELL, (0, 0, 32, 0)) == 2**64 - monitor.EPERM
+    assert live.lock.taken == 0 and applied == []
+    assert _hook_call(live, 0, abi.CHANNEL_ATTACH, (0, 0, 0, 0)) == 0xD000_0000  # its gpa
+    assert _hook_call(live, 0, abi.CONSOLE_WRITE, (0, 8, 0, 0)) == 8  # an effect
+    assert live.lock.taken == 2 and len(applied) == 2
+    assert live.state.attached(0)
+
+
+def test_a_step_is_taken_again_on_the_state_another_call_changed_meanwhile():
+    live, applied = _live((RUNNING, RUNNING))
+    stopped = replace(live.state, lifecycle=(STOPPED, RUNNING))
+
+    def the_supervisor_stops_it():  # between the hook's read and its lock
+        live.state = stopped
+
+    live.lock = _Lock(the_supervisor_stops_it)
+    assert _hook_call(live, 0, abi.CHANNEL_ATTACH, (0, 0, 0, 0)) == 2**64 - monitor.ESRCH
+    assert live.state is stopped and not live.state.attached(0)  # the stale step not applied
+    assert applied == []
+    assert live.stats.by_partition == {(0, abi.CHANNEL_ATTACH, -monitor.ESRCH): 1}
+
+
+def test_each_vcpu_counts_in_its_own_tally_and_the_views_add_them_up():
+    live, _ = _live((RUNNING, RUNNING))
+    mm = mmap.mmap(-1, 4096)
+    vcpu = types.SimpleNamespace(sync=exits.SyncRegs(mm))
+    hooks = [live._sync_hook(1, 0), live._sync_hook(1, 1)]
+    for hook, n in zip(hooks, (2, 3), strict=True):
+        for _ in range(n):
+            _REGS.pack_into(mm, exits._SYNC_REGS_OFF, abi.CONSOLE_WRITE, 0, 0, 0, 0, 0)
+            hook(vcpu, 1, 4, 0)
+    assert live.stats.tallies[1, 0].ok[abi.CONSOLE_WRITE] == 2
+    assert live.stats.tallies[1, 1].ok[abi.CONSOLE_WRITE] == 3
+    assert live.stats.by_partition == {(1, abi.CONSOLE_WRITE, 0): 5}
+    assert live.stats.calls == {abi.CONSOLE_WRITE: 5} and not live.stats.errors

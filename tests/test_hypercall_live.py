@@ -112,6 +112,28 @@ def test_partition_info_and_console_write_from_cpl3(group, sync_regs):
     assert g.live.violations == []
 
 
+def test_the_fast_path_serves_calls_with_and_without_effects_and_counts_each_once(group):
+    # No live checks: the hooks' own path (a console write of nothing takes no lock;
+    # PARTITION_INFO writes its answer into the guest under it), per-vCPU tallies.
+    g = group(
+        [
+            ("none", "hcloop", "iters=300 port=2 call=0", {}),
+            ("info", "hcloop", "iters=300 port=2 call=1", {}),
+        ],
+        check=False,
+    )
+    g.start()
+    for name in ("none", "info"):
+        assert g.wait(name).reason == "debug exit with value 0", g.text(name)
+    assert re.search(r"hcloop: 300 calls, \d+ ns each, last result 0\n", g.text("none"))
+    assert re.search(r"hcloop: 300 calls, \d+ ns each, last result 40\n", g.text("info"))
+    assert g.live.stats.by_partition == {
+        (0, abi.CONSOLE_WRITE, 0): 300,
+        (1, abi.PARTITION_INFO, 0): 300,
+    }
+    assert set(g.live.stats.tallies) == {(0, 0), (1, 0)}  # each vCPU's own
+
+
 def test_read_only_member_writes_never_reach_the_channel(group):
     g = group(
         [("reader", "hcinfo", "attach=0 value=0x5157", {})],

@@ -10,7 +10,9 @@ thread:
     1. registers   a0..a3 from RDI, RSI, RBX, RCX (KVM sync regs in kvm_run
                    where the host has them: no ioctl), the call number from
                    the 4 bytes the ``out`` wrote (EAX)
-    2. step        ``monitor.step`` on the shared state, under one lock
+    2. step        ``monitor.step`` on the shared state, under one lock (a
+                   step that changes nothing and has no effect, such as a
+                   refused call, needs none: see ``_sync_hook``)
     3. effects     applied in order, still under the lock (so the memslots
                    always match the state's attachments):
                      MapChannel      a memslot of the channel's shared memory,
@@ -130,32 +132,50 @@ _HANDLERS_BY_NR = monitor.HANDLERS_BY_NR
 _ESRCH = monitor.ESRCH
 
 
+class Tally:
+    """The hypercalls one writer counted: a vCPU's hook (its own tally, so it
+    counts without a lock) or ``call`` (one per partition, under the monitor's
+    lock). ``ok``: successes by call number (an exit's cheapest increment);
+    ``failed``: (call number, -errno) -> calls."""
+
+    __slots__ = ("pid", "ok", "failed")
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.ok = [0] * len(monitor.HANDLERS_BY_NR)
+        self.failed: Counter = Counter()
+
+
 @dataclass
 class LiveStats:
-    """What the hypercalls did. A call is counted once: a success in ``ok`` (a list
-    slot per call number of the ABI, an exit's cheapest increment), a failure in
-    ``failed``; the other views are derived from them."""
+    """What the hypercalls did. A call is counted once, in the tally of whoever
+    ran it; the views below add the tallies up (each read as one copy, so a view
+    taken while vCPUs count is never torn)."""
 
     window_writes: Counter = field(default_factory=Counter)  # partition id -> dropped writes
-    ok: dict[int, list[int]] = field(default_factory=dict)  # partition id -> by call number
-    failed: Counter = field(default_factory=Counter)  # (partition id, call number, -errno)
+    # (partition id, vCPU index or None for ``call``) -> its Tally, kept across boots.
+    tallies: dict[tuple, Tally] = field(default_factory=dict)
 
-    def ok_of(self, pid: int) -> list[int]:
-        """Partition ``pid``'s success counts (made at its first call)."""
-        counts = self.ok.get(pid)
-        if counts is None:
-            counts = self.ok[pid] = [0] * len(monitor.HANDLERS_BY_NR)
-        return counts
+    def tally(self, pid: int, vcpu: int | None) -> Tally:
+        """The tally of partition ``pid``'s vCPU ``vcpu`` (None: ``call``'s), made at
+        its first use; a later boot's hook counts on in it (one writer at a time)."""
+        t = self.tallies.get((pid, vcpu))
+        if t is None:
+            t = self.tallies[pid, vcpu] = Tally(pid)
+        return t
 
     @property
     def by_partition(self) -> dict[tuple[int, int, int], int]:
         """(partition id, call number, result: 0 for any success, else the -errno) ->
         calls."""
-        out = {
-            (pid, nr, 0): n for pid, row in list(self.ok.items()) for nr, n in enumerate(row) if n
-        }
-        out.update(self.failed)
-        return out
+        out: Counter = Counter()
+        for t in list(self.tallies.values()):
+            for nr, n in enumerate(list(t.ok)):
+                if n:
+                    out[t.pid, nr, 0] += n
+            for (nr, result), n in list(t.failed.items()):
+                out[t.pid, nr, result] += n
+        return dict(out)
 
     @property
     def calls(self) -> Counter:
@@ -169,8 +189,9 @@ class LiveStats:
     def errors(self) -> Counter:
         """-errno -> calls that failed with it."""
         out: Counter = Counter()
-        for (_, _, result), n in list(self.failed.items()):
-            out[result] += n
+        for (_, _, result), n in self.by_partition.items():
+            if result < 0:
+                out[result] += n
         return out
 
 
@@ -218,11 +239,15 @@ class LiveMonitor:
         prepared when it is kept, and its ``bind`` then has only to say it runs.
         What is put on its threads lasts until it is recycled (``generation``)."""
         use_sync = self.sync_regs and partition.vm.supports_sync_regs()
-        if use_sync:
+        if use_sync:  # one hook per vCPU: each counts in its own tally
             for vcpu in partition.vcpus:
                 vcpu.sync.enable()
-        hook = self._sync_hook(partition_id) if use_sync else self._ioctl_hook(partition_id)
-        partition.add_port_hook(HYPERCALL_PORT, hook)
+            partition.add_port_hooks(
+                HYPERCALL_PORT,
+                [self._sync_hook(partition_id, i) for i in range(len(partition.vcpus))],
+            )
+        else:
+            partition.add_port_hook(HYPERCALL_PORT, self._ioctl_hook(partition_id))
         if partition not in self._windows:  # a partition bound again keeps its device
             counts = self.stats.window_writes
             partition.add_mmio_device(
@@ -323,19 +348,29 @@ class LiveMonitor:
     # A hook runs on the vCPU loop's fast path for every single 2- or 4-byte access
     # to the hypercall port (osvmm/vmm/vcpu.py): ``hook(vcpu, direction, size,
     # data_offset)``. The call number is EAX, the value the ``out`` wrote.
-    def _sync_hook(self, pid: int):
-        """The hook of a partition whose KVM keeps its registers in kvm_run: registers
-        in one unpack, RAX back in one pack. A call of the ABI is ``call`` inlined:
-        ``monitor.dispatch``'s checks (the caller is ``pid``, bound and valid: only
-        its lifecycle is asked) and the handler from the table by index, counted
-        once. After a nested exit every Python frame and attribute lookup runs with
-        cold caches: they, not KVM's loading of the dirty registers (about 3%), are
-        what a hypercall costs over a bare exit (bench/hypercall.py). Anything else
-        (a number outside the ABI, the live invariant checks) goes through ``call``."""
+    def _sync_hook(self, pid: int, vcpu_index: int = 0):
+        """The hook of one vCPU of a partition whose KVM keeps its registers in
+        kvm_run: registers in one unpack, RAX back in one pack. A call of the ABI is
+        ``call`` inlined: ``monitor.dispatch``'s checks (the caller is ``pid``, bound
+        and valid: only its lifecycle is asked) and the handler from the table by
+        index, counted once in this vCPU's own tally.
+
+        The step runs on the state as the hook reads it (one reference to an
+        immutable MonitorState). A step that leaves that state as it was and has no
+        effect -- every refused call, a console write of nothing -- is then done:
+        it took effect at that read, and needs no lock. One that changes the state
+        or has effects takes the monitor's lock; should another call have changed
+        the state since the read, the step is taken again on the state now (the
+        handlers are pure functions of it), and the state and effects are applied
+        under the lock, as ``call`` does. After a nested exit every Python frame,
+        attribute and lock runs with cold caches and TLBs: they, not KVM's loading
+        of the dirty registers (about 3%), are what a hypercall costs over a bare
+        exit (bench/hypercall.py). Anything else (a number outside the ABI, the
+        live invariant checks) goes through ``call``."""
         call = self.call
         lock = self.lock
-        ok = self.stats.ok_of(pid)
-        failed = self.stats.failed
+        tally = self.stats.tally(pid, vcpu_index)
+        ok, failed = tally.ok, tally.failed
         reader = self._reader
         handlers = _HANDLERS_BY_NR
         # Every call goes through ``call`` when the live checks are on (``check``,
@@ -353,23 +388,28 @@ class LiveMonitor:
             if nr >= known:
                 sync.return_rax(call(pid, nr, (rdi, rsi, rbx, rcx)) & u64)
                 return
-            with lock:
-                state = self.state
-                if state.lifecycle[pid] != running:
-                    result = esrch
-                    effects = ()
-                else:
-                    state, result, effects = handlers[nr](state, pid, (rdi, rsi, rbx, rcx), reader)
-                    self.state = state
-                if result < 0:
-                    failed[pid, nr, result] += 1
-                else:
-                    ok[nr] += 1
-                if effects:
-                    later = self._apply(effects)
-            if effects:
-                for effect in later:
-                    self._lifecycle(pid, effect)
+            state = self.state
+            if state.lifecycle[pid] != running:
+                result = esrch
+            else:
+                args = (rdi, rsi, rbx, rcx)
+                new, result, effects = handlers[nr](state, pid, args, reader)
+                if new is not state or effects:
+                    with lock:
+                        if self.state is not state:  # changed since: the step on it now
+                            state = self.state
+                            if state.lifecycle[pid] != running:
+                                new, result, effects = state, esrch, ()
+                            else:
+                                new, result, effects = handlers[nr](state, pid, args, reader)
+                        self.state = new
+                        later = self._apply(effects) if effects else ()
+                    for effect in later:
+                        self._lifecycle(pid, effect)
+            if result < 0:
+                failed[nr, result] += 1
+            else:
+                ok[nr] += 1
             sync.return_rax(result & u64)
 
         return hook
@@ -397,10 +437,11 @@ class LiveMonitor:
             src = self.state
             state, result, effects = _dispatch(src, pid, nr, args, self._reader)
             self.state = state
+            tally = self.stats.tally(pid, None)
             if result < 0:
-                self.stats.failed[pid, nr, result] += 1
+                tally.failed[nr, result] += 1
             else:
-                self.stats.ok_of(pid)[nr] += 1
+                tally.ok[nr] += 1
             if not effects and not self.check:
                 return result
             later = self._apply(effects) if effects else ()

@@ -799,7 +799,13 @@ class Partition:
     def add_port_hook(self, port: int, fn) -> None:
         """Route exits on ``port`` to ``fn(vcpu, exit)`` on every vCPU, on that vCPU's
         thread (it may read and write the vCPU's registers: the hypercall port)."""
-        for t in self.threads:
+        self.add_port_hooks(port, [fn] * len(self.threads))
+
+    def add_port_hooks(self, port: int, fns) -> None:
+        """``add_port_hook`` with a hook of its own for each vCPU (``fns[i]``: vCPU i's)."""
+        if len(fns) != len(self.threads):
+            raise ValueError(f"{len(fns)} port hooks for {len(self.threads)} vCPUs")
+        for t, fn in zip(self.threads, fns, strict=True):
             t.port_hooks[port] = fn
 
     def add_mmio_device(self, gpa: int, size: int, device) -> None:

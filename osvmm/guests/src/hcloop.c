@@ -7,10 +7,13 @@
  * port=2 makes both, interleaved in blocks of block=B (default 500) so that a
  * busy host slows both alike, and prints the hypercall line, then
  * "hcloop: N bare exits, T ns each".
+ * call=1 makes the hypercalls PARTITION_INFO into a 64-byte buffer instead (an
+ * effect: the answer written into the guest's memory).
  */
 #include "hypercall.h"
 
-static u64 iters, mode, block;
+static u64 iters, mode, block, which;
+static u64 info[8];
 
 static void bare_exits(u64 n)
 {
@@ -26,8 +29,12 @@ static void bare_exits(u64 n)
 static long hypercalls(u64 n)
 {
 	long r = 0;
-	for (; n; n--)
-		r = hc_call(HC_CONSOLE_WRITE, 0x100000, 0, 0, 0);
+	if (which == 1)
+		for (; n; n--)
+			r = hc_call(HC_PARTITION_INFO, (u64)info, sizeof(info), 0, 0);
+	else
+		for (; n; n--)
+			r = hc_call(HC_CONSOLE_WRITE, 0x100000, 0, 0, 0);
 	return r;
 }
 
@@ -67,6 +74,7 @@ int guest_main(void)
 	iters = rt_arg_u64("iters", 100000);
 	mode = rt_arg_u64("port", 0);
 	block = rt_arg_u64("block", 500);
+	which = rt_arg_u64("call", 0);
 	if (!block)
 		block = 1;
 	rt_calibrate_tsc();
