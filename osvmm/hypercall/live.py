@@ -281,20 +281,16 @@ class LiveMonitor:
         """Partition ``pid`` is ``life`` now, with no channel attached (what it held is
         unmapped first); ``bound``: its Partition from then on (``bind``)."""
         with self.lock:
-            held = self.state.attached(pid)
+            state = self.state
+            held = state.attached(pid) if state.attachments else ()
             for a in held:
                 self._unmap(pid, self.topology.channels[a.channel].gpa)
             if bound is not None:
                 self.partitions[pid] = bound
-            if not held and self.state.lifecycle[pid] == life:
+            if not held and state.lifecycle[pid] == life:
                 return  # nothing to change (bind after partition_stopped)
-            lifecycle = list(self.state.lifecycle)
-            lifecycle[pid] = life
-            self.state = replace(
-                self.state,
-                lifecycle=tuple(lifecycle),
-                attachments=self.state.attachments - frozenset(held),
-            )
+            lifecycle = state.lifecycle[:pid] + (life,) + state.lifecycle[pid + 1 :]
+            self.state = MonitorState(state.topology, lifecycle, state.attachments.difference(held))
 
     # -- the topology at run time (osvmm create, osvmm destroy) ------------------
     def grow(self, topology) -> None:
