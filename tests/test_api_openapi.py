@@ -64,7 +64,7 @@ def server_routes() -> set[tuple[str, str, str]]:
     from osvmm.up.server import ControlServer
 
     server = ControlServer("/nonexistent/s", None, on_down=lambda: None)
-    sup = SimpleNamespace(partitions={}, on_build=[], on_end=[])
+    sup = SimpleNamespace(partitions={}, on_build=[], on_ready=[], on_end=[])
     api_services(server, sup, None, lambda: None)
     return {(r.method, r.path, r.operation) for r in server.routes}
 

@@ -355,6 +355,7 @@ def test_a_bug_behind_a_lifecycle_hypercall_is_logged_not_a_dead_thread(tmp_path
         restart=broken,
         log=logged.append,
         on_build=[],
+        on_ready=[],
         on_end=[],
     )
     live = serve_supervisor(sup)
