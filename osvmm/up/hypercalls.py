@@ -18,10 +18,11 @@ def serve_supervisor(supervisor, check: bool = False) -> LiveMonitor:
     """Run the hypercall interface for every partition of an ``osvmm up`` supervisor.
 
     Each partition the supervisor builds (first boot, restart, reboot) is bound
-    before its vCPUs start, with no channel attached (one kept built is prepared
-    when it is kept: its bind then only says it runs) (one created at run time too,
-    once ``LiveMonitor.grow`` has numbered it); PARTITION_CONTROL goes to
-    the supervisor's stop/start/restart (SHUTDOWN is a stop, REBOOT a restart)."""
+    before its vCPUs start, with no channel attached (one created at run time too,
+    once ``LiveMonitor.grow`` has numbered it); one kept built for its next boot
+    is prepared when it is kept, so that its bind only says it runs.
+    PARTITION_CONTROL goes to the supervisor's stop/start/restart (SHUTDOWN is a
+    stop, REBOOT a restart)."""
     machines = {name: entry.machine for name, entry in supervisor.partitions.items()}
     config = monitor_config(supervisor.plan, machines)
     live = LiveMonitor(config, lifecycle=None, check=check, console=None)
