@@ -389,10 +389,11 @@ def test_a_kept_partition_is_prepared_when_kept_and_its_next_boot_serves_hyperca
         sup.start("h")
         _wait_kept(entry)
         assert used[1] is prepared and state.ready[3] is not prepared  # and the next made
+        stale = state.ready[3]
         state.rules = Rules("log", ())  # what `osvmm protect` sets for a stopped partition
         sup.start("h")
         _wait_kept(entry)
-        assert used[2] is not state.ready[3] and used[2].rules is state.rules
+        assert used[2] is not stale and used[2].rules is state.rules
         text = console.take()
         assert entry.boots == 3 and entry.ready is kept
         assert text.count("hcinfo: info=40 abi=1 id=0 vcpus=1 memory=0x800000") == 3, text

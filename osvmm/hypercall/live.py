@@ -238,6 +238,10 @@ class LiveMonitor:
         telling no one it runs: a partition kept built for its next boot is
         prepared when it is kept, and its ``bind`` then has only to say it runs.
         What is put on its threads lasts until it is recycled (``generation``)."""
+        self._install(partition_id, partition)
+        self._prepared[partition_id] = (partition, partition.generation)
+
+    def _install(self, partition_id: int, partition) -> None:
         use_sync = self.sync_regs and partition.vm.supports_sync_regs()
         if use_sync:  # one hook per vCPU: each counts in its own tally
             for vcpu in partition.vcpus:
@@ -256,7 +260,6 @@ class LiveMonitor:
                 ChannelWindow(lambda offset: counts.update((partition_id,))),
             )
             self._windows.add(partition)
-        self._prepared[partition_id] = (partition, partition.generation)
 
     def bind(self, partition_id: int, partition) -> None:
         """Serve the hypercalls of a built, not yet started ``Partition`` (its first
@@ -266,8 +269,7 @@ class LiveMonitor:
             raise ValueError(f"partition {partition_id} already has shared memory mapped")
         ready = self._prepared.pop(partition_id, None)
         if ready is None or ready[0] is not partition or ready[1] != partition.generation:
-            self.prepare(partition_id, partition)
-            self._prepared.pop(partition_id)
+            self._install(partition_id, partition)
         # Whatever an earlier boot held is gone (unmapped from it), in the same step.
         self._set_lifecycle(partition_id, RUNNING, bound=partition)
 
