@@ -37,3 +37,12 @@ def test_stat_is_the_same_table_per_partition_after_json():
     assert format_stat(reply) == (
         "partition a (now)\n" + body + "partition b (at the end of its last run)\n  no run yet\n"
     )
+
+
+def test_stat_says_the_hypercalls_made_by_call_with_the_failures_beside():
+    calls = {"PARTITION_INFO": {"-ENOSPC": 1, "0": 2}, "6": {"-ENOSYS": 1}}
+    reply = [{"name": "a", "live": False, "vcpus": VCPUS, "hypercalls": calls}]
+    text = format_stat(json.loads(json.dumps(reply)))
+    assert text.endswith("hypercalls: PARTITION_INFO 2 (-ENOSPC 1), 6 0 (-ENOSYS 1)\n")
+    reply[0]["hypercalls"] = {}
+    assert "hypercalls:" not in format_stat(reply)  # none made: no line

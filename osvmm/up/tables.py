@@ -57,7 +57,7 @@ def _losses(partitions: list[dict], lost: dict) -> list[str]:
 
 def format_stat(partitions: list[dict]) -> str:
     """Per partition, live or of its last run: the exit statistics of osvmm/vmm/exit_stats.py,
-    and the write monitor's counts where the partition has protection."""
+    the write monitor's counts where the partition has protection, and its hypercalls."""
     return "".join(
         format_exit_stats(
             p["vcpus"],
@@ -65,9 +65,23 @@ def format_stat(partitions: list[dict]) -> str:
             title=f"partition {p['name']} ({'now' if p['live'] else 'at the end of its last run'})",
         )
         + format_write_monitor(p.get("write_monitor"))
+        + format_hypercalls(p.get("hypercalls"))
         + format_devices(p.get("devices") or [])
         for p in partitions
     )
+
+
+def format_hypercalls(calls: dict | None) -> str:
+    """One line of the hypercalls a partition made, by call and result (``0``: success):
+    ``hypercalls: DOORBELL 12 (-EPERM 2), PARTITION_INFO 1``; nothing without any."""
+    if not calls:
+        return ""
+    parts = []
+    for name, results in calls.items():
+        ok = results.get("0", 0)
+        failed = ", ".join(f"{r} {n}" for r, n in results.items() if r != "0")
+        parts.append(f"{name} {ok}" + (f" ({failed})" if failed else ""))
+    return "hypercalls: " + ", ".join(parts) + "\n"
 
 
 def format_devices(devices: list[dict]) -> str:
