@@ -16,6 +16,13 @@ hello partition; a client in this (warm) process sends ``start`` on the
 control socket (what ``osvmm start NAME`` sends) and times until the first
 guest byte arrives on a console connection attached beforehand.
 
+The floor of that path, same run: the same kept hello partition in a bare
+process (no HTTP, supervisor or monitors), started by one byte on a socket,
+its first console byte sent back on another socket from the vCPU thread; a
+client in this process times it. It keeps the three thread wake-ups (the
+request's reader, the vCPU's gate, the byte's reader) and the guest's own
+set-up, so the figure less the floor is what the control plane costs.
+
 Baseline, same run: QEMU from exec to the first byte on its stdout (QEMU has
 no warm start: a new partition is a new process). Goals: a kept partition's
 start request to its first byte at most 2 ms; a fresh build and start under
@@ -27,6 +34,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -229,6 +237,95 @@ def supervisor_runs(
             proc.communicate(timeout=30)
 
 
+def floor_server(ctl: socket.socket, con: socket.socket, image: str) -> None:
+    """The floor's server (a process of its own): one hello partition kept built;
+    each byte on ``ctl`` starts it, and the guest's first console byte of the boot
+    goes to ``con`` from the vCPU thread, as ``osvmm up`` sends it to an attached
+    console; after the run, ``recycle()`` and one b"R" on ``con``. b"Q" ends it."""
+    from osvmm.kvm import Kvm
+    from osvmm.machine import Machine
+    from osvmm.vmm.partition import Partition, PartitionConfig
+
+    boot = {"sent": True}  # nothing of the warm-up boot goes out
+
+    def sink(data: bytes) -> None:
+        if data and not boot["sent"]:
+            boot["sent"] = True
+            con.send(data[:1])
+
+    kvm = Kvm()
+    config = PartitionConfig(Machine.build(64 << 20, 1), image=image, console=sink, reusable=True)
+    part = Partition(config, kvm).build()
+    try:
+        byte = b"S"
+        while byte == b"S":
+            part.start()
+            if part.wait(10) is None:
+                raise RuntimeError("the hello guest did not end within 10 s")
+            part.recycle()
+            con.send(b"R")
+            byte = ctl.recv(1)
+            boot["sent"] = False
+    finally:
+        part.close()
+        kvm.close()
+
+
+def floor_runs(image: str, repeats: int) -> list[float]:
+    """ms from one byte on a socket to a bare process holding the same kept hello
+    partition (no HTTP, no supervisor, no monitors: ``floor_server``) to the
+    guest's first byte back on another socket: the least any control plane's
+    start takes here, three thread wake-ups and the guest's own set-up included."""
+    from bench.cold_start import child_env
+
+    ctl, ctl_peer = socket.socketpair()
+    con, con_peer = socket.socketpair()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.warm_start",
+            "--floor-server",
+            str(ctl_peer.fileno()),
+            str(con_peer.fileno()),
+            image,
+        ],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        pass_fds=(ctl_peer.fileno(), con_peer.fileno()),
+        env=child_env(),
+    )
+    ctl_peer.close()
+    con_peer.close()
+    con.settimeout(30)
+    times = []
+    try:
+        for i in range(repeats + 1):  # the first is a warm-up
+            if con.recv(1) != b"R":  # the last run ended and was recycled
+                raise RuntimeError(f"the floor's server failed: {proc.stderr.read()[-300:]}")
+            time.sleep(0.05)  # idle between starts, as supervisor_runs
+            t0 = time.perf_counter()
+            ctl.send(b"S")
+            first = con.recv(1)
+            t1 = time.perf_counter()
+            if not first:
+                raise RuntimeError(f"the floor's server failed: {proc.stderr.read()[-300:]}")
+            if i:
+                times.append((t1 - t0) * 1e3)
+        if con.recv(1) != b"R":
+            raise RuntimeError(f"the floor's server failed: {proc.stderr.read()[-300:]}")
+        ctl.send(b"Q")
+        proc.wait(30)
+    finally:
+        ctl.close()
+        con.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    return times
+
+
 def run(repeats: int = 20) -> list[Figure]:
     from osvmm.guests.build import guest_path
     from osvmm.kvm import Kvm
@@ -254,6 +351,7 @@ def run(repeats: int = 20) -> list[Figure]:
     base_name = "QEMU exec to first byte" if qemu else None
     held, fresh = supervisor_runs(image, max(3, repeats // 2))
     sup, conn = Sample.of(held), Sample.of(fresh)
+    floor = Sample.of(floor_runs(image, max(3, repeats // 2)))
     via = Figure(
         "warm start: `start` request on `osvmm up`'s control socket to first console byte "
         "(partition kept built)",
@@ -268,9 +366,12 @@ def run(repeats: int = 20) -> list[Figure]:
         f"{conn.median:.1f} ms [{conn.min:.1f}, {conn.max:.1f}]. A fresh build instead "
         f"takes {build.median:.1f} ms [{build.min:.1f}, {build.max:.1f}] before the start. "
         f"The guest's own CPL0 set-up, emulated here, is {setup.median:.2f} ms of any start "
-        "(its first KVM_RUN, in-process below)",
+        "(its first KVM_RUN, in-process below). The floor, the same kept partition started "
+        "by one byte on a socket to a bare process (no HTTP, supervisor or monitors) with "
+        f"its first byte sent back: {floor.median:.2f} ms [{floor.min:.2f}, {floor.max:.2f}], "
+        f"so the control plane's share is {sup.median - floor.median:.2f} ms",
     )
-    via.extra = {"new_connection_ms": conn.__dict__}
+    via.extra = {"new_connection_ms": conn.__dict__, "floor_ms": floor.__dict__}
     via.met = sup.median <= 2
     kept_fig = Figure(
         "warm start: start to first console byte, partition kept built (in-process)",
@@ -307,5 +408,9 @@ def run(repeats: int = 20) -> list[Figure]:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--floor-server"]:
+        ctl_fd, con_fd, path = sys.argv[2:5]
+        floor_server(socket.socket(fileno=int(ctl_fd)), socket.socket(fileno=int(con_fd)), path)
+        sys.exit(0)
     for f in run(5):
         print(f.name, f.value, f.baseline, f.ratio, f.notes)
