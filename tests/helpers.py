@@ -6,10 +6,13 @@ import errno
 import fcntl
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from osvmm.guests.build import QEMU_MICROVM, cache_root
@@ -40,6 +43,40 @@ def run_osvmm(
         input=input if input is not None else b"",
         cwd=str(REPO),
     )
+
+
+@contextmanager
+def tap_in_netns(netns: str, tap: str, address: str) -> Iterator[tuple[str, ...]]:
+    """A network namespace ``netns`` (``ip netns``) with its loopback up and a
+    persistent tap ``tap`` in it at ``address`` (CIDR), up; yields the prefix that
+    runs a command inside it (``ip netns exec NETNS``), so that nothing of a test's
+    traffic reaches the machine's own network. The namespace, and its tap with it,
+    is deleted at the end. Where the machine cannot make one (no iproute2, no tun
+    device, no right to a namespace) the test is skipped, and fails in the rig,
+    whose L1 has the machine's own tools: there the tun module is loaded first
+    (L1 loads only what it needs, and has busybox's modprobe, not kmod)."""
+    import pytest
+
+    unavailable = pytest.fail if os.environ.get("OSVMM_RIG") == "1" else pytest.skip
+    if not os.path.exists("/dev/net/tun") and os.path.exists("/bin/busybox"):
+        subprocess.run(["/bin/busybox", "modprobe", "tun"], capture_output=True)
+    if shutil.which("ip") is None or not os.path.exists("/dev/net/tun"):
+        unavailable("needs iproute2 (ip) and /dev/net/tun")
+    r = subprocess.run(["ip", "netns", "add", netns], capture_output=True)
+    if r.returncode != 0:
+        unavailable(f"cannot make a network namespace: {r.stderr.decode().strip()}")
+    inside = ("ip", "netns", "exec", netns)
+    try:
+        for cmd in (
+            ["ip", "link", "set", "lo", "up"],
+            ["ip", "tuntap", "add", tap, "mode", "tap"],
+            ["ip", "addr", "add", address, "dev", tap],
+            ["ip", "link", "set", tap, "up"],
+        ):
+            subprocess.run([*inside, *cmd], check=True, capture_output=True)
+        yield inside
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True)  # its tap with it
 
 
 def run_qemu(image: str, *extra: str, timeout: float = 120):

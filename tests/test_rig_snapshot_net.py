@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, run_osvmm
+from tests.helpers import REPO, run_osvmm, tap_in_netns
 from tests.rig_helpers import script_initrd
 from tests.test_rig_linux import BOOT_TIMEOUT, VMLINUX, wait_for
 
@@ -32,7 +32,6 @@ NETNS = "osvmm-snapnet"
 LINES = 30
 BEFORE = 6
 LINE = re.compile(r"NET (\d+) (ok|lost)\n")
-INSIDE = ("ip", "netns", "exec", NETNS)
 
 SCRIPT = r"""#!/bin/sh
 ip link set eth0 up && ip addr add 10.98.0.2/24 dev eth0
@@ -57,20 +56,8 @@ def files(tmp_path_factory):
 
 @pytest.fixture
 def netns():
-    if not os.path.exists("/dev/net/tun"):  # L1 loads what it needs only: tun too
-        subprocess.run(["/bin/busybox", "modprobe", "tun"], check=True)  # no kmod here
-    subprocess.run(["ip", "netns", "add", NETNS], check=True)
-    try:
-        for cmd in (
-            ["ip", "link", "set", "lo", "up"],
-            ["ip", "tuntap", "add", TAP, "mode", "tap"],
-            ["ip", "addr", "add", "10.98.0.1/24", "dev", TAP],
-            ["ip", "link", "set", TAP, "up"],
-        ):
-            subprocess.run([*INSIDE, *cmd], check=True)
-        yield
-    finally:
-        subprocess.run(["ip", "netns", "del", NETNS], check=False)  # its tap goes with it
+    with tap_in_netns(NETNS, TAP, "10.98.0.1/24") as inside:
+        yield inside
 
 
 def text(path: Path) -> str:
@@ -83,7 +70,7 @@ def test_a_linux_nic_on_a_tap_goes_on_after_a_snapshot_and_a_restore(files, netn
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("OSVMM_DEBUG", None)
     argv = [
-        *INSIDE,
+        *netns,
         sys.executable,
         "-m",
         "osvmm.cli",
@@ -119,7 +106,7 @@ def test_a_linux_nic_on_a_tap_goes_on_after_a_snapshot_and_a_restore(files, netn
             run.wait()
     before = LINE.findall(text(first))
     assert before and all(ok == "ok" for _, ok in before), text(first)[-3000:]
-    r = run_osvmm("run", "--restore", str(snap), timeout=300, prefix=INSIDE)
+    r = run_osvmm("run", "--restore", str(snap), timeout=300, prefix=netns)
     second = r.stdout.decode(errors="replace").replace("\r", "")
     assert r.returncode == 0, (second[-3000:], r.stderr.decode(errors="replace"))
     assert "osvmm-initramfs: exit 0" in second, second[-3000:]

@@ -8,12 +8,11 @@ is started again. Interrupts arrive on I/O APIC pins 5, 6, 7, edge-triggered.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import VMLINUX, run_osvmm
+from tests.helpers import VMLINUX, run_osvmm, tap_in_netns
 
 pytestmark = pytest.mark.rig
 
@@ -180,19 +179,8 @@ def test_linux_pings_the_host_over_a_tap_and_sends_it_a_file(files):
     from osvmm.vmm.tap import default_mac
 
     tmp, initrd = files
-    if not os.path.exists("/dev/net/tun"):  # L1 loads what it needs only: tun too
-        subprocess.run(["/bin/busybox", "modprobe", "tun"], check=True)  # no kmod here
-    subprocess.run(["ip", "netns", "add", NETNS], check=True)
-    inside = ("ip", "netns", "exec", NETNS)
     received = tmp / "received"
-    try:
-        for cmd in (
-            ["ip", "link", "set", "lo", "up"],
-            ["ip", "tuntap", "add", TAP, "mode", "tap"],
-            ["ip", "addr", "add", "10.99.0.1/24", "dev", TAP],
-            ["ip", "link", "set", TAP, "up"],
-        ):
-            subprocess.run([*inside, *cmd], check=True)
+    with tap_in_netns(NETNS, TAP, "10.99.0.1/24") as inside:
         # The host's end of the transfer: busybox nc, its stdin a pipe kept open (an
         # nc whose stdin ends half-closes the connection: docs/testing.md).
         with open(received, "wb") as sink:
@@ -217,5 +205,3 @@ def test_linux_pings_the_host_over_a_tap_and_sends_it_a_file(files):
         print(f"1 MiB guest to host over the tap in {end - start:.1f} s of the guest's uptime")
         irq = [line.split() for line in out if line.endswith("virtio3")]
         assert irq and "10-edge" in irq[0] and int(irq[0][3]) > 0, out  # the 4th slot
-    finally:
-        subprocess.run(["ip", "netns", "del", NETNS], check=False)  # its tap goes with it

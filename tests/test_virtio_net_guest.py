@@ -15,6 +15,7 @@ import re
 import pytest
 
 from osvmm.plan.config import network_mac
+from tests.helpers import tap_in_netns
 from tests.test_supervisor_up import UpProcess
 
 pytestmark = pytest.mark.kvm
@@ -166,26 +167,8 @@ def ip_number(dotted: str) -> str:
 def netns():
     """A network namespace with a persistent tap, up, holding the host's address:
     nothing of the test reaches the machine's own network."""
-    import shutil
-    import subprocess
-
-    if shutil.which("ip") is None or not os.path.exists("/dev/net/tun"):
-        pytest.skip("needs iproute2 (ip) and /dev/net/tun")
-    r = subprocess.run(["ip", "netns", "add", NETNS], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot make a network namespace: {r.stderr.decode().strip()}")
-    inside = ("ip", "netns", "exec", NETNS)
-    try:
-        for cmd in (
-            ["ip", "link", "set", "lo", "up"],
-            ["ip", "tuntap", "add", TAP, "mode", "tap"],
-            ["ip", "addr", "add", f"{HOST_IP}/24", "dev", TAP],
-            ["ip", "link", "set", TAP, "up"],
-        ):
-            subprocess.run([*inside, *cmd], check=True, capture_output=True)
+    with tap_in_netns(NETNS, TAP, f"{HOST_IP}/24") as inside:
         yield inside
-    finally:
-        subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)  # its tap with it
 
 
 def test_a_guest_on_a_tap_is_answered_by_the_host_and_receives_its_frames(netns):
