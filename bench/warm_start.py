@@ -99,14 +99,22 @@ def _time_first_run(vcpu, into: list[float]):
     return lambda: state.update(armed=True)
 
 
+def kept_config(image: str, console):
+    """The hello partition kept built that the in-process runs and the floor use:
+    64 MiB, one vCPU, ``reusable`` (recycled between boots)."""
+    from osvmm.machine import Machine
+    from osvmm.vmm.partition import PartitionConfig
+
+    return PartitionConfig(Machine.build(64 << 20, 1), image=image, console=console, reusable=True)
+
+
 def kept_runs(image: str, kvm, repeats: int) -> tuple[list[float], list[float], float, list]:
     """One partition kept built: (start-to-first-byte ms per run, recycle ms per run,
     the one build's ms, the guest's first KVM_RUN ms per run: its own CPL0 set-up)."""
-    from osvmm.machine import Machine
-    from osvmm.vmm.partition import Partition, PartitionConfig
+    from osvmm.vmm.partition import Partition
 
     sink = FirstByte()
-    config = PartitionConfig(Machine.build(64 << 20, 1), image=image, console=sink, reusable=True)
+    config = kept_config(image, sink)
     t0 = time.perf_counter()
     part = Partition(config, kvm).build()
     build = (time.perf_counter() - t0) * 1e3
@@ -243,8 +251,7 @@ def floor_server(ctl: socket.socket, con: socket.socket, image: str) -> None:
     goes to ``con`` from the vCPU thread, as ``osvmm up`` sends it to an attached
     console; after the run, ``recycle()`` and one b"R" on ``con``. b"Q" ends it."""
     from osvmm.kvm import Kvm
-    from osvmm.machine import Machine
-    from osvmm.vmm.partition import Partition, PartitionConfig
+    from osvmm.vmm.partition import Partition
 
     boot = {"sent": True}  # nothing of the warm-up boot goes out
 
@@ -254,8 +261,7 @@ def floor_server(ctl: socket.socket, con: socket.socket, image: str) -> None:
             con.send(data[:1])
 
     kvm = Kvm()
-    config = PartitionConfig(Machine.build(64 << 20, 1), image=image, console=sink, reusable=True)
-    part = Partition(config, kvm).build()
+    part = Partition(kept_config(image, sink), kvm).build()
     try:
         byte = b"S"
         while byte == b"S":
@@ -298,11 +304,15 @@ def floor_runs(image: str, repeats: int) -> list[float]:
     ctl_peer.close()
     con_peer.close()
     con.settimeout(30)
+
+    def recycled() -> None:  # the server's last run ended and was recycled, or it failed
+        if con.recv(1) != b"R":
+            raise RuntimeError(f"the floor's server failed: {proc.stderr.read()[-300:]}")
+
     times = []
     try:
         for i in range(repeats + 1):  # the first is a warm-up
-            if con.recv(1) != b"R":  # the last run ended and was recycled
-                raise RuntimeError(f"the floor's server failed: {proc.stderr.read()[-300:]}")
+            recycled()
             time.sleep(0.05)  # idle between starts, as supervisor_runs
             t0 = time.perf_counter()
             ctl.send(b"S")
@@ -312,8 +322,7 @@ def floor_runs(image: str, repeats: int) -> list[float]:
                 raise RuntimeError(f"the floor's server failed: {proc.stderr.read()[-300:]}")
             if i:
                 times.append((t1 - t0) * 1e3)
-        if con.recv(1) != b"R":
-            raise RuntimeError(f"the floor's server failed: {proc.stderr.read()[-300:]}")
+        recycled()
         ctl.send(b"Q")
         proc.wait(30)
     finally:
